@@ -1,0 +1,1 @@
+"""The files a converted FAM checkpoint carries as remote code (torch + transformers only)."""

@@ -1,0 +1,99 @@
+"""FAMConfig: a base decoder's config, nested, plus the three FAM settings.
+
+Ships with every converted checkpoint (imports only transformers and its siblings).
+"""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, PretrainedConfig
+
+from .fam_adapters import get_adapter
+from .fam_core import validate_fam_settings
+
+# Paper defaults (DESIGN.md §4)
+DEFAULT_BLOCK_SIZE = 1024
+DEFAULT_MEMORY_SEGMENTS = 3
+DEFAULT_FAM_LENGTH = 64
+
+
+class FAMConfig(PretrainedConfig):
+    r"""Configuration of a TransformerFAM model (Hwang et al., arXiv 2404.09173).
+
+    Args:
+        base_config (`PretrainedConfig` or `dict`):
+            The config of the decoder FAM runs inside (a Llama, Mistral, Gemma, ... config). A dict needs
+            its `model_type`.
+        block_size (`int`, defaults to 1024):
+            C, tokens per block. Attention runs block by block; the FAM is updated after every block.
+        memory_segments (`int`, defaults to 3):
+            M, previous blocks each block attends to (0 = none).
+        fam_length (`int`, defaults to 64):
+            F, FAM tokens per layer (0 = block sliding window attention, no memory).
+
+    Any attribute not found here is read from `base_config` (e.g. `config.vocab_size`).
+
+    Example:
+    ```python
+    >>> from transformers import LlamaConfig
+    >>> from hf_fam import FAMConfig
+    >>> config = FAMConfig(base_config=LlamaConfig(num_hidden_layers=2), block_size=256, fam_length=16)
+    >>> config.block_size, config.num_hidden_layers
+    (256, 2)
+    ```
+    """
+
+    model_type = "fam"
+    sub_configs = {"base_config": AutoConfig}
+
+    def __init__(
+        self,
+        base_config: PretrainedConfig | dict | None = None,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        memory_segments: int = DEFAULT_MEMORY_SEGMENTS,
+        fam_length: int = DEFAULT_FAM_LENGTH,
+        **kwargs,
+    ):
+        if base_config is None:
+            raise ValueError("FAMConfig needs base_config: the config of the model FAM runs inside.")
+        if isinstance(base_config, dict):
+            base_config = dict(base_config)
+            model_type = base_config.pop("model_type", None)
+            if model_type is None:
+                raise ValueError("FAMConfig: base_config given as a dict needs its 'model_type'.")
+            base_config = AutoConfig.for_model(model_type, **base_config)
+        if not isinstance(base_config, PretrainedConfig):
+            raise ValueError(f"FAMConfig: base_config must be a config or a dict, got {type(base_config).__name__}")
+        get_adapter(base_config.model_type)  # unknown family -> ValueError listing the supported ones
+        validate_fam_settings(block_size, memory_segments, fam_length)
+        self.base_config = base_config
+        self.block_size = block_size
+        self.memory_segments = memory_segments
+        self.fam_length = fam_length
+        # generation / embedding settings live on the base config; mirror the ones transformers reads
+        # at the top level before any attribute lookup could reach the base config
+        for name in ("tie_word_embeddings", "pad_token_id", "bos_token_id", "eos_token_id"):
+            if name not in kwargs and hasattr(base_config, name):
+                kwargs[name] = getattr(base_config, name)
+        super().__init__(**kwargs)
+
+    def __getattr__(self, name: str):
+        # only called when normal lookup fails: fall back to the base model's config
+        if name.startswith("_") or name == "base_config":
+            raise AttributeError(name)
+        base = self.__dict__.get("base_config")
+        if base is None:
+            raise AttributeError(name)
+        return getattr(base, name)
+
+    def get_text_config(self, decoder=None, encoder=None):
+        return self.base_config
+
+    @property
+    def attention_window(self) -> int:
+        """Tokens a block token attends to directly: C·(M+1)."""
+        return self.block_size * (self.memory_segments + 1)
+
+    def to_dict(self):
+        out = super().to_dict()
+        out["base_config"] = self.base_config.to_dict()
+        return out

@@ -1,0 +1,117 @@
+"""Per-family adapters: where a decoder keeps its layers, embeddings and rotary embedding, and what differs.
+
+The FAM computation in `fam_core` is written once. It runs every sub-layer through the checkpoint's own
+modules; what it needs to know about an architecture is small, and lives here:
+
+- where the decoder stack, its layers, token embedding and rotary embedding are;
+- how token embeddings are scaled (Gemma multiplies by sqrt(hidden) inside its embedding module);
+- the rotary frequencies of a layer, so that cached keys can be moved to another block's frame;
+- the projection names LoRA should target.
+
+Adding a family means adding an entry to `ADAPTERS` (or a subclass of `DecoderAdapter` when the family
+differs in one of the points above) and one entry in the parametrised tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class DecoderAdapter:
+    """What FAM needs to know about one decoder family (Llama and the families shaped like it)."""
+
+    model_type: str
+    lora_target_modules: tuple[str, ...] = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
+
+    # --- where things are ---------------------------------------------------------------------------
+    def decoder(self, model: nn.Module) -> nn.Module:
+        """The decoder stack (`LlamaModel`, ...) of a causal LM, or the stack itself."""
+        return model.model if hasattr(model, "model") and hasattr(model.model, "layers") else model
+
+    def layers(self, decoder: nn.Module) -> nn.ModuleList:
+        return decoder.layers
+
+    def embed_scale(self, decoder: nn.Module) -> torch.Tensor | float:
+        """The factor token embeddings are multiplied by, as the embedding module applies it."""
+        embed = decoder.embed_tokens
+        scale = getattr(embed, "embed_scale", None)
+        if scale is None:
+            return 1.0
+        return scale.to(embed.weight.dtype) if isinstance(scale, torch.Tensor) else scale
+
+    # --- positions ----------------------------------------------------------------------------------
+    def layer_type(self, decoder: nn.Module, layer_idx: int) -> str | None:
+        return None
+
+    def position_embeddings(self, decoder: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor):
+        """What the decoder passes its layers as `position_embeddings` for these positions."""
+        return decoder.rotary_emb(hidden, position_ids)
+
+    def inv_freq(self, decoder: nn.Module, layer_idx: int) -> torch.Tensor:
+        """Rotary inverse frequencies used by layer `layer_idx` (length rotary_dim / 2)."""
+        return decoder.rotary_emb.inv_freq
+
+    # --- what a checkpoint may not do under FAM -----------------------------------------------------
+    def check_config(self, config) -> None:
+        """Raise if the base config uses something FAM cannot reproduce exactly."""
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def relative_rotation(inv_freq: torch.Tensor, deltas: list[int], device, dtype=torch.float32):
+    """cos/sin, shape (len(deltas), rotary_dim), of a pure rotation by `deltas` positions.
+
+    Angles are computed in float64: they move cached keys between block frames and must not add the
+    rounding error that large absolute positions suffer in float32.
+    """
+    d = torch.tensor(deltas, dtype=torch.float64, device=device)
+    angles = d[:, None] * inv_freq.to(device=device, dtype=torch.float64)[None, :]  # (len, rot/2)
+    emb = torch.cat((angles, angles), dim=-1)  # (len, rot)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotation(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the rotary part of `x` (the first cos.shape[-1] channels) by (cos, sin); keep the rest."""
+    rot = cos.shape[-1]
+    x32 = x.float()
+    if rot == x.shape[-1]:
+        out = x32 * cos + rotate_half(x32) * sin
+    else:
+        x_rot, x_pass = x32[..., :rot], x32[..., rot:]
+        out = torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+    return out.to(x.dtype)
+
+
+ADAPTERS: dict[str, DecoderAdapter] = {
+    "llama": DecoderAdapter("llama"),
+    # main diff with Llama: its own sliding window is replaced by the FAM block window; the attention
+    # function simply drops the `sliding_window` argument.
+    "mistral": DecoderAdapter("mistral"),
+    # main diff with Llama: embeddings scaled by sqrt(hidden) inside GemmaTextScaledWordEmbedding, which
+    # `embed_scale` reads from the module.
+    "gemma": DecoderAdapter("gemma"),
+}
+
+
+def supported_model_types() -> list[str]:
+    return sorted(ADAPTERS)
+
+
+def get_adapter(model_type: str) -> DecoderAdapter:
+    """The adapter for `model_type`; a clear error naming the supported families otherwise."""
+    try:
+        return ADAPTERS[model_type]
+    except KeyError:
+        raise ValueError(
+            f"hf_fam does not support model_type {model_type!r}; supported: {', '.join(supported_model_types())}."
+        ) from None

@@ -1,0 +1,88 @@
+"""Everything that differs between the transformers releases hf_fam supports, in one place.
+
+transformers 5.x moves internals between minor releases (the cache argument's name, the output-capture
+machinery, the attention registry). The rest of hf_fam calls the helpers below and never reaches into
+transformers' private modules itself. This file ships with every converted checkpoint, so it imports only
+torch and transformers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import sys
+from collections.abc import Callable, Iterator
+
+import torch
+import transformers
+from torch import nn
+from transformers import AttentionInterface
+
+TRANSFORMERS_VERSION = tuple(int(p) for p in transformers.__version__.split(".")[:2] if p.isdigit())
+
+# The keyword the decoder models take their cache under: `cache` from 5.24, `past_key_values` before.
+CACHE_KWARG = "cache" if TRANSFORMERS_VERSION >= (5, 24) else "past_key_values"
+
+# Inner attention implementations FAM can run its block attention with. Both accept an explicit 4D boolean
+# mask and any batch size, which the block layout needs; flash kernels take no arbitrary masks.
+SUPPORTED_INNER_ATTENTION = ("sdpa", "eager")
+FAM_ATTENTION_PREFIX = "fam_"
+
+
+def register_attention(fn: Callable) -> None:
+    """Register `fn` under `fam_<inner>` for every supported inner implementation.
+
+    No mask function is registered under these names on purpose: transformers then skips building its
+    (N x N) causal mask, and FAM builds its own block masks from the 2D padding mask it is given.
+    """
+    for inner in SUPPORTED_INNER_ATTENTION:
+        AttentionInterface.register(FAM_ATTENTION_PREFIX + inner, fn)
+
+
+def inner_attention_function(module: nn.Module, inner: str) -> Callable:
+    """The attention function the checkpoint's own code would call for `inner` ("sdpa" or "eager").
+
+    "eager" is the function defined next to the attention module in its modeling file, so family
+    specifics (Gemma 2's soft-capping, for example) are kept.
+    """
+    if inner == "eager":
+        modeling_module = sys.modules[type(module).__module__]
+        fn = getattr(modeling_module, "eager_attention_forward", None)
+        if fn is None:
+            raise TypeError(f"{type(module).__name__} has no eager_attention_forward in its modeling module")
+        return fn
+    return transformers.modeling_utils.ALL_ATTENTION_FUNCTIONS[inner]
+
+
+@contextlib.contextmanager
+def plain_layer_call(layer: nn.Module) -> Iterator[None]:
+    """Run a decoder layer on FAM tokens from inside another computation.
+
+    Gradient checkpointing is switched off for the call (the enclosing layer is already checkpointed, and
+    the FAM chain is recomputed with it), and transformers' output capturing (`output_hidden_states`) is
+    paused so FAM tokens never show up among the model's hidden states.
+    """
+    from transformers.utils import output_capturing
+
+    was_checkpointing = getattr(layer, "gradient_checkpointing", False)
+    if was_checkpointing:
+        layer.gradient_checkpointing = False
+    token = output_capturing._active_collector.set(None)
+    try:
+        yield
+    finally:
+        output_capturing._active_collector.reset(token)
+        if was_checkpointing:
+            layer.gradient_checkpointing = True
+
+
+def accepts_kwarg(fn: Callable, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def sdpa_supports_gqa() -> bool:
+    return "enable_gqa" in inspect.signature(torch.nn.functional.scaled_dot_product_attention).parameters

@@ -1,0 +1,501 @@
+"""The FAM computation (DESIGN.md §1), written once for every decoder family.
+
+FAM runs *inside* the checkpoint's own decoder: the model's forward, decoder layers, norms, projections,
+rotary embedding and MLP all run unchanged. What changes is the attention function. The layer's
+attention module computes Q/K/V as usual and calls `fam_attention_forward` (registered with transformers'
+`AttentionInterface` as `fam_sdpa` / `fam_eager`), which
+
+1. lays the chunk's keys out on a *timeline* of blocks of C tokens, preceded by the M cached memory blocks
+   (blocks are counted from each row's first real token; padding never enters the timeline);
+2. runs the layer's FAM chain: for every completed block, the same decoder layer is called again on the F
+   FAM tokens (`FAMStep`), whose queries attend to the previous FAM and the block, and whose output
+   (after the layer's own MLP) is the new FAM, fed back to this layer for the next block;
+3. runs the attention of all blocks at once: block τ's queries see the M previous blocks, the FAM that
+   preceded block τ, and block τ causally.
+
+Positions. Attention only depends on relative positions, so every block is computed in its *own frame*:
+its tokens sit at positions P0 .. P0+C-1, the FAM it reads at P0-F .. P0-1 (the last F positions of the
+previous block, DESIGN.md §1), and a memory block s blocks back at P0-sC .. P0-sC+C-1. Keys are computed
+once in their own block's frame; moving them to a later block's frame is a rotation by -sC, computed in
+float64. Positions therefore never exceed (M+1)·C, however long the stream: a block after a million
+tokens is computed exactly like one at the start.
+
+The same code serves the parallel schedule (a whole sequence, training and prefill) and streaming (a chunk
+continuing a `FAMLayerState` held by the cache): a fresh run is a stream with an empty state.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .fam_adapters import DecoderAdapter, apply_rotation, relative_rotation
+from .fam_compat import inner_attention_function, plain_layer_call
+
+# Attention keyword arguments that only make sense for the model's own attention pattern.
+_DROPPED_ATTENTION_KWARGS = (
+    "sliding_window",
+    "position_ids",
+    "use_cache",
+    "cache",
+    "past_key_values",
+    "is_causal",
+    "fam_run",
+    "fam_step",
+    "output_attentions",
+)
+
+# Upper bound on the attention scores materialised by one inner attention call; the blocks of a long
+# sequence are processed in groups so that prefill memory does not grow with the square of anything.
+_SCORE_BYTES_BUDGET = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class FAMSettings:
+    """Block size C, memory segments M, FAM length F (DESIGN.md §1)."""
+
+    block_size: int
+    memory_segments: int
+    fam_length: int
+
+    def __post_init__(self):
+        validate_fam_settings(self.block_size, self.memory_segments, self.fam_length)
+
+    @property
+    def frame_origin(self) -> int:
+        """P0: position of a block's first token in its own frame (all frame positions are >= 0)."""
+        return max(self.memory_segments * self.block_size, self.fam_length)
+
+    @property
+    def attention_window(self) -> int:
+        """Tokens a block token can see directly: its block and the M memory blocks."""
+        return self.block_size * (self.memory_segments + 1)
+
+
+def validate_fam_settings(block_size, memory_segments, fam_length) -> None:
+    """Raise a ValueError naming the bad value and the rule."""
+    for name, value, low in (("block_size", block_size, 1), ("memory_segments", memory_segments, 0), ("fam_length", fam_length, 0)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
+
+
+@dataclass
+class FAMLayerState:
+    """What one layer carries from one chunk of a stream to the next.
+
+    Keys are stored in their own block's frame (see module docstring). Sizes are fixed: M·C memory
+    tokens, one partial block of C tokens and F FAM tokens per row, however long the stream.
+    """
+
+    mem_k: torch.Tensor | None = None  # (B, KVH, M*C, hd) last M complete blocks, oldest first
+    mem_v: torch.Tensor | None = None
+    mem_blocks: torch.Tensor | None = None  # (B,) how many of the M memory blocks hold real tokens
+    part_k: torch.Tensor | None = None  # (B, KVH, C, hd) the current, incomplete block
+    part_v: torch.Tensor | None = None
+    part_len: torch.Tensor | None = None  # (B,) tokens in the current block
+    fam: torch.Tensor | None = None  # (B, F, D) FAM state, in this layer's input space
+    fam_k: torch.Tensor | None = None  # (B, KVH, F, hd) keys/values of `fam` (as read by block tokens)
+    fam_v: torch.Tensor | None = None
+
+
+class FAMStep:
+    """One call of a decoder layer on FAM tokens, nested in the layer's block attention.
+
+    mode "init":   FAM attends only to itself (forward propagation of the initial FAM);
+    mode "update": FAM attends to itself and one block (the FAM update of DESIGN.md §1);
+    mode "probe":  only the FAM's keys/values are wanted; the attention output is zero.
+    In every mode the FAM's own keys/values are recorded: they are what block tokens read.
+    """
+
+    def __init__(self, mode: str, inner: str, block_k=None, block_v=None, block_ok=None):
+        self.mode = mode
+        self.inner = inner
+        self.block_k, self.block_v, self.block_ok = block_k, block_v, block_ok
+        self.fam_k: torch.Tensor | None = None
+        self.fam_v: torch.Tensor | None = None
+
+    def attend(self, module, query, key, value, kwargs):
+        self.fam_k, self.fam_v = key, value
+        if self.mode == "probe":
+            batch, heads, length, _ = query.shape
+            return query.new_zeros(batch, length, heads, value.shape[-1]), None  # (B, F, H, hd)
+        mask = None
+        if self.mode == "update":
+            key = torch.cat([key, self.block_k], dim=2)  # (B, KVH, F + C, hd)
+            value = torch.cat([value, self.block_v], dim=2)
+            if self.block_ok is not None:
+                fam_ok = self.block_ok.new_ones(self.block_ok.shape[0], query.shape[2])
+                mask = torch.cat([fam_ok, self.block_ok], dim=1)[:, None, None, :]  # (B, 1, 1, F + C)
+        return _inner_attention(module, self.inner, query, key, value, mask, kwargs)
+
+
+def _inner_attention(module, inner, query, key, value, mask, kwargs):
+    """Call the checkpoint's own attention function (sdpa or eager) with an explicit boolean mask."""
+    fn = inner_attention_function(module, inner)
+    kw = {k: v for k, v in kwargs.items() if k not in _DROPPED_ATTENTION_KWARGS}
+    if mask is not None and inner == "eager":
+        # eager adds the mask to the scores
+        mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(
+            ~mask, torch.finfo(query.dtype).min
+        )
+    if inner == "sdpa":
+        kw["is_causal"] = False
+    return fn(module, query, key, value, mask, **kw)
+
+
+def fam_attention_forward(module: nn.Module, query, key, value, attention_mask, **kwargs):
+    """The attention function registered as `fam_sdpa` / `fam_eager`.
+
+    Args:
+        module: the layer's attention module (has `layer_idx`).
+        query: (B, H, n, hd), key/value: (B, KVH, n, hd), RoPE applied at frame positions.
+        attention_mask: ignored; padding comes from the `FAMRun` (transformers builds no mask for FAM).
+        kwargs: `fam_run` (the forward's FAMRun) or `fam_step` (a nested FAM call), plus the attention
+            module's own arguments (scaling, dropout, softcap, ...), passed on to the inner function.
+    Returns:
+        (attn_output (B, n, H, hd), None)
+    """
+    step = kwargs.get("fam_step")
+    if step is not None:
+        return step.attend(module, query, key, value, kwargs)
+    run = kwargs.get("fam_run")
+    if run is None:
+        raise RuntimeError(
+            "FAM attention was called without FAM state: call the FAM model's forward (or generate), "
+            "not its decoder layers directly."
+        )
+    return run.block_attention(module, query, key, value, kwargs), None
+
+
+def _scatter_to_timeline(x: torch.Tensor, index: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """Place the chunk's tokens x (B, h, n, d) at `index` (B, n) of `base` (B, h, L, d).
+
+    Padding tokens carry index L (one past the end) and land in a dump slot that is cut off.
+    """
+    batch, heads, length, dim = base.shape
+    dump = base.new_zeros(batch, heads, 1, dim)
+    idx = index[:, None, :, None].expand(batch, heads, index.shape[1], dim)
+    return torch.cat([base, dump], dim=2).scatter(2, idx, x)[:, :, :length]
+
+
+class FAMRun:
+    """State of one forward call, shared by all layers (passed through the model as `fam_run`).
+
+    Built by `FAMRun.start` before the decoder runs; each layer's attention reads its `FAMLayerState`
+    from `states` and, when `keep_state` is set, leaves the updated state there for the cache.
+    """
+
+    def __init__(self, *, settings: FAMSettings, adapter: DecoderAdapter, decoder: nn.Module, inner: str):
+        self.settings = settings
+        self.adapter = adapter
+        self.decoder = decoder
+        self.layers = adapter.layers(decoder)
+        self.inner = inner
+        self.states: list[FAMLayerState] = []
+        self.keep_state = False
+        self._rotations: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # ------------------------------------------------------------------------------------------------
+    # set-up, once per forward
+    # ------------------------------------------------------------------------------------------------
+    @classmethod
+    def start(
+        cls,
+        *,
+        settings: FAMSettings,
+        adapter: DecoderAdapter,
+        decoder: nn.Module,
+        inner: str,
+        chunk_mask: torch.Tensor,
+        fam_init: torch.Tensor | None,
+        states: list[FAMLayerState] | None = None,
+        keep_state: bool = False,
+    ) -> FAMRun:
+        """Lay out one chunk.
+
+        Args:
+            chunk_mask: (B, n) bool, True for real tokens of this chunk.
+            fam_init: (B, F, D) initial FAM at the embedding level (F_0^0), used when `states` is None.
+            states: per-layer states continuing a stream, or None for a fresh sequence.
+            keep_state: whether the layers must leave their updated state in `run.states`.
+        """
+        run = cls(settings=settings, adapter=adapter, decoder=decoder, inner=inner)
+        C, F = settings.block_size, settings.fam_length
+        batch, n = chunk_mask.shape
+        device = chunk_mask.device
+        run.keep_state = keep_state
+        run.batch, run.n = batch, n
+
+        fresh = states is None
+        part_len = torch.zeros(batch, dtype=torch.long, device=device) if fresh else states[0].part_len
+        # index of every real token on the working timeline (the current block starts at 0)
+        rank = chunk_mask.long().cumsum(1) - 1
+        run.slot = torch.where(chunk_mask, part_len[:, None] + rank, -1)  # (B, n)
+        run.work_len = part_len + chunk_mask.long().sum(1)  # (B,)
+
+        # one host sync for all the shapes of this chunk
+        work_len_cpu = run.work_len.tolist()
+        prefix_shaped = bool((chunk_mask[:, :-1] >= chunk_mask[:, 1:]).all()) if n > 1 else True
+        run.aligned = fresh and prefix_shaped  # slot == column index for every real token
+        run.num_blocks = max(1, math.ceil(max(work_len_cpu) / C))
+        complete = [w // C for w in work_len_cpu]
+        run.min_complete, run.max_complete = min(complete), max(complete)
+        run.complete_blocks = run.work_len // C  # (B,)
+        run.compact = run.num_blocks == 1  # queries stay in token order (decode, short chunks)
+
+        P0 = settings.frame_origin
+        run.position_ids = torch.where(chunk_mask, P0 + run.slot.clamp(min=0) % C, P0)  # (B, n)
+
+        if F > 0:
+            fam_pos = torch.arange(P0 - F, P0, device=device)[None]  # (1, F)
+            run.fam_position_ids = fam_pos
+            ref = fam_init if fresh else states[0].fam
+            run.fam_position_embeddings = adapter.position_embeddings(decoder, ref, fam_pos)
+
+        if fresh:
+            run.states = [FAMLayerState() for _ in run.layers]
+            if F > 0:
+                # F_0^0 = fam_init; F_0^{l+1} = Layer_l(F_0^l), FAM attending only to itself
+                hidden = fam_init
+                for idx, state in enumerate(run.states):
+                    state.fam = hidden
+                    hidden = run.call_layer(idx, hidden, FAMStep("init", inner))
+        else:
+            run.states = states
+        return run
+
+    # ------------------------------------------------------------------------------------------------
+    # helpers
+    # ------------------------------------------------------------------------------------------------
+    def call_layer(self, layer_idx: int, hidden: torch.Tensor, step: FAMStep) -> torch.Tensor:
+        """Run decoder layer `layer_idx` on FAM tokens `hidden` (B, F, D) with the given step."""
+        layer = self.layers[layer_idx]
+        position_ids = self.fam_position_ids.expand(hidden.shape[0], -1)
+        with plain_layer_call(layer):
+            out = layer(
+                hidden,
+                attention_mask=None,
+                position_ids=position_ids,
+                position_embeddings=self.fam_position_embeddings,
+                fam_step=step,
+            )
+        return out[0] if isinstance(out, tuple) else out
+
+    def rotations(self, layer_idx: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin (M, rot) moving a key s = 1..M blocks back, i.e. by -s·C positions."""
+        inv_freq = self.adapter.inv_freq(self.decoder, layer_idx)
+        key = id(inv_freq)
+        if key not in self._rotations:
+            C, M = self.settings.block_size, self.settings.memory_segments
+            self._rotations[key] = relative_rotation(inv_freq, [-s * C for s in range(1, M + 1)], device)
+        return self._rotations[key]
+
+    # ------------------------------------------------------------------------------------------------
+    # the layer's attention
+    # ------------------------------------------------------------------------------------------------
+    def block_attention(self, module: nn.Module, query, key, value, kwargs) -> torch.Tensor:
+        """Block attention of one layer for the whole chunk, FAM chain included. Returns (B, n, H, hd)."""
+        layer_idx = module.layer_idx
+        state = self.states[layer_idx]
+        C, M, F = self.settings.block_size, self.settings.memory_segments, self.settings.fam_length
+        T = self.num_blocks
+        batch, heads, n, head_dim = query.shape
+        kv_heads = key.shape[1]
+
+        # lay keys/values out on the timeline: M memory blocks, then T working blocks
+        tl_k, tl_v, tl_ok = self._timeline(state, key, value)  # (B, KVH, (M+T)*C, hd), (B, (M+T)*C)
+
+        # the FAM chain: keys/values of the FAM each block reads, and the new FAM
+        fam_k = fam_v = None
+        if F > 0:
+            fam_k, fam_v, new_fam, next_k, next_v = self._fam_chain(layer_idx, state, tl_k, tl_v, tl_ok)
+
+        # queries in block layout (B, T, H, Lq, hd)
+        if self.compact:
+            q_blocks = query[:, None]  # (B, 1, H, n, hd)
+            q_in_block = self.slot.clamp(min=0)[:, None, :]  # (B, 1, n)
+        else:
+            if self.aligned:
+                wq = nn.functional.pad(query, (0, 0, 0, T * C - n))
+            else:
+                index = torch.where(self.slot >= 0, self.slot, T * C)
+                wq = _scatter_to_timeline(query, index, query.new_zeros(batch, heads, T * C, head_dim))
+            q_blocks = wq.view(batch, heads, T, C, head_dim).transpose(1, 2)  # (B, T, H, C, hd)
+            q_in_block = torch.arange(C, device=query.device)[None, None, :]  # (1, 1, C)
+        Lq = q_blocks.shape[3]
+
+        cos, sin = self.rotations(layer_idx, query.device) if M > 0 else (None, None)
+        tl_k5 = tl_k.view(batch, kv_heads, M + T, C, head_dim)
+        tl_v5 = tl_v.view(batch, kv_heads, M + T, C, head_dim)
+        tl_ok3 = tl_ok.view(batch, M + T, C)
+        S = M * C + F + C
+        per_block = batch * heads * Lq * S * 4
+        group = max(1, _SCORE_BYTES_BUDGET // max(per_block, 1))
+
+        outputs = []
+        for t0 in range(0, T, group):
+            t1 = min(T, t0 + group)
+            G = t1 - t0
+            # keys of each block: [memory s = M..1 (rotated -sC), FAM, own block]
+            keys = query.new_empty(batch, G, kv_heads, S, head_dim)
+            vals = query.new_empty(batch, G, kv_heads, S, value.shape[-1])
+            mem_ok = []
+            for s in range(M, 0, -1):
+                lo = (M - s) * C
+                src = slice(M - s + t0, M - s + t1)
+                keys[:, :, :, lo : lo + C] = apply_rotation(tl_k5[:, :, src], cos[s - 1], sin[s - 1]).transpose(1, 2)
+                vals[:, :, :, lo : lo + C] = tl_v5[:, :, src].transpose(1, 2)
+                mem_ok.append(tl_ok3[:, src])  # (B, G, C)
+            if F > 0:
+                keys[:, :, :, M * C : M * C + F] = fam_k[:, t0:t1]
+                vals[:, :, :, M * C : M * C + F] = fam_v[:, t0:t1]
+            keys[:, :, :, M * C + F :] = tl_k5[:, :, M + t0 : M + t1].transpose(1, 2)
+            vals[:, :, :, M * C + F :] = tl_v5[:, :, M + t0 : M + t1].transpose(1, 2)
+
+            # mask (B, G, Lq, S): memory and FAM by validity, own block causally; a query always sees
+            # its own slot, so padding slots never have an empty row (NaN)
+            own_ok = tl_ok3[:, M + t0 : M + t1]  # (B, G, C)
+            k_idx = torch.arange(C, device=query.device)
+            qib = q_in_block[:, :, :, None]  # (B|1, 1, Lq, 1)
+            own = ((k_idx <= qib) & own_ok[:, :, None, :]) | (k_idx == qib)  # (B, G, Lq, C)
+            parts = []
+            if M > 0:
+                parts.append(torch.cat(mem_ok, dim=-1)[:, :, None, :].expand(-1, -1, Lq, -1))
+            if F > 0:
+                parts.append(own.new_ones(batch, G, Lq, F))
+            parts.append(own.expand(batch, G, Lq, C))
+            mask = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+
+            q = q_blocks[:, t0:t1].reshape(batch * G, heads, Lq, head_dim)
+            out, _ = _inner_attention(
+                module,
+                self.inner,
+                q,
+                keys.view(batch * G, kv_heads, S, head_dim),
+                vals.view(batch * G, kv_heads, S, vals.shape[-1]),
+                mask.reshape(batch * G, 1, Lq, S),
+                kwargs,
+            )
+            outputs.append(out.reshape(batch, G * Lq, heads, out.shape[-1]))
+        out = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]  # (B, T*Lq, H, hd)
+
+        if not self.compact:
+            if self.aligned:
+                out = out[:, :n]
+            else:
+                index = self.slot.clamp(min=0)[:, :, None, None].expand(batch, n, heads, out.shape[-1])
+                out = out.gather(1, index) * (self.slot >= 0)[:, :, None, None]
+        if self.keep_state:
+            self._save_state(layer_idx, tl_k5, tl_v5, new_fam if F > 0 else None, next_k if F > 0 else None,
+                             next_v if F > 0 else None)
+        return out
+
+    def _timeline(self, state: FAMLayerState, key, value):
+        """Keys/values/validity laid out as [M memory blocks | T working blocks] in block frames."""
+        C, M = self.settings.block_size, self.settings.memory_segments
+        T = self.num_blocks
+        batch, kv_heads, n, head_dim = key.shape
+        device = key.device
+        length = (M + T) * C
+        pos = torch.arange(length, device=device)
+        work_ok = (pos[None, :] >= M * C) & (pos[None, :] < M * C + self.work_len[:, None])
+        if state.mem_k is None:
+            mem_blocks = torch.zeros(batch, dtype=torch.long, device=device)
+        else:
+            mem_blocks = state.mem_blocks
+        mem_ok = (pos[None, :] < M * C) & (pos[None, :] >= (M - mem_blocks[:, None]) * C)
+        ok = work_ok | mem_ok  # (B, (M+T)*C)
+
+        if self.aligned:
+            pad = (M * C, T * C - n)
+            return nn.functional.pad(key, (0, 0) + pad), nn.functional.pad(value, (0, 0) + pad), ok
+
+        def base_of(mem, part, like):
+            zeros = like.new_zeros(batch, like.shape[1], 0, like.shape[-1])
+            mem = mem if mem is not None else like.new_zeros(batch, like.shape[1], M * C, like.shape[-1])
+            part = part if part is not None else like.new_zeros(batch, like.shape[1], C, like.shape[-1])
+            rest = like.new_zeros(batch, like.shape[1], (T - 1) * C, like.shape[-1]) if T > 1 else zeros
+            return torch.cat([mem, part, rest], dim=2)
+
+        index = torch.where(self.slot >= 0, M * C + self.slot, length)
+        tl_k = _scatter_to_timeline(key, index, base_of(state.mem_k, state.part_k, key))
+        tl_v = _scatter_to_timeline(value, index, base_of(state.mem_v, state.part_v, value))
+        return tl_k, tl_v, ok
+
+    def _fam_chain(self, layer_idx: int, state: FAMLayerState, tl_k, tl_v, tl_ok):
+        """Sequential over blocks, F tokens each: returns the FAM keys/values every block reads
+        (B, T, KVH, F, hd), the new FAM (B, F, D) and the keys/values of that new FAM per row."""
+        C, M = self.settings.block_size, self.settings.memory_segments
+        T = self.num_blocks
+        fam = state.fam
+        ks, vs = [], []
+        for t in range(T + (1 if self.keep_state else 0)):
+            if t < self.max_complete:
+                blk = slice((M + t) * C, (M + t + 1) * C)
+                all_complete = t < self.min_complete
+                step = FAMStep(
+                    "update", self.inner, tl_k[:, :, blk], tl_v[:, :, blk], None if all_complete else tl_ok[:, blk]
+                )
+                new = self.call_layer(layer_idx, fam, step)
+                done = self.complete_blocks > t  # (B,)
+                fam = new if all_complete else torch.where(done[:, None, None], new, fam)
+            elif t == 0 and state.fam_k is not None:
+                step = FAMStep("cached", self.inner)
+                step.fam_k, step.fam_v = state.fam_k, state.fam_v
+            elif t < T or self.max_complete == T:
+                # keys of a FAM no update in this chunk has read yet (a trailing partial block, or the
+                # block after the chunk for the cache)
+                step = FAMStep("probe", self.inner)
+                self.call_layer(layer_idx, fam, step)
+            else:
+                break
+            ks.append(step.fam_k)
+            vs.append(step.fam_v)
+        fam_k = torch.stack(ks[:T], dim=1)  # (B, T, KVH, F, hd)
+        fam_v = torch.stack(vs[:T], dim=1)
+        next_k = next_v = None
+        if self.keep_state:
+            # the FAM each row's next block reads: after `complete_blocks` updates
+            all_k = torch.stack(ks, dim=1)
+            all_v = torch.stack(vs, dim=1)
+            pick = self.complete_blocks.clamp(max=all_k.shape[1] - 1)[:, None, None, None, None]
+            next_k = all_k.gather(1, pick.expand(-1, 1, *all_k.shape[2:]))[:, 0]
+            next_v = all_v.gather(1, pick.expand(-1, 1, *all_v.shape[2:]))[:, 0]
+        return fam_k, fam_v, fam, next_k, next_v
+
+    def _save_state(self, layer_idx, tl_k5, tl_v5, fam, fam_k, fam_v):
+        """Keep the last M complete blocks, the partial block and the FAM of every row."""
+        C, M = self.settings.block_size, self.settings.memory_segments
+        batch, kv_heads, _, _, head_dim = tl_k5.shape
+        done = self.complete_blocks  # (B,)
+        old = self.states[layer_idx]
+        # append an empty block so rows whose chunk ended on a block boundary get an empty partial block
+        ext_k = torch.cat([tl_k5, tl_k5.new_zeros(batch, kv_heads, 1, C, head_dim)], dim=2)
+        ext_v = torch.cat([tl_v5, tl_v5.new_zeros(batch, kv_heads, 1, C, tl_v5.shape[-1])], dim=2)
+        # timeline block index of the last M complete blocks: done .. done + M - 1; partial: M + done
+        idx = (done[:, None] + torch.arange(M + 1, device=done.device)[None, :])  # (B, M+1)
+
+        def take(ext):
+            i = idx[:, None, :, None, None].expand(batch, ext.shape[1], M + 1, C, ext.shape[-1])
+            blocks = ext.gather(2, i)  # (B, KVH, M+1, C, d)
+            return blocks[:, :, :M].reshape(batch, ext.shape[1], M * C, ext.shape[-1]), blocks[:, :, M]
+
+        mem_k, part_k = take(ext_k)
+        mem_v, part_v = take(ext_v)
+        prev_blocks = old.mem_blocks if old.mem_blocks is not None else torch.zeros_like(done)
+        self.states[layer_idx] = FAMLayerState(
+            mem_k=mem_k,
+            mem_v=mem_v,
+            mem_blocks=(prev_blocks + done).clamp(max=M),
+            part_k=part_k,
+            part_v=part_v,
+            part_len=self.work_len - done * C,
+            fam=fam,
+            fam_k=fam_k,
+            fam_v=fam_v,
+        )

@@ -1,0 +1,141 @@
+"""`patch(model, ...)`: turn an already-loaded Llama / Mistral / Gemma causal LM into FAM mode, in place.
+
+The model keeps its class (a subclass is swapped in), every submodule keeps its name and object, and one
+small module is added: `model.fam`, holding the learned initial FAM. `save_pretrained` then writes a FAM
+checkpoint that `AutoModelForCausalLM.from_pretrained` (or `trust_remote_code=True`) loads.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+
+from .modeling.fam_adapters import get_adapter
+from .modeling.fam_core import FAMSettings
+from .modeling.modeling_fam import FAMForCausalLM, FAMMemory, fam_forward
+
+_PATCHED_CLASSES: dict[type, type] = {}
+
+
+class FAMPatchedMixin:
+    """Mixed in front of the model's own class by `patch`."""
+
+    _fam_original_class: type
+    fam_settings: FAMSettings
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        inputs_embeds=None,
+        use_cache=None,
+        **kwargs,
+    ):
+        if cache is None:
+            cache = kwargs.pop("past_key_values", None)
+        return fam_forward(
+            base_forward=super().forward,
+            base_model=self,
+            adapter=get_adapter(self.config.model_type),
+            settings=self.fam_settings,
+            fam_module=self.fam,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+
+    def to_fam_model(self) -> FAMForCausalLM:
+        """A FAMForCausalLM sharing this model's modules (nothing is copied)."""
+        s = self.fam_settings
+        return FAMForCausalLM.from_base_model(
+            self, block_size=s.block_size, memory_segments=s.memory_segments, fam_length=s.fam_length
+        )
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Write a FAM checkpoint (FAMConfig, base weights under their names, `fam.fam_init`, remote code)."""
+        return self.to_fam_model().save_pretrained(save_directory, *args, **kwargs)
+
+
+def _patched_class(cls: type) -> type:
+    if cls not in _PATCHED_CLASSES:
+        _PATCHED_CLASSES[cls] = type(
+            f"FAM{cls.__name__}", (FAMPatchedMixin, cls), {"_fam_original_class": cls, "__module__": cls.__module__}
+        )
+    return _PATCHED_CLASSES[cls]
+
+
+def patch(
+    model: PreTrainedModel,
+    *,
+    block_size: int = 1024,
+    memory_segments: int = 3,
+    fam_length: int = 64,
+    fam_init: torch.Tensor | None = None,
+) -> PreTrainedModel:
+    """Put a loaded causal LM into FAM mode, in place, and return it.
+
+    Args:
+        model: a `LlamaForCausalLM`, `MistralForCausalLM` or `GemmaForCausalLM` (see
+            `hf_fam.supported_model_types()`).
+        block_size: C, tokens per block.
+        memory_segments: M, previous blocks each block attends to.
+        fam_length: F, FAM tokens per layer (0 = block sliding window attention).
+        fam_init: optional (F, D) initial FAM at the embedding level; by default drawn like the model's
+            other weights (normal, std `initializer_range`) until trained.
+
+    Returns:
+        The same object, now running FAM. `hf_fam.unpatch(model)` undoes it.
+
+    Example:
+    ```python
+    >>> model = AutoModelForCausalLM.from_pretrained("meta-llama/Llama-3.2-1B")
+    >>> hf_fam.patch(model, block_size=1024, memory_segments=3, fam_length=64)
+    >>> model.generate(**inputs)
+    ```
+    """
+    if not isinstance(model, PreTrainedModel) or not hasattr(model, "config"):
+        raise TypeError(f"hf_fam.patch expects a loaded transformers causal LM, got {type(model).__name__}.")
+    model_type = getattr(model.config, "model_type", None)
+    adapter = get_adapter(model_type)  # ValueError naming model_type and the supported families
+    adapter.check_config(model.config)
+    settings = FAMSettings(block_size, memory_segments, fam_length)
+    decoder = adapter.decoder(model)
+    if decoder is model or not hasattr(model, "lm_head"):
+        raise TypeError(f"hf_fam.patch expects a causal LM with a language-model head, got {type(model).__name__}.")
+
+    hidden = model.config.hidden_size
+    param = next(model.parameters())
+    fam = getattr(model, "fam", None)
+    if not isinstance(fam, FAMMemory) or tuple(fam.fam_init.shape) != (fam_length, hidden):
+        fam = FAMMemory(fam_length, hidden, dtype=param.dtype).to(param.device)
+        torch.nn.init.normal_(fam.fam_init, std=getattr(model.config, "initializer_range", 0.02))
+    if fam_init is not None:
+        if tuple(fam_init.shape) != (fam_length, hidden):
+            raise ValueError(f"fam_init must have shape ({fam_length}, {hidden}), got {tuple(fam_init.shape)}.")
+        with torch.no_grad():
+            fam.fam_init.copy_(fam_init)
+    model.fam = fam
+    original = getattr(type(model), "_fam_original_class", type(model))
+    model.__class__ = _patched_class(original)
+    model.fam_settings = settings
+    return model
+
+
+def unpatch(model: PreTrainedModel) -> PreTrainedModel:
+    """Undo `patch`: the model runs its own attention again (its `fam` module is removed)."""
+    original = getattr(type(model), "_fam_original_class", None)
+    if original is None:
+        raise ValueError(f"{type(model).__name__} is not patched by hf_fam.")
+    model.__class__ = original
+    del model.fam
+    del model.fam_settings
+    impl = model.config._attn_implementation
+    if impl and impl.startswith("fam_"):
+        model.config._attn_implementation = impl[len("fam_"):]
+    return model
