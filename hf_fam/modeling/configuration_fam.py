@@ -75,15 +75,15 @@ class FAMConfig(PretrainedConfig):
             if name not in kwargs and hasattr(base_config, name):
                 kwargs[name] = getattr(base_config, name)
         super().__init__(**kwargs)
+        # from here on, attributes missing here are read from the base config (not during __init__:
+        # transformers probes attributes with hasattr there and would copy the base's to the top level)
+        self.__dict__["_fam_delegate"] = True
 
     def __getattr__(self, name: str):
         # only called when normal lookup fails: fall back to the base model's config
-        if name.startswith("_") or name == "base_config":
+        if name.startswith("_") or name == "base_config" or not self.__dict__.get("_fam_delegate"):
             raise AttributeError(name)
-        base = self.__dict__.get("base_config")
-        if base is None:
-            raise AttributeError(name)
-        return getattr(base, name)
+        return getattr(self.__dict__["base_config"], name)
 
     def get_text_config(self, decoder=None, encoder=None):
         return self.base_config
@@ -95,5 +95,6 @@ class FAMConfig(PretrainedConfig):
 
     def to_dict(self):
         out = super().to_dict()
+        out.pop("_fam_delegate", None)
         out["base_config"] = self.base_config.to_dict()
         return out

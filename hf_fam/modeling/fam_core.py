@@ -183,6 +183,13 @@ def _scatter_to_timeline(x: torch.Tensor, index: torch.Tensor, base: torch.Tenso
     return torch.cat([base, dump], dim=2).scatter(2, idx, x)[:, :, :length]
 
 
+def _fit_length(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Cut or zero-pad dim 2 of x (B, h, L, d) to `length` (trailing padding tokens hold no block)."""
+    if x.shape[2] >= length:
+        return x[:, :, :length]
+    return nn.functional.pad(x, (0, 0, 0, length - x.shape[2]))
+
+
 class FAMRun:
     """State of one forward call, shared by all layers (passed through the model as `fam_run`).
 
@@ -321,7 +328,7 @@ class FAMRun:
             q_in_block = self.slot.clamp(min=0)[:, None, :]  # (B, 1, n)
         else:
             if self.aligned:
-                wq = nn.functional.pad(query, (0, 0, 0, T * C - n))
+                wq = _fit_length(query, T * C)
             else:
                 index = torch.where(self.slot >= 0, self.slot, T * C)
                 wq = _scatter_to_timeline(query, index, query.new_zeros(batch, heads, T * C, head_dim))
@@ -386,7 +393,7 @@ class FAMRun:
 
         if not self.compact:
             if self.aligned:
-                out = out[:, :n]
+                out = _fit_length(out.transpose(1, 2), n).transpose(1, 2)  # trailing padding -> zeros
             else:
                 index = self.slot.clamp(min=0)[:, :, None, None].expand(batch, n, heads, out.shape[-1])
                 out = out.gather(1, index) * (self.slot >= 0)[:, :, None, None]
@@ -412,8 +419,9 @@ class FAMRun:
         ok = work_ok | mem_ok  # (B, (M+T)*C)
 
         if self.aligned:
-            pad = (M * C, T * C - n)
-            return nn.functional.pad(key, (0, 0) + pad), nn.functional.pad(value, (0, 0) + pad), ok
+            front = (0, 0, M * C, 0)
+            return (nn.functional.pad(_fit_length(key, T * C), front),
+                    nn.functional.pad(_fit_length(value, T * C), front), ok)
 
         def base_of(mem, part, like):
             zeros = like.new_zeros(batch, like.shape[1], 0, like.shape[-1])

@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny decoder models built from configs (no network), and `assert_close`."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+import transformers  # noqa: E402
+
+FAMILIES = ("llama", "mistral", "gemma")
+
+_TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=101,
+    max_position_embeddings=512,
+)
+
+
+def tiny_config(family: str = "llama", **overrides) -> transformers.PretrainedConfig:
+    """A tiny config of `family` (hidden 64, 2 layers, GQA 4/2 heads, vocab 101)."""
+    kwargs = {**_TINY, **overrides}
+    if family == "mistral":
+        kwargs.setdefault("sliding_window", None)
+    return transformers.AutoConfig.for_model(family, **kwargs)
+
+
+def tiny_model(family: str = "llama", seed: int = 0, attn: str = "sdpa", sharpen: float = 4.0, **overrides):
+    """A tiny causal LM in fp32 eval mode, deterministic for `seed`.
+
+    `sharpen` scales the query/key projections so that attention is far from uniform: with random
+    weights, which keys are masked would otherwise barely change the output.
+    """
+    torch.manual_seed(seed)
+    config = tiny_config(family, **overrides)
+    config._attn_implementation = attn
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(sharpen)
+            layer.self_attn.k_proj.weight.mul_(sharpen)
+    return model
+
+
+def random_ids(batch: int, length: int, seed: int = 0, vocab: int = 101) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, length), generator=g)
+
+
+def padding_mask(lengths: list[int], total: int, side: str = "right") -> torch.Tensor:
+    """(B, total) 0/1 mask with each row's `lengths[b]` real tokens on the left ("right" padding) or right."""
+    mask = torch.zeros(len(lengths), total, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        if side == "right":
+            mask[b, :n] = 1
+        else:
+            mask[b, total - n :] = 1
+    return mask
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float = 1e-5, mask: torch.Tensor | None = None, msg: str = ""):
+    """Max-abs-difference check that reports the difference; `mask` (B, N) restricts to real tokens."""
+    assert actual.shape == expected.shape, f"{msg} shapes differ: {tuple(actual.shape)} vs {tuple(expected.shape)}"
+    diff = (actual.float() - expected.float()).abs()
+    if mask is not None:
+        diff = diff * mask.to(diff.dtype).reshape(*mask.shape, *([1] * (diff.dim() - mask.dim())))
+    worst = diff.max().item() if diff.numel() else 0.0
+    assert worst <= atol, f"{msg} max abs difference {worst:.3e} > {atol:.1e}"
+    return worst
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param

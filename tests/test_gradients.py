@@ -1,0 +1,42 @@
+"""Training through the parallel schedule: gradients reach early tokens and fam_init through the memory."""
+
+from __future__ import annotations
+
+import torch
+from conftest import random_ids, tiny_model
+
+import hf_fam
+
+
+def test_backward_reaches_early_tokens_and_fam_init(family):
+    C, M, F, L = 4, 0, 2, 2
+    model = hf_fam.FAMForCausalLM.from_base_model(tiny_model(family), block_size=C, memory_segments=M, fam_length=F)
+    model.train()
+    ids = random_ids(2, 24, seed=21)
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    out = model(inputs_embeds=embeds)
+    beyond = C * (L * M + 1)
+    # loss on the last block only: far beyond the attention window of the first block
+    out.logits[:, -C:].sum().backward()
+    assert embeds.grad[:, :C].abs().sum() > 0, "no gradient reached block 1 through the FAM"
+    assert model.fam.fam_init.grad is not None and model.fam.fam_init.grad.abs().sum() > 0
+    assert beyond < 24 - C
+
+
+def test_without_fam_gradients_stop_at_the_window(family):
+    C, M = 4, 0
+    model = hf_fam.FAMForCausalLM.from_base_model(tiny_model(family), block_size=C, memory_segments=M, fam_length=0)
+    ids = random_ids(1, 24, seed=22)
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    model(inputs_embeds=embeds).logits[:, -C:].sum().backward()
+    assert embeds.grad[:, :-C].abs().sum() == 0
+
+
+def test_loss_backward_with_labels(family):
+    model = hf_fam.FAMForCausalLM.from_base_model(tiny_model(family), block_size=5, memory_segments=1, fam_length=3)
+    model.train()
+    ids = random_ids(2, 23, seed=23)
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
