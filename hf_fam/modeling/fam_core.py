@@ -222,6 +222,8 @@ class FAMRun:
         fam_init: torch.Tensor | None,
         states: list[FAMLayerState] | None = None,
         keep_state: bool = False,
+        fam_state: list[torch.Tensor] | None = None,
+        position_offset: torch.Tensor | None = None,
     ) -> FAMRun:
         """Lay out one chunk.
 
@@ -230,6 +232,11 @@ class FAMRun:
             fam_init: (B, F, D) initial FAM at the embedding level (F_0^0), used when `states` is None.
             states: per-layer states continuing a stream, or None for a fresh sequence.
             keep_state: whether the layers must leave their updated state in `run.states`.
+            fam_state: per-layer initial FAM (each (B or 1, F, D)) replacing the forward propagation of
+                `fam_init` (Random State Passing); only for a fresh sequence.
+            position_offset: (B,) integer offsets added to every position (Random Position Offset). With
+                rotary embeddings attention depends on relative positions only, so this changes nothing
+                but float rounding; it exists to reproduce the paper's training recipe.
         """
         run = cls(settings=settings, adapter=adapter, decoder=decoder, inner=inner)
         C, F = settings.block_size, settings.fam_length
@@ -256,17 +263,26 @@ class FAMRun:
         run.compact = run.num_blocks == 1  # queries stay in token order (decode, short chunks)
 
         P0 = settings.frame_origin
-        run.position_ids = torch.where(chunk_mask, P0 + run.slot.clamp(min=0) % C, P0)  # (B, n)
+        offset = 0 if position_offset is None else position_offset.to(device=device, dtype=torch.long)[:, None]
+        run.position_ids = torch.where(chunk_mask, P0 + run.slot.clamp(min=0) % C, P0) + offset  # (B, n)
 
+        if fresh and fam_state is not None:
+            if len(fam_state) != len(run.layers):
+                raise ValueError(f"fam_state has {len(fam_state)} entries, the model has {len(run.layers)} layers.")
+            fam_init = fam_state[0]
         if F > 0:
-            fam_pos = torch.arange(P0 - F, P0, device=device)[None]  # (1, F)
+            fam_pos = torch.arange(P0 - F, P0, device=device)[None] + offset  # (1 or B, F)
             run.fam_position_ids = fam_pos
             ref = fam_init if fresh else states[0].fam
             run.fam_position_embeddings = adapter.position_embeddings(decoder, ref, fam_pos)
 
+        run.final_fam = [None] * len(run.layers)
         if fresh:
             run.states = [FAMLayerState() for _ in run.layers]
-            if F > 0:
+            if F > 0 and fam_state is not None:
+                for state, given in zip(run.states, fam_state):
+                    state.fam = given.expand(batch, -1, -1) if given.shape[0] == 1 else given
+            elif F > 0:
                 # F_0^0 = fam_init; F_0^{l+1} = Layer_l(F_0^l), FAM attending only to itself
                 hidden = fam_init
                 for idx, state in enumerate(run.states):
@@ -321,6 +337,7 @@ class FAMRun:
         fam_k = fam_v = None
         if F > 0:
             fam_k, fam_v, new_fam, next_k, next_v = self._fam_chain(layer_idx, state, tl_k, tl_v, tl_ok)
+            self.final_fam[layer_idx] = new_fam
 
         # queries in block layout (B, T, H, Lq, hd)
         if self.compact:

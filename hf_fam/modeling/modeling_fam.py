@@ -84,7 +84,14 @@ def fam_forward(
     use_cache: bool | None = None,
     **kwargs,
 ):
-    """Run the base causal LM's forward with FAM. Shared by FAMForCausalLM and patched models."""
+    """Run the base causal LM's forward with FAM. Shared by FAMForCausalLM and patched models.
+
+    Besides the base model's arguments it takes (in `kwargs`):
+        fam_state: list of per-layer initial FAM tensors (B or 1, F, D) for a fresh sequence, instead
+            of forward-propagating `fam_init` (Random State Passing, see hf_fam.training).
+        fam_position_offset: (B,) integer offsets added to all positions (Random Position Offset).
+    The output gains `fam_state`: the final FAM of every layer, (B, F, D) each (F > 0 only).
+    """
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
     if input_ids is not None and input_ids.dim() != 2:
@@ -117,8 +124,12 @@ def fam_forward(
         cache.check_positions(position_ids, chunk_mask)
 
     states = cache.layer_states if cache is not None and cache.started else None
+    fam_state = kwargs.pop("fam_state", None)
+    position_offset = kwargs.pop("fam_position_offset", None)
+    if fam_state is not None and states is not None:
+        raise ValueError("fam_state starts a new sequence; it cannot be combined with a started FAMCache.")
     fam_init = None
-    if states is None and settings.fam_length > 0:
+    if states is None and fam_state is None and settings.fam_length > 0:
         fam_init = fam_module(batch, adapter.embed_scale(decoder))
     run = FAMRun.start(
         settings=settings,
@@ -129,6 +140,8 @@ def fam_forward(
         fam_init=fam_init,
         states=states,
         keep_state=bool(use_cache),
+        fam_state=fam_state,
+        position_offset=position_offset,
     )
     outputs = base_forward(
         input_ids=input_ids,
@@ -140,6 +153,9 @@ def fam_forward(
         **{CACHE_KWARG: None},
         **kwargs,
     )
+    if settings.fam_length > 0:
+        # the final FAM of every layer (Random State Passing starts the next sequence from it)
+        outputs["fam_state"] = run.final_fam
     if use_cache:
         if cache is None:
             cache = FAMCache(settings)
