@@ -2,13 +2,15 @@
 
 Each command lives in `hf_fam/commands/<name>.py` and exposes `register(subparsers)`, which adds its
 parser and sets `func`. Heavy imports (torch, transformers) happen inside the commands, so `--help` is
-instant. Errors a user can fix are printed as one line, without a traceback, with exit status 2.
+instant. Errors a user can fix are printed as one line, without a traceback, with exit status 2
+(set HF_FAM_DEBUG=1 to see the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # in the order `hf-fam --help` lists them
@@ -44,8 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         result = args.func(args)
-    except (CLIError, ValueError, FileNotFoundError, FileExistsError, PermissionError) as err:
-        print(f"hf-fam {args.command}: error: {err}", file=sys.stderr)
+    except (CLIError, ValueError, OSError) as err:
+        if os.environ.get("HF_FAM_DEBUG"):
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"hf-fam {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"hf-fam {args.command}: interrupted", file=sys.stderr)

@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from .configuration_fam import FAMConfig
 from .fam_adapters import DecoderAdapter, get_adapter
 from .fam_cache import FAMCache
+from .fam_cache import check_positions
 from .fam_compat import (
     CACHE_KWARG,
     FAM_ATTENTION_PREFIX,
@@ -109,6 +110,8 @@ def fam_forward(
     if getattr(decoder, "gradient_checkpointing", False) and decoder.training and torch.is_grad_enabled():
         use_cache = False
 
+    if isinstance(cache, FAMCache) and cache.started and not use_cache:
+        use_cache = True  # continuing a stream always updates its cache
     if cache is not None and not isinstance(cache, FAMCache):
         if cache.get_seq_length() > 0:
             raise ValueError(
@@ -116,12 +119,16 @@ def fam_forward(
                 "Pass the cache a previous FAM forward returned, or none."
             )
         cache = None  # an empty cache of another type (e.g. made by generate) is replaced
+    if cache is None and use_cache:
+        cache = FAMCache(settings)
     if cache is not None:
         cache.check_compatible(settings, batch, base_model)
 
     chunk_mask = _chunk_mask(attention_mask, batch, n, ref.device, cache)
     if cache is not None:
-        cache.check_positions(position_ids, chunk_mask)
+        cache.check_continuation(attention_mask, chunk_mask, position_ids)
+    elif position_ids is not None:
+        check_positions(position_ids, chunk_mask, None)
 
     states = cache.layer_states if cache is not None and cache.started else None
     fam_state = kwargs.pop("fam_state", None)
@@ -157,9 +164,7 @@ def fam_forward(
         # the final FAM of every layer (Random State Passing starts the next sequence from it)
         outputs["fam_state"] = run.final_fam
     if use_cache:
-        if cache is None:
-            cache = FAMCache(settings)
-        cache.advance(run.states, chunk_mask)
+        cache.advance(run.states, chunk_mask, position_ids)
         outputs[CACHE_KWARG] = cache
     return outputs
 

@@ -1,0 +1,78 @@
+"""`hf-fam generate`: read a prompt of any length at constant memory, then stream a continuation."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="read a (long) prompt at constant memory and stream a continuation to stdout",
+        description="Read a prompt of any length through a FAM model, chunk by chunk (constant memory, a progress "
+        "bar over the prompt on stderr), then generate a continuation, streamed token by token to stdout.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("model", help="FAM checkpoint, or a base Llama/Mistral/Gemma checkpoint (folder or Hub id)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--prompt-file", help="text file holding the prompt; any size, read piece by piece")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
+    p.add_argument("--chunk-tokens", type=int, default=4096, help="prompt tokens per forward while reading")
+    p.add_argument("--block-size", type=int, help="C, for a base checkpoint (default 1024)")
+    p.add_argument("--memory-segments", type=int, help="M, for a base checkpoint (default 3)")
+    p.add_argument("--fam-length", type=int, help="F, for a base checkpoint (default 64)")
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--top-k", type=int, default=50, help="top-k sampling")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="penalty for repeated tokens")
+    p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
+    p.add_argument("--token", help="Hub token for gated or private models")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import os
+
+    import torch
+    from transformers import TextStreamer
+
+    from ..cli import CLIError
+    from ..loading import FAMOverrides, load_fam_model
+    from ..streaming import continue_stream, iter_text_file_tokens, stream
+
+    if args.max_new_tokens < 0 or args.chunk_tokens < 1:
+        raise CLIError("--max-new-tokens must be >= 0 and --chunk-tokens >= 1")
+    if args.prompt_file and not os.path.isfile(args.prompt_file):
+        raise CLIError(f"prompt file not found: {args.prompt_file}")
+    overrides = FAMOverrides(args.block_size, args.memory_segments, args.fam_length)
+    model, tokenizer = load_fam_model(args.model, overrides=overrides, dtype=args.dtype, device=args.device,
+                                      revision=args.revision, token=args.token)
+    if tokenizer is None:
+        raise CLIError(f"{args.model} has no tokenizer files: generate needs one to read text")
+    torch.manual_seed(args.seed)
+
+    if args.prompt_file:
+        chunks = iter_text_file_tokens(tokenizer, args.prompt_file, chunk_tokens=args.chunk_tokens)
+        total = None
+    else:
+        ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"][0]
+        if ids.numel() == 0:
+            raise CLIError("the prompt is empty")
+        chunks = ids.split(args.chunk_tokens)
+        total = ids.numel()
+    state = stream(model, chunks, total=total, progress=not args.no_progress, keep_logits=False)
+    if state.pending is None:
+        raise CLIError("the prompt is empty")
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    continue_stream(
+        model, state, max_new_tokens=args.max_new_tokens, streamer=streamer, do_sample=args.do_sample,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty, pad_token_id=tokenizer.pad_token_id,
+    )
+    return 0
