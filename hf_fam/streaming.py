@@ -44,7 +44,7 @@ def _as_ids(chunk, device) -> torch.Tensor:
     return ids[None] if ids.dim() == 1 else ids
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def stream(
     model,
     chunks: Iterable,
@@ -100,14 +100,10 @@ def stream(
 
 
 def _copy_cache(cache: FAMCache | None) -> FAMCache | None:
-    """A shallow copy whose tensors may be replaced without touching `cache` (the forward never writes in place)."""
-    if cache is None:
-        return None
+    """An independent copy (decoding writes new tokens into the cache's buffers in place)."""
     import copy
 
-    new = copy.copy(cache)
-    new.layer_states = [copy.copy(s) for s in cache.layer_states] if cache.layer_states is not None else None
-    return new
+    return None if cache is None else copy.deepcopy(cache)
 
 
 def iter_text_file_tokens(tokenizer, path: str | os.PathLike, *, chunk_tokens: int = 4096,

@@ -15,7 +15,10 @@ from transformers import AutoModelForCausalLM
 
 import hf_fam
 
-REMOTE_FILES = {"configuration_fam.py", "modeling_fam.py", "fam_core.py", "fam_adapters.py", "fam_compat.py", "fam_cache.py"}
+REMOTE_FILES = {
+    "configuration_fam.py", "modeling_fam.py", "fam_core.py", "fam_state.py", "fam_adapters.py", "fam_compat.py",
+    "fam_cache.py",
+}
 
 
 def _models(family):

@@ -142,7 +142,8 @@ def test_cache_size_is_constant_over_a_long_stream():
             sizes.append(cache.nbytes())
     assert len(set(sizes)) == 1
     kv_heads, head_dim, layers, hidden = 2, 16, 2, 64
-    per_row = layers * (2 * (M + 1) * C * kv_heads * head_dim + 2 * F * kv_heads * head_dim + F * hidden) * 4
+    # keys and values of (M+1)·C + F tokens (plus one dump slot for padding writes) and F FAM vectors
+    per_row = layers * (2 * ((M + 1) * C + F + 1) * kv_heads * head_dim + F * hidden) * 4
     assert sizes[0] == 2 * per_row + 2 * layers * 2 * 8  # plus two (B,) int64 counters per layer
     assert cache.get_seq_length() == 40 * 13
 

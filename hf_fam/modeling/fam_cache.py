@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache
 
-from .fam_core import FAMLayerState, FAMSettings
+from .fam_core import FAMSettings
+from .fam_state import FAMLayerState
 
-_STATE_FIELDS = ("mem_k", "mem_v", "mem_blocks", "part_k", "part_v", "part_len", "fam", "fam_k", "fam_v")
+_STATE_FIELDS = ("win_k", "win_v", "mem_blocks", "part_len", "fam")
 
 
 class FAMCache(Cache):

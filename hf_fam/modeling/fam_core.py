@@ -27,13 +27,14 @@ continuing a `FAMLayerState` held by the cache): a fresh run is a stream with an
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .fam_adapters import DecoderAdapter, apply_rotation, relative_rotation
 from .fam_compat import inner_attention_function, plain_layer_call
+from .fam_state import FAMLayerState, WindowLayout, build_window, rotate_memory, write_tokens
 
 # Attention keyword arguments that only make sense for the model's own attention pattern.
 _DROPPED_ATTENTION_KWARGS = (
@@ -82,25 +83,6 @@ def validate_fam_settings(block_size, memory_segments, fam_length) -> None:
             raise ValueError(f"{name} must be an integer, got {value!r}")
         if value < low:
             raise ValueError(f"{name} must be >= {low}, got {value}")
-
-
-@dataclass
-class FAMLayerState:
-    """What one layer carries from one chunk of a stream to the next.
-
-    Keys are stored in their own block's frame (see module docstring). Sizes are fixed: M·C memory
-    tokens, one partial block of C tokens and F FAM tokens per row, however long the stream.
-    """
-
-    mem_k: torch.Tensor | None = None  # (B, KVH, M*C, hd) last M complete blocks, oldest first
-    mem_v: torch.Tensor | None = None
-    mem_blocks: torch.Tensor | None = None  # (B,) how many of the M memory blocks hold real tokens
-    part_k: torch.Tensor | None = None  # (B, KVH, C, hd) the current, incomplete block
-    part_v: torch.Tensor | None = None
-    part_len: torch.Tensor | None = None  # (B,) tokens in the current block
-    fam: torch.Tensor | None = None  # (B, F, D) FAM state, in this layer's input space
-    fam_k: torch.Tensor | None = None  # (B, KVH, F, hd) keys/values of `fam` (as read by block tokens)
-    fam_v: torch.Tensor | None = None
 
 
 class FAMStep:
@@ -240,6 +222,7 @@ class FAMRun:
         """
         run = cls(settings=settings, adapter=adapter, decoder=decoder, inner=inner)
         C, F = settings.block_size, settings.fam_length
+        run.layout = WindowLayout(C, settings.memory_segments, F)
         batch, n = chunk_mask.shape
         device = chunk_mask.device
         run.keep_state = keep_state
@@ -261,6 +244,8 @@ class FAMRun:
         run.min_complete, run.max_complete = min(complete), max(complete)
         run.complete_blocks = run.work_len // C  # (B,)
         run.compact = run.num_blocks == 1  # queries stay in token order (decode, short chunks)
+        # decoding inside the current block: attend to the cached window as it is, write the new tokens
+        run.in_block = not fresh and run.max_complete == 0
 
         P0 = settings.frame_origin
         offset = 0 if position_offset is None else position_offset.to(device=device, dtype=torch.long)[:, None]
@@ -325,13 +310,15 @@ class FAMRun:
         """Block attention of one layer for the whole chunk, FAM chain included. Returns (B, n, H, hd)."""
         layer_idx = module.layer_idx
         state = self.states[layer_idx]
+        if self.in_block:
+            return self._attend_in_block(module, layer_idx, state, query, key, value, kwargs)
         C, M, F = self.settings.block_size, self.settings.memory_segments, self.settings.fam_length
         T = self.num_blocks
         batch, heads, n, head_dim = query.shape
         kv_heads = key.shape[1]
 
         # lay keys/values out on the timeline: M memory blocks, then T working blocks
-        tl_k, tl_v, tl_ok = self._timeline(state, key, value)  # (B, KVH, (M+T)*C, hd), (B, (M+T)*C)
+        tl_k, tl_v, tl_ok = self._timeline(layer_idx, state, key, value)  # (B, KVH, (M+T)*C, hd), (B, (M+T)*C)
 
         # the FAM chain: keys/values of the FAM each block reads, and the new FAM
         fam_k = fam_v = None
@@ -419,19 +406,40 @@ class FAMRun:
                              next_v if F > 0 else None)
         return out
 
-    def _timeline(self, state: FAMLayerState, key, value):
-        """Keys/values/validity laid out as [M memory blocks | T working blocks] in block frames."""
+    def _attend_in_block(self, module, layer_idx, state: FAMLayerState, query, key, value, kwargs) -> torch.Tensor:
+        """No block completes in this chunk (decoding): the cached window already holds every key the
+        chunk's queries read, in their frames; write the new tokens into it and attend. Returns (B, n, H, hd)."""
+        lay = self.layout
+        win_k = write_tokens(state.win_k, lay, key, self.slot)
+        win_v = write_tokens(state.win_v, lay, value, self.slot)
+        S = lay.attended
+        device = query.device
+        pos = torch.arange(S, device=device)
+        mem_ok = (pos < lay.mem.stop) & (pos >= (self.settings.memory_segments - state.mem_blocks[:, None]) * lay.C)
+        fam_ok = (pos >= lay.fam.start) & (pos < lay.fam.stop)
+        j = pos - lay.part.start  # index inside the current block
+        q_in_block = self.slot.clamp(min=0)[:, :, None]  # (B, n, 1)
+        own = (j >= 0) & (((j <= q_in_block) & (j < self.work_len[:, None, None])) | (j == q_in_block))
+        mask = (mem_ok | fam_ok)[:, None, :] | own  # (B, n, S)
+        out, _ = _inner_attention(module, self.inner, query, win_k[:, :, :S], win_v[:, :, :S], mask[:, None], kwargs)
+        if self.keep_state:
+            self.states[layer_idx] = FAMLayerState(
+                win_k=win_k, win_v=win_v, mem_blocks=state.mem_blocks, part_len=self.work_len, fam=state.fam
+            )
+        self.final_fam[layer_idx] = state.fam
+        return out
+
+    def _timeline(self, layer_idx: int, state: FAMLayerState, key, value):
+        """Keys/values/validity laid out as [M memory blocks | T working blocks], each in its own frame."""
         C, M = self.settings.block_size, self.settings.memory_segments
+        lay = self.layout
         T = self.num_blocks
         batch, kv_heads, n, head_dim = key.shape
         device = key.device
         length = (M + T) * C
         pos = torch.arange(length, device=device)
         work_ok = (pos[None, :] >= M * C) & (pos[None, :] < M * C + self.work_len[:, None])
-        if state.mem_k is None:
-            mem_blocks = torch.zeros(batch, dtype=torch.long, device=device)
-        else:
-            mem_blocks = state.mem_blocks
+        mem_blocks = state.mem_blocks if state.win_k is not None else torch.zeros(batch, dtype=torch.long, device=device)
         mem_ok = (pos[None, :] < M * C) & (pos[None, :] >= (M - mem_blocks[:, None]) * C)
         ok = work_ok | mem_ok  # (B, (M+T)*C)
 
@@ -440,17 +448,25 @@ class FAMRun:
             return (nn.functional.pad(_fit_length(key, T * C), front),
                     nn.functional.pad(_fit_length(value, T * C), front), ok)
 
-        def base_of(mem, part, like):
-            zeros = like.new_zeros(batch, like.shape[1], 0, like.shape[-1])
-            mem = mem if mem is not None else like.new_zeros(batch, like.shape[1], M * C, like.shape[-1])
-            part = part if part is not None else like.new_zeros(batch, like.shape[1], C, like.shape[-1])
-            rest = like.new_zeros(batch, like.shape[1], (T - 1) * C, like.shape[-1]) if T > 1 else zeros
-            return torch.cat([mem, part, rest], dim=2)
-
+        if state.win_k is not None and M > 0:
+            cos, sin = self.rotations(layer_idx, device)
+            bases = [
+                (rotate_memory(state.win_k[:, :, lay.mem], cos, sin, C, to_view=False), state.win_k[:, :, lay.part]),
+                (state.win_v[:, :, lay.mem], state.win_v[:, :, lay.part]),
+            ]
+        elif state.win_k is not None:
+            bases = [(state.win_k[:, :, lay.mem], state.win_k[:, :, lay.part]),
+                     (state.win_v[:, :, lay.mem], state.win_v[:, :, lay.part])]
+        else:
+            bases = [(None, None), (None, None)]
         index = torch.where(self.slot >= 0, M * C + self.slot, length)
-        tl_k = _scatter_to_timeline(key, index, base_of(state.mem_k, state.part_k, key))
-        tl_v = _scatter_to_timeline(value, index, base_of(state.mem_v, state.part_v, value))
-        return tl_k, tl_v, ok
+        out = []
+        for x, (mem, part) in zip((key, value), bases):
+            mem = mem if mem is not None else x.new_zeros(batch, kv_heads, M * C, x.shape[-1])
+            part = part if part is not None else x.new_zeros(batch, kv_heads, C, x.shape[-1])
+            rest = x.new_zeros(batch, kv_heads, (T - 1) * C, x.shape[-1])
+            out.append(_scatter_to_timeline(x, index, torch.cat([mem, part, rest], dim=2)))
+        return out[0], out[1], ok
 
     def _fam_chain(self, layer_idx: int, state: FAMLayerState, tl_k, tl_v, tl_ok):
         """Sequential over blocks, F tokens each: returns the FAM keys/values every block reads
@@ -469,9 +485,9 @@ class FAMRun:
                 new = self.call_layer(layer_idx, fam, step)
                 done = self.complete_blocks > t  # (B,)
                 fam = new if all_complete else torch.where(done[:, None, None], new, fam)
-            elif t == 0 and state.fam_k is not None:
+            elif t == 0 and state.win_k is not None:
                 step = FAMStep("cached", self.inner)
-                step.fam_k, step.fam_v = state.fam_k, state.fam_v
+                step.fam_k, step.fam_v = state.win_k[:, :, self.layout.fam], state.win_v[:, :, self.layout.fam]
             elif t < T or self.max_complete == T:
                 # keys of a FAM no update in this chunk has read yet (a trailing partial block, or the
                 # block after the chunk for the cache)
@@ -512,15 +528,14 @@ class FAMRun:
 
         mem_k, part_k = take(ext_k)
         mem_v, part_v = take(ext_v)
+        if M > 0:
+            cos, sin = self.rotations(layer_idx, mem_k.device)
+            mem_k = rotate_memory(mem_k, cos, sin, C, to_view=True)
         prev_blocks = old.mem_blocks if old.mem_blocks is not None else torch.zeros_like(done)
         self.states[layer_idx] = FAMLayerState(
-            mem_k=mem_k,
-            mem_v=mem_v,
+            win_k=build_window(self.layout, mem_k, fam_k, part_k),
+            win_v=build_window(self.layout, mem_v, fam_v, part_v),
             mem_blocks=(prev_blocks + done).clamp(max=M),
-            part_k=part_k,
-            part_v=part_v,
             part_len=self.work_len - done * C,
             fam=fam,
-            fam_k=fam_k,
-            fam_v=fam_v,
         )
