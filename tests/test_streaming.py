@@ -173,3 +173,27 @@ def test_cache_copy_branches_the_stream():
         a = model(ids[:, 15:], cache=cache, use_cache=True).logits
         b = model(ids[:, 15:], cache=branch, use_cache=True).logits
     assert_close(a, b, atol=0.0)
+
+
+@pytest.mark.slow
+def test_a_million_tokens_at_constant_memory_and_exact_numerics():
+    """Stream 1,000,000 tokens; the cache keeps its size, and the next block computed from that state
+    equals the same computation started at position 0 (the counters are the only difference)."""
+    model = fam_model("llama", 64, 1, 4)
+    gen = torch.Generator().manual_seed(0)
+    cache, sizes, total = None, set(), 0
+    with torch.inference_mode():
+        while total < 1_000_000:
+            n = min(16_384, 1_000_000 - total)
+            cache = model(torch.randint(0, 101, (1, n), generator=gen), cache=cache, use_cache=True, logits_to_keep=1).cache
+            sizes.add(cache.nbytes())
+            total += n
+        assert cache.get_seq_length() == 1_000_000 and len(sizes) == 1
+        small = copy.deepcopy(cache)
+        small.seen.zero_()
+        small.next_position.zero_()
+        small.total_columns = 0
+        nxt = random_ids(1, 100, seed=41)
+        far = model(nxt, cache=cache, use_cache=True, position_ids=torch.arange(1_000_000, 1_000_100)[None]).logits
+        near = model(nxt, cache=small, use_cache=True, position_ids=torch.arange(100)[None]).logits
+    assert_close(far, near, atol=1e-6)
