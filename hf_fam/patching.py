@@ -54,7 +54,8 @@ class FAMPatchedMixin:
         """A FAMForCausalLM sharing this model's modules (nothing is copied)."""
         s = self.fam_settings
         return FAMForCausalLM.from_base_model(
-            self, block_size=s.block_size, memory_segments=s.memory_segments, fam_length=s.fam_length
+            self, block_size=s.block_size, memory_segments=s.memory_segments, fam_length=s.fam_length,
+            fam_layers=s.fam_layers,
         )
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -76,6 +77,7 @@ def patch(
     block_size: int = 1024,
     memory_segments: int = 3,
     fam_length: int = 64,
+    fam_layers: str = "all",
     fam_init: torch.Tensor | None = None,
 ) -> PreTrainedModel:
     """Put a loaded causal LM into FAM mode, in place, and return it.
@@ -86,6 +88,8 @@ def patch(
         block_size: C, tokens per block.
         memory_segments: M, previous blocks each block attends to.
         fam_length: F, FAM tokens per layer (0 = block sliding window attention).
+        fam_layers: "all" (default) or "global": only the checkpoint's full-attention layers carry FAM,
+            its sliding-window layers run block sliding window attention (Gemma 2/3, Qwen 2).
         fam_init: optional (F, D) initial FAM at the embedding level; by default drawn like the model's
             other weights (normal, std `initializer_range`) until trained.
 
@@ -104,7 +108,7 @@ def patch(
     model_type = getattr(model.config, "model_type", None)
     adapter = get_adapter(model_type)  # ValueError naming model_type and the supported families
     adapter.check_config(model.config)
-    settings = FAMSettings(block_size, memory_segments, fam_length)
+    settings = FAMSettings(block_size, memory_segments, fam_length, fam_layers)
     decoder = adapter.decoder(model)
     if decoder is model or not hasattr(model, "lm_head"):
         raise TypeError(f"hf_fam.patch expects a causal LM with a language-model head, got {type(model).__name__}.")

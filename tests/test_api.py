@@ -44,7 +44,7 @@ def test_config_rejects_invalid_settings(kwargs, needle):
 
 
 def test_config_rejects_unknown_family():
-    with pytest.raises(ValueError, match=r"model_type 'gpt2'.*supported: gemma, llama, mistral"):
+    with pytest.raises(ValueError, match=r"model_type 'gpt2'; supported: .*gemma.*llama.*mistral"):
         FAMConfig(base_config=GPT2Config(n_layer=1), block_size=4)
 
 
@@ -99,7 +99,7 @@ def test_patch_then_unpatch_restores_the_model(family):
 
 def test_patch_rejects_other_families():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
-    with pytest.raises(ValueError, match=r"model_type 'gpt2'; supported: gemma, llama, mistral"):
+    with pytest.raises(ValueError, match=r"model_type 'gpt2'; supported: .*gemma.*llama.*mistral.*qwen2"):
         hf_fam.patch(model, block_size=4)
 
 

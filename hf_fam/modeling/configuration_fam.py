@@ -29,6 +29,11 @@ class FAMConfig(PretrainedConfig):
             M, previous blocks each block attends to (0 = none).
         fam_length (`int`, defaults to 64):
             F, FAM tokens per layer (0 = block sliding window attention, no memory).
+        fam_layers (`str`, defaults to `"all"`):
+            Which layers carry FAM. `"all"`: every layer; layers the checkpoint runs with a sliding window
+            (Gemma 2/3 local layers, Qwen 2 / Mistral windows) use the FAM block window instead. `"global"`:
+            only the checkpoint's full-attention layers carry FAM; its sliding-window layers run block
+            sliding window attention (same C and M, no FAM).
 
     Any attribute not found here is read from `base_config` (e.g. `config.vocab_size`).
 
@@ -51,6 +56,7 @@ class FAMConfig(PretrainedConfig):
         block_size: int = DEFAULT_BLOCK_SIZE,
         memory_segments: int = DEFAULT_MEMORY_SEGMENTS,
         fam_length: int = DEFAULT_FAM_LENGTH,
+        fam_layers: str = "all",
         **kwargs,
     ):
         if base_config is None:
@@ -64,17 +70,22 @@ class FAMConfig(PretrainedConfig):
         if not isinstance(base_config, PretrainedConfig):
             raise ValueError(f"FAMConfig: base_config must be a config or a dict, got {type(base_config).__name__}")
         get_adapter(base_config.model_type)  # unknown family -> ValueError listing the supported ones
-        validate_fam_settings(block_size, memory_segments, fam_length)
+        validate_fam_settings(block_size, memory_segments, fam_length, fam_layers)
         self.base_config = base_config
         self.block_size = block_size
         self.memory_segments = memory_segments
         self.fam_length = fam_length
+        self.fam_layers = fam_layers
         # generation / embedding settings live on the base config; mirror the ones transformers reads
         # at the top level before any attribute lookup could reach the base config
         for name in ("tie_word_embeddings", "pad_token_id", "bos_token_id", "eos_token_id"):
             if name not in kwargs and hasattr(base_config, name):
                 kwargs[name] = getattr(base_config, name)
+        base_impl = getattr(base_config, "_attn_implementation_internal", None)
         super().__init__(**kwargs)
+        if base_impl is not None and kwargs.get("attn_implementation") is None:
+            # PretrainedConfig.__init__ resets the implementation of sub-configs; keep the base model's
+            base_config._attn_implementation = base_impl
         # from here on, attributes missing here are read from the base config (not during __init__:
         # transformers probes attributes with hasattr there and would copy the base's to the top level)
         self.__dict__["_fam_delegate"] = True

@@ -48,10 +48,19 @@ class DecoderAdapter:
 
     # --- positions ----------------------------------------------------------------------------------
     def layer_type(self, decoder: nn.Module, layer_idx: int) -> str | None:
-        return None
+        """The checkpoint's attention type of a layer ("full_attention", "sliding_attention") or None."""
+        types = getattr(decoder.config, "layer_types", None)
+        return types[layer_idx] if types else None
 
-    def position_embeddings(self, decoder: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor):
-        """What the decoder passes its layers as `position_embeddings` for these positions."""
+    def is_global_layer(self, decoder: nn.Module, layer_idx: int) -> bool:
+        """Whether the checkpoint runs this layer with full (not sliding-window) attention."""
+        kind = self.layer_type(decoder, layer_idx)
+        if kind is None:
+            return getattr(decoder.config, "sliding_window", None) is None
+        return kind == "full_attention"
+
+    def position_embeddings(self, decoder: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor, layer_idx: int):
+        """What the decoder passes layer `layer_idx` as `position_embeddings` for these positions."""
         return decoder.rotary_emb(hidden, position_ids)
 
     def inv_freq(self, decoder: nn.Module, layer_idx: int) -> torch.Tensor:
@@ -92,6 +101,17 @@ def apply_rotation(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
     return out.to(x.dtype)
 
 
+@dataclass(frozen=True)
+class PerLayerTypeRopeAdapter(DecoderAdapter):
+    """Gemma 3: one rotary embedding per layer type (local layers use another base frequency)."""
+
+    def position_embeddings(self, decoder, hidden, position_ids, layer_idx):
+        return decoder.rotary_emb(hidden, position_ids, self.layer_type(decoder, layer_idx))
+
+    def inv_freq(self, decoder, layer_idx):
+        return getattr(decoder.rotary_emb, f"{self.layer_type(decoder, layer_idx)}_inv_freq")
+
+
 ADAPTERS: dict[str, DecoderAdapter] = {
     "llama": DecoderAdapter("llama"),
     # main diff with Llama: its own sliding window is replaced by the FAM block window; the attention
@@ -100,6 +120,17 @@ ADAPTERS: dict[str, DecoderAdapter] = {
     # main diff with Llama: embeddings scaled by sqrt(hidden) inside GemmaTextScaledWordEmbedding, which
     # `embed_scale` reads from the module.
     "gemma": DecoderAdapter("gemma"),
+    # main diff with Gemma: post-attention and pre/post-feedforward norms (run by its own layer), attention
+    # logit soft-capping (its eager attention function), interleaved sliding/full layers (see fam_layers)
+    "gemma2": DecoderAdapter("gemma2"),
+    # main diff with Gemma 2: q/k norms, one rotary embedding per layer type
+    "gemma3_text": PerLayerTypeRopeAdapter("gemma3_text"),
+    # main diff with Llama: q/k/v biases; optional sliding-window layers (see fam_layers)
+    "qwen2": DecoderAdapter("qwen2"),
+    # main diff with Qwen 2: q/k norms
+    "qwen3": DecoderAdapter("qwen3"),
+    # main diff with Llama: fused qkv_proj and gate_up_proj (LoRA targets), optional partial rotary
+    "phi3": DecoderAdapter("phi3", lora_target_modules=("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
 }
 
 

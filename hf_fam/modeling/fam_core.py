@@ -61,9 +61,10 @@ class FAMSettings:
     block_size: int
     memory_segments: int
     fam_length: int
+    fam_layers: str = "all"  # "all", or "global": layers the checkpoint runs with a sliding window get no FAM
 
     def __post_init__(self):
-        validate_fam_settings(self.block_size, self.memory_segments, self.fam_length)
+        validate_fam_settings(self.block_size, self.memory_segments, self.fam_length, self.fam_layers)
 
     @property
     def frame_origin(self) -> int:
@@ -76,8 +77,13 @@ class FAMSettings:
         return self.block_size * (self.memory_segments + 1)
 
 
-def validate_fam_settings(block_size, memory_segments, fam_length) -> None:
+FAM_LAYER_CHOICES = ("all", "global")
+
+
+def validate_fam_settings(block_size, memory_segments, fam_length, fam_layers="all") -> None:
     """Raise a ValueError naming the bad value and the rule."""
+    if fam_layers not in FAM_LAYER_CHOICES:
+        raise ValueError(f"fam_layers must be one of {', '.join(FAM_LAYER_CHOICES)}, got {fam_layers!r}")
     for name, value, low in (("block_size", block_size, 1), ("memory_segments", memory_segments, 0), ("fam_length", fam_length, 0)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"{name} must be an integer, got {value!r}")
@@ -222,7 +228,12 @@ class FAMRun:
         """
         run = cls(settings=settings, adapter=adapter, decoder=decoder, inner=inner)
         C, F = settings.block_size, settings.fam_length
-        run.layout = WindowLayout(C, settings.memory_segments, F)
+        run.fam_lengths = [
+            F if settings.fam_layers == "all" or adapter.is_global_layer(decoder, i) else 0 for i in range(len(run.layers))
+        ]
+        if F > 0 and not any(run.fam_lengths):
+            raise ValueError("fam_layers='global', but this model has no global (full-attention) layer to hold FAM.")
+        run.layouts = [WindowLayout(C, settings.memory_segments, f) for f in run.fam_lengths]
         batch, n = chunk_mask.shape
         device = chunk_mask.device
         run.keep_state = keep_state
@@ -254,19 +265,20 @@ class FAMRun:
         if fresh and fam_state is not None:
             if len(fam_state) != len(run.layers):
                 raise ValueError(f"fam_state has {len(fam_state)} entries, the model has {len(run.layers)} layers.")
-            fam_init = fam_state[0]
+            fam_init = next((f for f in fam_state if f is not None), None)
         if F > 0:
             fam_pos = torch.arange(P0 - F, P0, device=device)[None] + offset  # (1 or B, F)
             run.fam_position_ids = fam_pos
-            ref = fam_init if fresh else states[0].fam
-            run.fam_position_embeddings = adapter.position_embeddings(decoder, ref, fam_pos)
+            run.fam_reference = fam_init if fresh else next(s.fam for s in states if s.fam is not None)
+            run._fam_position_embeddings = {}
 
         run.final_fam = [None] * len(run.layers)
         if fresh:
             run.states = [FAMLayerState() for _ in run.layers]
             if F > 0 and fam_state is not None:
                 for state, given in zip(run.states, fam_state):
-                    state.fam = given.expand(batch, -1, -1) if given.shape[0] == 1 else given
+                    if given is not None:
+                        state.fam = given.expand(batch, -1, -1) if given.shape[0] == 1 else given
             elif F > 0:
                 # F_0^0 = fam_init; F_0^{l+1} = Layer_l(F_0^l), FAM attending only to itself
                 hidden = fam_init
@@ -284,12 +296,17 @@ class FAMRun:
         """Run decoder layer `layer_idx` on FAM tokens `hidden` (B, F, D) with the given step."""
         layer = self.layers[layer_idx]
         position_ids = self.fam_position_ids.expand(hidden.shape[0], -1)
+        kind = self.adapter.layer_type(self.decoder, layer_idx)
+        if kind not in self._fam_position_embeddings:
+            self._fam_position_embeddings[kind] = self.adapter.position_embeddings(
+                self.decoder, self.fam_reference, self.fam_position_ids, layer_idx
+            )
         with plain_layer_call(layer):
             out = layer(
                 hidden,
                 attention_mask=None,
                 position_ids=position_ids,
-                position_embeddings=self.fam_position_embeddings,
+                position_embeddings=self._fam_position_embeddings[kind],
                 fam_step=step,
             )
         return out[0] if isinstance(out, tuple) else out
@@ -312,7 +329,7 @@ class FAMRun:
         state = self.states[layer_idx]
         if self.in_block:
             return self._attend_in_block(module, layer_idx, state, query, key, value, kwargs)
-        C, M, F = self.settings.block_size, self.settings.memory_segments, self.settings.fam_length
+        C, M, F = self.settings.block_size, self.settings.memory_segments, self.fam_lengths[layer_idx]
         T = self.num_blocks
         batch, heads, n, head_dim = query.shape
         kv_heads = key.shape[1]
@@ -409,7 +426,7 @@ class FAMRun:
     def _attend_in_block(self, module, layer_idx, state: FAMLayerState, query, key, value, kwargs) -> torch.Tensor:
         """No block completes in this chunk (decoding): the cached window already holds every key the
         chunk's queries read, in their frames; write the new tokens into it and attend. Returns (B, n, H, hd)."""
-        lay = self.layout
+        lay = self.layouts[layer_idx]
         win_k = write_tokens(state.win_k, lay, key, self.slot)
         win_v = write_tokens(state.win_v, lay, value, self.slot)
         S = lay.attended
@@ -432,7 +449,7 @@ class FAMRun:
     def _timeline(self, layer_idx: int, state: FAMLayerState, key, value):
         """Keys/values/validity laid out as [M memory blocks | T working blocks], each in its own frame."""
         C, M = self.settings.block_size, self.settings.memory_segments
-        lay = self.layout
+        lay = self.layouts[layer_idx]
         T = self.num_blocks
         batch, kv_heads, n, head_dim = key.shape
         device = key.device
@@ -487,7 +504,8 @@ class FAMRun:
                 fam = new if all_complete else torch.where(done[:, None, None], new, fam)
             elif t == 0 and state.win_k is not None:
                 step = FAMStep("cached", self.inner)
-                step.fam_k, step.fam_v = state.win_k[:, :, self.layout.fam], state.win_v[:, :, self.layout.fam]
+                lay = self.layouts[layer_idx]
+                step.fam_k, step.fam_v = state.win_k[:, :, lay.fam], state.win_v[:, :, lay.fam]
             elif t < T or self.max_complete == T:
                 # keys of a FAM no update in this chunk has read yet (a trailing partial block, or the
                 # block after the chunk for the cache)
@@ -533,8 +551,8 @@ class FAMRun:
             mem_k = rotate_memory(mem_k, cos, sin, C, to_view=True)
         prev_blocks = old.mem_blocks if old.mem_blocks is not None else torch.zeros_like(done)
         self.states[layer_idx] = FAMLayerState(
-            win_k=build_window(self.layout, mem_k, fam_k, part_k),
-            win_v=build_window(self.layout, mem_v, fam_v, part_v),
+            win_k=build_window(self.layouts[layer_idx], mem_k, fam_k, part_k),
+            win_v=build_window(self.layouts[layer_idx], mem_v, fam_v, part_v),
             mem_blocks=(prev_blocks + done).clamp(max=M),
             part_len=self.work_len - done * C,
             fam=fam,

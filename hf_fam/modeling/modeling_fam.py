@@ -50,7 +50,8 @@ class FAMMemory(nn.Module):
 
 
 def fam_settings_of(config) -> FAMSettings:
-    return FAMSettings(config.block_size, config.memory_segments, config.fam_length)
+    return FAMSettings(config.block_size, config.memory_segments, config.fam_length,
+                       getattr(config, "fam_layers", "all"))
 
 
 def select_fam_attention(base_config) -> str:
@@ -220,10 +221,17 @@ class FAMForCausalLM(FAMPreTrainedModel, GenerationMixin):
     """
 
     def __init__(self, config: FAMConfig, base_model: PreTrainedModel | None = None, fam_module: FAMMemory | None = None):
+        # PreTrainedModel.__init__ sets the attention implementation on the nested config too: keep the
+        # one a given base model already runs with
+        kept_impl = base_model.config._attn_implementation if base_model is not None else None
         super().__init__(config)
         if base_model is None:
             base_model = AutoModelForCausalLM.from_config(config.base_config)
         config.base_config = base_model.config  # one config object, shared with the base model
+        if kept_impl is not None:
+            base_model.config._attn_implementation = kept_impl
+        elif not getattr(type(base_model), "_supports_sdpa", True) and base_model.config._attn_implementation == "sdpa":
+            base_model.config._attn_implementation = "eager"  # e.g. Gemma 2: soft-capping needs eager
         self.fam_adapter = get_adapter(base_model.config.model_type)
         self.fam_adapter.check_config(base_model.config)
         # the base model's modules become ours under the same names; the base object itself is kept
@@ -251,17 +259,18 @@ class FAMForCausalLM(FAMPreTrainedModel, GenerationMixin):
     @classmethod
     def from_base_model(
         cls, base_model: PreTrainedModel, *, block_size: int, memory_segments: int, fam_length: int,
-        fam_init: torch.Tensor | None = None,
+        fam_layers: str = "all", fam_init: torch.Tensor | None = None,
     ) -> FAMForCausalLM:
         """Wrap a loaded base causal LM (its modules are shared, not copied).
 
         Args:
             base_model: a loaded `LlamaForCausalLM`, `MistralForCausalLM`, `GemmaForCausalLM`, ...
             block_size, memory_segments, fam_length: C, M, F.
+            fam_layers: "all" or "global" (see FAMConfig).
             fam_init: optional (F, D) initial FAM; defaults to the model's initialisation of it.
         """
         config = FAMConfig(base_config=base_model.config, block_size=block_size,
-                           memory_segments=memory_segments, fam_length=fam_length)
+                           memory_segments=memory_segments, fam_length=fam_length, fam_layers=fam_layers)
         fam = getattr(base_model, "fam", None)
         if not isinstance(fam, FAMMemory):
             fam = FAMMemory(fam_length, base_model.config.hidden_size, dtype=next(base_model.parameters()).dtype)

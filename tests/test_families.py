@@ -1,0 +1,180 @@
+"""More families: Gemma 2/3, Qwen 2/3, Phi-3, Llama 3.x rope scaling, tied and untied embeddings.
+
+Each runs the suite Llama runs: F = 0 with a large window is the unmodified model (for families with
+their own sliding-window layers: as long as the input fits that window, the right statement there), BSWA
+equals a mask reference, FAM equals the plain layer-level reference, the three schedules agree, and a
+saved checkpoint loads with trust_remote_code where hf_fam cannot be imported.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import transformers
+from conftest import assert_close, padding_mask, random_ids
+from fam_layer_reference import reference_layer_fam_logits
+from fam_reference import reference_bswa_mask_logits
+
+import hf_fam
+
+BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, vocab_size=101, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+# name -> (model_type, config overrides, attention implementation)
+SPECS = {
+    "gemma2": ("gemma2", dict(sliding_window=24, layer_types=["sliding_attention", "full_attention"],
+                              attn_logit_softcapping=30.0, final_logit_softcapping=20.0), "eager"),
+    "gemma3": ("gemma3_text", dict(sliding_window=24, layer_types=["sliding_attention", "full_attention"]), "sdpa"),
+    "qwen2": ("qwen2", dict(use_sliding_window=True, sliding_window=24, max_window_layers=1), "sdpa"),
+    "qwen3": ("qwen3", dict(), "sdpa"),
+    "phi3": ("phi3", dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
+             "sdpa"),
+    "llama3-rope": ("llama", dict(rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                   "original_max_position_embeddings": 32}), "sdpa"),
+    "llama-tied": ("llama", dict(tie_word_embeddings=True), "sdpa"),
+    "llama-untied": ("llama", dict(tie_word_embeddings=False), "sdpa"),
+}
+INTERLEAVED = ("gemma2", "gemma3", "qwen2")
+
+
+def build(name: str, seed: int = 0):
+    model_type, overrides, attn = SPECS[name]
+    config = transformers.AutoConfig.for_model(model_type, **{**BASE, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
+    with torch.no_grad():  # sharper attention, so that masks visibly matter
+        for layer in model.model.layers:
+            attn_mod = layer.self_attn
+            for proj in ("q_proj", "k_proj", "qkv_proj"):
+                if hasattr(attn_mod, proj):
+                    getattr(attn_mod, proj).weight.mul_(3.0)
+    return model
+
+
+def fam(base, C, M, F, fam_layers="all"):
+    return hf_fam.FAMForCausalLM.from_base_model(base, block_size=C, memory_segments=M, fam_length=F,
+                                                 fam_layers=fam_layers).eval()
+
+
+@pytest.fixture(params=list(SPECS))
+def spec(request):
+    return request.param
+
+
+def test_full_window_without_fam_is_the_unmodified_model(spec):
+    base = build(spec)
+    ids = random_ids(2, 22, seed=1)  # fits the families' own sliding windows (24)
+    mask = padding_mask([22, 13], 22)
+    with torch.no_grad():
+        expected = base(ids, attention_mask=mask).logits
+        got = fam(base, 8, 2, 0)(ids, attention_mask=mask).logits
+    assert_close(got, expected, mask=mask, msg=spec)
+
+
+def test_no_fam_is_block_sliding_window_attention(spec):
+    base = build(spec)
+    ids = random_ids(2, 27, seed=2)
+    mask = padding_mask([27, 16], 27, "left")
+    with torch.no_grad():
+        expected = reference_bswa_mask_logits(base, ids, mask, 4, 1)
+        got = fam(base, 4, 1, 0)(ids, attention_mask=mask).logits
+    assert_close(got, expected, mask=mask, msg=spec)
+
+
+@pytest.mark.parametrize("C,M,F", [(4, 1, 3), (5, 0, 2), (3, 2, 1)])
+def test_fam_equals_the_layer_reference(spec, C, M, F):
+    base = build(spec)
+    model = fam(base, C, M, F)
+    ids = random_ids(2, 23, seed=3)
+    mask = padding_mask([23, 15], 23)
+    with torch.no_grad():
+        expected = reference_layer_fam_logits(base, ids, mask, C, M, F, model.fam.fam_init)
+        got = model(ids, attention_mask=mask).logits
+    assert_close(got, expected, mask=mask, msg=f"{spec} C={C} M={M} F={F}")
+
+
+@pytest.mark.parametrize("name", INTERLEAVED)
+def test_fam_on_global_layers_only(name):
+    base = build(name)
+    model = fam(base, 4, 1, 3, fam_layers="global")
+    ids = random_ids(2, 23, seed=4)
+    with torch.no_grad():
+        expected = reference_layer_fam_logits(base, ids, None, 4, 1, 3, model.fam.fam_init, fam_layers="global")
+        got = model(ids).logits
+        everywhere = fam(base, 4, 1, 3)(ids).logits
+    assert_close(got, expected, msg=name)
+    assert (got - everywhere).abs().max() > 1e-4  # the choice matters
+
+
+def test_fam_layers_global_needs_a_global_layer():
+    base = build("qwen3")  # no sliding layers at all: every layer is global, fine
+    fam(base, 4, 1, 2, fam_layers="global")(random_ids(1, 9))
+    config = transformers.AutoConfig.for_model("mistral", **{**BASE, "sliding_window": 16})
+    mistral = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with pytest.raises(ValueError, match="no global"):
+        fam(mistral, 4, 1, 2, fam_layers="global")(random_ids(1, 9))
+    with pytest.raises(ValueError, match="fam_layers must be one of all, global"):
+        fam(base, 4, 1, 2, fam_layers="local")
+
+
+def test_three_schedules_agree(spec):
+    C = 4
+    model = fam(build(spec), C, 1, 2)
+    ids = random_ids(2, 6 * C + 1, seed=5)
+    with torch.no_grad():
+        parallel = model(ids, use_cache=False).logits
+        for chunk in (1, 7, C):
+            cache, outs = None, []
+            for s in range(0, ids.shape[1], chunk):
+                out = model(ids[:, s : s + chunk], cache=cache, use_cache=True)
+                cache, outs = out.cache, outs + [out.logits]
+            assert_close(torch.cat(outs, 1), parallel, atol=1e-5, msg=f"{spec} chunk={chunk}")
+    cached = model.generate(ids[:1, :6], max_new_tokens=12, do_sample=False)
+    uncached = model.generate(ids[:1, :6], max_new_tokens=12, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_tied_and_untied_embeddings_survive_save_and_load(tmp_path):
+    for name in ("llama-tied", "llama-untied"):
+        model = fam(build(name), 4, 1, 2)
+        model.save_pretrained(tmp_path / name)
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / name).eval()
+        tied = loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+        assert tied == (name == "llama-tied")
+        ids = random_ids(1, 13)
+        with torch.no_grad():
+            assert_close(loaded(ids).logits, model(ids).logits, atol=0.0)
+
+
+def test_every_family_loads_with_remote_code_without_hf_fam(tmp_path):
+    expected = {}
+    for name in SPECS:
+        model = fam(build(name), 4, 1, 2)
+        ids = random_ids(1, 15, seed=6)
+        with torch.no_grad():
+            expected[name] = (ids, model(ids).logits)
+        model.save_pretrained(tmp_path / name)
+    torch.save(expected, tmp_path / "expected.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["hf_fam"] = None
+        import torch
+        from transformers import AutoModelForCausalLM
+        expected = torch.load({str(tmp_path / "expected.pt")!r})
+        for name, (ids, logits) in expected.items():
+            model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r} + "/" + name, trust_remote_code=True).eval()
+            with torch.no_grad():
+                diff = (model(ids).logits - logits).abs().max().item()
+            print(name, diff)
+            assert diff == 0.0, (name, diff)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(result.stdout.strip().splitlines()) == len(SPECS)
