@@ -1,0 +1,97 @@
+"""`hf-fam eval`: passkey retrieval (overall and beyond reach) or streamed perplexity, as JSON and a plot."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="evaluate passkey retrieval or long-text perplexity; writes JSON (and a PNG plot)",
+        description="Evaluate a FAM checkpoint (or a base checkpoint, as is or with FAM settings) on passkey "
+        "retrieval at several lengths, overall and beyond the reach of block sliding window attention, or on "
+        "the perplexity of a long text read by streaming. The JSON's 'results' feed `hf-fam card --eval`.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("model", help="FAM or base checkpoint (folder or Hub id)")
+    p.add_argument("--task", choices=("passkey", "perplexity"), default="passkey", help="what to evaluate")
+    p.add_argument("--out", default="eval.json", help="JSON output path")
+    p.add_argument("--plot", help="PNG plot path (passkey); default: next to --out")
+    p.add_argument("--lengths", type=int, nargs="+", help="passkey: sequence lengths in tokens")
+    p.add_argument("--window-multiples", type=float, nargs="+",
+                   help="passkey: lengths as multiples of the attention window C*(M+1) (FAM models)")
+    p.add_argument("--trials", type=int, default=200, help="passkey: examples per length")
+    p.add_argument("--depth", type=float, help="passkey: key depth in [0, 1] (default: random per example)")
+    p.add_argument("--form", choices=("synthetic", "text"), default="text",
+                   help="passkey: 'text' uses the tokenizer (real models); 'synthetic' a 33-token vocabulary")
+    p.add_argument("--vocab-offset", type=int, default=0, help="passkey, synthetic form: first token id")
+    p.add_argument("--seed", type=int, default=1234, help="evaluation examples seed")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per forward")
+    p.add_argument("--text-file", help="perplexity: the text to read")
+    p.add_argument("--max-tokens", type=int, help="perplexity: stop after this many tokens")
+    p.add_argument("--chunk-tokens", type=int, default=4096, help="tokens per forward when streaming")
+    p.add_argument("--no-fam", action="store_true", help="evaluate a base checkpoint as is (full attention)")
+    p.add_argument("--block-size", type=int, help="C, for a base checkpoint run with FAM")
+    p.add_argument("--memory-segments", type=int, help="M, for a base checkpoint run with FAM")
+    p.add_argument("--fam-length", type=int, help="F, for a base checkpoint run with FAM")
+    p.add_argument("--label", help="name of this model in the JSON and the plot")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from ..cli import CLIError
+    from ..evaluation import PasskeyEvalConfig, evaluate_passkey, evaluate_perplexity, plot_passkey, reach_of, write_json
+    from ..loading import FAMOverrides, load_fam_model, resolve_dtype
+
+    if args.no_fam:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=resolve_dtype(args.dtype)).to(args.device)
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    else:
+        overrides = FAMOverrides(args.block_size, args.memory_segments, args.fam_length)
+        model, tokenizer = load_fam_model(args.model, overrides=overrides, dtype=args.dtype, device=args.device)
+    label = args.label or Path(args.model.rstrip("/")).name
+
+    if args.task == "perplexity":
+        if not args.text_file:
+            raise CLIError("--task perplexity needs --text-file")
+        if not Path(args.text_file).is_file():
+            raise CLIError(f"text file not found: {args.text_file}")
+        if tokenizer is None:
+            raise CLIError(f"{args.model} has no tokenizer files")
+        from ..streaming import iter_text_file_tokens
+
+        chunks = iter_text_file_tokens(tokenizer, args.text_file, chunk_tokens=args.chunk_tokens)
+        result = {"label": label, **evaluate_perplexity(model, chunks, max_tokens=args.max_tokens, progress=True)}
+        write_json(result, args.out)
+        print(f"{label}: perplexity {result['perplexity']:.3f} over {result['tokens']} tokens -> {args.out}")
+        return 0
+
+    reach = reach_of(model)
+    if args.window_multiples:
+        if reach is None:
+            raise CLIError("--window-multiples needs a FAM model (the window is C*(M+1)); use --lengths")
+        lengths = [int(round(m * reach["window"])) for m in args.window_multiples]
+    else:
+        lengths = args.lengths or [1024]
+    if args.form == "text" and tokenizer is None:
+        raise CLIError(f"{args.model} has no tokenizer: use --form synthetic")
+    config = PasskeyEvalConfig(lengths=lengths, trials=args.trials, depth=args.depth, form=args.form,
+                               vocab_offset=args.vocab_offset, seed=args.seed, batch_size=args.batch_size,
+                               chunk_tokens=args.chunk_tokens)
+    result = evaluate_passkey(model, config, tokenizer, progress=True, label=label)
+    write_json(result, args.out)
+    plot = args.plot or str(Path(args.out).with_suffix(".png"))
+    plot_passkey([result], plot)
+    for row in result["rows"]:
+        far = row.get("beyond_reach_accuracy")
+        far_text = f", beyond reach {100 * far:.1f}% of {row['beyond_reach_trials']}" if far is not None else ""
+        print(f"{label}: {row['length']} tokens: {100 * row['accuracy']:.1f}%{far_text}")
+    print(f"wrote {args.out} and {plot}")
+    return 0

@@ -1,0 +1,301 @@
+"""`hf-fam demo`: show on a laptop CPU that FAM remembers what a sliding window forgets.
+
+Two tiny Llama-family models are trained from scratch on synthetic passkey retrieval with the same data,
+schedule and time budget: one with FAM, one with block sliding window attention (BSWA: the same C and M,
+F = 0). Both are then asked for the key at 1x to 16x the attention window C·(M+1), and accuracy is reported
+overall and *beyond reach*: keys further back than L·M blocks, which BSWA cannot see by construction.
+
+Why from scratch rather than the paper's route (pretrained model -> convert -> LoRA with FAM): on two CPU
+cores within minutes there is no pretrained model to start from that knows the task, and converting one
+would spend the budget on a large model. The tiny model learns the task and the memory together; the
+conversion and LoRA route is shown in notebooks 01 and 02 and in `hf-fam finetune`.
+
+The two models train side by side, one process and one thread each (two cores), so the demo takes one
+training budget of wall time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .training.passkey import PasskeyConfig, SyntheticPasskeyVocab, passkey_exact_match, synthetic_passkey_example
+
+
+@dataclass
+class DemoConfig:
+    """Everything the demo does, with the defaults of `hf-fam demo` (see `full_config` for `--full`)."""
+
+    seed: int = field(default=0, metadata={"help": "Seed of weights, data and evaluation."})
+    # model
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_layers: int = 2
+    num_heads: int = 4
+    # FAM
+    block_size: int = 32
+    memory_segments: int = 1
+    fam_length: int = 8
+    # training
+    train_seconds: float = field(default=330.0, metadata={"help": "Wall-clock training budget per model."})
+    max_steps: int | None = field(default=None, metadata={"help": "Stop after this many steps (tests)."})
+    batch_size: int = 32
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    state_passing_prob: float = field(default=0.0, metadata={"help": "Random State Passing probability."})
+    # adaptive curriculum over training lengths
+    start_len: int = 64
+    len_step: int = 32
+    max_train_len: int = 512
+    promote_at: float = 0.7
+    # evaluation
+    eval_multiples: tuple[float, ...] = (1, 2, 4, 8, 16)
+    eval_trials: int = 200
+    eval_batch_size: int = 50
+    threads_per_model: int = 1
+
+    def __post_init__(self):
+        if self.start_len > self.max_train_len:
+            raise ValueError(f"start_len {self.start_len} > max_train_len {self.max_train_len}")
+
+    @property
+    def window(self) -> int:
+        return self.block_size * (self.memory_segments + 1)
+
+
+def full_config(seed: int = 0) -> DemoConfig:
+    """The long run (`hf-fam demo --full`): more time, longer training sequences, more memory."""
+    return DemoConfig(seed=seed, train_seconds=3 * 3600, max_train_len=1024, fam_length=16, state_passing_prob=0.5)
+
+
+VOCAB = SyntheticPasskeyVocab()
+
+
+def build_model(config: DemoConfig, fam_length: int):
+    """A tiny Llama with FAM (fam_length > 0) or BSWA (fam_length = 0), deterministic for the seed."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .modeling.modeling_fam import FAMForCausalLM
+
+    torch.manual_seed(config.seed)
+    base = LlamaForCausalLM(LlamaConfig(
+        vocab_size=VOCAB.size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_heads, max_position_embeddings=4096, tie_word_embeddings=True,
+        pad_token_id=None, bos_token_id=None, eos_token_id=None, attn_implementation="sdpa",
+    ))
+    return FAMForCausalLM.from_base_model(base, block_size=config.block_size, memory_segments=config.memory_segments,
+                                          fam_length=fam_length)
+
+
+def make_batch(config: DemoConfig, seq_len: int, rng: random.Random, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training batch of synthetic passkey examples of length `seq_len`, key depth uniform."""
+    data = PasskeyConfig(num_examples=1, seq_len=seq_len, form="synthetic", seed=rng.randrange(2**31))
+    rows = [synthetic_passkey_example(data, i) for i in range(batch_size)]
+    ids = torch.tensor([r["input_ids"] for r in rows])
+    labels = torch.tensor([r["labels"] for r in rows])
+    return ids, labels
+
+
+def _lr_at(config: DemoConfig, step: int, progress: float) -> float:
+    """Linear warm-up over steps, then cosine decay over the time budget."""
+    warm = min(1.0, (step + 1) / config.warmup_steps)
+    cosine = config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return config.lr * warm * cosine
+
+
+def train(model, config: DemoConfig, *, log=None) -> dict:
+    """Train on passkey retrieval with the adaptive length curriculum; returns the training history."""
+    from .training.recipe import FAMRecipeConfig, attach_recipe
+
+    torch.manual_seed(config.seed)
+    rng = random.Random(f"hf_fam.demo/{config.seed}")
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "fam_init" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "fam_init" in n]
+    optim = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                               {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.98))
+    recipe = None
+    if config.state_passing_prob > 0 and model.config.fam_length > 0:
+        recipe = attach_recipe(model, FAMRecipeConfig(state_passing_prob=config.state_passing_prob,
+                                                      position_offset_prob=0.0, seed=config.seed))
+    seq_len, step, t0 = config.start_len, 0, time.perf_counter()
+    history = {"steps": 0, "seconds": 0.0, "final_train_len": seq_len, "promotions": [], "loss": [], "match": []}
+    recent = []
+    try:
+        while True:
+            elapsed = time.perf_counter() - t0
+            if elapsed >= config.train_seconds or (config.max_steps is not None and step >= config.max_steps):
+                break
+            progress = elapsed / config.train_seconds
+            for group in optim.param_groups:
+                group["lr"] = _lr_at(config, step, progress)
+            ids, labels = make_batch(config, seq_len, rng, config.batch_size)
+            out = model(ids, labels=labels, use_cache=False)
+            optim.zero_grad(set_to_none=True)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optim.step()
+            match = passkey_exact_match(out.logits.detach(), labels).float().mean().item()
+            recent = (recent + [match])[-10:]
+            step += 1
+            if step % 10 == 0:
+                history["loss"].append(round(out.loss.item(), 4))
+                history["match"].append(round(sum(recent) / len(recent), 3))
+                if log:
+                    log(f"step {step} len {seq_len} loss {out.loss.item():.3f} match {sum(recent) / len(recent):.2f}")
+            # adaptive curriculum: longer sequences once the current length is mostly solved
+            if len(recent) == 10 and sum(recent) / 10 >= config.promote_at and seq_len < config.max_train_len:
+                seq_len = min(config.max_train_len, seq_len + config.len_step)
+                history["promotions"].append({"step": step, "seconds": round(time.perf_counter() - t0, 1),
+                                              "length": seq_len})
+                recent = []
+    finally:
+        if recipe is not None:
+            recipe.remove()
+    model.eval()
+    history.update(steps=step, seconds=round(time.perf_counter() - t0, 1), final_train_len=seq_len)
+    return history
+
+
+def evaluate(model, config: DemoConfig, label: str) -> dict:
+    from .evaluation import PasskeyEvalConfig, evaluate_passkey
+
+    lengths = [int(round(m * config.window)) for m in config.eval_multiples]
+    eval_config = PasskeyEvalConfig(lengths=lengths, trials=config.eval_trials, form="synthetic",
+                                    seed=10_000 + config.seed, batch_size=config.eval_batch_size)
+    return evaluate_passkey(model, eval_config, label=label)
+
+
+def _train_and_evaluate(args) -> dict:
+    """One model, in its own process: train, evaluate, save the weights."""
+    config, variant, weights_path = args
+    torch.set_num_threads(config.threads_per_model)
+    fam_length = config.fam_length if variant == "FAM" else 0
+    model = build_model(config, fam_length)
+    history = train(model, config)
+    with torch.no_grad():
+        results = evaluate(model, config, variant)
+    torch.save(model.state_dict(), weights_path)
+    return {"variant": variant, "history": history, "eval": results, "weights": weights_path}
+
+
+def run_demo(config: DemoConfig, out_dir: str | Path, *, parallel: bool = True, log=print) -> dict:
+    """Train FAM and BSWA, evaluate both, write results.json, passkey.png and the FAM checkpoint.
+
+    Returns the results dict (also written to `out_dir/results.json`).
+    """
+    import tempfile
+
+    from .evaluation import plot_passkey, write_json
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        jobs = [(config, v, os.path.join(tmp, f"{v}.pt")) for v in ("FAM", "BSWA")]
+        log(f"training FAM and BSWA for {config.train_seconds:.0f} s each "
+            f"({'side by side' if parallel else 'one after the other'}) ...")
+        if parallel:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(max_workers=2, mp_context=mp.get_context("spawn")) as pool:
+                runs = list(pool.map(_train_and_evaluate, jobs))
+        else:
+            runs = [_train_and_evaluate(job) for job in jobs]
+        by_variant = {r["variant"]: r for r in runs}
+        fam_model = build_model(config, config.fam_length)
+        fam_model.load_state_dict(torch.load(by_variant["FAM"]["weights"], weights_only=True))
+    results = {
+        "config": asdict(config),
+        "minutes": round((time.perf_counter() - t0) / 60, 2),
+        "window": config.window,
+        "reach_blocks": config.num_layers * config.memory_segments,
+        "runs": {v: {"history": r["history"], "eval": r["eval"]} for v, r in by_variant.items()},
+    }
+    write_json(results, out_dir / "results.json")
+    plot_passkey([by_variant["FAM"]["eval"], by_variant["BSWA"]["eval"]], out_dir / "passkey.png",
+                 title=f"Passkey retrieval, window {config.window} tokens (C={config.block_size}, M={config.memory_segments})")
+    save_checkpoint(fam_model, by_variant["FAM"]["eval"], out_dir / "fam-passkey-model", config)
+    log(format_table(results))
+    return results
+
+
+def save_checkpoint(model, eval_result: dict, path: Path, config: DemoConfig) -> Path:
+    """Save the trained FAM model with a model card carrying its evaluation."""
+    from .cards import CardInfo, load_eval_results, write_model_card
+    from .evaluation import write_json
+
+    model.save_pretrained(path)
+    write_json({"results": eval_result["results"]}, path / "eval_results.json")
+    info = CardInfo(
+        fam_init=f"random normal (std 0.02, seed {config.seed}), trained with the model",
+        fine_tuned=True,
+        license="apache-2.0",
+        eval_results=load_eval_results(path / "eval_results.json"),
+        tags=["passkey", "demo"],
+    )
+    write_model_card(path, info)
+    return path
+
+
+def format_table(results: dict) -> str:
+    """The demo's result table (markdown)."""
+    fam, bswa = results["runs"]["FAM"]["eval"]["rows"], results["runs"]["BSWA"]["eval"]["rows"]
+
+    def pct(x):
+        return "–" if x is None else f"{100 * x:.1f}"
+
+    lines = [
+        f"Passkey retrieval, window C·(M+1) = {results['window']} tokens; beyond reach = key more than "
+        f"L·M = {results['reach_blocks']} blocks back ({results['minutes']} min in all)",
+        "",
+        "| length | × window | FAM all | BSWA all | FAM beyond reach | BSWA beyond reach | beyond-reach trials |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for f, b in zip(fam, bswa):
+        lines.append(f"| {f['length']} | {f['window_multiple']:g} | {pct(f['accuracy'])} | {pct(b['accuracy'])} | "
+                     f"{pct(f.get('beyond_reach_accuracy'))} | {pct(b.get('beyond_reach_accuracy'))} | "
+                     f"{f.get('beyond_reach_trials', 0)} |")
+    for v in ("FAM", "BSWA"):
+        h = results["runs"][v]["history"]
+        lines.append(f"\n{v}: {h['steps']} steps in {h['seconds']} s, trained up to {h['final_train_len']} tokens")
+    return "\n".join(lines)
+
+
+def summarize_seeds(all_results: list[dict]) -> dict:
+    """Mean and spread (min, max) over seeds of every accuracy in the table."""
+    out = {}
+    for v in ("FAM", "BSWA"):
+        rows = [r["runs"][v]["eval"]["rows"] for r in all_results]
+        per_length = []
+        for i, first in enumerate(rows[0]):
+            vals = {k: [r[i].get(k) for r in rows] for k in ("accuracy", "beyond_reach_accuracy")}
+            entry = {"length": first["length"], "window_multiple": first["window_multiple"]}
+            for k, xs in vals.items():
+                xs = [x for x in xs if x is not None]
+                entry[k] = {"mean": sum(xs) / len(xs), "min": min(xs), "max": max(xs)} if xs else None
+            per_length.append(entry)
+        out[v] = per_length
+    return out
+
+
+def json_dump(obj, path: Path) -> None:
+    Path(path).write_text(json.dumps(obj, indent=2))
+
+
+__all__ = ["DemoConfig", "build_model", "evaluate", "format_table", "full_config", "run_demo", "summarize_seeds",
+           "train"]
+
+
