@@ -1,0 +1,158 @@
+"""LoRA for FAM models through PEFT: which modules to adapt, and the learned memory that travels with the adapter.
+
+The paper (§3.1) turns pretrained models into FAM models with LoRA of rank 64 on the attention and MLP
+projections; the only new weight of a FAM model, the initial memory `fam.fam_init` (F, D), is trained in full.
+PEFT needs two things it cannot find on its own for `model_type="fam"`:
+
+- `target_modules`: PEFT looks its defaults up by `model_type`, and "fam" is unknown to it. The projection names
+  of each family come from its adapter (`fam_adapters.get_adapter(model_type).lora_target_modules`).
+- `modules_to_save=["fam"]`: the module holding `fam_init` is then trained and saved with the adapter, so an
+  adapter folder carries the learned memory. (A learned tensor must sit in its own module for this to work.)
+
+`fam_lora_config(model)` returns a `peft.LoraConfig` with both filled in and with every requested target name
+checked against the model: PEFT silently skips target names that match nothing as long as one name matches.
+"""
+
+from __future__ import annotations
+
+import re
+
+from peft import LoraConfig
+from torch import nn
+
+from ..modeling.fam_adapters import get_adapter
+
+# Paper §3.1: "The rank of LoRA was 64". Alpha and dropout are not stated; alpha = rank (scaling 1) here.
+DEFAULT_LORA_RANK = 64
+FAM_MODULE_NAME = "fam"
+
+
+def unwrap_fam_model(model: nn.Module) -> nn.Module:
+    """The FAM model inside DDP / accelerate / PEFT wrappers: a FAMForCausalLM or a patched model.
+
+    Args:
+        model: a FAM model, possibly wrapped (`DistributedDataParallel`, `PeftModel`, ...).
+
+    Returns:
+        The innermost module that carries `fam_settings` and the `fam` memory module.
+
+    Example:
+    ```python
+    >>> peft_model = get_peft_model(fam_model, fam_lora_config(fam_model))
+    >>> unwrap_fam_model(peft_model) is fam_model
+    True
+    ```
+    """
+    seen = model
+    for _ in range(8):  # wrappers nest a few levels at most
+        # PeftModel forwards attribute lookups to the model inside: unwrap before asking for FAM attributes
+        base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else None
+        inner = getattr(model, "module", None)
+        if isinstance(base, nn.Module) and base is not model:  # PeftModel
+            model = base
+        elif isinstance(inner, nn.Module) and inner is not model:  # DistributedDataParallel, accelerate wrappers
+            model = inner
+        else:
+            break
+    if hasattr(model, "fam_settings") and isinstance(getattr(model, FAM_MODULE_NAME, None), nn.Module):
+        return model
+    raise ValueError(
+        f"expected a FAM model (FAMForCausalLM, or a model patched with hf_fam.patch), got {type(seen).__name__}; "
+        "wrap it first with hf_fam.FAMForCausalLM.from_base_model(model, ...) or hf_fam.patch(model, ...)."
+    )
+
+
+def base_model_type(model: nn.Module) -> str:
+    """The decoder family of a FAM model ("llama", "mistral", "gemma", ...), wrappers allowed."""
+    config = unwrap_fam_model(model).config
+    base = getattr(config, "base_config", None)
+    return (base if base is not None else config).model_type
+
+
+def check_lora_targets(model: nn.Module, target_modules: list[str] | tuple[str, ...] | str) -> None:
+    """Raise a ValueError naming every requested target that matches no module, and the names that exist.
+
+    Matching follows PEFT: a name matches a module whose full name equals it or ends with ".name"; a single
+    string is a regular expression matched against full module names.
+
+    Args:
+        model: the (FAM) model LoRA will be applied to.
+        target_modules: names as given to `LoraConfig(target_modules=...)`.
+    """
+    names = [name for name, _ in unwrap_fam_model(model).named_modules() if name]
+    linear = sorted({name.rsplit(".", 1)[-1] for name, mod in unwrap_fam_model(model).named_modules()
+                     if isinstance(mod, nn.Linear)})
+    if isinstance(target_modules, str):
+        if not any(re.fullmatch(target_modules, name) for name in names):
+            raise ValueError(
+                f"LoRA target pattern {target_modules!r} matches no module of this {base_model_type(model)} model; "
+                f"its linear layers are named {', '.join(linear)}. Pass some of those names."
+            )
+        return
+    missing = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise ValueError(
+            f"LoRA target module{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))} not found in this "
+            f"{base_model_type(model)} model; its linear layers are named {', '.join(linear)}. "
+            "Pass names from that list (hf-fam finetune --lora-targets q_proj,v_proj)."
+        )
+
+
+def fam_lora_config(
+    model: nn.Module,
+    *,
+    r: int = DEFAULT_LORA_RANK,
+    lora_alpha: int | None = None,
+    lora_dropout: float = 0.0,
+    target_modules: list[str] | tuple[str, ...] | str | None = None,
+    train_fam_init: bool = True,
+    **lora_kwargs,
+) -> LoraConfig:
+    """A `peft.LoraConfig` for a FAM model: its family's attention and MLP projections, and `fam_init` trained.
+
+    Args:
+        model: a FAMForCausalLM or a patched model (wrappers allowed).
+        r: LoRA rank (paper: 64).
+        lora_alpha: LoRA alpha; defaults to `r` (scaling 1; the paper does not state it).
+        lora_dropout: dropout on the LoRA branch.
+        target_modules: module names to adapt; defaults to the family's q/k/v/o and gate/up/down projections.
+            Every name must match a module of the model (ValueError otherwise).
+        train_fam_init: train and save the learned initial memory with the adapter (`modules_to_save=["fam"]`).
+        lora_kwargs: any other `LoraConfig` field (`bias`, `use_rslora`, ...).
+
+    Returns:
+        A LoraConfig with `task_type="CAUSAL_LM"`, so that `AutoPeftModelForCausalLM` reloads the adapter.
+
+    Example:
+    ```python
+    >>> from peft import get_peft_model
+    >>> fam = hf_fam.FAMForCausalLM.from_base_model(base, block_size=1024, memory_segments=3, fam_length=64)
+    >>> peft_model = get_peft_model(fam, fam_lora_config(fam, r=64))
+    >>> peft_model.save_pretrained("adapter")   # LoRA weights + fam.fam_init
+    ```
+    """
+    fam_model = unwrap_fam_model(model)
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}")
+    if target_modules is None:
+        target_modules = list(get_adapter(base_model_type(fam_model)).lora_target_modules)
+    elif not isinstance(target_modules, str):
+        target_modules = list(target_modules)
+        if not target_modules:
+            raise ValueError("target_modules is empty: name at least one module (e.g. q_proj, v_proj).")
+    check_lora_targets(fam_model, target_modules)
+    modules_to_save = list(lora_kwargs.pop("modules_to_save", None) or [])
+    if train_fam_init and fam_model.fam_settings.fam_length > 0 and FAM_MODULE_NAME not in modules_to_save:
+        modules_to_save.append(FAM_MODULE_NAME)
+    lora_kwargs.setdefault("task_type", "CAUSAL_LM")
+    return LoraConfig(
+        r=r,
+        lora_alpha=r if lora_alpha is None else lora_alpha,
+        lora_dropout=lora_dropout,
+        target_modules=target_modules,
+        modules_to_save=modules_to_save or None,
+        **lora_kwargs,
+    )
+
+
+__all__ = ["DEFAULT_LORA_RANK", "base_model_type", "check_lora_targets", "fam_lora_config", "unwrap_fam_model"]

@@ -1,0 +1,187 @@
+"""LoRA through PEFT: the config helper, get_peft_model on FAM models, adapter and merged round trips."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import assert_close, random_ids, tiny_model
+from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+import hf_fam
+from hf_fam.training import fam_lora_config, unwrap_fam_model
+
+PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def _fam(family="llama", kind="FAMForCausalLM", **settings):
+    settings = {"block_size": 4, "memory_segments": 1, "fam_length": 3, **settings}
+    if kind == "patched":
+        return hf_fam.patch(tiny_model(family), **settings)
+    return hf_fam.FAMForCausalLM.from_base_model(tiny_model(family), **settings)
+
+
+def _train_a_little(peft_model, steps=2, seed=5):
+    """A few optimizer steps so that LoRA weights and fam_init really move."""
+    peft_model.train()
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=5e-2)
+    for i in range(steps):
+        ids = random_ids(2, 18, seed=seed + i)
+        peft_model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return peft_model.eval()
+
+
+def test_config_defaults_follow_the_paper(family):
+    model = _fam(family)
+    config = fam_lora_config(model)
+    assert config.r == 64 and config.lora_alpha == 64
+    assert set(config.target_modules) == PROJECTIONS
+    assert config.modules_to_save == ["fam"]
+    assert config.task_type == "CAUSAL_LM"
+    config = fam_lora_config(model, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], train_fam_init=False)
+    assert (config.r, config.lora_alpha, set(config.target_modules), config.modules_to_save) == (
+        8, 16, {"q_proj", "v_proj"}, None)
+
+
+def test_no_memory_module_to_save_without_memory():
+    assert fam_lora_config(_fam(fam_length=0)).modules_to_save is None
+
+
+@pytest.mark.parametrize("kind", ["FAMForCausalLM", "patched"])
+def test_get_peft_model_trains_lora_and_fam_init(family, kind):
+    model = _fam(family, kind)
+    fam_init = model.fam.fam_init.detach().clone()
+    peft_model = get_peft_model(model, fam_lora_config(model, r=4))
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert any("fam.modules_to_save.default.fam_init" in n for n in trainable)
+    adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable if ".lora_" in n}
+    assert adapted == PROJECTIONS
+    assert all("lora_" in n or "fam" in n for n in trainable)
+    assert unwrap_fam_model(peft_model) is model
+
+    _train_a_little(peft_model)
+    trained = peft_model.base_model.model.fam.modules_to_save.default.fam_init
+    assert (trained - fam_init).abs().max() > 1e-3, "fam_init did not train"
+    assert_close(peft_model.base_model.model.fam.original_module.fam_init, fam_init, atol=0.0)
+
+
+def test_adapter_round_trip_and_merge(family, tmp_path):
+    base = _fam(family)
+    base.save_pretrained(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    peft_model = _train_a_little(get_peft_model(model, fam_lora_config(model, r=4, init_lora_weights=False)))
+    ids = random_ids(2, 23, seed=9)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # left padding in row 1
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids, attention_mask=mask).logits
+        base_logits = base.eval()(ids, attention_mask=mask).logits
+    assert (expected - base_logits).abs().max() > 1e-2  # the adapter matters
+    peft_model.save_pretrained(tmp_path / "adapter")
+
+    reloaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter", trust_remote_code=True).eval()
+    assert isinstance(reloaded, PeftModel)
+    assert_close(reloaded.base_model.model.fam.modules_to_save.default.fam_init,
+                 peft_model.base_model.model.fam.modules_to_save.default.fam_init, atol=0.0, msg="fam_init")
+    with torch.no_grad():
+        assert_close(reloaded(input_ids=ids, attention_mask=mask).logits, expected, atol=0.0, msg="reloaded")
+
+    merged = reloaded.merge_and_unload()
+    assert isinstance(merged, hf_fam.FAMForCausalLM) and type(merged.fam).__name__ == "FAMMemory"
+    with torch.no_grad():
+        assert_close(merged(ids, attention_mask=mask).logits, expected, atol=1e-5, msg="merged")
+    merged.save_pretrained(tmp_path / "merged")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        assert_close(again(ids, attention_mask=mask).logits, expected, atol=1e-5, msg="merged, saved")
+
+
+def test_adapter_and_merged_model_load_without_hf_fam(tmp_path):
+    base = _fam("llama", block_size=5, fam_length=2)
+    base.save_pretrained(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    peft_model = _train_a_little(get_peft_model(model, fam_lora_config(model, r=4, init_lora_weights=False)))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    ids = random_ids(2, 27, seed=3)
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits
+    torch.save({"ids": ids, "expected": expected}, tmp_path / "ref.pt")
+    peft_model.merge_and_unload().save_pretrained(tmp_path / "merged")
+
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["hf_fam"] = None  # `import hf_fam` fails in this process
+        import torch
+        from peft import AutoPeftModelForCausalLM
+        from transformers import AutoModelForCausalLM
+        ref = torch.load({str(tmp_path / "ref.pt")!r})
+        adapter = AutoPeftModelForCausalLM.from_pretrained({str(tmp_path / "adapter")!r}, trust_remote_code=True).eval()
+        merged = AutoModelForCausalLM.from_pretrained({str(tmp_path / "merged")!r}, trust_remote_code=True).eval()
+        assert type(merged).__module__.startswith("transformers_modules"), type(merged).__module__
+        with torch.no_grad():
+            print("ADAPTER", (adapter(input_ids=ref["ids"]).logits - ref["expected"]).abs().max().item())
+            print("MERGED", (merged(ref["ids"]).logits - ref["expected"]).abs().max().item())
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    diffs = dict(line.split() for line in result.stdout.splitlines() if line.startswith(("ADAPTER", "MERGED")))
+    assert float(diffs["ADAPTER"]) == 0.0
+    assert float(diffs["MERGED"]) <= 1e-5
+
+
+def test_unknown_lora_target_is_named():
+    model = _fam("llama")
+    with pytest.raises(ValueError, match=r"LoRA target module 'qkv_proj' not found in this llama model; its linear "
+                                         r"layers are named .*q_proj.*--lora-targets"):
+        fam_lora_config(model, target_modules=["q_proj", "qkv_proj"])
+    with pytest.raises(ValueError, match=r"LoRA target pattern 'nothing.\*' matches no module"):
+        fam_lora_config(model, target_modules="nothing.*")
+    with pytest.raises(ValueError, match="rank r must be a positive integer, got 0"):
+        fam_lora_config(model, r=0)
+
+
+def test_non_fam_model_is_refused():
+    with pytest.raises(ValueError, match="expected a FAM model .* got LlamaForCausalLM; wrap it first"):
+        fam_lora_config(tiny_model("llama"))
+
+
+# other families: fused projections (Phi-3), eager soft-capping (Gemma 2), memory on global layers only (Gemma 3)
+OTHER_FAMILIES = {
+    "phi3": ("phi3", {}, "sdpa", "all"),
+    "gemma2": ("gemma2", dict(sliding_window=24, layer_types=["sliding_attention", "full_attention"]), "eager", "all"),
+    "gemma3-global": ("gemma3_text", dict(sliding_window=24, layer_types=["sliding_attention", "full_attention"]),
+                      "sdpa", "global"),
+}
+
+
+@pytest.mark.parametrize("name", list(OTHER_FAMILIES))
+def test_lora_and_recipe_on_other_families(name):
+    import transformers
+
+    from hf_fam.modeling.fam_adapters import get_adapter
+    from hf_fam.training import FAMRecipeConfig, attach_recipe
+
+    model_type, overrides, attn, fam_layers = OTHER_FAMILIES[name]
+    config = transformers.AutoConfig.for_model(
+        model_type, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, vocab_size=101, pad_token_id=0, bos_token_id=1, eos_token_id=2, **overrides)
+    torch.manual_seed(0)
+    base = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+    model = hf_fam.FAMForCausalLM.from_base_model(base, block_size=4, memory_segments=1, fam_length=2,
+                                                  fam_layers=fam_layers)
+    lora = fam_lora_config(model, r=4)
+    assert set(lora.target_modules) == set(get_adapter(model_type).lora_target_modules)
+    peft_model = get_peft_model(model, lora)
+    recipe = attach_recipe(peft_model, FAMRecipeConfig(state_passing_prob=1.0, position_offset_prob=1.0))
+    _train_a_little(peft_model, steps=2)
+    assert recipe.last_draw.used_saved_state
+    if fam_layers == "global":
+        assert recipe.saved_state[0] is None and recipe.saved_state[1].shape == (1, 2, 64)
