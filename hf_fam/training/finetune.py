@@ -1,0 +1,455 @@
+"""LoRA fine-tuning of a FAM model with accelerate: the library behind `hf-fam finetune`.
+
+One loop, the paper's recipe (§3.1, Appendix B): LoRA on attention and MLP with the initial memory `fam_init`
+trained in full, Random State Passing and Random Position Offset (`hf_fam.training.recipe`), on packed text
+files or the passkey task. It runs on one CPU or GPU as it is, and on several processes under
+`accelerate launch` (or `torchrun`); on a machine without GPUs the processes talk over gloo.
+
+What it writes to `output_dir`:
+- the adapter (`adapter_config.json`, `adapter_model.safetensors`, with `fam.fam_init`) and the tokenizer:
+  `AutoPeftModelForCausalLM.from_pretrained(output_dir)` reloads it (`trust_remote_code=True` without hf_fam);
+- `fam_base/`, when the model was a base checkpoint converted on the fly: the FAM checkpoint the adapter
+  applies to (the base weights, unchanged, with the initial memory); the adapter points to it;
+- `merged/` with `merge=True`: a standalone FAM checkpoint (LoRA merged, trained `fam_init`), as the paper
+  uses for inference;
+- `train_log.jsonl` (one line per logged step), `finetune_config.json`, `train_summary.json` (including a
+  digest of the adapter weights on every process: they must agree after data-parallel training).
+
+Example:
+```python
+>>> config = FinetuneConfig(
+...     model=ModelOptions(path="llama-fam"),
+...     data=DataOptions(source="passkey", seq_len=4096),
+...     train=TrainOptions(output_dir="runs/passkey", max_steps=500),
+... )
+>>> result = finetune(config)
+```
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .data import FAMDataCollator, check_seq_len, load_text_dataset, pack_dataset
+from .lora import DEFAULT_LORA_RANK, fam_lora_config, unwrap_fam_model
+from .passkey import PASSKEY_FORMS, PasskeyConfig, SyntheticPasskeyVocab, passkey_dataset
+from .recipe import FAMRecipeConfig, attach_recipe
+
+logger = logging.getLogger("hf_fam.training")
+
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+DATA_SOURCES = ("passkey", "text")
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+# used when converting a base checkpoint without explicit settings (paper, DESIGN.md §4)
+PAPER_BLOCK_SIZE, PAPER_MEMORY_SEGMENTS, PAPER_FAM_LENGTH = 1024, 3, 64
+
+
+def _check_int(name: str, value, low: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+@dataclass
+class ModelOptions:
+    """Which model to fine-tune."""
+
+    path: str = field(metadata={"help": "A FAM checkpoint, or a Llama/Mistral/Gemma checkpoint converted on the fly."})
+    block_size: int | None = field(default=None, metadata={"help": "C for a base checkpoint (default 1024)."})
+    memory_segments: int | None = field(default=None, metadata={"help": "M for a base checkpoint (default 3)."})
+    fam_length: int | None = field(default=None, metadata={"help": "F for a base checkpoint (default 64)."})
+    dtype: str = field(default="float32", metadata={"help": f"Weights dtype: {', '.join(DTYPES)}."})
+
+    def __post_init__(self):
+        self.path = str(self.path)
+        _check_int("block_size", self.block_size, 1, allow_none=True)
+        _check_int("memory_segments", self.memory_segments, 0, allow_none=True)
+        _check_int("fam_length", self.fam_length, 0, allow_none=True)
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+
+
+@dataclass
+class LoraOptions:
+    """LoRA settings (see `fam_lora_config`)."""
+
+    r: int = field(default=DEFAULT_LORA_RANK, metadata={"help": "LoRA rank (paper: 64)."})
+    alpha: int | None = field(default=None, metadata={"help": "LoRA alpha (default: the rank)."})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch."})
+    target_modules: tuple[str, ...] | None = field(
+        default=None, metadata={"help": "Modules to adapt (default: the family's attention and MLP projections)."}
+    )
+    train_fam_init: bool = field(default=True, metadata={"help": "Train the initial memory fam_init with the adapter."})
+
+    def __post_init__(self):
+        _check_int("lora rank", self.r, 1)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        if self.target_modules is not None:
+            self.target_modules = tuple(self.target_modules)
+
+
+@dataclass
+class DataOptions:
+    """Training data: packed text files, or the passkey task."""
+
+    source: str = field(default="passkey", metadata={"help": f"One of {', '.join(DATA_SOURCES)}."})
+    text_files: tuple[str, ...] = field(default=(), metadata={"help": "Text data (source 'text')."})
+    text_column: str = field(default="text", metadata={"help": "Column holding the text in json/csv/parquet data."})
+    seq_len: int = field(default=2048, metadata={"help": "Tokens per training sequence (text: a multiple of C)."})
+    passkey_form: str = field(default="text", metadata={"help": f"Passkey form: {', '.join(PASSKEY_FORMS)}."})
+    passkey_examples: int = field(default=2000, metadata={"help": "Passkey training examples."})
+    passkey_min_seq_len: int | None = field(default=None, metadata={"help": "Random passkey lengths from here."})
+    passkey_depth: float | None = field(default=None, metadata={"help": "Key depth in [0, 1]; default random."})
+    passkey_vocab_offset: int = field(default=0, metadata={"help": "First token id of the synthetic passkey form."})
+
+    def __post_init__(self):
+        if self.source not in DATA_SOURCES:
+            raise ValueError(f"data source must be one of {', '.join(DATA_SOURCES)}, got {self.source!r}")
+        self.text_files = tuple(str(p) for p in self.text_files)
+        if self.source == "text" and not self.text_files:
+            raise ValueError("data source 'text' needs text files (--text-files FILE ...).")
+        check_seq_len(self.seq_len, None)
+        if self.source == "passkey":
+            self.passkey_config()  # validates the passkey fields
+
+    def passkey_config(self, seed: int = 0) -> PasskeyConfig:
+        return PasskeyConfig(
+            num_examples=self.passkey_examples, seq_len=self.seq_len, min_seq_len=self.passkey_min_seq_len,
+            depth=self.passkey_depth, form=self.passkey_form, vocab_offset=self.passkey_vocab_offset, seed=seed,
+        )
+
+
+@dataclass
+class TrainOptions:
+    """The optimisation loop and what it writes."""
+
+    output_dir: str = field(metadata={"help": "Where the adapter, logs and optional merged model go."})
+    max_steps: int = field(default=100, metadata={"help": "Optimizer steps."})
+    batch_size: int = field(default=1, metadata={"help": "Sequences per process per micro-batch."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate (paper, 1B: 1e-4, constant)."})
+    lr_scheduler: str = field(default="constant_with_warmup", metadata={"help": f"One of {', '.join(SCHEDULERS)}."})
+    warmup_steps: int = field(default=0, metadata={"help": "Linear warmup steps."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    max_grad_norm: float | None = field(default=1.0, metadata={"help": "Gradient clipping (None: off)."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
+    seed: int = field(default=0, metadata={"help": "Seed for weights, data and the recipe."})
+    log_every: int = field(default=10, metadata={"help": "Log every N optimizer steps."})
+    merge: bool = field(default=False, metadata={"help": "Also save the merged model to output_dir/merged."})
+    cpu: bool = field(default=False, metadata={"help": "Train on CPU even where a GPU is present."})
+
+    def __post_init__(self):
+        self.output_dir = str(self.output_dir)
+        _check_int("max_steps", self.max_steps, 1)
+        _check_int("batch_size", self.batch_size, 1)
+        _check_int("gradient_accumulation_steps", self.gradient_accumulation_steps, 1)
+        _check_int("warmup_steps", self.warmup_steps, 0)
+        _check_int("log_every", self.log_every, 1)
+        _check_int("seed", self.seed, 0)
+        if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        if self.lr_scheduler not in SCHEDULERS:
+            raise ValueError(f"lr_scheduler must be one of {', '.join(SCHEDULERS)}, got {self.lr_scheduler!r}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything `finetune` needs."""
+
+    model: ModelOptions
+    train: TrainOptions
+    data: DataOptions = field(default_factory=DataOptions)
+    lora: LoraOptions = field(default_factory=LoraOptions)
+    recipe: FAMRecipeConfig = field(default_factory=FAMRecipeConfig)
+
+
+@dataclass
+class FinetuneResult:
+    """What a run produced."""
+
+    output_dir: Path
+    steps: int
+    final_loss: float
+    seconds: float
+    world_size: int
+    adapter_digests: list[str]
+    merged_dir: Path | None = None
+    fam_base_dir: Path | None = None
+    # the trained PeftModel; with merge=True, on the main process, the merged FAM model instead
+    model: object = field(default=None, repr=False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# loading
+# ----------------------------------------------------------------------------------------------------------
+def load_fam_model(options: ModelOptions):
+    """Load a FAM checkpoint, or a base checkpoint wrapped with `FAMForCausalLM.from_base_model`.
+
+    Args:
+        options: the path, and C/M/F for a base checkpoint (a FAM checkpoint keeps its own; differing values
+            are an error).
+
+    Returns:
+        (model, tokenizer or None, converted): `converted` is True for a base checkpoint.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    import hf_fam  # noqa: F401  (registers model_type "fam")
+    from hf_fam import FAMForCausalLM
+    from hf_fam.modeling.fam_adapters import get_adapter
+
+    path = Path(options.path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"no checkpoint at {path} (config.json missing); pass a local checkpoint folder.")
+    config = AutoConfig.from_pretrained(path)
+    dtype = options.dtype if options.dtype == "auto" else getattr(torch, options.dtype)
+    given = {"block_size": options.block_size, "memory_segments": options.memory_segments,
+             "fam_length": options.fam_length}
+    if config.model_type == "fam":
+        for name, value in given.items():
+            if value is not None and value != getattr(config, name):
+                raise ValueError(
+                    f"{path} is a FAM checkpoint with {name} {getattr(config, name)}; --{name.replace('_', '-')} "
+                    f"{value} only applies to base checkpoints (drop it, or convert the base model again)."
+                )
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        converted = False
+    else:
+        get_adapter(config.model_type)  # unsupported family: ValueError naming the supported ones
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = FAMForCausalLM.from_base_model(
+            base,
+            block_size=PAPER_BLOCK_SIZE if options.block_size is None else options.block_size,
+            memory_segments=PAPER_MEMORY_SEGMENTS if options.memory_segments is None else options.memory_segments,
+            fam_length=PAPER_FAM_LENGTH if options.fam_length is None else options.fam_length,
+        )
+        converted = True
+    tokenizer = None
+    if (path / "tokenizer_config.json").exists() or (path / "tokenizer.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer, converted
+
+
+def build_train_dataset(options: DataOptions, model, tokenizer, seed: int = 0):
+    """The training dataset for `options` (packed text or passkey), checked against the model."""
+    settings = unwrap_fam_model(model).fam_settings
+    vocab_size = model.get_input_embeddings().weight.shape[0]
+    if options.source == "text":
+        if tokenizer is None:
+            raise ValueError(f"{options.text_files[0]}: text data needs a tokenizer, and the checkpoint has none.")
+        check_seq_len(options.seq_len, settings.block_size)
+        docs = load_text_dataset(options.text_files, text_column=options.text_column)
+        return pack_dataset(docs, tokenizer, options.seq_len, text_column=options.text_column,
+                            block_size=settings.block_size, seed=seed)
+    passkey = options.passkey_config(seed=seed)
+    if passkey.form == "synthetic":
+        needed = SyntheticPasskeyVocab(passkey.vocab_offset).size
+        if needed > vocab_size:
+            raise ValueError(f"the synthetic passkey uses token ids up to {needed - 1}, the model's vocabulary has "
+                             f"{vocab_size}; lower --passkey-vocab-offset.")
+    elif tokenizer is None:
+        raise ValueError(
+            "the text passkey needs a tokenizer and the checkpoint has none; use --passkey-form synthetic."
+        )
+    return passkey_dataset(passkey, tokenizer)
+
+
+def enable_checkpointing(model) -> None:
+    """Turn on non-reentrant activation (gradient) checkpointing of the decoder layers.
+
+    Non-reentrant only: the FAM chain inside a layer reads tensors that are not inputs of the checkpointed call
+    (the layer's FAM state), which reentrant checkpointing cannot backpropagate into (it fails with "Trying to
+    backward through the graph a second time"). transformers 5.24 renamed the method; both names are handled.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def adapter_digest(peft_model) -> str:
+    """SHA-256 of the adapter's weights (LoRA and fam_init), to compare processes."""
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(peft_model)
+    h = hashlib.sha256()
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(state[name].detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the loop
+# ----------------------------------------------------------------------------------------------------------
+def finetune(config: FinetuneConfig, accelerator=None) -> FinetuneResult:
+    """LoRA-fine-tune a FAM model with the paper's recipe; save the adapter (and optionally the merged model).
+
+    Args:
+        config: model, data, LoRA, recipe and loop options.
+        accelerator: an `accelerate.Accelerator`; one is made when None (CPU where no GPU is present).
+
+    Returns:
+        A `FinetuneResult` (paths, steps, final loss, seconds, per-process adapter digests, the PeftModel).
+    """
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.utils import gather_object, set_seed
+    from peft import get_peft_model
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    t_opt = config.train
+    if accelerator is None:
+        # a step that starts from a passed state does not use fam_init: DDP must allow unused parameters
+        handlers = [DistributedDataParallelKwargs(find_unused_parameters=config.recipe.state_passing_prob > 0)]
+        accelerator = Accelerator(
+            cpu=t_opt.cpu or not torch.cuda.is_available(),
+            gradient_accumulation_steps=t_opt.gradient_accumulation_steps,
+            kwargs_handlers=handlers,
+        )
+    out = Path(t_opt.output_dir)
+    set_seed(t_opt.seed)
+
+    # model (+ the FAM checkpoint the adapter applies to, for a converted base)
+    model, tokenizer, converted = load_fam_model(config.model)
+    fam_base_dir = None
+    if converted:
+        fam_base_dir = out / "fam_base"
+        if accelerator.is_main_process:
+            model.save_pretrained(fam_base_dir)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(fam_base_dir)
+    base_path = (fam_base_dir or Path(config.model.path)).resolve()
+    settings = model.fam_settings
+    logger.info("model: %s (%s), C=%d M=%d F=%d", config.model.path, "converted on the fly" if converted else "FAM",
+                settings.block_size, settings.memory_segments, settings.fam_length)
+
+    with accelerator.main_process_first():
+        dataset = build_train_dataset(config.data, model, tokenizer, seed=t_opt.seed)
+    if settings.fam_length > 0 and config.data.seq_len <= settings.block_size:
+        logger.warning("seq_len %d <= block_size %d: every sequence is one block and the memory is never read.",
+                       config.data.seq_len, settings.block_size)
+
+    if t_opt.gradient_checkpointing:
+        enable_checkpointing(model)
+    lora = config.lora
+    peft_model = get_peft_model(model, fam_lora_config(
+        model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules) if lora.target_modules else None, train_fam_init=lora.train_fam_init,
+    ))
+    peft_model.peft_config["default"].base_model_name_or_path = str(base_path)
+    recipe = attach_recipe(peft_model, config.recipe)
+
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    if pad_id is None:
+        pad_id = getattr(tokenizer, "eos_token_id", None) or 0
+    loader = DataLoader(dataset, batch_size=t_opt.batch_size, shuffle=True, collate_fn=FAMDataCollator(pad_id),
+                        generator=torch.Generator().manual_seed(t_opt.seed))
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t_opt.learning_rate, weight_decay=t_opt.weight_decay)
+    # stepped by hand once per optimizer step (accelerate's wrapper would step it once per process)
+    scheduler = get_scheduler(t_opt.lr_scheduler, optimizer, num_warmup_steps=t_opt.warmup_steps,
+                              num_training_steps=t_opt.max_steps)
+    train_model, optimizer, loader = accelerator.prepare(peft_model, optimizer, loader)
+    train_model.train()
+
+    n_trainable = sum(p.numel() for p in params)
+    logger.info("%d trainable parameters (LoRA r=%d on %s%s); %d training sequences; %d process(es)", n_trainable,
+                lora.r, ", ".join(peft_model.peft_config["default"].target_modules),
+                " + fam_init" if lora.train_fam_init and settings.fam_length else "", len(dataset),
+                accelerator.num_processes)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "finetune_config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
+    log_path = out / "train_log.jsonl"
+
+    bar = tqdm(total=t_opt.max_steps, desc="finetune", unit="step", disable=not accelerator.is_local_main_process)
+    start = time.perf_counter()
+    step, epoch, tokens, loss_sum, loss_count = 0, 0, 0, torch.zeros((), device=accelerator.device), 0
+    final_loss = math.nan
+    while step < t_opt.max_steps:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        for batch in loader:
+            with accelerator.accumulate(train_model):
+                outputs = train_model(**batch, use_cache=False)
+                accelerator.backward(outputs.loss)
+                if accelerator.sync_gradients and t_opt.max_grad_norm is not None:
+                    accelerator.clip_grad_norm_(params, t_opt.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            loss_sum += outputs.loss.detach()
+            loss_count += 1
+            tokens += int(batch["attention_mask"].sum())
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            step += 1
+            bar.update(1)
+            if step % t_opt.log_every == 0 or step == t_opt.max_steps:
+                final_loss = accelerator.reduce(loss_sum / max(loss_count, 1), reduction="mean").item()
+                loss_sum.zero_()
+                loss_count = 0
+                elapsed = time.perf_counter() - start
+                record = {"step": step, "loss": round(final_loss, 6), "lr": scheduler.get_last_lr()[0],
+                          "seconds": round(elapsed, 2), "tokens_per_s_per_process": round(tokens / elapsed, 1),
+                          "state_passed": bool(recipe.last_draw and recipe.last_draw.used_saved_state)}
+                bar.set_postfix(loss=f"{final_loss:.4f}")
+                logger.info("step %d/%d loss %.4f lr %.2e %.0f tok/s", step, t_opt.max_steps, final_loss,
+                            record["lr"], record["tokens_per_s_per_process"])
+                if accelerator.is_main_process:
+                    with log_path.open("a") as f:
+                        f.write(json.dumps(record) + "\n")
+            if step >= t_opt.max_steps:
+                break
+        epoch += 1
+    bar.close()
+    seconds = time.perf_counter() - start
+    recipe.remove()
+
+    # save: the adapter (LoRA + fam_init), then optionally the merged model
+    accelerator.wait_for_everyone()
+    trained = accelerator.unwrap_model(train_model)
+    digests = gather_object([adapter_digest(trained)])
+    if len(set(digests)) > 1:
+        logger.warning("adapter weights differ between processes: %s", digests)
+    merged_dir = out / "merged" if t_opt.merge else None
+    result_model = trained
+    if accelerator.is_main_process:
+        trained.save_pretrained(out)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out)
+        summary = {"steps": step, "final_loss": final_loss, "seconds": round(seconds, 2),
+                   "world_size": accelerator.num_processes, "adapter_digests": digests,
+                   "base_model": str(base_path), "merged": str(merged_dir) if merged_dir else None}
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        logger.info("saved the adapter to %s (base: %s)", out, base_path)
+    if merged_dir is not None:
+        if accelerator.is_main_process:
+            merged = result_model = trained.merge_and_unload()  # the PeftModel is spent after this
+            merged.save_pretrained(merged_dir)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(merged_dir)
+            logger.info("saved the merged model to %s", merged_dir)
+        accelerator.wait_for_everyone()
+    return FinetuneResult(output_dir=out, steps=step, final_loss=final_loss, seconds=seconds,
+                          world_size=accelerator.num_processes, adapter_digests=digests, merged_dir=merged_dir,
+                          fam_base_dir=fam_base_dir, model=result_model)
+
+
+__all__ = ["DataOptions", "FinetuneConfig", "FinetuneResult", "LoraOptions", "ModelOptions", "TrainOptions",
+           "adapter_digest", "build_train_dataset", "enable_checkpointing", "finetune", "load_fam_model"]

@@ -1,0 +1,167 @@
+"""`hf-fam finetune` and the loop behind it: one process in-process, two processes under accelerate launch, and
+one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import assert_close, random_ids
+
+from hf_fam.cli import main
+from hf_fam.tiny import make_tiny_checkpoint
+from hf_fam.training.finetune import (
+    DataOptions,
+    FinetuneConfig,
+    LoraOptions,
+    ModelOptions,
+    TrainOptions,
+    adapter_digest,
+    finetune,
+)
+
+SMALL = ["--block-size", "16", "--memory-segments", "1", "--fam-length", "4", "--lora-rank", "4"]
+
+
+@pytest.fixture(scope="module")
+def base_ckpt(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-llama", "llama")
+
+
+@pytest.fixture
+def text_files(tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for i in range(4):
+        (folder / f"{i}.txt").write_text(f"Story {i}. " + "Once upon a time there was a memory. " * 12)
+    (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps({"body": "some text " * 20}) for _ in range(3)))
+    return folder, tmp_path / "rows.jsonl"
+
+
+def _reset_accelerate():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def test_finetune_on_text_saves_adapter_base_and_merged(base_ckpt, text_files, tmp_path):
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    config = FinetuneConfig(
+        model=ModelOptions(path=str(base_ckpt), block_size=16, memory_segments=1, fam_length=4),
+        data=DataOptions(source="text", text_files=(str(text_files[0]),), seq_len=64),
+        lora=LoraOptions(r=4),
+        train=TrainOptions(output_dir=str(out), max_steps=3, batch_size=2, learning_rate=1e-2, log_every=1,
+                           merge=True, gradient_checkpointing=True),
+    )
+    try:
+        result = finetune(config)
+    finally:
+        _reset_accelerate()
+    assert result.steps == 3 and result.world_size == 1 and torch.isfinite(torch.tensor(result.final_loss))
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "train_log.jsonl",
+            "train_summary.json", "finetune_config.json", "fam_base", "merged"} <= {p.name for p in out.iterdir()}
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3] and all("loss" in r for r in log)
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str((out / "fam_base").resolve())
+    assert "fam" in adapter_config["modules_to_save"]
+
+    adapter = AutoPeftModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    assert adapter_digest(adapter) == result.adapter_digests[0]
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+    base = AutoModelForCausalLM.from_pretrained(out / "fam_base").eval()
+    ids = random_ids(1, 40, vocab=259)
+    with torch.no_grad():
+        got = adapter(input_ids=ids).logits
+        assert_close(merged(ids).logits, got, atol=1e-5, msg="merged vs adapter")
+        assert (base(ids).logits - got).abs().max() > 1e-4, "training changed nothing"
+    trained_fam = adapter.base_model.model.fam.modules_to_save.default.fam_init
+    assert (trained_fam - base.fam.fam_init).abs().max() > 0, "fam_init was not trained"
+
+
+def _cli(argv, capsys):
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err[-1] if err else "", "\n".join(err)
+
+
+def test_bad_input_gives_one_line_errors(base_ckpt, text_files, tmp_path, capsys):
+    folder, rows = text_files
+    out = str(tmp_path / "x")
+    cases = [
+        (["--lora-targets", "q_proj,qkv_proj"],
+         "LoRA target module 'qkv_proj' not found in this llama model; its linear layers are named"),
+        (["--data", "text", "--text-files", str(folder), "--seq-len", "100"],
+         "seq_len 100 is not a multiple of the model's block_size 16"),
+        (["--data", "text", "--text-files", str(rows), "--seq-len", "64"],
+         "has no text column 'text' (its columns: body); name the column that holds the text with --text-column"),
+        (["--data", "text", "--seq-len", "64"], "data source 'text' needs text files (--text-files FILE ...)"),
+        (["--state-passing-prob", "2"], "state_passing_prob must be a probability in [0, 1], got 2.0"),
+    ]
+    try:
+        for extra, needle in cases:
+            code, last, everything = _cli(["finetune", str(base_ckpt), "--output", out, *SMALL, "--steps", "1", *extra],
+                                          capsys)
+            assert code == 2, everything
+            assert last.startswith("hf-fam finetune: error: ") and needle in last, last
+            assert "Traceback" not in everything
+        code, last, _ = _cli(["finetune", str(tmp_path / "nowhere"), "--output", out], capsys)
+        assert code == 2 and "no checkpoint at" in last
+    finally:
+        _reset_accelerate()
+
+
+def test_fam_checkpoint_keeps_its_settings(base_ckpt, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    import hf_fam
+
+    fam = hf_fam.FAMForCausalLM.from_base_model(AutoModelForCausalLM.from_pretrained(base_ckpt), block_size=16,
+                                                memory_segments=1, fam_length=4)
+    fam.save_pretrained(tmp_path / "fam")
+    code, last, _ = _cli(["finetune", str(tmp_path / "fam"), "--output", str(tmp_path / "x"), "--block-size", "32"],
+                         capsys)
+    assert code == 2
+    assert "is a FAM checkpoint with block_size 16; --block-size 32 only applies to base checkpoints" in last
+
+
+def test_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    text = capsys.readouterr().out
+    for option in ("--state-passing-prob", "--position-offset-prob", "--lora-targets", "--text-column", "--merge",
+                   "--gradient-checkpointing", "--passkey-form", "accelerate launch"):
+        assert option in text
+
+
+def test_two_processes_under_accelerate_launch_end_with_the_same_adapter(base_ckpt, tmp_path):
+    """Two CPU processes over gloo (`accelerate launch --multi_gpu` with `--cpu`: the plain `--cpu` launch starts
+    one process). About 15-25 s here, most of it starting the processes."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hf_fam.cli",
+           "finetune", str(base_ckpt), "--output", str(out), *SMALL, "--seq-len", "64", "--passkey-form", "synthetic",
+           "--passkey-examples", "16", "--steps", "4", "--batch-size", "2", "--lr", "1e-2", "--log-every", "2",
+           "--state-passing-prob", "0.8", "--cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert result.returncode == 0, result.stderr[-4000:]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 4
+    digests = summary["adapter_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1], digests
+
+    from peft import AutoPeftModelForCausalLM
+
+    saved = AutoPeftModelForCausalLM.from_pretrained(out)
+    assert adapter_digest(saved) == digests[0]
+    lora_b = [p for n, p in saved.named_parameters() if "lora_B" in n]
+    assert any(p.abs().max() > 0 for p in lora_b), "no training happened"
