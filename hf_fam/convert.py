@@ -1,0 +1,496 @@
+"""Convert a Llama / Mistral / Gemma checkpoint (a Hub id or a local folder) into a FAM checkpoint.
+
+A FAM checkpoint is the base checkpoint with its weights unchanged, under the same names, plus one tensor,
+`fam.fam_init` (F × hidden, in the weights' dtype); its `config.json` is a `FAMConfig` with `auto_map`, and
+it carries hf_fam's remote-code files, so that `AutoModelForCausalLM.from_pretrained(OUT,
+trust_remote_code=True)` loads it where hf_fam is not installed. The output is what
+`FAMForCausalLM.save_pretrained` writes for the same model.
+
+How the conversion stays safe and small:
+- the model is never built: tensors are checked against the config from the safetensors headers (the
+  model's shapes come from a meta-device model) and copied shard by shard as bytes, so peak memory stays
+  at one copy buffer, far below one shard (`hf_fam.safetensors_io`);
+- everything is checked before anything is written: config, supported family, every shard present and
+  readable, every tensor's shape;
+- the output is written into a hidden temporary folder next to OUT and moved into place at the end; a
+  failure or an interrupt removes it, so OUT either is complete or does not exist. SRC is only read.
+
+Example:
+```python
+>>> from hf_fam.convert import ConvertOptions, convert
+>>> convert("meta-llama/Llama-3.2-1B", "llama-fam", ConvertOptions(block_size=1024, memory_segments=3, fam_length=64))
+```
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from .checkpoint import (
+    AUTO_MAP,
+    CONFIG_NAME,
+    FAM_INIT_KEY,
+    SAFE_INDEX_NAME,
+    ExpectedTensors,
+    WeightFiles,
+    compare_tensors,
+    expected_tensors,
+    find_weight_files,
+    read_config,
+    read_safetensors_tensors,
+    remote_code_files,
+)
+from .fam_init import FamInitSpec, build_fam_init
+from .modeling.configuration_fam import DEFAULT_BLOCK_SIZE, DEFAULT_FAM_LENGTH, DEFAULT_MEMORY_SEGMENTS
+from .safetensors_io import TensorEntry, TensorInfo, write_safetensors
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+# files carried over from SRC unchanged (top level only); README.md is regenerated as the model card
+CARRIED_PATTERNS = (
+    "generation_config.json",
+    "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "*.model",
+    "*.tiktoken", "chat_template.*", "preprocessor_config.json", "processor_config.json",
+    "LICENSE*", "LICENCE*", "license*", "NOTICE*", "USE_POLICY*", "COPYING*",
+)
+# what to fetch from the Hub: everything the conversion reads or carries, nothing else (no original/*.pth,
+# no consolidated.safetensors duplicates, no other frameworks' weights)
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.md", "*.jinja", "LICENSE*",
+                "LICENCE*", "NOTICE*", "USE_POLICY*", "COPYING*", "vocab.*", "merges.txt"]
+HUB_IGNORE = ["original/*", "consolidated*", "*/*"]
+
+
+@dataclass
+class ConvertOptions:
+    """What `convert` writes and how it reads the source.
+
+    Attributes:
+        block_size, memory_segments, fam_length: C, M, F (paper defaults 1024, 3, 64).
+        fam_init: "random", "text:TEXT" or "file:PATH" (see `hf_fam.fam_init`).
+        seed: seed of the random fam_init.
+        revision, token: Hub revision and token, for a Hub id.
+        force: replace an existing OUT.
+        allow_pickle: accept `pytorch_model*.bin` weights (read with `weights_only=True`).
+        base_model, repo_id: model-card inputs (see `hf_fam.cards.CardInfo`).
+        eval_results: evaluation-results JSON files for the card (see `hf_fam.cards.load_eval_results`).
+        progress: show a progress bar.
+    """
+
+    block_size: int = DEFAULT_BLOCK_SIZE
+    memory_segments: int = DEFAULT_MEMORY_SEGMENTS
+    fam_length: int = DEFAULT_FAM_LENGTH
+    fam_init: str = "random"
+    seed: int = 0
+    revision: str | None = None
+    token: str | None = None
+    force: bool = False
+    allow_pickle: bool = False
+    base_model: str | None = None
+    repo_id: str | None = None
+    eval_results: list[str | Path] | str | Path | None = None
+    progress: bool = True
+
+
+@dataclass
+class ConvertResult:
+    """What `convert` wrote."""
+
+    out: Path
+    source: str
+    weight_files: list[str]
+    num_tensors: int
+    total_bytes: int
+    carried_files: list[str]
+    dropped_tensors: list[str] = field(default_factory=list)
+
+
+# --- source -----------------------------------------------------------------------------------------------
+def resolve_source(src: str | Path, revision: str | None = None, token: str | None = None,
+                   allow_pickle: bool = False) -> tuple[Path, str | None]:
+    """A local folder as is, or a Hub repo id downloaded with `huggingface_hub.snapshot_download`.
+
+    Args:
+        src: a folder, or a Hub id such as "meta-llama/Llama-3.2-1B".
+        revision: Hub branch, tag or commit (Hub ids only).
+        token: Hub token for private or gated repos (default: the stored login / HF_TOKEN).
+        allow_pickle: also fetch `pytorch_model*.bin` when the repo has no safetensors weights.
+
+    Returns:
+        (the local folder, the Hub id or None).
+
+    Raises:
+        FileNotFoundError / ValueError: one line saying what is wrong and what to do.
+    """
+    path = Path(src).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"SRC {src} is a file; pass the checkpoint's folder (with config.json) or a Hub id")
+        if revision:
+            raise ValueError(f"--revision applies to a Hub id; {src} is a local folder")
+        return path, None
+    if not _looks_like_repo_id(str(src)):
+        raise FileNotFoundError(f"SRC {src}: no such folder (and not a Hub repo id)")
+    folder = _download(str(src), revision, token, HUB_PATTERNS)
+    if allow_pickle and not any(folder.glob("*.safetensors")):
+        folder = _download(str(src), revision, token, HUB_PATTERNS + ["pytorch_model*.bin"])
+    return folder, str(src)
+
+
+def _looks_like_repo_id(src: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if src.startswith((".", "/", "~")) or src.count("/") > 1:
+        return False
+    try:
+        validate_repo_id(src)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _download(repo_id: str, revision: str | None, token: str | None, patterns: list[str]) -> Path:
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        return Path(snapshot_download(repo_id=repo_id, revision=revision, token=token,
+                                      allow_patterns=patterns, ignore_patterns=HUB_IGNORE))
+    except GatedRepoError:
+        raise ValueError(
+            f"{repo_id} is gated: accept its terms on the Hub, then pass --token (or set HF_TOKEN)"
+        ) from None
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(
+            f"{repo_id} is neither a local folder nor a Hub repo you can access (private? pass --token)"
+        ) from None
+    except RevisionNotFoundError:
+        raise ValueError(f"{repo_id} has no revision {revision!r}") from None
+    except LocalEntryNotFoundError:
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
+        raise FileNotFoundError(
+            f"{repo_id} is not a local folder and is not in the Hub cache, and {why}; "
+            "pass a local checkpoint folder or retry with network access"
+        ) from None
+    except HfHubHTTPError as err:
+        raise ValueError(f"downloading {repo_id} failed: {' '.join(str(err).split())[:300]}") from None
+
+
+@dataclass
+class SourceCheckpoint:
+    """A base checkpoint, checked: supported family, all weights present, shapes match the config."""
+
+    folder: Path
+    hub_id: str | None
+    base_config: PretrainedConfig
+    weights: WeightFiles
+    shapes: dict[str, tuple[tuple[int, ...], torch.dtype | None]]
+    safetensors: dict[str, TensorInfo] | None
+    expected: ExpectedTensors
+    dropped: list[str]
+
+    @property
+    def embedding_dtype(self) -> torch.dtype:
+        return self.shapes[self.expected.embedding_key][1]
+
+
+def open_source(folder: Path, hub_id: str | None = None, allow_pickle: bool = False) -> SourceCheckpoint:
+    """Read and check a base checkpoint folder without loading its weights.
+
+    Raises:
+        FileNotFoundError: no config.json, no weights, a missing shard.
+        ValueError: unsupported architecture, an already converted checkpoint, pickle weights without
+            `allow_pickle`, a corrupt or truncated shard, tensors that do not match the config.
+    """
+    from transformers import AutoConfig
+
+    from .modeling.fam_adapters import get_adapter
+
+    raw = read_config(folder)
+    if raw["model_type"] == "fam":
+        raise ValueError(f"{folder} is already a FAM checkpoint; load it directly or convert its base model")
+    adapter = get_adapter(raw["model_type"])  # unsupported family: names it and the supported ones
+    try:
+        base_config = AutoConfig.from_pretrained(str(folder))
+    except Exception as err:  # transformers raises many kinds for a bad config
+        raise ValueError(f"{folder / CONFIG_NAME} cannot be read as a {raw['model_type']} config: "
+                         f"{' '.join(str(err).split())[:300]}") from None
+    adapter.check_config(base_config)
+    base_config._name_or_path = hub_id or folder.name  # no local path leaks into the published config
+
+    weights = find_weight_files(folder)
+    if weights.kind == "pickle":
+        if not allow_pickle:
+            raise ValueError(
+                f"{folder} has only pickle weights ({weights.files[0].name}); pickle can run code when loaded. "
+                "Pass --allow-pickle to read them with torch.load(weights_only=True)"
+            )
+        safetensors = None
+        shapes = {}
+        for path in weights.files:
+            for name, tensor in _load_pickle(path).items():
+                shapes[name] = (tuple(tensor.shape), tensor.dtype)
+    else:
+        safetensors = read_safetensors_tensors(weights)
+        shapes = {name: (info.shape, info.torch_dtype) for name, info in safetensors.items()}
+
+    expected = expected_tensors(base_config)
+    problems = [p for p in compare_tensors(shapes, expected.tensors) if not p.startswith("unexpected")]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ValueError(f"the weights in {folder} do not match its config.json: {problems[0]}{more}")
+    dropped = sorted(name for name in shapes if name not in expected.tensors)
+    return SourceCheckpoint(folder, hub_id, base_config, weights, shapes, safetensors, expected, dropped)
+
+
+def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """A .bin state dict, memory-mapped where the file format allows it; `weights_only=True` always."""
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{path.name} is corrupt or not a weights-only state dict ({type(err).__name__}); "
+                         "re-download it") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path.name} is not a state dict of tensors")
+    return state
+
+
+def embedding_rows(source: SourceCheckpoint, ids: list[int]) -> torch.Tensor:
+    """Rows `ids` of the source's token-embedding matrix, read without loading the rest: (len(ids), hidden)."""
+    key = source.expected.embedding_key
+    if source.safetensors is None:
+        path = source.weights.files[0] if not source.weights.sharded else source.folder / source.weights.index[key]
+        return _load_pickle(path)[key][ids].clone()
+    from safetensors import safe_open
+
+    with safe_open(str(source.safetensors[key].path), framework="pt") as f:
+        matrix = f.get_slice(key)
+        return torch.cat([matrix[i : i + 1] for i in ids]) if ids else torch.empty(0, source.shapes[key][0][1])
+
+
+# --- output ---------------------------------------------------------------------------------------------
+def convert(src: str | Path, out: str | Path, options: ConvertOptions | None = None) -> ConvertResult:
+    """Write a FAM checkpoint at `out` from the base checkpoint `src`.
+
+    Args:
+        src: a local checkpoint folder or a Hub id.
+        out: the folder to create (refused if it exists, unless `options.force`).
+        options: settings, fam_init, Hub access, card inputs.
+
+    Returns:
+        ConvertResult: what was written.
+
+    Raises:
+        FileNotFoundError, FileExistsError, ValueError: one line naming the problem; nothing is left behind.
+
+    Example:
+    ```python
+    >>> convert("tiny-llama", "tiny-llama-fam", ConvertOptions(block_size=64, memory_segments=1, fam_length=8))
+    ```
+    """
+    from .modeling.fam_core import validate_fam_settings
+
+    options = options or ConvertOptions()
+    validate_fam_settings(options.block_size, options.memory_segments, options.fam_length)
+    spec = FamInitSpec.parse(options.fam_init, seed=options.seed)
+    out = Path(out).expanduser().absolute()
+    if out.exists() and not options.force:
+        raise FileExistsError(f"{out} already exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder; remove it first")
+    folder, hub_id = resolve_source(src, options.revision, options.token, options.allow_pickle)
+    _refuse_overlap(folder, out)
+    source = open_source(folder, hub_id, options.allow_pickle)
+
+    base = source.base_config
+    std = float(getattr(base, "initializer_range", 0.02))
+    fam_init = build_fam_init(
+        spec, fam_length=options.fam_length, hidden_size=base.hidden_size, dtype=source.embedding_dtype, std=std,
+        tokenizer_folder=folder, embedding_rows=lambda ids: embedding_rows(source, ids),
+    )
+    with staging_folder(out, options.force) as tmp:
+        weight_files, num_tensors, total_bytes = _write_weights(source, fam_init, tmp, options.progress)
+        _write_config(source, options, tmp)
+        carried = _carry_files(folder, tmp)
+        for path in remote_code_files():
+            shutil.copyfile(path, tmp / path.name)
+        _write_card(source, options, spec, std, tmp, out.name)
+    return ConvertResult(out, hub_id or str(folder), weight_files, num_tensors, total_bytes, carried, source.dropped)
+
+
+def _refuse_overlap(src: Path, out: Path) -> None:
+    src, target = src.resolve(), out.resolve()
+    if src == target or src in target.parents or target in src.parents:
+        raise ValueError(f"OUT {out} overlaps SRC {src}; write the FAM checkpoint to another folder")
+
+
+def _output_name(name: str) -> str:
+    # pytorch_model-00001-of-00002.bin -> model-00001-of-00002.safetensors
+    return re.sub(r"^pytorch_model", "model", name).removesuffix(".bin") + ".safetensors"
+
+
+def _write_weights(source: SourceCheckpoint, fam_init: torch.Tensor, tmp: Path, progress: bool):
+    """Copy the kept tensors shard by shard, `fam.fam_init` appended to the last shard; write the index."""
+    from tqdm.auto import tqdm
+
+    expected = source.expected.tensors
+    files = source.weights.files
+    weight_map, total_bytes, total_params = {}, 0, 0
+    planned = sum(_numel(shape) * dtype.itemsize for name, (shape, dtype) in source.shapes.items() if name in expected)
+    bar = tqdm(total=planned + fam_init.numel() * fam_init.element_size(), unit="B", unit_scale=True,
+               desc="Writing FAM weights", disable=not progress)
+    written = []
+    with bar:
+        for i, path in enumerate(files):
+            if source.safetensors is not None:
+                infos = [info for info in source.safetensors.values() if info.path == path and info.name in expected]
+                entries = [TensorEntry.from_file(info) for info in infos]
+            else:
+                state = _load_pickle(path)
+                entries = [TensorEntry.from_tensor(name, t) for name, t in state.items() if name in expected]
+            if i == len(files) - 1:
+                entries.append(TensorEntry.from_tensor(FAM_INIT_KEY, fam_init))
+            if not entries:
+                continue
+            name = _output_name(path.name) if source.weights.kind == "pickle" else path.name
+            bar.set_postfix_str(name)
+            write_safetensors(tmp / name, entries, {"format": "pt"}, progress=bar.update)
+            if source.safetensors is None:
+                del state  # release this shard's memory map before the next
+            written.append(name)
+            for entry in entries:
+                weight_map[entry.name] = name
+                total_bytes += entry.nbytes
+                total_params += _numel(entry.shape)
+    if source.weights.sharded:
+        index = {"metadata": {"total_parameters": total_params, "total_size": total_bytes},
+                 "weight_map": dict(sorted(weight_map.items()))}
+        (tmp / SAFE_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    elif len(written) != 1:  # pragma: no cover - a single source file always gives one output file
+        raise RuntimeError(f"expected one weight file, wrote {written}")
+    return written, len(weight_map), total_bytes
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _write_config(source: SourceCheckpoint, options: ConvertOptions, tmp: Path) -> None:
+    """config.json as `FAMForCausalLM.save_pretrained` writes it; generation_config.json if SRC has none."""
+    from transformers import GenerationConfig
+
+    from .modeling.configuration_fam import FAMConfig
+
+    config = FAMConfig(base_config=source.base_config, block_size=options.block_size,
+                       memory_segments=options.memory_segments, fam_length=options.fam_length)
+    config.architectures = ["FAMForCausalLM"]
+    config.auto_map = dict(AUTO_MAP)
+    config.dtype = str(source.embedding_dtype).removeprefix("torch.")
+    config.to_json_file(str(tmp / CONFIG_NAME), use_diff=True)
+    if not (source.folder / "generation_config.json").is_file():
+        generation = GenerationConfig.from_model_config(source.base_config)
+        generation.save_pretrained(str(tmp))
+
+
+def _carry_files(folder: Path, tmp: Path) -> list[str]:
+    carried = []
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and any(fnmatch(path.name, pattern) for pattern in CARRIED_PATTERNS):
+            shutil.copyfile(path, tmp / path.name)  # contents only: a read-only Hub cache file stays writable here
+            carried.append(path.name)
+    return carried
+
+
+def _write_card(source: SourceCheckpoint, options: ConvertOptions, spec: FamInitSpec, std: float, tmp: Path,
+                name: str) -> None:
+    from huggingface_hub import metadata_load
+
+    from .cards import CardInfo, load_eval_results, write_model_card
+
+    readme = source.folder / "README.md"
+    meta = (metadata_load(readme) or {}) if readme.is_file() else {}
+    info = CardInfo(
+        base_model=options.base_model or source.hub_id,
+        license=meta.get("license"),
+        license_name=meta.get("license_name"),
+        license_link=meta.get("license_link"),
+        language=meta.get("language"),
+        fam_init=spec.describe(std),
+        repo_id=options.repo_id or name,  # tmp's own name is not the checkpoint's
+        eval_results=[r for path in _as_list(options.eval_results) for r in load_eval_results(path)],
+    )
+    write_model_card(tmp, info)
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+@contextmanager
+def staging_folder(out: Path, force: bool = False) -> Iterator[Path]:
+    """A hidden temporary folder next to `out`, moved to `out` when the block succeeds, removed otherwise.
+
+    Parent folders it had to create are removed on failure too; an existing `out` is replaced only with
+    `force`, and only once the new one is complete.
+    """
+    created = [p for p in [out.parent, *out.parent.parents] if not p.exists()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".fam-tmp", dir=out.parent))
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; OUT gets the usual permissions
+        _move_into_place(tmp, out, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for path in created:  # innermost first
+            try:
+                path.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _move_into_place(tmp: Path, out: Path, force: bool) -> None:
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    if not force:
+        raise FileExistsError(f"{out} already exists; pass --force to replace it")
+    old = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.fam-old"
+    os.rename(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+

@@ -1,0 +1,152 @@
+"""The initial memory `fam_init` (F × hidden) a converted checkpoint starts with.
+
+A base checkpoint has no FAM weights; conversion adds `fam.fam_init`, the only new tensor of a FAM model.
+Until the model is fine-tuned with FAM, this tensor decides what the memory holds before the first block.
+Three starts are offered (`hf-fam convert --fam-init SPEC`):
+
+- `random` (default): drawn like any new weight, normal with std `initializer_range`, from `--seed`. It
+  is what `hf_fam.patch` and `FAMForCausalLM.from_base_model` use. The memory starts as noise the base
+  model never saw; fine-tuning learns it.
+- `text:TEXT`: the token-embedding rows of TEXT's first F tokens (the text repeats when it has fewer than
+  F tokens), stored as the embedding matrix holds them, unscaled. The model scales them at run time as
+  it scales token embeddings (Gemma: × √hidden), so before any fine-tuning the memory starts as input the
+  model knows, e.g. `text:Summary of the text so far:`. A start in the model's own input distribution,
+  and a reproducible one.
+- `file:PATH`: an (F, hidden) tensor from a `.safetensors` file (its only tensor, or `fam.fam_init`) or a
+  `.pt` file (read with `weights_only=True`), e.g. a `fam_init` trained elsewhere.
+
+Example:
+```python
+>>> spec = FamInitSpec.parse("text:Summary so far:")
+>>> fam_init = build_fam_init(spec, fam_length=8, hidden_size=2048, dtype=torch.bfloat16,
+...                           tokenizer_folder="Llama-3.2-1B", embedding_rows=read_rows)
+```
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+KINDS = ("random", "text", "file")
+
+
+@dataclass(frozen=True)
+class FamInitSpec:
+    """How to build `fam_init`: kind "random" (with `seed` and `std`), "text" or "file" (`value`)."""
+
+    kind: str = "random"
+    value: str | None = None
+    seed: int = 0
+
+    @classmethod
+    def parse(cls, spec: str, seed: int = 0) -> FamInitSpec:
+        """Parse `random`, `text:TEXT` or `file:PATH`.
+
+        Raises:
+            ValueError: another form, or an empty text / path.
+        """
+        kind, sep, value = spec.partition(":")
+        if kind == "random" and not sep:
+            return cls("random", None, seed)
+        if kind in ("text", "file") and sep:
+            if not value:
+                raise ValueError(f"--fam-init {kind}: needs a {'text' if kind == 'text' else 'path'} after the colon")
+            return cls(kind, value, seed)
+        raise ValueError(f"--fam-init {spec!r}: expected 'random', 'text:TEXT' or 'file:PATH'")
+
+    def describe(self, std: float | None = None) -> str:
+        """One sentence for the model card."""
+        if self.kind == "random":
+            spread = f"std {std:g}" if std is not None else "std initializer_range"
+            return f"random normal ({spread}, seed {self.seed}), as for any new weight"
+        if self.kind == "text":
+            return f"the token embeddings of the text {self.value!r} (repeated to fill the F rows)"
+        return f"the tensor in {Path(self.value).name}"
+
+
+def build_fam_init(
+    spec: FamInitSpec,
+    *,
+    fam_length: int,
+    hidden_size: int,
+    dtype: torch.dtype,
+    std: float = 0.02,
+    tokenizer_folder: str | Path | None = None,
+    embedding_rows: Callable[[list[int]], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Build the (fam_length, hidden_size) initial FAM in `dtype`.
+
+    Args:
+        spec: what to build (see the module docstring).
+        fam_length: F.
+        hidden_size: the base model's hidden size.
+        dtype: the dtype of the base checkpoint's embedding.
+        std: standard deviation of the random start (the config's initializer_range).
+        tokenizer_folder: where the tokenizer is, for `text:`.
+        embedding_rows: reads rows of the embedding matrix: ids -> (len(ids), hidden), for `text:`.
+
+    Returns:
+        A CPU tensor of shape (F, hidden_size).
+
+    Raises:
+        ValueError / FileNotFoundError: a text without tokens, no tokenizer, a file with another shape.
+    """
+    if spec.kind == "random":
+        generator = torch.Generator().manual_seed(spec.seed)
+        return (torch.randn(fam_length, hidden_size, generator=generator) * std).to(dtype)
+    if spec.kind == "text":
+        return _from_text(spec.value, fam_length, tokenizer_folder, embedding_rows).to(dtype)
+    if spec.kind == "file":
+        return _from_file(Path(spec.value), fam_length, hidden_size).to(dtype)
+    raise ValueError(f"unknown fam_init kind {spec.kind!r}; expected one of {', '.join(KINDS)}")
+
+
+def _from_text(text: str, fam_length: int, tokenizer_folder, embedding_rows) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder))
+    except Exception as err:  # transformers raises many kinds here; the user needs one line
+        raise ValueError(
+            f"--fam-init text: needs the checkpoint's tokenizer, which could not be loaded "
+            f"({type(err).__name__}); use --fam-init random or file:PATH"
+        ) from None
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"--fam-init text: {text!r} has no tokens")
+    ids = [ids[i % len(ids)] for i in range(fam_length)]  # the first F tokens, the text repeated if shorter
+    unique = sorted(set(ids))
+    rows = embedding_rows(unique)  # (len(unique), hidden)
+    where = {token: i for i, token in enumerate(unique)}
+    return rows[[where[token] for token in ids]] if ids else rows[:0]
+
+
+def _from_file(path: Path, fam_length: int, hidden_size: int) -> torch.Tensor:
+    if not path.is_file():
+        raise FileNotFoundError(f"--fam-init file: {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path))
+        if len(tensors) == 1:
+            tensor = next(iter(tensors.values()))
+        elif "fam.fam_init" in tensors:
+            tensor = tensors["fam.fam_init"]
+        else:
+            raise ValueError(f"--fam-init file: {path.name} holds {len(tensors)} tensors and none is fam.fam_init")
+    else:
+        tensor = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(tensor, dict):
+            tensor = tensor.get("fam.fam_init", tensor.get("fam_init"))
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"--fam-init file: {path.name} holds no tensor (or a dict without 'fam_init')")
+    if tuple(tensor.shape) != (fam_length, hidden_size):
+        raise ValueError(
+            f"--fam-init file: {path.name} holds shape {tuple(tensor.shape)}, the model needs "
+            f"({fam_length}, {hidden_size}) = (fam_length, hidden_size)"
+        )
+    return tensor

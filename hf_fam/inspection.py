@@ -1,0 +1,276 @@
+"""Look inside a FAM checkpoint folder without loading the model: `hf-fam inspect` and `hf-fam verify`.
+
+`inspect_checkpoint` summarises what a FAM checkpoint is (base architecture, C/M/F, attention window,
+parameters, the constant cache a stream needs per layer, whether its remote code is the installed hf_fam's).
+`verify_checkpoint` lists every way the folder differs from what the installed hf_fam would write: code
+files that are not byte-identical, tensors missing, of another shape or dtype, or unexpected. Both read
+only config.json, the code files and the safetensors headers.
+
+Example:
+```python
+>>> print(format_report(inspect_checkpoint("llama-fam")))
+>>> verify_checkpoint("llama-fam")
+[]
+```
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import (
+    AUTO_MAP,
+    FAM_INIT_KEY,
+    ExpectedTensor,
+    compare_remote_code,
+    compare_tensors,
+    expected_tensors,
+    find_weight_files,
+    read_config,
+    read_safetensors_tensors,
+)
+
+
+@dataclass
+class FAMSummary:
+    """What a FAM config implies, computed from config.json alone.
+
+    Attributes:
+        model_type, architecture: the base family ("llama") and class ("LlamaForCausalLM").
+        num_layers, hidden_size, num_heads, num_kv_heads, head_dim: the base shape.
+        block_size, memory_segments, fam_length: C, M, F.
+        attention_window: C·(M+1), tokens a block token attends to directly (plus F FAM tokens).
+        dtype: the weights' dtype; dtype_bytes its size.
+        cache_tokens: K/V entries per layer of a stream's cache: M blocks, the partial block, the FAM.
+        kv_cache_bytes_per_layer: bytes per layer and sequence of those K/V entries plus the FAM state
+            (F × hidden); constant however long the stream.
+    """
+
+    model_type: str
+    architecture: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    memory_segments: int
+    fam_length: int
+    attention_window: int
+    dtype: str
+    dtype_bytes: int
+    cache_tokens: int
+    kv_cache_bytes_per_layer: int
+
+
+def fam_summary(config: dict) -> FAMSummary:
+    """Summarise a FAM config.json dict (see FAMSummary).
+
+    Raises:
+        ValueError: not a FAM config.
+    """
+    if config.get("model_type") != "fam" or not isinstance(config.get("base_config"), dict):
+        raise ValueError(
+            f"not a FAM checkpoint (model_type {config.get('model_type')!r}); convert it first with `hf-fam convert`"
+        )
+    base = config["base_config"]
+    C, M, F = config.get("block_size", 1024), config.get("memory_segments", 3), config.get("fam_length", 64)
+    hidden, heads = base["hidden_size"], base["num_attention_heads"]
+    kv_heads = base.get("num_key_value_heads") or heads
+    head_dim = base.get("head_dim") or hidden // heads
+    dtype = config.get("dtype") or base.get("dtype") or base.get("torch_dtype") or "float32"
+    dtype_bytes = getattr(torch, dtype, torch.float32).itemsize
+    cache_tokens = (M + 1) * C + F
+    kv_bytes = 2 * cache_tokens * kv_heads * head_dim * dtype_bytes + F * hidden * dtype_bytes
+    return FAMSummary(
+        model_type=base["model_type"],
+        architecture=(base.get("architectures") or ["?"])[0],
+        num_layers=base["num_hidden_layers"],
+        hidden_size=hidden,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        block_size=C,
+        memory_segments=M,
+        fam_length=F,
+        attention_window=C * (M + 1),
+        dtype=dtype,
+        dtype_bytes=dtype_bytes,
+        cache_tokens=cache_tokens,
+        kv_cache_bytes_per_layer=kv_bytes,
+    )
+
+
+@dataclass
+class InspectReport:
+    """`inspect_checkpoint`'s result: the summary, parameter counts, weight files and code status."""
+
+    path: str
+    summary: FAMSummary
+    parameters: int
+    fam_parameters: int
+    weight_files: list[str]
+    weight_bytes: int
+    code: dict[str, str]
+
+    @property
+    def code_matches(self) -> bool:
+        return all(status == "identical" for status in self.code.values())
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["code_matches"] = self.code_matches
+        return out
+
+
+def inspect_checkpoint(folder: str | Path) -> InspectReport:
+    """Summarise a FAM checkpoint folder (config.json, safetensors headers, code files).
+
+    Args:
+        folder: a local FAM checkpoint folder.
+
+    Returns:
+        InspectReport.
+
+    Raises:
+        FileNotFoundError / ValueError: not a folder, no config.json, not a FAM checkpoint, unreadable weights.
+
+    Example:
+    ```python
+    >>> report = inspect_checkpoint("llama-fam")
+    >>> report.summary.attention_window, report.code_matches
+    (4096, True)
+    ```
+    """
+    folder = _local_folder(folder)
+    config = read_config(folder)
+    summary = fam_summary(config)
+    weights = find_weight_files(folder)
+    if weights.kind != "safetensors":
+        raise ValueError(f"{folder} holds pickle weights; FAM checkpoints are written as safetensors")
+    tensors = read_safetensors_tensors(weights)
+    fam = tensors.get(FAM_INIT_KEY)
+    return InspectReport(
+        path=str(folder),
+        summary=summary,
+        parameters=sum(info.numel for info in tensors.values()),
+        fam_parameters=fam.numel if fam is not None else 0,
+        weight_files=[p.name for p in weights.files],
+        weight_bytes=sum(p.stat().st_size for p in weights.files),
+        code=compare_remote_code(folder),
+    )
+
+
+def format_report(report: InspectReport) -> str:
+    """The human-readable form `hf-fam inspect` prints."""
+    import hf_fam
+
+    s = report.summary
+    rows = [
+        ("base architecture", f"{s.model_type} ({s.architecture}): {s.num_layers} layers, hidden {s.hidden_size}, "
+                              f"{s.num_heads} heads / {s.num_kv_heads} KV heads of {s.head_dim}"),
+        ("FAM settings", f"block_size C={s.block_size}, memory_segments M={s.memory_segments}, "
+                         f"fam_length F={s.fam_length}"),
+        ("attention window", f"{s.attention_window:,} tokens (C·(M+1)) + {s.fam_length} FAM tokens per layer"),
+        ("parameters", f"{report.parameters:,} ({report.parameters - report.fam_parameters:,} base + "
+                       f"{report.fam_parameters:,} fam_init), {s.dtype}"),
+        ("weights", f"{format_bytes(report.weight_bytes)} in {len(report.weight_files)} file(s)"),
+        ("KV cache per layer", f"{format_bytes(s.kv_cache_bytes_per_layer)} per sequence, constant: K/V of "
+                               f"{s.cache_tokens:,} tokens ((M+1)·C + F) + the FAM state (F × hidden); "
+                               f"{format_bytes(s.kv_cache_bytes_per_layer * s.num_layers)} for all "
+                               f"{s.num_layers} layers"),
+    ]
+    if report.code_matches:
+        code = f"identical to the installed hf_fam {hf_fam.__version__} ({len(report.code)} files)"
+    else:
+        differing = [f"{name} {status}" for name, status in report.code.items() if status != "identical"]
+        code = f"DIFFERS from the installed hf_fam {hf_fam.__version__}: {', '.join(differing)}"
+    rows.append(("remote code", code))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join([f"FAM checkpoint {report.path}"] + [f"  {k:<{width}}  {v}" for k, v in rows])
+
+
+def verify_checkpoint(folder: str | Path) -> list[str]:
+    """Every difference between a FAM checkpoint folder and what the installed hf_fam writes.
+
+    Checks config.json (a FAMConfig with the right auto_map), that each remote-code file is byte-identical
+    to the installed hf_fam's, and that every weight the config implies is present with its shape and
+    dtype (and nothing else is). The model is not loaded.
+
+    Args:
+        folder: a local FAM checkpoint folder.
+
+    Returns:
+        One line per problem; empty when the checkpoint verifies.
+
+    Raises:
+        FileNotFoundError / ValueError: not a folder, no config.json, not a FAM checkpoint.
+
+    Example:
+    ```python
+    >>> verify_checkpoint("llama-fam")
+    ['code: modeling_fam.py differs from the installed hf_fam 0.1.0']
+    ```
+    """
+    import hf_fam
+    from hf_fam import FAMConfig
+
+    folder = _local_folder(folder)
+    raw = read_config(folder)
+    fam_summary(raw)  # refuses a non-FAM config
+    problems = []
+    if raw.get("auto_map") != AUTO_MAP:
+        problems.append(f"config: auto_map is {raw.get('auto_map')!r}, expected {AUTO_MAP!r}")
+    if "FAMForCausalLM" not in (raw.get("architectures") or []):
+        problems.append(f"config: architectures is {raw.get('architectures')!r}, expected ['FAMForCausalLM']")
+    for name, status in compare_remote_code(folder).items():
+        if status != "identical":
+            problems.append(f"code: {name} {status} (installed hf_fam {hf_fam.__version__})")
+
+    try:
+        config = FAMConfig.from_pretrained(str(folder))
+    except Exception as err:  # a config FAMConfig refuses: report, and stop before the weights
+        return problems + [f"config: cannot be loaded as a FAMConfig ({' '.join(str(err).split())[:200]})"]
+    try:
+        weights = find_weight_files(folder)
+        if weights.kind != "safetensors":
+            return problems + [f"weights: {weights.files[0].name} is pickle; FAM checkpoints are safetensors"]
+        found = read_safetensors_tensors(weights)
+    except (FileNotFoundError, ValueError) as err:
+        return problems + [f"weights: {err}"]
+    dtype = _torch_dtype(getattr(config, "dtype", None)) or _torch_dtype(getattr(config.base_config, "dtype", None))
+    expected = expected_tensors(config.base_config, dtype=dtype).tensors
+    expected[FAM_INIT_KEY] = ExpectedTensor((config.fam_length, config.base_config.hidden_size), dtype or torch.float32)
+    problems += [f"weights: {p}" for p in compare_tensors(found, expected, check_dtype=True)]
+    if weights.index_metadata.get("total_size") not in (None, sum(info.nbytes for info in found.values())):
+        problems.append("weights: the index's total_size does not match the shards")
+    return problems
+
+
+def _local_folder(folder: str | Path) -> Path:
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"{folder} is not a local folder; download a Hub checkpoint first (`hf download REPO --local-dir DIR`)"
+        )
+    return path
+
+
+def _torch_dtype(value) -> torch.dtype | None:
+    if isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype):
+        return getattr(torch, value)
+    return None
+
+
+def format_bytes(n: int) -> str:
+    """1536 -> "1.5 KiB"."""
+    if n < 1024:
+        return f"{n} B"
+    exp = min(int(math.log(n, 1024)), 4)
+    return f"{n / 1024**exp:.1f} {'BKMGT'[exp]}iB".replace("BiB", "B")
