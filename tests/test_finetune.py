@@ -132,6 +132,18 @@ def test_fam_checkpoint_keeps_its_settings(base_ckpt, tmp_path, capsys):
     assert code == 2
     assert "is a FAM checkpoint with block_size 16; --block-size 32 only applies to base checkpoints" in last
 
+    out = tmp_path / "run"
+    try:
+        code, last, everything = _cli(["finetune", str(tmp_path / "fam"), "--output", str(out), "--lora-rank", "4",
+                                       "--passkey-form", "synthetic", "--seq-len", "48", "--passkey-examples", "4",
+                                       "--steps", "2", "--batch-size", "2"], capsys)
+    finally:
+        _reset_accelerate()
+    assert code == 0, everything
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str((tmp_path / "fam").resolve())
+    assert not (out / "fam_base").exists()
+
 
 def test_help_explains_every_option(capsys):
     with pytest.raises(SystemExit):

@@ -24,8 +24,8 @@ def register(subparsers) -> None:
         "-m hf_fam.cli finetune ... (or torchrun --nproc_per_node N -m hf_fam.cli finetune ...).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("model", help="FAM checkpoint folder, or a Llama/Mistral/Gemma checkpoint folder (converted on "
-                                 "the fly with --block-size/--memory-segments/--fam-length)")
+    p.add_argument("model", help="FAM checkpoint, or a Llama/Mistral/Gemma/... checkpoint (converted on "
+                                 "the fly with --block-size/--memory-segments/--fam-length): a folder or a Hub id")
     p.add_argument("--output", "-o", required=True, help="output folder: adapter, logs, fam_base/, merged/")
     g = p.add_argument_group("model (base checkpoints only; a FAM checkpoint keeps its own settings)")
     g.add_argument("--block-size", type=int, help="C, tokens per block (default 1024)")

@@ -63,7 +63,8 @@ def _check_int(name: str, value, low: int, allow_none: bool = False) -> None:
 class ModelOptions:
     """Which model to fine-tune."""
 
-    path: str = field(metadata={"help": "A FAM checkpoint, or a Llama/Mistral/Gemma checkpoint converted on the fly."})
+    path: str = field(metadata={"help": "A FAM checkpoint, or a base checkpoint (Llama, Mistral, Gemma, ...) "
+                                        "to convert on the fly: a folder or a Hub id."})
     block_size: int | None = field(default=None, metadata={"help": "C for a base checkpoint (default 1024)."})
     memory_segments: int | None = field(default=None, metadata={"help": "M for a base checkpoint (default 3)."})
     fam_length: int | None = field(default=None, metadata={"help": "F for a base checkpoint (default 64)."})
@@ -210,10 +211,15 @@ def load_fam_model(options: ModelOptions):
     from hf_fam import FAMForCausalLM
     from hf_fam.modeling.fam_adapters import get_adapter
 
-    path = Path(options.path)
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"no checkpoint at {path} (config.json missing); pass a local checkpoint folder.")
-    config = AutoConfig.from_pretrained(path)
+    path = options.path
+    local = Path(path).exists()
+    if local and not (Path(path) / "config.json").exists():
+        raise FileNotFoundError(f"no checkpoint at {path} (config.json missing); pass a checkpoint folder.")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:  # not a folder; no such Hub repository, or no Hub (or a bad id)
+        raise FileNotFoundError(f"no checkpoint at {path}: not a local folder, and the Hub says: "
+                                f"{str(err).splitlines()[0]}") from None
     dtype = options.dtype if options.dtype == "auto" else getattr(torch, options.dtype)
     given = {"block_size": options.block_size, "memory_segments": options.memory_segments,
              "fam_length": options.fam_length}
@@ -237,8 +243,11 @@ def load_fam_model(options: ModelOptions):
         )
         converted = True
     tokenizer = None
-    if (path / "tokenizer_config.json").exists() or (path / "tokenizer.json").exists():
-        tokenizer = AutoTokenizer.from_pretrained(path)
+    if not local or (Path(path) / "tokenizer_config.json").exists() or (Path(path) / "tokenizer.json").exists():
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError):
+            tokenizer = None  # a checkpoint without a tokenizer: only the synthetic passkey can train it
     return model, tokenizer, converted
 
 
@@ -321,6 +330,13 @@ def finetune(config: FinetuneConfig, accelerator=None) -> FinetuneResult:
             gradient_accumulation_steps=t_opt.gradient_accumulation_steps,
             kwargs_handlers=handlers,
         )
+    elif accelerator.num_processes > 1 and config.recipe.state_passing_prob > 0:
+        handler = getattr(accelerator, "ddp_handler", None)
+        if not getattr(handler, "find_unused_parameters", False):
+            raise ValueError(
+                "Random State Passing leaves fam_init unused in some steps, which DDP refuses by default: build the "
+                "Accelerator with kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)]."
+            )
     out = Path(t_opt.output_dir)
     set_seed(t_opt.seed)
 
@@ -333,7 +349,8 @@ def finetune(config: FinetuneConfig, accelerator=None) -> FinetuneResult:
             model.save_pretrained(fam_base_dir)
             if tokenizer is not None:
                 tokenizer.save_pretrained(fam_base_dir)
-    base_path = (fam_base_dir or Path(config.model.path)).resolve()
+    model_path = Path(config.model.path)
+    base_path = (fam_base_dir or model_path).resolve() if fam_base_dir or model_path.exists() else config.model.path
     settings = model.fam_settings
     logger.info("model: %s (%s), C=%d M=%d F=%d", config.model.path, "converted on the fly" if converted else "FAM",
                 settings.block_size, settings.memory_segments, settings.fam_length)
@@ -435,7 +452,7 @@ def finetune(config: FinetuneConfig, accelerator=None) -> FinetuneResult:
             tokenizer.save_pretrained(out)
         summary = {"steps": step, "final_loss": final_loss, "seconds": round(seconds, 2),
                    "world_size": accelerator.num_processes, "adapter_digests": digests,
-                   "base_model": str(base_path), "merged": str(merged_dir) if merged_dir else None}
+                   "base_model": str(base_path), "merged": str(merged_dir.resolve()) if merged_dir else None}
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
         logger.info("saved the adapter to %s (base: %s)", out, base_path)
     if merged_dir is not None:

@@ -194,6 +194,8 @@ class FAMTrainingRecipe:
             return None
         if "fam_state" in kwargs or "fam_position_offset" in kwargs:
             return None  # the caller decides
+        if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+            return None  # a stream continued from a cache is not a fresh training sequence
         ref = kwargs.get("input_ids", args[0] if args else None)
         if ref is None:
             ref = kwargs.get("inputs_embeds")
