@@ -178,3 +178,38 @@ def test_every_family_loads_with_remote_code_without_hf_fam(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(result.stdout.strip().splitlines()) == len(SPECS)
+
+
+def test_every_family_converts_and_matches_patch(tmp_path):
+    """`convert` on a saved base checkpoint of each family; the result, loaded where hf_fam cannot be
+    imported, gives the logits of `hf_fam.patch` on the base model with the same fam_init."""
+    from convert_helpers import run_without_hf_fam
+    from safetensors.torch import load_file
+
+    from hf_fam.convert import ConvertOptions, convert
+
+    expected = {}
+    for name in SPECS:
+        base = build(name)
+        src, out = tmp_path / f"{name}-src", tmp_path / f"{name}-fam"
+        base.save_pretrained(src)
+        convert(src, out, ConvertOptions(block_size=4, memory_segments=1, fam_length=2, progress=False))
+        fam_init = load_file(out / "model.safetensors")["fam.fam_init"]
+        patched = hf_fam.patch(transformers.AutoModelForCausalLM.from_pretrained(src).eval(),
+                               block_size=4, memory_segments=1, fam_length=2, fam_init=fam_init)
+        ids = random_ids(1, 17, seed=7)
+        with torch.no_grad():
+            expected[name] = (ids, patched(ids).logits)
+    torch.save(expected, tmp_path / "expected.pt")
+    script = f"""
+        import torch
+        from transformers import AutoModelForCausalLM
+        for name, (ids, logits) in torch.load({str(tmp_path / "expected.pt")!r}).items():
+            model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r} + "/" + name + "-fam", trust_remote_code=True)
+            with torch.no_grad():
+                print("DIFF", name, (model.eval()(ids).logits - logits).abs().max().item())
+    """
+    result = run_without_hf_fam(script, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    diffs = {line.split()[1]: float(line.split()[2]) for line in result.stdout.splitlines() if line.startswith("DIFF")}
+    assert set(diffs) == set(SPECS) and max(diffs.values()) <= 1e-5, diffs
