@@ -40,3 +40,21 @@ def test_loss_backward_with_labels(family):
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_reentrant_checkpointing_is_refused_with_a_clear_error():
+    model = hf_fam.FAMForCausalLM.from_base_model(tiny_model("llama"), block_size=4, memory_segments=1, fam_length=2)
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    import pytest
+
+    with pytest.raises(ValueError, match="non-reentrant gradient checkpointing"):
+        model(random_ids(1, 9), labels=random_ids(1, 9))
+
+
+def test_training_forward_builds_no_cache_unless_asked():
+    model = hf_fam.FAMForCausalLM.from_base_model(tiny_model("llama"), block_size=4, memory_segments=1, fam_length=2)
+    ids = random_ids(1, 9)
+    assert model.train()(ids).get("cache") is None
+    assert model(ids, use_cache=True).cache is not None
+    assert model.eval()(ids).cache is not None

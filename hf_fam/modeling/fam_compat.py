@@ -86,3 +86,13 @@ def accepts_kwarg(fn: Callable, name: str) -> bool:
 
 def sdpa_supports_gqa() -> bool:
     return "enable_gqa" in inspect.signature(torch.nn.functional.scaled_dot_product_attention).parameters
+
+
+def uses_reentrant_checkpointing(decoder: nn.Module) -> bool:
+    """Whether the decoder's layers are checkpointed with torch's reentrant checkpoint."""
+    for layer in getattr(decoder, "layers", ()):
+        if getattr(layer, "gradient_checkpointing", False):
+            func = getattr(layer, "_gradient_checkpointing_func", None)
+            keywords = getattr(func, "keywords", None) or {}
+            return bool(keywords.get("use_reentrant", False))
+    return False

@@ -11,6 +11,8 @@ This file ships with every converted checkpoint: it imports only torch, transfor
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
@@ -24,10 +26,31 @@ from .fam_compat import (
     FAM_ATTENTION_PREFIX,
     SUPPORTED_INNER_ATTENTION,
     register_attention,
+    uses_reentrant_checkpointing,
 )
 from .fam_core import FAMRun, FAMSettings, fam_attention_forward
 
 register_attention(fam_attention_forward)
+
+
+_OUTPUT_CLASSES: dict[type, type] = {}
+
+
+def with_fam_state(outputs, fam_state):
+    """`outputs` as an instance of a subclass of its class that declares `fam_state` as a field.
+
+    Model outputs are dataclasses; DistributedDataParallel flattens them and rebuilds them from their
+    declared fields, so an extra key must be a declared field to survive.
+    """
+    cls = type(outputs)
+    if not dataclasses.is_dataclass(outputs) or any(f.name == "fam_state" for f in dataclasses.fields(outputs)):
+        outputs["fam_state"] = fam_state
+        return outputs
+    if cls not in _OUTPUT_CLASSES:
+        namespace = {"__annotations__": {"fam_state": "list | None"}, "fam_state": None, "__module__": cls.__module__,
+                     "__qualname__": f"FAM{cls.__name__}", "__doc__": f"{cls.__name__} with the final FAM of every layer."}
+        _OUTPUT_CLASSES[cls] = dataclasses.dataclass(type(f"FAM{cls.__name__}", (cls,), namespace))
+    return _OUTPUT_CLASSES[cls](**dict(outputs.items()), fam_state=fam_state)
 
 
 class FAMMemory(nn.Module):
@@ -107,7 +130,13 @@ def fam_forward(
     decoder = adapter.decoder(base_model)
     inner = select_fam_attention(config)
     if use_cache is None:
-        use_cache = getattr(config, "use_cache", False)
+        # a training forward never reuses its cache: do not build one unless asked
+        use_cache = getattr(config, "use_cache", False) and not decoder.training
+    if decoder.training and torch.is_grad_enabled() and uses_reentrant_checkpointing(decoder):
+        raise ValueError(
+            "FAM needs non-reentrant gradient checkpointing (the FAM chain reaches into every layer): call "
+            "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})."
+        )
     if getattr(decoder, "gradient_checkpointing", False) and decoder.training and torch.is_grad_enabled():
         use_cache = False
 
@@ -163,7 +192,7 @@ def fam_forward(
     )
     if settings.fam_length > 0:
         # the final FAM of every layer (Random State Passing starts the next sequence from it)
-        outputs["fam_state"] = run.final_fam
+        outputs = with_fam_state(outputs, run.final_fam)
     if use_cache:
         cache.advance(run.states, chunk_mask, position_ids)
         outputs[CACHE_KWARG] = cache

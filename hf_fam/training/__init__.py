@@ -9,7 +9,6 @@ from __future__ import annotations
 from .data import FAMDataCollator, load_text_dataset, pack_dataset
 from .finetune import DataOptions, FinetuneConfig, LoraOptions, ModelOptions, TrainOptions, finetune
 from .lora import fam_lora_config, unwrap_fam_model
-from .outputs import declare_fam_state, with_fam_state_field
 from .passkey import PasskeyConfig, SyntheticPasskeyVocab, beyond_reach, passkey_dataset, passkey_exact_match
 from .recipe import FAMRecipeConfig, FAMTrainingRecipe, attach_recipe, max_rope_wavelength
 
@@ -26,7 +25,6 @@ __all__ = [
     "TrainOptions",
     "attach_recipe",
     "beyond_reach",
-    "declare_fam_state",
     "fam_lora_config",
     "finetune",
     "load_text_dataset",
@@ -35,5 +33,4 @@ __all__ = [
     "passkey_dataset",
     "passkey_exact_match",
     "unwrap_fam_model",
-    "with_fam_state_field",
 ]

@@ -5,8 +5,6 @@ loop calls (a FAM model, its PeftModel, ...): a forward pre-hook adds the two FA
 forward made in training mode, and a forward hook keeps the final memory. Nothing else changes, so the recipe
 works the same with the HF `Trainer`, with accelerate and with a plain PyTorch loop, and `model.eval()` switches
 it off. Its random draws use a generator of its own: the global RNG (dropout, data shuffling) is untouched.
-The hook also returns the outputs as a class that declares `fam_state`, which DistributedDataParallel needs
-(see `hf_fam.training.outputs`); the values are the same.
 
 **Random State Passing (RSP, B.2.3).** A model trained on sequences of a few blocks would otherwise only ever
 see its memory updated a few times, and has to extrapolate at inference to hundreds of updates. RSP keeps the
@@ -46,7 +44,6 @@ import torch
 from torch import nn
 
 from .lora import unwrap_fam_model
-from .outputs import with_fam_state_field
 
 # Paper Appendix B / Table 4 defaults
 DEFAULT_STATE_PASSING_PROB = 0.8
@@ -208,7 +205,7 @@ class FAMTrainingRecipe:
     def _hook(self, module, args, kwargs, outputs):
         if module.training:
             self.observe(outputs)
-        return with_fam_state_field(outputs)  # DDP rebuilds outputs from their declared fields
+        return outputs
 
     def attach(self) -> FAMTrainingRecipe:
         """Register the hooks on `self.model` (idempotent)."""
