@@ -38,7 +38,8 @@ def load_fam_model(source: str, *, overrides: FAMOverrides | None = None, dtype:
     `overrides` take the paper's defaults (C=1024, M=3, F=64).
 
     Returns:
-        (model, tokenizer or None)
+        (model, tokenizer or None); `model.config.model_type != "fam"` never happens: a base checkpoint comes
+        back wrapped (check the source's config to know whether it was converted).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -46,22 +47,34 @@ def load_fam_model(source: str, *, overrides: FAMOverrides | None = None, dtype:
     from .modeling.configuration_fam import DEFAULT_BLOCK_SIZE, DEFAULT_FAM_LENGTH, DEFAULT_MEMORY_SEGMENTS
 
     overrides = overrides or FAMOverrides()
-    if source.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(source)):
-        raise FileNotFoundError(f"no checkpoint folder at {source}")
+    source = str(source)
+    local = os.path.exists(os.path.expanduser(source))
+    if source.startswith(("/", "./", "../", "~")) and not local:
+        raise FileNotFoundError(f"no checkpoint at {source}: no such folder")
+    if local and not os.path.isfile(os.path.join(os.path.expanduser(source), "config.json")):
+        raise FileNotFoundError(f"no checkpoint at {source} (config.json missing); pass a checkpoint folder.")
     hub = dict(revision=revision, token=token)
-    config = AutoConfig.from_pretrained(source, **hub)
+    try:
+        config = AutoConfig.from_pretrained(source, **hub)
+    except (OSError, ValueError) as err:  # no such Hub repository, no Hub reachable, or a bad id
+        raise FileNotFoundError(
+            f"no checkpoint at {source}: not a local folder, and the Hub says: {str(err).splitlines()[0]}"
+        ) from None
     kwargs = dict(dtype=resolve_dtype(dtype), **hub)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if config.model_type == "fam":
-        given = {k: v for k, v in vars(overrides).items() if v is not None and v != getattr(config, k)}
-        if given:
-            raise ValueError(
-                f"{source} is a FAM checkpoint with block_size={config.block_size}, memory_segments="
-                f"{config.memory_segments}, fam_length={config.fam_length}; it cannot run with {given}."
-            )
+        for name, value in vars(overrides).items():
+            if value is not None and value != getattr(config, name):
+                raise ValueError(
+                    f"{source} is a FAM checkpoint with {name} {getattr(config, name)}; --{name.replace('_', '-')} "
+                    f"{value} only applies to base checkpoints (drop it, or convert the base model again)."
+                )
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     else:
+        from .modeling.fam_adapters import get_adapter
+
+        get_adapter(config.model_type)  # unsupported family: one error naming the supported ones
         base = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         model = FAMForCausalLM.from_base_model(
             base,
@@ -70,8 +83,11 @@ def load_fam_model(source: str, *, overrides: FAMOverrides | None = None, dtype:
             fam_length=DEFAULT_FAM_LENGTH if overrides.fam_length is None else overrides.fam_length,
         )
     model.to(device).eval()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **hub)
-    except (OSError, ValueError):
-        tokenizer = None
+    tokenizer = None
+    folder = os.path.expanduser(source)
+    if not local or any(os.path.isfile(os.path.join(folder, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, **hub)
+        except (OSError, ValueError):
+            tokenizer = None  # a checkpoint without a tokenizer
     return model, tokenizer

@@ -76,7 +76,7 @@ def test_cli_generate_errors_are_one_line(checkpoint, tmp_path, capsys):
 def test_fam_checkpoint_refuses_other_settings(checkpoint, tmp_path):
     model, _ = load_fam_model(str(checkpoint), overrides=FAMOverrides(16, 1, 4))
     model.save_pretrained(tmp_path / "fam")
-    with pytest.raises(ValueError, match="cannot run with"):
+    with pytest.raises(ValueError, match="only applies to base checkpoints"):
         load_fam_model(str(tmp_path / "fam"), overrides=FAMOverrides(block_size=32))
 
 

@@ -49,7 +49,6 @@ DTYPES = ("float32", "bfloat16", "float16", "auto")
 DATA_SOURCES = ("passkey", "text")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 # used when converting a base checkpoint without explicit settings (paper, DESIGN.md §4)
-PAPER_BLOCK_SIZE, PAPER_MEMORY_SEGMENTS, PAPER_FAM_LENGTH = 1024, 3, 64
 
 
 def _check_int(name: str, value, low: int, allow_none: bool = False) -> None:
@@ -205,49 +204,15 @@ def load_fam_model(options: ModelOptions):
     Returns:
         (model, tokenizer or None, converted): `converted` is True for a base checkpoint.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig
 
-    import hf_fam  # noqa: F401  (registers model_type "fam")
-    from hf_fam import FAMForCausalLM
-    from hf_fam.modeling.fam_adapters import get_adapter
+    from ..loading import FAMOverrides
+    from ..loading import load_fam_model as load
 
-    path = options.path
-    local = Path(path).exists()
-    if local and not (Path(path) / "config.json").exists():
-        raise FileNotFoundError(f"no checkpoint at {path} (config.json missing); pass a checkpoint folder.")
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as err:  # not a folder; no such Hub repository, or no Hub (or a bad id)
-        raise FileNotFoundError(f"no checkpoint at {path}: not a local folder, and the Hub says: "
-                                f"{str(err).splitlines()[0]}") from None
-    dtype = options.dtype if options.dtype == "auto" else getattr(torch, options.dtype)
-    given = {"block_size": options.block_size, "memory_segments": options.memory_segments,
-             "fam_length": options.fam_length}
-    if config.model_type == "fam":
-        for name, value in given.items():
-            if value is not None and value != getattr(config, name):
-                raise ValueError(
-                    f"{path} is a FAM checkpoint with {name} {getattr(config, name)}; --{name.replace('_', '-')} "
-                    f"{value} only applies to base checkpoints (drop it, or convert the base model again)."
-                )
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        converted = False
-    else:
-        get_adapter(config.model_type)  # unsupported family: ValueError naming the supported ones
-        base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        model = FAMForCausalLM.from_base_model(
-            base,
-            block_size=PAPER_BLOCK_SIZE if options.block_size is None else options.block_size,
-            memory_segments=PAPER_MEMORY_SEGMENTS if options.memory_segments is None else options.memory_segments,
-            fam_length=PAPER_FAM_LENGTH if options.fam_length is None else options.fam_length,
-        )
-        converted = True
-    tokenizer = None
-    if not local or (Path(path) / "tokenizer_config.json").exists() or (Path(path) / "tokenizer.json").exists():
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError):
-            tokenizer = None  # a checkpoint without a tokenizer: only the synthetic passkey can train it
+    overrides = FAMOverrides(options.block_size, options.memory_segments, options.fam_length)
+    model, tokenizer = load(options.path, overrides=overrides, dtype=options.dtype)
+    model.train()
+    converted = AutoConfig.from_pretrained(options.path).model_type != "fam"
     return model, tokenizer, converted
 
 
