@@ -1,0 +1,401 @@
+"""The benchmark suite (`hf-fam bench`, `python benchmarks/run.py`): is FAM worth using?
+
+On a small Llama (hidden 512, 8 layers, fp32 by default) it measures, for full attention (sdpa, the
+unmodified model), block sliding window attention (BSWA: F = 0) and FAM at the same C and M:
+
+- **prefill**: time and peak memory to read N tokens (1k ... 64k). FAM and BSWA read the input in chunks
+  through their constant-size cache (memory flat in N); full attention reads it in one forward.
+- **train**: one training step (forward + backward) of FAM vs BSWA.
+- **decode**: milliseconds per generated token after 1k ... 64k tokens of context.
+- **stream**: peak memory while FAM reads a 1M-token stream.
+
+Timings: a warm-up, then several rounds in which the variants run interleaved; ratios are taken within a
+round and their median reported (this machine is noisy). Peak memory: on CUDA `max_memory_allocated`; on
+the CPU the peak RSS of a fresh process per measurement (a process's RSS never shrinks back).
+Results: JSON, a markdown table and PNG plots.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+VARIANTS = ("full", "bswa", "fam")
+
+
+@dataclass
+class BenchConfig:
+    """What to measure, on which model."""
+
+    hidden: int = 512
+    layers: int = 8
+    heads: int = 8
+    vocab: int = 32000
+    block_size: int = 256
+    memory_segments: int = 1
+    fam_length: int = 16
+    dtype: str = "float32"
+    device: str = "cpu"
+    threads: int = 2
+    prefill_lengths: list[int] = field(default_factory=lambda: [1024, 4096, 16384, 32768, 65536])
+    full_max_length: int = 32768
+    chunk: int = 4096
+    train_length: int = 4096
+    train_batch: int = 1
+    decode_contexts: list[int] = field(default_factory=lambda: [1024, 4096, 16384, 65536])
+    decode_steps: int = 64
+    stream_tokens: int = 1_048_576
+    rounds: int = 3
+    parts: list[str] = field(default_factory=lambda: ["prefill", "train", "decode", "stream"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# models and timing
+# ----------------------------------------------------------------------------------------------------------
+def build(variant: str, config: BenchConfig):
+    """The unmodified model ("full") or its FAM wrapper with F = 0 ("bswa") or F > 0 ("fam"); same weights."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .modeling.modeling_fam import FAMForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(
+        hidden_size=config.hidden, intermediate_size=4 * config.hidden, num_hidden_layers=config.layers,
+        num_attention_heads=config.heads, num_key_value_heads=config.heads, vocab_size=config.vocab,
+        max_position_embeddings=max(config.prefill_lengths + config.decode_contexts + [config.stream_tokens]) + 1,
+        attn_implementation="sdpa",
+    )).to(device=config.device, dtype=getattr(torch, config.dtype)).eval()
+    if variant == "full":
+        return base
+    fam_length = config.fam_length if variant == "fam" else 0
+    return FAMForCausalLM.from_base_model(
+        base, block_size=config.block_size, memory_segments=config.memory_segments, fam_length=fam_length
+    ).eval()
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def read(model, n: int, config: BenchConfig, chunked: bool):
+    """Read n random tokens; return the cache (chunked) or None. Only the last token's logits are made."""
+    import torch
+
+    gen = torch.Generator().manual_seed(n)
+    ids = torch.randint(0, config.vocab, (1, n), generator=gen).to(config.device)
+    with torch.inference_mode():
+        if not chunked:
+            model(ids, use_cache=False, logits_to_keep=1)
+            return None
+        cache = None
+        for s in range(0, n, config.chunk):
+            cache = model(ids[:, s : s + config.chunk], cache=cache, use_cache=True, logits_to_keep=1).cache
+        return cache
+
+
+def timed(fn, device: str) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def interleaved(fns: dict, rounds: int, device: str) -> dict[str, list[float]]:
+    """Warm each function up once, then time all of them in turn, `rounds` times."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(timed(fn, device))
+    return times
+
+
+def median_ratio(a: list[float], b: list[float]) -> float:
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# peak memory
+# ----------------------------------------------------------------------------------------------------------
+def peak_memory_mib(variant: str, n: int, config: BenchConfig) -> float:
+    """Peak memory of reading n tokens: CUDA allocator peak, or the peak RSS of a fresh process (CPU)."""
+    import torch
+
+    if config.device.startswith("cuda"):
+        model = _models(config)[variant]
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        read(model, n, config, chunked=variant != "full")
+        _sync(config.device)
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    cmd = [sys.executable, "-m", "hf_fam.bench", "--child-memory", variant, str(n), json.dumps(asdict(config))]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "child failed")
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _child_memory(variant: str, n: int, config: BenchConfig) -> None:
+    """In a fresh process: the peak RSS (MiB) reached while reading n tokens, imports and model included."""
+    import resource
+
+    import torch
+
+    torch.set_num_threads(config.threads)
+    model = build(variant, config)
+    read(model, n, config, chunked=variant != "full")
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+_MODEL_CACHE: dict = {}
+
+
+def _models(config: BenchConfig) -> dict:
+    key = json.dumps(asdict(config), sort_keys=True)
+    if key not in _MODEL_CACHE:
+        _MODEL_CACHE.clear()
+        _MODEL_CACHE[key] = {v: build(v, config) for v in VARIANTS}
+    return _MODEL_CACHE[key]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the parts
+# ----------------------------------------------------------------------------------------------------------
+def bench_prefill(config: BenchConfig, log=print) -> list[dict]:
+    models = _models(config)
+    rows = []
+    for n in config.prefill_lengths:
+        variants = [v for v in VARIANTS if v != "full" or n <= config.full_max_length]
+        fns = {v: (lambda v=v: read(models[v], n, config, chunked=v != "full")) for v in variants}
+        times = interleaved(fns, config.rounds, config.device)
+        row = {"n": n, **{f"{v}_s": statistics.median(times[v]) for v in variants},
+               "fam_over_bswa": median_ratio(times["fam"], times["bswa"])}
+        if "full" in times:
+            row["full_over_fam"] = median_ratio(times["full"], times["fam"])
+        for v in variants:
+            row[f"{v}_peak_mib"] = peak_memory_mib(v, n, config)
+        row["fam_over_bswa_memory"] = row["fam_peak_mib"] / row["bswa_peak_mib"]
+        rows.append(row)
+        log(json.dumps(row))
+    return rows
+
+
+def bench_train(config: BenchConfig, log=print) -> dict:
+    import torch
+
+    models = {v: build(v, config).train() for v in ("bswa", "fam")}
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config.vocab, (config.train_batch, config.train_length), generator=gen).to(config.device)
+
+    def step(model):
+        model.zero_grad(set_to_none=True)
+        model(ids, labels=ids, use_cache=False).loss.backward()
+
+    times = interleaved({v: (lambda m=m: step(m)) for v, m in models.items()}, config.rounds, config.device)
+    row = {"tokens": config.train_length * config.train_batch, **{f"{v}_s": statistics.median(t) for v, t in times.items()},
+           "fam_over_bswa": median_ratio(times["fam"], times["bswa"])}
+    log(json.dumps(row))
+    return row
+
+
+def bench_decode(config: BenchConfig, log=print) -> list[dict]:
+    """ms/token after each context length: FAM (and BSWA) continue a constant-size cache; full attention a
+    DynamicCache that grows (only up to `full_max_length`)."""
+    import torch
+
+    models = _models(config)
+    caches = {}
+    for v in VARIANTS:
+        for n in config.decode_contexts:
+            if v == "full" and n > config.full_max_length:
+                continue
+            caches[(v, n)] = read(models[v], n, config, chunked=True)
+    token = torch.tensor([[7]], device=config.device)
+
+    def decode(v, n):
+        cache = copy.deepcopy(caches[(v, n)])
+        with torch.inference_mode():
+            for _ in range(config.decode_steps):
+                cache = models[v](token, cache=cache, use_cache=True).cache
+
+    times = interleaved({key: (lambda key=key: decode(*key)) for key in caches}, config.rounds, config.device)
+    rows = []
+    shortest = min(config.decode_contexts)
+    for v in VARIANTS:
+        for n in config.decode_contexts:
+            if (v, n) not in times:
+                continue
+            row = {"variant": v, "context": n,
+                   "ms_per_token": 1e3 * statistics.median(times[(v, n)]) / config.decode_steps,
+                   f"ratio_vs_{shortest}": median_ratio(times[(v, n)], times[(v, shortest)])}
+            rows.append(row)
+            log(json.dumps(row))
+    return rows
+
+
+def bench_stream(config: BenchConfig, log=print) -> dict:
+    """Peak memory while FAM reads `stream_tokens` tokens, against reading 32k (fresh processes)."""
+    shorter = min(32768, config.stream_tokens)
+    row = {"tokens": config.stream_tokens,
+           "peak_mib": peak_memory_mib("fam", config.stream_tokens, config),
+           f"peak_mib_at_{shorter}": peak_memory_mib("fam", shorter, config)}
+    row["ratio"] = row["peak_mib"] / row[f"peak_mib_at_{shorter}"]
+    log(json.dumps(row))
+    return row
+
+
+def run(config: BenchConfig, out: str | Path, log=print) -> dict:
+    """Run the selected parts; write `out`.json, `out`.md and PNG plots next to it."""
+    import torch
+
+    torch.set_num_threads(config.threads)
+    result = {"benchmark": "hf_fam suite", "config": asdict(config), "machine": machine_info(config)}
+    for part in config.parts:
+        log(f"== {part}")
+        result[part] = globals()[f"bench_{part}"](config, log=log)
+    result["targets"] = check_targets(result)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    out.with_suffix(".md").write_text(format_markdown(result))
+    plot(result, out.with_suffix(""))
+    log(format_markdown(result))
+    return result
+
+
+def machine_info(config: BenchConfig) -> dict:
+    import torch
+
+    info = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+            "threads": config.threads, "device": config.device}
+    if config.device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def check_targets(result: dict) -> dict:
+    """The targets of the performance issue, each with the measured figure and whether it holds."""
+    t = {}
+    if "train" in result:
+        t["train FAM/BSWA <= 1.15"] = _target(result["train"]["fam_over_bswa"], 1.15)
+    if "prefill" in result:
+        longest = max(result["prefill"], key=lambda r: r["n"])
+        t["prefill FAM/BSWA <= 1.10"] = _target(longest["fam_over_bswa"], 1.10, at=longest["n"])
+        t["peak memory FAM/BSWA <= 1.05"] = _target(longest["fam_over_bswa_memory"], 1.05, at=longest["n"])
+        at32 = next((r for r in result["prefill"] if r["n"] == 32768 and "full_over_fam" in r), None)
+        if at32:
+            t["prefill 32k full/FAM >= 5"] = _target(at32["full_over_fam"], 5.0, above=True)
+        fam = sorted((r["n"], r["fam_peak_mib"]) for r in result["prefill"])
+        if len(fam) > 1:
+            t["FAM prefill memory flat in N (last/first <= 1.1)"] = _target(fam[-1][1] / fam[0][1], 1.1)
+    if "decode" in result:
+        fam = {r["context"]: r for r in result["decode"] if r["variant"] == "fam"}
+        if 65536 in fam:
+            t["decode 64k / 1k <= 1.1"] = _target(fam[65536][f"ratio_vs_{min(fam)}"], 1.1)
+    if "stream" in result:
+        t["1M-token stream memory / 32k <= 1.1"] = _target(result["stream"]["ratio"], 1.1)
+    return t
+
+
+def _target(value: float, bound: float, above: bool = False, at: int | None = None) -> dict:
+    ok = value >= bound if above else value <= bound
+    out = {"value": round(value, 3), "bound": bound, "met": bool(ok)}
+    if at is not None:
+        out["n"] = at
+    return out
+
+
+def format_markdown(result: dict) -> str:
+    cfg = result["config"]
+    lines = [f"Model: Llama, hidden {cfg['hidden']}, {cfg['layers']} layers, {cfg['dtype']}, {cfg['device']}; "
+             f"C={cfg['block_size']}, M={cfg['memory_segments']}, F={cfg['fam_length']}; "
+             f"{result['machine'].get('gpu', str(result['machine']['cpus']) + ' CPUs')}", ""]
+    if "prefill" in result:
+        lines += ["| N | full s | BSWA s | FAM s | FAM/BSWA | full/FAM | full MiB | BSWA MiB | FAM MiB |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in result["prefill"]:
+            f = lambda k, d=2: f"{r[k]:.{d}f}" if k in r else "–"  # noqa: E731
+            lines.append(f"| {r['n']} | {f('full_s')} | {f('bswa_s')} | {f('fam_s')} | {f('fam_over_bswa')} | "
+                         f"{f('full_over_fam')} | {f('full_peak_mib', 0)} | {f('bswa_peak_mib', 0)} | {f('fam_peak_mib', 0)} |")
+        lines.append("")
+    if "train" in result:
+        r = result["train"]
+        lines += [f"Training step ({r['tokens']} tokens): BSWA {r['bswa_s']:.3f} s, FAM {r['fam_s']:.3f} s, "
+                  f"FAM/BSWA {r['fam_over_bswa']:.3f}", ""]
+    if "decode" in result:
+        lines += ["| variant | context | ms/token | vs shortest |", "|---|---:|---:|---:|"]
+        for r in result["decode"]:
+            ratio = next(v for k, v in r.items() if k.startswith("ratio_vs_"))
+            lines.append(f"| {r['variant']} | {r['context']} | {r['ms_per_token']:.2f} | {ratio:.2f} |")
+        lines.append("")
+    if "stream" in result:
+        r = result["stream"]
+        lines += [f"Stream of {r['tokens']:,} tokens: peak {r['peak_mib']:.0f} MiB, {r['ratio']:.3f}x the peak at 32k", ""]
+    if result.get("targets"):
+        lines += ["| target | measured | met |", "|---|---:|:---:|"]
+        for name, t in result["targets"].items():
+            lines.append(f"| {name} | {t['value']} | {'yes' if t['met'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, stem: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    if "prefill" in result:
+        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
+        for v, style in (("full", "o-"), ("bswa", "s--"), ("fam", "^-")):
+            pts = [(r["n"], r[f"{v}_s"], r[f"{v}_peak_mib"]) for r in result["prefill"] if f"{v}_s" in r]
+            if pts:
+                a.plot([p[0] for p in pts], [p[1] for p in pts], style, label=v.upper() if v != "full" else "full attention")
+                b.plot([p[0] for p in pts], [p[2] for p in pts], style, label=v.upper() if v != "full" else "full attention")
+        for ax, ylabel in ((a, "prefill time (s)"), (b, "peak memory (MiB)")):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("tokens read")
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            ax.legend()
+        a.set_yscale("log")
+        fig.tight_layout()
+        paths.append(stem.parent / f"{stem.name}_prefill.png")
+        fig.savefig(paths[-1])
+        plt.close(fig)
+    if "decode" in result:
+        fig, ax = plt.subplots(figsize=(5, 4), dpi=110)
+        for v, style in (("full", "o-"), ("bswa", "s--"), ("fam", "^-")):
+            pts = [(r["context"], r["ms_per_token"]) for r in result["decode"] if r["variant"] == v]
+            if pts:
+                ax.plot(*zip(*pts), style, label=v.upper() if v != "full" else "full attention")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("decode ms/token")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        paths.append(stem.parent / f"{stem.name}_decode.png")
+        fig.savefig(paths[-1])
+        plt.close(fig)
+    return paths
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--child-memory":
+        _child_memory(sys.argv[2], int(sys.argv[3]), BenchConfig(**json.loads(sys.argv[4])))

@@ -1,0 +1,52 @@
+"""`hf-fam bench`: the performance suite (prefill, training step, decode, 1M-token stream)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub) -> None:
+    from ..bench import BenchConfig
+
+    d = BenchConfig()
+    p = sub.add_parser(
+        "bench",
+        help="benchmark FAM against BSWA and full attention (prefill, training, decode, streaming memory)",
+        description="Measure prefill time and peak memory vs N, a training step, decode latency vs context and a "
+        "1M-token stream's peak memory, for full attention, BSWA (F=0) and FAM on a small Llama; interleaved "
+        "rounds, medians of ratios; writes JSON, a markdown table and PNG plots.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--out", default="benchmarks/results/suite", help="output path stem (.json, .md, _*.png)")
+    p.add_argument("--parts", nargs="+", default=d.parts, choices=["prefill", "train", "decode", "stream"])
+    p.add_argument("--prefill-lengths", type=int, nargs="+", default=d.prefill_lengths)
+    p.add_argument("--full-max-length", type=int, default=d.full_max_length, help="longest N for full attention")
+    p.add_argument("--decode-contexts", type=int, nargs="+", default=d.decode_contexts)
+    p.add_argument("--decode-steps", type=int, default=d.decode_steps, help="tokens decoded per timing")
+    p.add_argument("--stream-tokens", type=int, default=d.stream_tokens)
+    p.add_argument("--train-length", type=int, default=d.train_length)
+    p.add_argument("--train-batch", type=int, default=d.train_batch)
+    p.add_argument("--rounds", type=int, default=d.rounds, help="timed rounds after the warm-up")
+    p.add_argument("--chunk", type=int, default=d.chunk, help="tokens per forward when reading through the cache")
+    p.add_argument("--hidden", type=int, default=d.hidden)
+    p.add_argument("--layers", type=int, default=d.layers)
+    p.add_argument("--heads", type=int, default=d.heads)
+    p.add_argument("--vocab", type=int, default=d.vocab)
+    p.add_argument("--block-size", type=int, default=d.block_size)
+    p.add_argument("--memory-segments", type=int, default=d.memory_segments)
+    p.add_argument("--fam-length", type=int, default=d.fam_length)
+    p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--threads", type=int, default=d.threads, help="CPU threads")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..bench import BenchConfig, run as run_suite
+
+    fields = ("parts", "prefill_lengths", "full_max_length", "decode_contexts", "decode_steps", "stream_tokens",
+              "train_length", "train_batch", "rounds", "chunk", "hidden", "layers", "heads", "vocab", "block_size",
+              "memory_segments", "fam_length", "dtype", "device", "threads")
+    config = BenchConfig(**{f: getattr(args, f) for f in fields})
+    run_suite(config, args.out)
+    return 0
