@@ -53,6 +53,10 @@ class DemoConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     state_passing_prob: float = field(default=0.0, metadata={"help": "Random State Passing probability."})
+    far_key_prob: float = field(
+        default=0.0, metadata={"help": "Share of training examples whose key sits in the first block (far back)."}
+    )
+    device: str = "cpu"
     # adaptive curriculum over training lengths
     start_len: int = 64
     len_step: int = 32
@@ -95,13 +99,23 @@ def build_model(config: DemoConfig, fam_length: int):
         pad_token_id=None, bos_token_id=None, eos_token_id=None, attn_implementation="sdpa",
     ))
     return FAMForCausalLM.from_base_model(base, block_size=config.block_size, memory_segments=config.memory_segments,
-                                          fam_length=fam_length)
+                                          fam_length=fam_length).to(config.device)
 
 
 def make_batch(config: DemoConfig, seq_len: int, rng: random.Random, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A training batch of synthetic passkey examples of length `seq_len`, key depth uniform."""
-    data = PasskeyConfig(num_examples=1, seq_len=seq_len, form="synthetic", seed=rng.randrange(2**31))
-    rows = [synthetic_passkey_example(data, i) for i in range(batch_size)]
+    """A training batch of synthetic passkey examples of length `seq_len`.
+
+    The key's depth is uniform, except that a share `far_key_prob` of the examples put it in the first block,
+    as far back as the sequence allows: those need the memory once the sequence outgrows the window.
+    """
+    n_filler = seq_len - 2 * 5 - 3  # filler tokens around `KEY d1..d5 ENDK` and `QRY`
+    first_block = max(0.0, (config.block_size - 7) / max(1, n_filler))
+    rows = []
+    for _ in range(batch_size):
+        depth = rng.random() * (first_block if rng.random() < config.far_key_prob else 1.0)
+        data = PasskeyConfig(num_examples=1, seq_len=seq_len, form="synthetic", depth=min(1.0, depth),
+                             seed=rng.randrange(2**31))
+        rows.append(synthetic_passkey_example(data, 0))
     ids = torch.tensor([r["input_ids"] for r in rows])
     labels = torch.tensor([r["labels"] for r in rows])
     return ids, labels
@@ -114,7 +128,7 @@ def _lr_at(config: DemoConfig, step: int, progress: float) -> float:
     return config.lr * warm * cosine
 
 
-def train(model, config: DemoConfig, *, log=None) -> dict:
+def train(model, config: DemoConfig, *, log=None, callback=None, callback_every: int = 500) -> dict:
     """Train on passkey retrieval with the adaptive length curriculum; returns the training history."""
     from .training.recipe import FAMRecipeConfig, attach_recipe
 
@@ -137,16 +151,17 @@ def train(model, config: DemoConfig, *, log=None) -> dict:
             elapsed = time.perf_counter() - t0
             if elapsed >= config.train_seconds or (config.max_steps is not None and step >= config.max_steps):
                 break
-            progress = elapsed / config.train_seconds
+            # the schedule follows the step budget when there is one, else the time budget
+            progress = step / config.max_steps if config.max_steps else elapsed / config.train_seconds
             for group in optim.param_groups:
                 group["lr"] = _lr_at(config, step, progress)
             ids, labels = make_batch(config, seq_len, rng, config.batch_size)
-            out = model(ids, labels=labels, use_cache=False)
+            out = model(ids.to(config.device), labels=labels.to(config.device), use_cache=False)
             optim.zero_grad(set_to_none=True)
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optim.step()
-            match = passkey_exact_match(out.logits.detach(), labels).float().mean().item()
+            match = passkey_exact_match(out.logits.detach().cpu(), labels).float().mean().item()
             recent = (recent + [match])[-10:]
             step += 1
             if step % 10 == 0:
@@ -154,6 +169,10 @@ def train(model, config: DemoConfig, *, log=None) -> dict:
                 history["match"].append(round(sum(recent) / len(recent), 3))
                 if log:
                     log(f"step {step} len {seq_len} loss {out.loss.item():.3f} match {sum(recent) / len(recent):.2f}")
+            if callback is not None and step % callback_every == 0:
+                model.eval()
+                callback(step, seq_len, time.perf_counter() - t0)
+                model.train()
             # adaptive curriculum: longer sequences once the current length is mostly solved
             if len(recent) == 10 and sum(recent) / 10 >= config.promote_at and seq_len < config.max_train_len:
                 seq_len = min(config.max_train_len, seq_len + config.len_step)

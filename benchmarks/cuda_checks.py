@@ -1,0 +1,131 @@
+"""FAM on CUDA: the equivalences the CPU test suite checks, run on a GPU (the code is device-agnostic).
+
+Prints one line per check and exits non-zero if any fails. TF32 is switched off so that fp32 means fp32.
+
+    python benchmarks/cuda_checks.py [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from fam_layer_reference import reference_layer_fam_logits  # noqa: E402
+
+import hf_fam  # noqa: E402
+
+DEVICE = "cuda"
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, vocab_size=101, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+FAMILIES = {
+    "llama": ("llama", {}, "sdpa"),
+    "mistral": ("mistral", {"sliding_window": None}, "sdpa"),
+    "gemma": ("gemma", {}, "sdpa"),
+    "gemma2": ("gemma2", {"sliding_window": 24, "layer_types": ["sliding_attention", "full_attention"]}, "eager"),
+    "qwen3": ("qwen3", {}, "sdpa"),
+}
+results = []
+
+
+def check(name: str, value: float, bound: float):
+    ok = value <= bound
+    results.append({"check": name, "value": value, "bound": bound, "ok": ok})
+    print(f"{'PASS' if ok else 'FAIL'} {name}: {value:.3e} (<= {bound:.0e})", flush=True)
+
+
+def build(family: str, attn: str | None = None):
+    model_type, overrides, default_attn = FAMILIES[family]
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model(model_type, **{**TINY, **overrides})
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn or default_attn).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(3.0)
+            layer.self_attn.k_proj.weight.mul_(3.0)
+    return model
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out")
+    p.add_argument("--device", default="cuda", help="cuda (default); cpu for a dry run")
+    args = p.parse_args()
+    global DEVICE
+    DEVICE = args.device
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    name = torch.cuda.get_device_name(0) if DEVICE.startswith("cuda") else "cpu"
+    print(name, torch.__version__, transformers.__version__, flush=True)
+    t0 = time.time()
+    C, M, F = 4, 1, 3
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 101, (3, 27), generator=g)
+    mask = torch.ones(3, 27, dtype=torch.long)
+    mask[1, :9] = 0
+    mask[2, :20] = 0
+    for family in FAMILIES:
+        cpu_base = build(family)
+        cpu_model = hf_fam.FAMForCausalLM.from_base_model(cpu_base, block_size=C, memory_segments=M, fam_length=F).eval()
+        with torch.no_grad():
+            reference = reference_layer_fam_logits(cpu_base, ids, mask, C, M, F, cpu_model.fam.fam_init)
+        model = cpu_model.to(DEVICE)
+        with torch.no_grad():
+            got = model(ids.to(DEVICE), attention_mask=mask.to(DEVICE)).logits.cpu()
+        check(f"{family}: FAM on CUDA == reference on CPU (left-padded batch)", ((got - reference).abs() * mask[..., None]).max().item(), 1e-4)
+        with torch.no_grad():
+            parallel = model(ids[:1].to(DEVICE), use_cache=False).logits
+            for chunk in (1, 7):
+                cache, outs = None, []
+                for s in range(0, 27, chunk):
+                    out = model(ids[:1, s : s + chunk].to(DEVICE), cache=cache, use_cache=True)
+                    cache, outs = out.cache, outs + [out.logits]
+                check(f"{family}: chunked prefill ({chunk}) == parallel", (torch.cat(outs, 1) - parallel).abs().max().item(), 1e-4)
+        a = model.generate(ids[:1, :6].to(DEVICE), max_new_tokens=16, do_sample=False)
+        b = model.generate(ids[:1, :6].to(DEVICE), max_new_tokens=16, do_sample=False, use_cache=False)
+        check(f"{family}: generate with cache == without", float(not torch.equal(a, b)), 0.0)
+        lengths = [27, 18, 7]
+        batched = model.generate(ids.to(DEVICE), attention_mask=mask.to(DEVICE), max_new_tokens=10, do_sample=False, pad_token_id=0)
+        worst = 0.0
+        for row, n in enumerate(lengths):
+            alone = model.generate(ids[row : row + 1, 27 - n :].to(DEVICE), max_new_tokens=10, do_sample=False, pad_token_id=0)
+            new = alone[0, n:]  # stops at EOS; the batch pads its finished rows after it
+            worst = max(worst, float(not torch.equal(batched[row, 27 : 27 + new.numel()], new)))
+        check(f"{family}: left-padded batched generate == each prompt alone", worst, 0.0)
+        # bf16: runs, and stays near fp32
+        half = hf_fam.FAMForCausalLM.from_base_model(build(family), block_size=C, memory_segments=M, fam_length=F)
+        half.fam.fam_init.data.copy_(cpu_model.fam.fam_init.data.cpu())
+        half = half.to(DEVICE, torch.bfloat16).eval()
+        with torch.no_grad():
+            lo = half(ids[:1].to(DEVICE)).logits.float()
+        check(f"{family}: bf16 logits near fp32 (relative)", ((lo - parallel).abs().max() / parallel.abs().max()).item(), 5e-2)
+    # eager == sdpa, training step with gradient checkpointing
+    outs = []
+    for attn in ("sdpa", "eager"):
+        m = hf_fam.FAMForCausalLM.from_base_model(build("llama", attn), block_size=C, memory_segments=M, fam_length=F).to(DEVICE).eval()
+        with torch.no_grad():
+            outs.append(m(ids.to(DEVICE), attention_mask=mask.to(DEVICE)).logits)
+    check("llama: sdpa == eager on CUDA", ((outs[0] - outs[1]).abs() * mask.to(DEVICE)[..., None]).max().item(), 1e-4)
+    grads = []
+    for checkpointing in (False, True):
+        m = hf_fam.FAMForCausalLM.from_base_model(build("llama"), block_size=C, memory_segments=M, fam_length=F).to(DEVICE).train()
+        if checkpointing:
+            m.gradient_checkpointing_enable()
+        m(ids.to(DEVICE), labels=ids.to(DEVICE)).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]))
+    check("llama: gradients with checkpointing == without", (grads[0] - grads[1]).abs().max().item(), 1e-5)
+    print(f"{sum(r['ok'] for r in results)}/{len(results)} checks passed in {time.time() - t0:.0f} s", flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"device": name, "torch": torch.__version__,
+                                              "transformers": transformers.__version__, "checks": results}, indent=2))
+    sys.exit(0 if all(r["ok"] for r in results) else 1)
+
+
+if __name__ == "__main__":
+    main()
