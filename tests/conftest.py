@@ -16,16 +16,9 @@ import transformers  # noqa: E402
 
 FAMILIES = ("llama", "mistral", "gemma")
 
-_TINY = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    vocab_size=101,
-    max_position_embeddings=512,
-)
+from hf_fam.tiny import TINY_DEFAULTS  # noqa: E402
+
+_TINY = {**TINY_DEFAULTS, "vocab_size": 101, "max_position_embeddings": 512}
 
 
 def tiny_config(family: str = "llama", **overrides) -> transformers.PretrainedConfig:

@@ -27,7 +27,7 @@ def register(sub) -> None:
     p.add_argument("--train-length", type=int, default=d.train_length)
     p.add_argument("--train-batch", type=int, default=d.train_batch)
     p.add_argument("--rounds", type=int, default=d.rounds, help="timed rounds after the warm-up")
-    p.add_argument("--chunk", type=int, default=d.chunk, help="tokens per forward when reading through the cache")
+    p.add_argument("--chunk", type=int, default=d.chunk, help="tokens per forward when FAM/BSWA read through the cache (0: one forward)")
     p.add_argument("--hidden", type=int, default=d.hidden)
     p.add_argument("--layers", type=int, default=d.layers)
     p.add_argument("--heads", type=int, default=d.heads)
