@@ -249,7 +249,8 @@ class FAMRun:
         # one host sync for all the shapes of this chunk
         work_len_cpu = run.work_len.tolist()
         prefix_shaped = bool((chunk_mask[:, :-1] >= chunk_mask[:, 1:]).all()) if n > 1 else True
-        run.aligned = fresh and prefix_shaped  # slot == column index for every real token
+        at_boundary = fresh or not bool(part_len.any())
+        run.aligned = prefix_shaped and at_boundary  # slot == column index for every real token
         run.num_blocks = max(1, math.ceil(max(work_len_cpu) / C))
         complete = [w // C for w in work_len_cpu]
         run.min_complete, run.max_complete = min(complete), max(complete)
@@ -460,10 +461,17 @@ class FAMRun:
         mem_ok = (pos[None, :] < M * C) & (pos[None, :] >= (M - mem_blocks[:, None]) * C)
         ok = work_ok | mem_ok  # (B, (M+T)*C)
 
-        if self.aligned:
-            front = (0, 0, M * C, 0)
-            return (nn.functional.pad(_fit_length(key, T * C), front),
-                    nn.functional.pad(_fit_length(value, T * C), front), ok)
+        if self.aligned:  # the chunk starts a block in every row: memory, then the chunk as it is
+            if state.win_k is None:
+                front = (0, 0, M * C, 0)
+                return (nn.functional.pad(_fit_length(key, T * C), front),
+                        nn.functional.pad(_fit_length(value, T * C), front), ok)
+            mem_k = state.win_k[:, :, lay.mem]
+            if M > 0:
+                cos, sin = self.rotations(layer_idx, device)
+                mem_k = rotate_memory(mem_k, cos, sin, C, to_view=False)
+            return (torch.cat([mem_k, _fit_length(key, T * C)], dim=2),
+                    torch.cat([state.win_v[:, :, lay.mem], _fit_length(value, T * C)], dim=2), ok)
 
         if state.win_k is not None and M > 0:
             cos, sin = self.rotations(layer_idx, device)
@@ -530,22 +538,23 @@ class FAMRun:
     def _save_state(self, layer_idx, tl_k5, tl_v5, fam, fam_k, fam_v):
         """Keep the last M complete blocks, the partial block and the FAM of every row."""
         C, M = self.settings.block_size, self.settings.memory_segments
-        batch, kv_heads, _, _, head_dim = tl_k5.shape
+        batch = tl_k5.shape[0]
+        n_blocks = tl_k5.shape[2]  # M + T
         done = self.complete_blocks  # (B,)
         old = self.states[layer_idx]
-        # append an empty block so rows whose chunk ended on a block boundary get an empty partial block
-        ext_k = torch.cat([tl_k5, tl_k5.new_zeros(batch, kv_heads, 1, C, head_dim)], dim=2)
-        ext_v = torch.cat([tl_v5, tl_v5.new_zeros(batch, kv_heads, 1, C, tl_v5.shape[-1])], dim=2)
-        # timeline block index of the last M complete blocks: done .. done + M - 1; partial: M + done
-        idx = (done[:, None] + torch.arange(M + 1, device=done.device)[None, :])  # (B, M+1)
+        # timeline blocks of the last M complete blocks: done .. done + M - 1; the partial block: M + done,
+        # which is one past the timeline for rows whose chunk ended on a block boundary (then it is empty)
+        idx = done[:, None] + torch.arange(M + 1, device=done.device)[None, :]  # (B, M+1)
+        beyond = idx >= n_blocks
 
-        def take(ext):
-            i = idx[:, None, :, None, None].expand(batch, ext.shape[1], M + 1, C, ext.shape[-1])
-            blocks = ext.gather(2, i)  # (B, KVH, M+1, C, d)
-            return blocks[:, :, :M].reshape(batch, ext.shape[1], M * C, ext.shape[-1]), blocks[:, :, M]
+        def take(blocks5):
+            kv_heads, dim = blocks5.shape[1], blocks5.shape[-1]
+            i = idx.clamp(max=n_blocks - 1)[:, None, :, None, None].expand(batch, kv_heads, M + 1, C, dim)
+            picked = blocks5.gather(2, i).masked_fill(beyond[:, None, :, None, None], 0.0)  # (B, KVH, M+1, C, d)
+            return picked[:, :, :M].reshape(batch, kv_heads, M * C, dim), picked[:, :, M]
 
-        mem_k, part_k = take(ext_k)
-        mem_v, part_v = take(ext_v)
+        mem_k, part_k = take(tl_k5)
+        mem_v, part_v = take(tl_v5)
         if M > 0:
             cos, sin = self.rotations(layer_idx, mem_k.device)
             mem_k = rotate_memory(mem_k, cos, sin, C, to_view=True)
