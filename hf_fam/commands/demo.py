@@ -9,8 +9,8 @@ def register(sub) -> None:
     p = sub.add_parser(
         "demo",
         help="show the working memory: FAM vs block sliding window attention on passkey retrieval (CPU, ~15 min)",
-        description="Train two tiny Llama-family models from scratch on synthetic passkey retrieval, one with FAM "
-        "and one with block sliding window attention (same C, M, data and time budget), side by side on two CPU "
+        description="Train a tiny Llama with full attention on short passkey retrieval, then fine-tune it twice, "
+        "with FAM and with block sliding window attention (same C, M, data and steps), side by side on two CPU "
         "cores; evaluate both at 1x-16x the attention window, overall and beyond the reach of the sliding window; "
         "print a table, write results.json and passkey.png, and save the FAM model as a checkpoint with a card.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -19,8 +19,9 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, nargs="+", default=[0],
                    help="seed(s); several seeds run one after the other and add a mean/spread summary")
     p.add_argument("--full", action="store_true", help="the long run (hours): aims at memory 16x beyond the window")
-    p.add_argument("--train-seconds", type=float, help="training budget per model (default 330, --full: 3 h)")
-    p.add_argument("--fam-length", type=int, help="F (default 8, --full: 16)")
+    p.add_argument("--steps", type=int, help="fine-tuning steps per model (default 750, --full: 4000)")
+    p.add_argument("--train-seconds", type=float, help="cap on fine-tuning time per model (default 660 s, --full: 4 h)")
+    p.add_argument("--fam-length", type=int, help="F, FAM tokens per layer (default 16)")
     p.add_argument("--trials", type=int, default=200, help="evaluation examples per length")
     p.add_argument("--sequential", action="store_true", help="train the two models one after the other")
     p.set_defaults(func=run)
@@ -30,13 +31,15 @@ def run(args) -> int:
     from dataclasses import replace
     from pathlib import Path
 
-    from ..demo import DemoConfig, format_table, full_config, run_demo, summarize_seeds
+    from ..demo import DemoConfig, full_config, run_demo, summarize_seeds
     from ..evaluation import write_json
 
     all_results = []
     for seed in args.seed:
         config = full_config(seed) if args.full else DemoConfig(seed=seed)
         changes = {"eval_trials": args.trials}
+        if args.steps is not None:
+            changes["max_steps"] = args.steps
         if args.train_seconds is not None:
             changes["train_seconds"] = args.train_seconds
         if args.fam_length is not None:
