@@ -17,8 +17,9 @@ Llama models, following the paper's route:
 Why this route rather than training each model from scratch: learning in-window retrieval (an induction
 circuit) takes a tiny model 800 to 2,300 steps, with much variance, and is the same work for both models;
 done once with cheap full attention it takes about 100 seconds, and the fine-tuning budget goes to what
-differs, the memory. A third of the fine-tuning examples put the key in the first block, half of them
-anywhere, and the rest in the last window, so that both memory and direct retrieval keep being trained.
+differs, the memory. Half of the fine-tuning examples put the key in the first block, a quarter in the last
+window and a quarter anywhere, and a fifth of the batches are short (one window), so that both memory and
+direct retrieval keep being trained.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -67,6 +68,9 @@ class DemoConfig:
     state_passing_prob: float = field(default=0.0, metadata={"help": "Random State Passing probability."})
     mix_lengths: bool = field(
         default=False, metadata={"help": "Each batch's length uniform in [start_len, current curriculum length]."}
+    )
+    short_batch_prob: float = field(
+        default=0.2, metadata={"help": "Share of fine-tuning batches at the short-context length (keeps it sharp)."}
     )
     far_key_prob: float = field(
         default=0.5, metadata={"help": "Share of training examples whose key sits in the first block (far back)."}
@@ -180,6 +184,7 @@ def train(model, config: DemoConfig, *, log=None, callback=None, callback_every:
     if config.state_passing_prob > 0 and getattr(model.config, "fam_length", 0) > 0:
         recipe = attach_recipe(model, FAMRecipeConfig(state_passing_prob=config.state_passing_prob,
                                                       position_offset_prob=0.0, seed=config.seed))
+    short_config = replace(config, far_key_prob=0.0, near_key_prob=0.0)
     seq_len, step, t0 = config.start_len, 0, time.perf_counter()
     history = {"steps": 0, "seconds": 0.0, "final_train_len": seq_len, "promotions": [], "loss": [], "match": []}
     recent = []
@@ -192,10 +197,13 @@ def train(model, config: DemoConfig, *, log=None, callback=None, callback_every:
             progress = step / config.max_steps if config.max_steps else elapsed / config.train_seconds
             for group in optim.param_groups:
                 group["lr"] = _lr_at(config, step, progress)
-            batch_len = seq_len
+            batch_len, batch_config = seq_len, config
             if config.mix_lengths and seq_len > config.start_len:
                 batch_len = rng.randrange(config.start_len, seq_len + 1, config.len_step)
-            ids, labels = make_batch(config, batch_len, rng, config.batch_size)
+            if config.short_batch_prob > 0 and rng.random() < config.short_batch_prob:
+                batch_len = config.pretrain_len  # key anywhere in one window
+                batch_config = short_config
+            ids, labels = make_batch(batch_config, batch_len, rng, config.batch_size)
             out = model(ids.to(config.device), labels=labels.to(config.device), use_cache=False)
             optim.zero_grad(set_to_none=True)
             out.loss.backward()
@@ -241,12 +249,10 @@ def evaluate(model, config: DemoConfig, label: str) -> dict:
 
 def pretrain(config: DemoConfig, log=None) -> tuple[object, dict]:
     """Step 1: the short-context model (full attention) learns the task on `pretrain_len` tokens."""
-    from dataclasses import replace
-
     base = build_base(config)
     short = replace(config, start_len=config.pretrain_len, max_train_len=config.pretrain_len,
                     max_steps=config.pretrain_steps, lr=config.pretrain_lr, train_seconds=float("inf"),
-                    far_key_prob=0.0, near_key_prob=0.0)
+                    far_key_prob=0.0, near_key_prob=0.0, short_batch_prob=0.0)
     history = train(base, short, stop_at=config.pretrain_stop_at, log=log)
     return base, history
 

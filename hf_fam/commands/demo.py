@@ -23,6 +23,9 @@ def register(sub) -> None:
     p.add_argument("--train-seconds", type=float, help="cap on fine-tuning time per model (default 660 s, --full: 4 h)")
     p.add_argument("--fam-length", type=int, help="F, FAM tokens per layer (default 16)")
     p.add_argument("--trials", type=int, default=200, help="evaluation examples per length")
+    p.add_argument("--pretrain-steps", type=int, help="at most this many short-context steps (default 3000)")
+    p.add_argument("--eval-multiples", type=float, nargs="+", help="lengths to evaluate, in attention windows "
+                   "(default 1 2 4 8 16)")
     p.add_argument("--sequential", action="store_true", help="train the two models one after the other")
     p.set_defaults(func=run)
 
@@ -40,6 +43,10 @@ def run(args) -> int:
         changes = {"eval_trials": args.trials}
         if args.steps is not None:
             changes["max_steps"] = args.steps
+        if args.pretrain_steps is not None:
+            changes["pretrain_steps"] = args.pretrain_steps
+        if args.eval_multiples:
+            changes["eval_multiples"] = tuple(args.eval_multiples)
         if args.train_seconds is not None:
             changes["train_seconds"] = args.train_seconds
         if args.fam_length is not None:
