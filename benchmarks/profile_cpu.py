@@ -1,0 +1,56 @@
+"""Where FAM's prefill time goes next to BSWA's: torch.profiler over one read of N tokens (suite model: Llama
+hidden 512, 8 layers, fp32, C = 256, M = 1, F = 16, 4k chunks through the cache), self time of the top
+operators and of the matrix products grouped by their number of rows (4096: the chunk's tokens; 16: the FAM
+chain's F tokens; 1: the last token's logits).
+
+    python benchmarks/profile_cpu.py [N] [--out benchmarks/results/profile_cpu.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from hf_fam.bench import BenchConfig, build, read
+
+GEMMS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("n", type=int, nargs="?", default=16384)
+    p.add_argument("--out", default="benchmarks/results/profile_cpu.json")
+    args = p.parse_args()
+    config = BenchConfig()
+    torch.set_num_threads(config.threads)
+    result = {"n": args.n, "config": {"hidden": config.hidden, "layers": config.layers, "C": config.block_size,
+                                      "M": config.memory_segments, "F": config.fam_length, "chunk": config.chunk}}
+    for variant in ("bswa", "fam"):
+        model = build(variant, config)
+        read(model, 4096, config, chunked=True)  # warm-up
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            t0 = time.perf_counter()
+            read(model, args.n, config, chunked=True)
+            seconds = time.perf_counter() - t0
+        top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:10]
+        gemm_rows: dict[str, float] = {}
+        for e in prof.key_averages(group_by_input_shape=True):
+            if e.key in GEMMS and e.input_shapes and len(e.input_shapes[0]) >= 2:
+                rows = str(e.input_shapes[0][-2])
+                gemm_rows[rows] = gemm_rows.get(rows, 0.0) + e.self_cpu_time_total / 1e6
+        result[variant] = {"seconds": round(seconds, 3),
+                           "top_self_s": {e.key: round(e.self_cpu_time_total / 1e6, 3) for e in top},
+                           "calls": {e.key: e.count for e in top},
+                           "gemm_self_s_by_rows": {k: round(v, 3) for k, v in sorted(gemm_rows.items())}}
+        print(variant, json.dumps(result[variant]))
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()
