@@ -17,9 +17,11 @@ Llama models, following the paper's route:
 Why this route rather than training each model from scratch: learning in-window retrieval (an induction
 circuit) takes a tiny model 800 to 2,300 steps, with much variance, and is the same work for both models;
 done once with cheap full attention it takes about 100 seconds, and the fine-tuning budget goes to what
-differs, the memory. Half of the fine-tuning examples put the key in the first block, a quarter in the last
-window and a quarter anywhere, and a fifth of the batches are short (one window), so that both memory and
-direct retrieval keep being trained.
+differs, the memory. Half of the fine-tuning examples put the key beyond reach of the query (anywhere more
+than L·M blocks back), a quarter in the last window and a quarter anywhere, and a fifth of the batches are
+short (one window), so that both memory and direct retrieval keep being trained. (Far keys only in the first
+block, as first tried, invite a shortcut: with seed 2 the model learned to keep the first block only, 26 %
+beyond reach at 4x the window; far keys anywhere beyond reach gave 90 % with the same seed and budget.)
 """
 
 from __future__ import annotations
@@ -77,6 +79,9 @@ class DemoConfig:
     )
     near_key_prob: float = field(
         default=0.25, metadata={"help": "Share of training examples whose key sits in the last attention window."}
+    )
+    far_key_anywhere: bool = field(
+        default=True, metadata={"help": "Far keys anywhere beyond reach of the query, not only in the first block."}
     )
     device: str = "cpu"
     # adaptive curriculum over training lengths
@@ -137,12 +142,16 @@ def build_model(config: DemoConfig, fam_length: int, base=None):
 def make_batch(config: DemoConfig, seq_len: int, rng: random.Random, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A training batch of synthetic passkey examples of length `seq_len`.
 
-    The key's depth is uniform, except that a share `far_key_prob` of the examples put it in the first block,
-    as far back as the sequence allows (those need the memory once the sequence outgrows the window), and a
+    The key's depth is uniform, except that a share `far_key_prob` of the examples put it in the first block
+    (or, with `far_key_anywhere`, anywhere at least L·M + 1 blocks back; those need the memory once the sequence
+    outgrows the window), and a
     share `near_key_prob` in the last attention window (those keep direct retrieval trained at every length).
     """
     n_filler = seq_len - 2 * 5 - 3  # filler tokens around `KEY d1..d5 ENDK` and `QRY`
     first_block = max(0.0, (config.block_size - 7) / max(1, n_filler))
+    if config.far_key_anywhere:  # up to the start of the block L·M + 1 blocks before the query's block
+        reach = config.block_size * (config.num_layers * config.memory_segments + 1)
+        first_block = max(first_block, 1.0 - (reach + config.block_size) / max(1, n_filler))
     last_window = max(0.0, 1.0 - (config.window - 13) / max(1, n_filler))
     rows = []
     for _ in range(batch_size):

@@ -32,3 +32,29 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     model = AutoModelForCausalLM.from_pretrained(ckpt).eval()
     with torch.no_grad():
         assert model(torch.tensor([[30, 1, 2, 3, 4, 5, 31, 12, 32]])).logits.shape == (1, 9, 33)
+
+
+def test_far_keys_are_beyond_reach_anywhere_and_near_keys_in_the_window():
+    """Far training keys sit more than L·M blocks before the query's block, at varied depths (not only the
+    first block: that invited a first-block shortcut); near keys sit in the last attention window."""
+    import random
+
+    from hf_fam.demo import VOCAB, DemoConfig, make_batch
+
+    config = DemoConfig()
+    C, reach = config.block_size, config.num_layers * config.memory_segments
+
+    def key_and_query_blocks(cfg, seq_len):
+        ids, _ = make_batch(cfg, seq_len, random.Random(0), 200)
+        key = (ids == VOCAB.key).float().argmax(1)
+        query = (ids == VOCAB.query).float().argmax(1)
+        return key // C, query // C
+
+    far = DemoConfig(far_key_prob=1.0, near_key_prob=0.0)
+    key_block, query_block = key_and_query_blocks(far, 384)
+    assert bool(((query_block - key_block) > reach).all())
+    assert len(set(key_block.tolist())) >= 6  # spread over the blocks beyond reach, not one block
+    near = DemoConfig(far_key_prob=0.0, near_key_prob=1.0)
+    ids, _ = make_batch(near, 384, random.Random(0), 200)
+    key = (ids == VOCAB.key).float().argmax(1)
+    assert bool((key >= 384 - config.window).all())
