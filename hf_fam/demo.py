@@ -142,22 +142,22 @@ def build_model(config: DemoConfig, fam_length: int, base=None):
 def make_batch(config: DemoConfig, seq_len: int, rng: random.Random, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A training batch of synthetic passkey examples of length `seq_len`.
 
-    The key's depth is uniform, except that a share `far_key_prob` of the examples put it in the first block
-    (or, with `far_key_anywhere`, anywhere at least L·M + 1 blocks back; those need the memory once the sequence
-    outgrows the window), and a
-    share `near_key_prob` in the last attention window (those keep direct retrieval trained at every length).
+    The key's depth is uniform, except that a share `far_key_prob` of the examples put it far back (those need
+    the memory once the sequence outgrows the window): anywhere more than L·M blocks before the query's block
+    with `far_key_anywhere`, else in the first block; and a share `near_key_prob` in the last attention window
+    (those keep direct retrieval trained at every length).
     """
     n_filler = seq_len - 2 * 5 - 3  # filler tokens around `KEY d1..d5 ENDK` and `QRY`
-    first_block = max(0.0, (config.block_size - 7) / max(1, n_filler))
+    far_end = max(0.0, (config.block_size - 7) / max(1, n_filler))  # the first block
     if config.far_key_anywhere:  # up to the start of the block L·M + 1 blocks before the query's block
         reach = config.block_size * (config.num_layers * config.memory_segments + 1)
-        first_block = max(first_block, 1.0 - (reach + config.block_size) / max(1, n_filler))
+        far_end = max(far_end, 1.0 - (reach + config.block_size) / max(1, n_filler))
     last_window = max(0.0, 1.0 - (config.window - 13) / max(1, n_filler))
     rows = []
     for _ in range(batch_size):
         u = rng.random()
         if u < config.far_key_prob:
-            depth = rng.random() * first_block
+            depth = rng.random() * far_end
         elif u < config.far_key_prob + config.near_key_prob:
             depth = last_window + rng.random() * (1.0 - last_window)
         else:
