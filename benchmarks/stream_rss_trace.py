@@ -14,16 +14,7 @@ import time
 
 import torch
 
-from hf_fam.bench import BenchConfig, build
-
-
-def rss_mib() -> tuple[int, int]:
-    fields = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            fields[key] = rest.split()[0] if rest.split() else "0"
-    return int(fields["VmHWM"]) // 1024, int(fields["VmRSS"]) // 1024
+from hf_fam.bench import BenchConfig, build, proc_status_mib
 
 
 def main() -> None:
@@ -39,8 +30,8 @@ def main() -> None:
         for i, start in enumerate(range(0, n, config.chunk)):
             cache = model(ids[:, start : start + config.chunk], cache=cache, use_cache=True, logits_to_keep=1).cache
             if i % 16 == 0 or start + config.chunk >= n:
-                peak, rss = rss_mib()
-                print(f"{min(n, start + config.chunk):>7}  {peak:>8}  {rss:>7}  {time.perf_counter() - t0:7.1f}", flush=True)
+                peak, rss = proc_status_mib("VmHWM"), proc_status_mib("VmRSS")
+                print(f"{min(n, start + config.chunk):>7}  {peak:>8.0f}  {rss:>7.0f}  {time.perf_counter() - t0:7.1f}", flush=True)
 
 
 if __name__ == "__main__":

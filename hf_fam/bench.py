@@ -162,20 +162,22 @@ def _child_memory(variant: str, n: int, config: BenchConfig) -> None:
     torch.set_num_threads(config.threads)
     model = build(variant, config)
     read(model, n, config, chunked=variant != "full")
-    print(_peak_rss_mib(resource))
+    peak = proc_status_mib("VmHWM")
+    print(peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
-def _peak_rss_mib(resource) -> float:
-    """This process's peak RSS. On Linux from VmHWM, the high-water mark of this program's own address space:
-    `ru_maxrss` also counts the address space replaced by exec, i.e. the parent's RSS at the time of the fork."""
+def proc_status_mib(field: str) -> float | None:
+    """A memory field of /proc/self/status in MiB (Linux; None elsewhere). `VmHWM` is the peak RSS of this
+    program's own address space: `ru_maxrss` also counts the address space replaced by exec, i.e. the parent's
+    RSS at the time of the fork, so a fresh child would report at least its parent's peak."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return None
 
 
 _MODEL_CACHE: dict = {}

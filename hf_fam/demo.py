@@ -68,14 +68,11 @@ class DemoConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     state_passing_prob: float = field(default=0.0, metadata={"help": "Random State Passing probability."})
-    mix_lengths: bool = field(
-        default=False, metadata={"help": "Each batch's length uniform in [start_len, current curriculum length]."}
-    )
     short_batch_prob: float = field(
         default=0.2, metadata={"help": "Share of fine-tuning batches at the short-context length (keeps it sharp)."}
     )
     far_key_prob: float = field(
-        default=0.5, metadata={"help": "Share of training examples whose key sits in the first block (far back)."}
+        default=0.5, metadata={"help": "Share of training examples whose key sits beyond reach (see far_key_anywhere)."}
     )
     near_key_prob: float = field(
         default=0.25, metadata={"help": "Share of training examples whose key sits in the last attention window."}
@@ -177,8 +174,7 @@ def _lr_at(config: DemoConfig, step: int, progress: float) -> float:
     return config.lr * warm * cosine
 
 
-def train(model, config: DemoConfig, *, log=None, callback=None, callback_every: int = 500,
-          stop_at: float | None = None) -> dict:
+def train(model, config: DemoConfig, *, log=None, stop_at: float | None = None) -> dict:
     """Train on passkey retrieval with the adaptive length curriculum; returns the training history."""
     from .training.recipe import FAMRecipeConfig, attach_recipe
 
@@ -207,8 +203,6 @@ def train(model, config: DemoConfig, *, log=None, callback=None, callback_every:
             for group in optim.param_groups:
                 group["lr"] = _lr_at(config, step, progress)
             batch_len, batch_config = seq_len, config
-            if config.mix_lengths and seq_len > config.start_len:
-                batch_len = rng.randrange(config.start_len, seq_len + 1, config.len_step)
             if config.short_batch_prob > 0 and rng.random() < config.short_batch_prob:
                 batch_len = config.pretrain_len  # key anywhere in one window
                 batch_config = short_config
@@ -227,10 +221,6 @@ def train(model, config: DemoConfig, *, log=None, callback=None, callback_every:
                 history["match"].append(round(sum(recent) / len(recent), 3))
                 if log:
                     log(f"step {step} len {seq_len} loss {out.loss.item():.3f} match {sum(recent) / len(recent):.2f}")
-            if callback is not None and step % callback_every == 0:
-                model.eval()
-                callback(step, seq_len, time.perf_counter() - t0)
-                model.train()
             if stop_at is not None and len(recent) == 10 and sum(recent) / 10 >= stop_at:
                 break
             # adaptive curriculum: longer sequences once the current length is mostly solved
