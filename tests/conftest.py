@@ -76,3 +76,12 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float = 1e-
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """Tests that run the demo or the benchmarks set torch's thread count for the process; restore it, or
+    later tests that compare logits against a fresh process would reduce in another order."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -1,0 +1,40 @@
+"""The benchmark suite's machinery on a tiny model: it writes its JSON, table and plots, and its CPU memory
+figures are the child process's own (the figures themselves come from real runs, not tests)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from hf_fam.bench import BenchConfig, peak_memory_mib, run
+
+TINY = dict(hidden=64, layers=2, heads=2, vocab=101, block_size=32, memory_segments=1, fam_length=4, threads=1)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM is Linux's")
+def test_child_peak_memory_does_not_count_the_parent():
+    """`ru_maxrss` of a fresh child starts at the parent's RSS at the fork; every variant then read the same
+    peak. The child's own high-water mark must not include 600 MiB held by this process."""
+    import torch
+
+    from hf_fam.bench import proc_status_mib
+
+    held = torch.ones(600 * 2**20 // 4)  # noqa: F841  (600 MiB resident in the parent)
+    parent = proc_status_mib("VmRSS")
+    child = peak_memory_mib("fam", 256, BenchConfig(**TINY))
+    assert child < parent - 300, (child, parent)
+
+
+def test_suite_writes_json_table_and_plots(tmp_path):
+    config = BenchConfig(**TINY, prefill_lengths=[128], full_max_length=128, chunk=64, train_length=64,
+                         decode_contexts=[64, 128], decode_steps=2, rounds=1, parts=["prefill", "train", "decode"])
+    result = run(config, tmp_path / "suite", log=lambda *_: None)
+    saved = json.loads((tmp_path / "suite.json").read_text())
+    assert saved["targets"] == result["targets"]
+    assert [r["n"] for r in saved["prefill"]] == [128]
+    assert {"full_s", "bswa_s", "fam_s", "fam_over_bswa", "fam_peak_mib"} <= set(saved["prefill"][0])
+    assert "prefill FAM/BSWA <= 1.10" in saved["targets"] and "train FAM/BSWA <= 1.15" in saved["targets"]
+    assert "| N | full s | BSWA s | FAM s |" in (tmp_path / "suite.md").read_text()
+    assert (tmp_path / "suite_prefill.png").stat().st_size > 0
