@@ -126,7 +126,7 @@ def _inner_attention(module, inner, query, key, value, mask, kwargs):
     """Call the checkpoint's own attention function (sdpa or eager) with an explicit boolean mask."""
     fn = inner_attention_function(module, inner)
     kw = {k: v for k, v in kwargs.items() if k not in _DROPPED_ATTENTION_KWARGS}
-    if mask is not None and inner == "eager":
+    if mask is not None and inner == "eager" and mask.dtype == torch.bool:
         # eager adds the mask to the scores
         mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(
             ~mask, torch.finfo(query.dtype).min
@@ -194,6 +194,8 @@ class FAMRun:
         self.states: list[FAMLayerState] = []
         self.keep_state = False
         self._rotations: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._regular_flags: list[bool] | None = None
+        self._regular_masks: dict[tuple, torch.Tensor] = {}
 
     # ------------------------------------------------------------------------------------------------
     # set-up, once per forward
@@ -367,8 +369,7 @@ class FAMRun:
         group = max(1, _SCORE_BYTES_BUDGET // max(per_block, 1))
 
         outputs = []
-        for t0 in range(0, T, group):
-            t1 = min(T, t0 + group)
+        for t0, t1, regular in self._block_groups(tl_ok3, group):
             G = t1 - t0
             # keys of each block: [memory s = M..1 (rotated -sC), FAM, own block]
             keys = query.new_empty(batch, G, kv_heads, S, head_dim)
@@ -386,19 +387,23 @@ class FAMRun:
             keys[:, :, :, M * C + F :] = tl_k5[:, :, M + t0 : M + t1].transpose(1, 2)
             vals[:, :, :, M * C + F :] = tl_v5[:, :, M + t0 : M + t1].transpose(1, 2)
 
-            # mask (B, G, Lq, S): memory and FAM by validity, own block causally; a query always sees
-            # its own slot, so padding slots never have an empty row (NaN)
-            own_ok = tl_ok3[:, M + t0 : M + t1]  # (B, G, C)
-            k_idx = torch.arange(C, device=query.device)
-            qib = q_in_block[:, :, :, None]  # (B|1, 1, Lq, 1)
-            own = ((k_idx <= qib) & own_ok[:, :, None, :]) | (k_idx == qib)  # (B, G, Lq, C)
-            parts = []
-            if M > 0:
-                parts.append(torch.cat(mem_ok, dim=-1)[:, :, None, :].expand(-1, -1, Lq, -1))
-            if F > 0:
-                parts.append(own.new_ones(batch, G, Lq, F))
-            parts.append(own.expand(batch, G, Lq, C))
-            mask = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+            if regular:  # every key slot of these blocks holds a real token: one mask for all of them
+                mask = self._regular_mask(F, query.dtype, query.device)  # (1, 1, C, S)
+            else:
+                # mask (B, G, Lq, S): memory and FAM by validity, own block causally; a query always sees
+                # its own slot, so padding slots never have an empty row (NaN)
+                own_ok = tl_ok3[:, M + t0 : M + t1]  # (B, G, C)
+                k_idx = torch.arange(C, device=query.device)
+                qib = q_in_block[:, :, :, None]  # (B|1, 1, Lq, 1)
+                own = ((k_idx <= qib) & own_ok[:, :, None, :]) | (k_idx == qib)  # (B, G, Lq, C)
+                parts = []
+                if M > 0:
+                    parts.append(torch.cat(mem_ok, dim=-1)[:, :, None, :].expand(-1, -1, Lq, -1))
+                if F > 0:
+                    parts.append(own.new_ones(batch, G, Lq, F))
+                parts.append(own.expand(batch, G, Lq, C))
+                mask = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+                mask = mask.reshape(batch * G, 1, Lq, S)
 
             q = q_blocks[:, t0:t1].reshape(batch * G, heads, Lq, head_dim)
             out, _ = _inner_attention(
@@ -407,7 +412,7 @@ class FAMRun:
                 q,
                 keys.view(batch * G, kv_heads, S, head_dim),
                 vals.view(batch * G, kv_heads, S, vals.shape[-1]),
-                mask.reshape(batch * G, 1, Lq, S),
+                mask,
                 kwargs,
             )
             outputs.append(out.reshape(batch, G * Lq, heads, out.shape[-1]))
@@ -423,6 +428,44 @@ class FAMRun:
             self._save_state(layer_idx, tl_k5, tl_v5, new_fam if F > 0 else None, next_k if F > 0 else None,
                              next_v if F > 0 else None)
         return out
+
+    def _block_groups(self, tl_ok3: torch.Tensor, group: int):
+        """(t0, t1, regular) for the blocks of this chunk, at most `group` blocks at a time.
+
+        A block is *regular* when every slot of its M memory blocks and of its own block holds a real token
+        in every row (all blocks of a long unpadded sequence but the first and a trailing partial one):
+        its mask is then the same causal pattern for all of them, built once per forward. Runs of regular and
+        irregular blocks are grouped separately. The timeline's validity is the same in every layer, so the
+        flags are computed once per forward (one host sync).
+        """
+        T = self.num_blocks
+        if self.compact:
+            flags = [False] * T
+        else:
+            if self._regular_flags is None:
+                M = self.settings.memory_segments
+                full = tl_ok3.all(dim=2).all(dim=0)  # (M+T,) every row's block is complete
+                windows = full.unfold(0, M + 1, 1).all(dim=1) if M > 0 else full  # (T,) blocks t .. t+M
+                self._regular_flags = windows.tolist()
+            flags = self._regular_flags
+        t0 = 0
+        while t0 < T:
+            t1 = t0 + 1
+            while t1 < T and t1 - t0 < group and flags[t1] == flags[t0]:
+                t1 += 1
+            yield t0, t1, flags[t0]
+            t0 = t1
+
+    def _regular_mask(self, fam_length: int, dtype, device) -> torch.Tensor:
+        """Additive mask (1, 1, C, S) of a regular block: memory and FAM visible, own block causal."""
+        key = (fam_length, dtype, device)
+        if key not in self._regular_masks:
+            C, M = self.settings.block_size, self.settings.memory_segments
+            causal = torch.ones(C, C, dtype=torch.bool, device=device).tril()
+            allowed = torch.cat([causal.new_ones(C, M * C + fam_length), causal], dim=1)
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+            self._regular_masks[key] = mask[None, None]
+        return self._regular_masks[key]
 
     def _attend_in_block(self, module, layer_idx, state: FAMLayerState, query, key, value, kwargs) -> torch.Tensor:
         """No block completes in this chunk (decoding): the cached window already holds every key the
