@@ -58,3 +58,27 @@ def test_far_keys_are_beyond_reach_anywhere_and_near_keys_in_the_window():
     ids, _ = make_batch(near, 384, random.Random(0), 200)
     key = (ids == VOCAB.key).float().argmax(1)
     assert bool((key >= 384 - config.window).all())
+
+
+def test_pretraining_race_picks_the_fewest_steps_whatever_the_schedule():
+    """The short-context candidates race from the same weights; the winner is the first, in steps, to reach
+    the goal (ties: the earlier learning rate), in worker processes and one after the other alike."""
+    from dataclasses import replace
+
+    from hf_fam.demo import DemoConfig, pretrain
+
+    # a goal reached after the first 10 steps at either rate: a tie, so the first rate wins
+    config = replace(DemoConfig(), pretrain_steps=30, pretrain_stop_at=0.0, pretrain_lrs=(1e-3, 2e-3))
+    runs = {}
+    for parallel in (False, True):
+        base, history = pretrain(config, parallel=parallel)
+        runs[parallel] = (base.state_dict(), history)
+        assert history["reached"] and history["steps"] == 10 and history["lr"] == 1e-3
+        assert [c["lr"] for c in history["candidates"]] == [1e-3, 2e-3]
+        assert all(c["steps"] <= 11 for c in history["candidates"])  # the loser gives up past the winner
+    for name, tensor in runs[False][0].items():
+        assert torch.allclose(tensor, runs[True][0][name], atol=1e-4), name  # thread counts differ
+    # a goal nobody reaches: both run to the cap, the better final exact match wins, and it says so
+    config = replace(config, pretrain_steps=12, pretrain_stop_at=1.01)
+    base, history = pretrain(config, parallel=False)
+    assert not history["reached"] and [c["steps"] for c in history["candidates"]] == [12, 12]
