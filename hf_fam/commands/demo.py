@@ -18,9 +18,10 @@ def register(sub) -> None:
     p.add_argument("--out", default="fam-demo", help="output folder")
     p.add_argument("--seed", type=int, nargs="+", default=[0],
                    help="seed(s); several seeds run one after the other and add a mean/spread summary")
-    p.add_argument("--full", action="store_true", help="the long run (hours): aims at memory 16x beyond the window")
-    p.add_argument("--steps", type=int, help="fine-tuning steps per model (default 750, --full: 2500)")
-    p.add_argument("--train-seconds", type=float, help="cap on fine-tuning time per model (default 660 s, --full: 4 h)")
+    p.add_argument("--full", action="store_true",
+                   help="the long run (~35 min on 2 cores): fine-tunes up to 16x the window, for memory that far back")
+    p.add_argument("--steps", type=int, help="fine-tuning steps per model (default 750, --full: 1200)")
+    p.add_argument("--train-seconds", type=float, help="cap on fine-tuning time per model (default 660 s, --full: 2 h)")
     p.add_argument("--fam-length", type=int, help="F, FAM tokens per layer (default 16)")
     p.add_argument("--trials", type=int, default=200, help="evaluation examples per length")
     p.add_argument("--pretrain-steps", type=int, help="at most this many short-context steps (default 3000)")
