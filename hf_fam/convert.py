@@ -310,7 +310,7 @@ def convert(src: str | Path, out: str | Path, options: ConvertOptions | None = N
     >>> convert("tiny-llama", "tiny-llama-fam", ConvertOptions(block_size=64, memory_segments=1, fam_length=8))
     ```
     """
-    from .modeling.fam_core import validate_fam_settings
+    from .modeling.fam_settings import validate_fam_settings
 
     options = options or ConvertOptions()
     validate_fam_settings(options.block_size, options.memory_segments, options.fam_length)

@@ -11,7 +11,7 @@ import torch
 from transformers import PreTrainedModel
 
 from .modeling.fam_adapters import get_adapter
-from .modeling.fam_core import FAMSettings
+from .modeling.fam_settings import FAMSettings
 from .modeling.modeling_fam import FAMForCausalLM, FAMMemory, fam_forward
 
 _PATCHED_CLASSES: dict[type, type] = {}

@@ -8,7 +8,7 @@ from __future__ import annotations
 from transformers import AutoConfig, PretrainedConfig
 
 from .fam_adapters import get_adapter
-from .fam_core import validate_fam_settings
+from .fam_settings import validate_fam_settings
 
 # Paper defaults (DESIGN.md §4)
 DEFAULT_BLOCK_SIZE = 1024

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache
 
-from .fam_core import FAMSettings
+from .fam_settings import FAMSettings
 from .fam_state import FAMLayerState
 
 _STATE_FIELDS = ("win_k", "win_v", "mem_blocks", "part_len", "fam")

@@ -27,13 +27,13 @@ continuing a `FAMLayerState` held by the cache): a fresh run is a stream with an
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .fam_adapters import DecoderAdapter, apply_rotation, relative_rotation
 from .fam_compat import inner_attention_function, plain_layer_call
+from .fam_settings import FAMSettings
 from .fam_state import FAMLayerState, WindowLayout, build_window, rotate_memory, write_tokens
 
 # Attention keyword arguments that only make sense for the model's own attention pattern.
@@ -52,43 +52,6 @@ _DROPPED_ATTENTION_KWARGS = (
 # Upper bound on the attention scores materialised by one inner attention call; the blocks of a long
 # sequence are processed in groups so that prefill memory does not grow with the square of anything.
 _SCORE_BYTES_BUDGET = 256 * 2**20
-
-
-@dataclass(frozen=True)
-class FAMSettings:
-    """Block size C, memory segments M, FAM length F (DESIGN.md §1)."""
-
-    block_size: int
-    memory_segments: int
-    fam_length: int
-    fam_layers: str = "all"  # "all", or "global": layers the checkpoint runs with a sliding window get no FAM
-
-    def __post_init__(self):
-        validate_fam_settings(self.block_size, self.memory_segments, self.fam_length, self.fam_layers)
-
-    @property
-    def frame_origin(self) -> int:
-        """P0: position of a block's first token in its own frame (all frame positions are >= 0)."""
-        return max(self.memory_segments * self.block_size, self.fam_length)
-
-    @property
-    def attention_window(self) -> int:
-        """Tokens a block token can see directly: its block and the M memory blocks."""
-        return self.block_size * (self.memory_segments + 1)
-
-
-FAM_LAYER_CHOICES = ("all", "global")
-
-
-def validate_fam_settings(block_size, memory_segments, fam_length, fam_layers="all") -> None:
-    """Raise a ValueError naming the bad value and the rule."""
-    if fam_layers not in FAM_LAYER_CHOICES:
-        raise ValueError(f"fam_layers must be one of {', '.join(FAM_LAYER_CHOICES)}, got {fam_layers!r}")
-    for name, value, low in (("block_size", block_size, 1), ("memory_segments", memory_segments, 0), ("fam_length", fam_length, 0)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{name} must be an integer, got {value!r}")
-        if value < low:
-            raise ValueError(f"{name} must be >= {low}, got {value}")
 
 
 class FAMStep:

@@ -19,8 +19,7 @@ from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 
 from .configuration_fam import FAMConfig
 from .fam_adapters import DecoderAdapter, get_adapter
-from .fam_cache import FAMCache
-from .fam_cache import check_positions
+from .fam_cache import FAMCache, check_positions
 from .fam_compat import (
     CACHE_KWARG,
     FAM_ATTENTION_PREFIX,
@@ -28,7 +27,8 @@ from .fam_compat import (
     register_attention,
     uses_reentrant_checkpointing,
 )
-from .fam_core import FAMRun, FAMSettings, fam_attention_forward
+from .fam_core import FAMRun, fam_attention_forward
+from .fam_settings import FAMSettings
 
 register_attention(fam_attention_forward)
 
