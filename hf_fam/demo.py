@@ -272,7 +272,7 @@ def evaluate(model, config: DemoConfig, label: str) -> dict:
     return evaluate_passkey(model, eval_config, label=label)
 
 
-_BEST_STEP = None  # in a pretraining worker: the shared fewest steps any candidate needed so far
+_BEST_STEP = None  # for pretraining candidates: the shared fewest steps any candidate needed so far
 
 
 def _init_pretrain_worker(best_step) -> None:
@@ -286,8 +286,8 @@ def _pretrain_candidate(args) -> dict:
     Gives up once it has taken more steps than a candidate that already reached the goal, so the winner
     (fewest steps, then the earlier learning rate) does not depend on which process runs faster.
     """
-    config, index, lr, threads, path, best = args
-    best = best if best is not None else _BEST_STEP
+    config, index, lr, threads, path = args
+    best = _BEST_STEP
     torch.set_num_threads(threads)
     base = build_base(config)
     short = replace(config, start_len=config.pretrain_len, max_train_len=config.pretrain_len,
@@ -321,13 +321,14 @@ def pretrain(config: DemoConfig, log=None, *, parallel: bool = True) -> tuple[ob
         if parallel and len(lrs) > 1:
             from concurrent.futures import ProcessPoolExecutor
 
-            jobs = [(config, i, lr, 1, os.path.join(tmp, f"{i}.pt"), None) for i, lr in enumerate(lrs)]
+            jobs = [(config, i, lr, 1, os.path.join(tmp, f"{i}.pt")) for i, lr in enumerate(lrs)]
             with ProcessPoolExecutor(max_workers=len(lrs), mp_context=ctx, initializer=_init_pretrain_worker,
                                      initargs=(best,)) as pool:
                 runs = list(pool.map(_pretrain_candidate, jobs))
         else:
+            _init_pretrain_worker(best)
             threads = torch.get_num_threads()
-            runs = [_pretrain_candidate((config, i, lr, threads, os.path.join(tmp, f"{i}.pt"), best))
+            runs = [_pretrain_candidate((config, i, lr, threads, os.path.join(tmp, f"{i}.pt")))
                     for i, lr in enumerate(lrs)]
         reached = [r for r in runs if r["history"]["reached"]]
         if reached:

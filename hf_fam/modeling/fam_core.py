@@ -85,15 +85,18 @@ class FAMStep:
         return _inner_attention(module, self.inner, query, key, value, mask, kwargs)
 
 
+def _additive_mask(allowed: torch.Tensor, dtype) -> torch.Tensor:
+    """Boolean mask (True = attend) -> additive mask: 0 where allowed, the dtype's minimum elsewhere."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
 def _inner_attention(module, inner, query, key, value, mask, kwargs):
-    """Call the checkpoint's own attention function (sdpa or eager) with an explicit boolean mask."""
+    """Call the checkpoint's own attention function (sdpa or eager) with an explicit mask: boolean
+    (True = attend), or additive in the query's dtype."""
     fn = inner_attention_function(module, inner)
     kw = {k: v for k, v in kwargs.items() if k not in _DROPPED_ATTENTION_KWARGS}
     if mask is not None and inner == "eager" and mask.dtype == torch.bool:
-        # eager adds the mask to the scores
-        mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(
-            ~mask, torch.finfo(query.dtype).min
-        )
+        mask = _additive_mask(mask, query.dtype)  # eager adds the mask to the scores
     if inner == "sdpa":
         kw["is_causal"] = False
     return fn(module, query, key, value, mask, **kw)
@@ -426,8 +429,7 @@ class FAMRun:
             C, M = self.settings.block_size, self.settings.memory_segments
             causal = torch.ones(C, C, dtype=torch.bool, device=device).tril()
             allowed = torch.cat([causal.new_ones(C, M * C + fam_length), causal], dim=1)
-            mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
-            self._regular_masks[key] = mask[None, None]
+            self._regular_masks[key] = _additive_mask(allowed, dtype)[None, None]
         return self._regular_masks[key]
 
     def _attend_in_block(self, module, layer_idx, state: FAMLayerState, query, key, value, kwargs) -> torch.Tensor:
