@@ -52,6 +52,66 @@ def build(family: str, attn: str | None = None):
     return model
 
 
+def graph_checks():
+    """The FAM chain replayed from CUDA graphs (hf_fam/modeling/fam_graphs.py) == the eager chain."""
+    from hf_fam.modeling import fam_graphs
+
+    replays = [0]
+    step = fam_graphs.ChainGraph.step
+
+    def counted(self, *args):
+        replays[0] += 1
+        return step(self, *args)
+
+    fam_graphs.ChainGraph.step = counted
+    C, M, F = 4, 1, 3
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 101, (2, 12 * C + 3), generator=g).to(DEVICE)
+    mask = torch.ones_like(ids)
+    mask[1, :14] = 0  # left padding: row 1 completes 9 blocks, row 0 twelve (the last 3 steps run eagerly)
+    for family in FAMILIES:
+        model = hf_fam.FAMForCausalLM.from_base_model(build(family), block_size=C, memory_segments=M, fam_length=F)
+        model = model.to(DEVICE).eval()
+        with torch.no_grad():
+            eager = model(ids, attention_mask=mask, fam_cuda_graphs=False)
+            before = replays[0]
+            graphed = model(ids, attention_mask=mask)
+            used = replays[0] - before
+            if DEVICE.startswith("cuda"):
+                check(f"{family}: CUDA graphs replayed ({used} steps; 0 = not used)", float(used == 0), 0.0)
+            diff = ((graphed.logits - eager.logits).abs() * mask[..., None]).max().item()
+            diff = max([diff] + [(a - b).abs().max().item() for a, b in zip(graphed.fam_state, eager.fam_state)])
+            check(f"{family}: FAM chain from CUDA graphs == eager (logits, final FAM)", diff, 1e-6)
+            outs, cache = [], None
+            long_ids = torch.randint(3, 101, (1, 40 * C), generator=g).to(DEVICE)
+            whole = model(long_ids, use_cache=False, fam_cuda_graphs=False).logits
+            for s in range(0, long_ids.shape[1], 10 * C + 3):
+                out = model(long_ids[:, s : s + 10 * C + 3], cache=cache, use_cache=True)
+                cache, outs = out.cache, outs + [out.logits]
+            check(f"{family}: streamed in chunks of 10 blocks with CUDA graphs == parallel eager",
+                  (torch.cat(outs, 1) - whole).abs().max().item(), 1e-4)
+        a = model.generate(ids[:1], max_new_tokens=12, do_sample=False)
+        b = model.generate(ids[:1], max_new_tokens=12, do_sample=False, fam_cuda_graphs=False)
+        check(f"{family}: generate with CUDA graphs == without", float(not torch.equal(a, b)), 0.0)
+    try:
+        import peft
+    except ImportError:
+        print("SKIP LoRA with CUDA graphs: peft is not installed", flush=True)
+    else:
+        base = hf_fam.FAMForCausalLM.from_base_model(build("llama"), block_size=C, memory_segments=M, fam_length=F)
+        lora = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                         init_lora_weights=False)).to(DEVICE).eval()
+        with torch.no_grad():
+            on = [lora(ids, attention_mask=mask).logits, lora(ids, attention_mask=mask, fam_cuda_graphs=False).logits]
+            with lora.disable_adapter():
+                off = [lora(ids, attention_mask=mask).logits, lora(ids, attention_mask=mask, fam_cuda_graphs=False).logits]
+        worst = max(((a - b).abs() * mask[..., None]).max().item() for a, b in (on, off))
+        check("llama + LoRA: CUDA graphs == eager, adapter enabled and disabled between forwards", worst, 1e-6)
+        check("llama + LoRA: the adapter changes the logits (the check above is not vacuous)",
+              float(torch.allclose(on[0], off[0])), 0.0)
+    fam_graphs.ChainGraph.step = step
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out")
@@ -105,6 +165,7 @@ def main():
         with torch.no_grad():
             lo = half(ids[:1].to(DEVICE)).logits.float()
         check(f"{family}: bf16 logits near fp32 (relative)", ((lo - parallel).abs().max() / parallel.abs().max()).item(), 5e-2)
+    graph_checks()
     # eager == sdpa, training step with gradient checkpointing
     outs = []
     for attn in ("sdpa", "eager"):

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One prepared run on a CUDA machine: the CUDA equivalence checks, then the benchmark suite (fp32 and bf16).
+# One prepared run on a CUDA machine: the CUDA equivalence checks, then the benchmark suite (fp32 and bf16;
+# the FAM chain from CUDA graphs, the default), then fp32 prefill with the chain run eagerly, for comparison.
 # Results go to ${OUT:-benchmarks/results/gpu}. Where transformers is not the pinned release, a wheel of it
 # in .whl/ is installed to /tmp/site first.
 set -uo pipefail
@@ -17,5 +18,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 benchmarks/cuda_checks.py --out "$OUT/cuda_checks.json" 2>&1 | tee "$OUT/cuda_checks.log"
 python3 -m hf_fam.cli bench --device cuda --threads 8 --full-max-length 65536 --out "$OUT/suite_fp32" 2>&1 \
   | tee "$OUT/suite_fp32.log"
+python3 -m hf_fam.cli bench --device cuda --threads 8 --parts prefill --no-cuda-graphs --rounds 2 \
+  --prefill-lengths 4096 16384 65536 --full-max-length 65536 --out "$OUT/suite_fp32_eager_chain" 2>&1 \
+  | tee "$OUT/suite_fp32_eager_chain.log"
 python3 -m hf_fam.cli bench --device cuda --threads 8 --dtype bfloat16 --parts prefill train decode \
   --full-max-length 65536 --out "$OUT/suite_bf16" 2>&1 | tee "$OUT/suite_bf16.log"

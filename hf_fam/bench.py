@@ -55,6 +55,7 @@ class BenchConfig:
     stream_tokens: int = 1_048_576
     rounds: int = 3
     parts: list[str] = field(default_factory=lambda: ["prefill", "train", "decode", "stream"])
+    cuda_graphs: bool = True  # FAM chain from CUDA graphs (CUDA inference only; see fam_graphs)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -98,13 +99,14 @@ def read(model, n: int, config: BenchConfig, chunked: bool):
 
     gen = torch.Generator().manual_seed(n)
     ids = torch.randint(0, config.vocab, (1, n), generator=gen).to(config.device)
+    fam_kwargs = {"fam_cuda_graphs": config.cuda_graphs} if hasattr(model, "fam_settings") else {}
     with torch.inference_mode():
         if not chunked or config.chunk <= 0:
-            model(ids, use_cache=False, logits_to_keep=1)
+            model(ids, use_cache=False, logits_to_keep=1, **fam_kwargs)
             return None
         cache = None
         for s in range(0, n, config.chunk):
-            cache = model(ids[:, s : s + config.chunk], cache=cache, use_cache=True, logits_to_keep=1).cache
+            cache = model(ids[:, s : s + config.chunk], cache=cache, use_cache=True, logits_to_keep=1, **fam_kwargs).cache
         return cache
 
 

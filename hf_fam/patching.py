@@ -31,6 +31,7 @@ class FAMPatchedMixin:
         cache=None,
         inputs_embeds=None,
         use_cache=None,
+        fam_cuda_graphs=True,
         **kwargs,
     ):
         if cache is None:
@@ -47,6 +48,7 @@ class FAMPatchedMixin:
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            fam_cuda_graphs=fam_cuda_graphs,
             **kwargs,
         )
 

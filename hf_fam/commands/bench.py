@@ -38,6 +38,8 @@ def register(sub) -> None:
     p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default=d.device)
     p.add_argument("--threads", type=int, default=d.threads, help="CPU threads")
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="run the FAM chain eagerly on CUDA (default: replayed from CUDA graphs)")
     p.set_defaults(func=run)
 
 
@@ -46,7 +48,7 @@ def run(args) -> int:
 
     fields = ("parts", "prefill_lengths", "full_max_length", "decode_contexts", "decode_steps", "stream_tokens",
               "train_length", "train_batch", "rounds", "chunk", "hidden", "layers", "heads", "vocab", "block_size",
-              "memory_segments", "fam_length", "dtype", "device", "threads")
+              "memory_segments", "fam_length", "dtype", "device", "threads", "cuda_graphs")
     config = BenchConfig(**{f: getattr(args, f) for f in fields})
     run_suite(config, args.out)
     return 0

@@ -33,6 +33,7 @@ from torch import nn
 
 from .fam_adapters import DecoderAdapter, apply_rotation, relative_rotation
 from .fam_compat import inner_attention_function, plain_layer_call
+from .fam_graphs import MIN_GRAPH_STEPS, capture_chain_step, graphs_usable
 from .fam_settings import FAMSettings
 from .fam_state import FAMLayerState, WindowLayout, build_window, rotate_memory, write_tokens
 
@@ -180,6 +181,7 @@ class FAMRun:
         keep_state: bool = False,
         fam_state: list[torch.Tensor] | None = None,
         position_offset: torch.Tensor | None = None,
+        cuda_graphs: bool = True,
     ) -> FAMRun:
         """Lay out one chunk.
 
@@ -193,6 +195,8 @@ class FAMRun:
             position_offset: (B,) integer offsets added to every position (Random Position Offset). With
                 rotary embeddings attention depends on relative positions only, so this changes nothing
                 but float rounding; it exists to reproduce the paper's training recipe.
+            cuda_graphs: replay the FAM chain's update steps from CUDA graphs where possible (inference on
+                CUDA, chunks of at least `MIN_GRAPH_STEPS` blocks; see `fam_graphs`). Same result.
         """
         run = cls(settings=settings, adapter=adapter, decoder=decoder, inner=inner)
         C, F = settings.block_size, settings.fam_length
@@ -206,6 +210,7 @@ class FAMRun:
         device = chunk_mask.device
         run.keep_state = keep_state
         run.batch, run.n = batch, n
+        run.use_graphs = graphs_usable(device, cuda_graphs)
 
         fresh = states is None
         part_len = torch.zeros(batch, dtype=torch.long, device=device) if fresh else states[0].part_len
@@ -265,20 +270,36 @@ class FAMRun:
         """Run decoder layer `layer_idx` on FAM tokens `hidden` (B, F, D) with the given step."""
         layer = self.layers[layer_idx]
         position_ids = self.fam_position_ids.expand(hidden.shape[0], -1)
-        kind = self.adapter.layer_type(self.decoder, layer_idx)
-        if kind not in self._fam_position_embeddings:
-            self._fam_position_embeddings[kind] = self.adapter.position_embeddings(
-                self.decoder, self.fam_reference, self.fam_position_ids, layer_idx
-            )
         with plain_layer_call(layer):
             out = layer(
                 hidden,
                 attention_mask=None,
                 position_ids=position_ids,
-                position_embeddings=self._fam_position_embeddings[kind],
+                position_embeddings=self._fam_embeddings(layer_idx),
                 fam_step=step,
             )
         return out[0] if isinstance(out, tuple) else out
+
+    def _fam_embeddings(self, layer_idx: int):
+        """The rotary (cos, sin) of the FAM positions for this layer's kind, computed once per forward."""
+        kind = self.adapter.layer_type(self.decoder, layer_idx)
+        if kind not in self._fam_position_embeddings:
+            self._fam_position_embeddings[kind] = self.adapter.position_embeddings(
+                self.decoder, self.fam_reference, self.fam_position_ids, layer_idx
+            )
+        return self._fam_position_embeddings[kind]
+
+    def _chain_graph(self, layer_idx: int, fam, block_k, block_v):
+        """A CUDA graph of this layer's FAM update step (inputs: one step's), or None."""
+        if not self.use_graphs or self.min_complete < MIN_GRAPH_STEPS:
+            return None
+        self._fam_embeddings(layer_idx)  # on the forward's stream, before the capture
+
+        def update(fam_in, k_in, v_in):
+            step = FAMStep("update", self.inner, k_in, v_in, None)
+            return self.call_layer(layer_idx, fam_in, step), step.fam_k, step.fam_v
+
+        return capture_chain_step(self.decoder, update, fam, block_k, block_v)
 
     def rotations(self, layer_idx: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin (M, rot) moving a key s = 1..M blocks back, i.e. by -s·C positions."""
@@ -508,10 +529,17 @@ class FAMRun:
         T = self.num_blocks
         fam = state.fam
         ks, vs = [], []
+        first = slice(M * C, (M + 1) * C)
+        graph = self._chain_graph(layer_idx, fam, tl_k[:, :, first], tl_v[:, :, first])
         for t in range(T + (1 if self.keep_state else 0)):
             if t < self.max_complete:
                 blk = slice((M + t) * C, (M + t + 1) * C)
                 all_complete = t < self.min_complete
+                if graph is not None and all_complete:  # same computation, replayed
+                    fam, k, v = graph.step(fam, tl_k[:, :, blk], tl_v[:, :, blk])
+                    ks.append(k)
+                    vs.append(v)
+                    continue
                 step = FAMStep(
                     "update", self.inner, tl_k[:, :, blk], tl_v[:, :, blk], None if all_complete else tl_ok[:, blk]
                 )

@@ -107,11 +107,14 @@ def fam_forward(
     cache: FAMCache | None = None,
     inputs_embeds: torch.Tensor | None = None,
     use_cache: bool | None = None,
+    fam_cuda_graphs: bool = True,
     **kwargs,
 ):
     """Run the base causal LM's forward with FAM. Shared by FAMForCausalLM and patched models.
 
-    Besides the base model's arguments it takes (in `kwargs`):
+    `fam_cuda_graphs` (default True): on CUDA without autograd, replay the FAM chain's update steps from
+    CUDA graphs (one launch per step instead of dozens; same kernels, same result); False runs the chain
+    eagerly. Besides the base model's arguments it takes (in `kwargs`):
         fam_state: list of per-layer initial FAM tensors (B or 1, F, D) for a fresh sequence, instead
             of forward-propagating `fam_init` (Random State Passing, see hf_fam.training).
         fam_position_offset: (B,) integer offsets added to all positions (Random Position Offset).
@@ -179,6 +182,7 @@ def fam_forward(
         keep_state=bool(use_cache),
         fam_state=fam_state,
         position_offset=position_offset,
+        cuda_graphs=fam_cuda_graphs,
     )
     outputs = base_forward(
         input_ids=input_ids,
@@ -348,9 +352,11 @@ class FAMForCausalLM(FAMPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        fam_cuda_graphs: bool = True,
         **kwargs,
     ):
-        """Same arguments and outputs as the base model's causal LM forward; `cache` is a FAMCache."""
+        """Same arguments and outputs as the base model's causal LM forward; `cache` is a FAMCache.
+        `fam_cuda_graphs=False` runs the FAM chain eagerly on CUDA (see `fam_forward`)."""
         if cache is None:
             cache = kwargs.pop("past_key_values", None)
         base = self._fam_base
@@ -369,6 +375,7 @@ class FAMForCausalLM(FAMPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             labels=labels,
             logits_to_keep=logits_to_keep,
+            fam_cuda_graphs=fam_cuda_graphs,
             **kwargs,
         )
 
