@@ -299,7 +299,8 @@ class FAMRun:
             step = FAMStep("update", self.inner, k_in, v_in, None)
             return self.call_layer(layer_idx, fam_in, step), step.fam_k, step.fam_v
 
-        return capture_chain_step(self.decoder, update, fam, block_k, block_v)
+        key = (id(self.layers[layer_idx]), self.inner)
+        return capture_chain_step(self.decoder, update, fam, block_k, block_v, key)
 
     def rotations(self, layer_idx: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin (M, rot) moving a key s = 1..M blocks back, i.e. by -s·C positions."""

@@ -7,10 +7,10 @@ partial block), the steps have the same shapes, so one step is captured into a C
 for the others: one launch per step instead of dozens, the same kernels on the same weights.
 
 A graph is captured per layer *and per forward*: it reads the weights as they are during that forward, so
-adapters enabled, merged, swapped or replaced between forwards are never replayed stale. Capture costs
-about two eager steps, so it is only done for chunks of at least `MIN_GRAPH_STEPS` blocks. If a layer
-cannot be captured (an operation that synchronises with the host, weights offloaded to the CPU, ...),
-the chain runs eagerly, with a warning once per model.
+adapters enabled, merged, swapped or replaced between forwards are never replayed stale. A capture costs
+about one eager step (two the first time: a warm-up on the capture stream), so it is only done for chunks
+of at least `MIN_GRAPH_STEPS` blocks. If a layer cannot be captured (an operation that synchronises with
+the host, weights offloaded to the CPU, ...), the chain runs eagerly, with a warning once per model.
 """
 
 from __future__ import annotations
@@ -43,19 +43,23 @@ class ChainGraph:
     (new fam, the FAM's keys, values). Inputs are copied into static buffers; outputs are returned as
     fresh tensors (the graph's own buffers are overwritten by the next replay)."""
 
-    def __init__(self, step_fn: StepFn, fam: torch.Tensor, block_k: torch.Tensor, block_v: torch.Tensor):
+    def __init__(self, step_fn: StepFn, fam: torch.Tensor, block_k: torch.Tensor, block_v: torch.Tensor, key=None):
         self.fam = fam.new_empty(fam.shape).copy_(fam)
         self.block_k = block_k.new_empty(block_k.shape).copy_(block_k)
         self.block_v = block_v.new_empty(block_v.shape).copy_(block_v)
+        self.key = (key, tuple(fam.shape), tuple(block_k.shape), fam.dtype)
         self.out, self.fam_k, self.fam_v = self._capture(step_fn)
 
     def _capture(self, step_fn: StepFn):
         device = self.fam.device
-        side = torch.cuda.Stream(device)  # capture is not allowed on the default stream
+        side = _capture_stream(device)  # capture is not allowed on the default stream
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
-            # warm-up outside the capture: libraries initialise lazily on a stream's first use
-            step_fn(self.fam, self.block_k, self.block_v)
+            if (side, self.key) not in _WARMED_UP:
+                # one eager step on the capture stream first: libraries (cuBLAS workspaces, lazily loaded
+                # kernels) initialise on first use, which must not happen inside a capture
+                step_fn(self.fam, self.block_k, self.block_v)
+                _WARMED_UP.add((side, self.key))
             self.graph = torch.cuda.CUDAGraph()
             self.graph.capture_begin(capture_error_mode="thread_local")
             try:
@@ -77,14 +81,25 @@ class ChainGraph:
 
 
 _FAILED_ATTR = "_fam_cuda_graphs_failed"
+_CAPTURE_STREAMS: dict[int, torch.cuda.Stream] = {}
+_WARMED_UP: set = set()  # (stream, step key) pairs that already ran eagerly on their capture stream
 
 
-def capture_chain_step(owner: torch.nn.Module, step_fn: StepFn, fam, block_k, block_v) -> ChainGraph | None:
-    """A ChainGraph, or None where this model's layers cannot be captured (remembered on `owner`)."""
+def _capture_stream(device: torch.device) -> torch.cuda.Stream:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CAPTURE_STREAMS:
+        _CAPTURE_STREAMS[index] = torch.cuda.Stream(device)
+    return _CAPTURE_STREAMS[index]
+
+
+def capture_chain_step(owner: torch.nn.Module, step_fn: StepFn, fam, block_k, block_v, key=None) -> ChainGraph | None:
+    """A ChainGraph, or None where this model's layers cannot be captured (remembered on `owner`).
+    `key` names the step (e.g. the layer): a step runs once eagerly on the capture stream before its first
+    capture in this process."""
     if getattr(owner, _FAILED_ATTR, False):
         return None
     try:
-        return ChainGraph(step_fn, fam, block_k, block_v)
+        return ChainGraph(step_fn, fam, block_k, block_v, key)
     except Exception as err:  # noqa: BLE001 - any capture failure falls back to the eager chain
         setattr(owner, _FAILED_ATTR, True)
         warnings.warn(
