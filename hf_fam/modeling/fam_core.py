@@ -20,6 +20,9 @@ once in their own block's frame; moving them to a later block's frame is a rotat
 float64. Positions therefore never exceed (M+1)·C, however long the stream: a block after a million
 tokens is computed exactly like one at the start.
 
+On CUDA, without autograd, the update steps of step 2 are replayed from a CUDA graph captured once per
+layer and forward (`fam_graphs`): the same kernels, one launch per step.
+
 The same code serves the parallel schedule (a whole sequence, training and prefill) and streaming (a chunk
 continuing a `FAMLayerState` held by the cache): a fresh run is a stream with an empty state.
 """
