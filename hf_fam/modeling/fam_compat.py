@@ -1,8 +1,8 @@
 """Everything that differs between the transformers releases hf_fam supports, in one place.
 
 transformers 5.x moves internals between minor releases (the cache argument's name, the output-capture
-machinery, the attention registry). The rest of hf_fam calls the helpers below and never reaches into
-transformers' private modules itself. This file ships with every converted checkpoint, so it imports only
+machinery, the attention registry, the arguments attention functions take). The rest of hf_fam calls the
+helpers below and never reaches into transformers' private modules or attention functions itself. This file ships with every converted checkpoint, so it imports only
 torch and transformers.
 """
 
@@ -52,6 +52,37 @@ def inner_attention_function(module: nn.Module, inner: str) -> Callable:
             raise TypeError(f"{type(module).__name__} has no eager_attention_forward in its modeling module")
         return fn
     return transformers.modeling_utils.ALL_ATTENTION_FUNCTIONS[inner]
+
+
+# Attention keyword arguments that only make sense for the model's own attention pattern.
+DROPPED_ATTENTION_KWARGS = (
+    "sliding_window",
+    "position_ids",
+    "use_cache",
+    "cache",
+    "past_key_values",
+    "is_causal",
+    "fam_run",
+    "fam_step",
+    "output_attentions",
+)
+
+
+def additive_mask(allowed: torch.Tensor, dtype) -> torch.Tensor:
+    """Boolean mask (True = attend) -> additive mask: 0 where allowed, the dtype's minimum elsewhere."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+def call_inner_attention(module, inner, query, key, value, mask, kwargs):
+    """Call the checkpoint's own attention function (sdpa or eager) with an explicit mask: boolean
+    (True = attend), or additive in the query's dtype."""
+    fn = inner_attention_function(module, inner)
+    kw = {k: v for k, v in kwargs.items() if k not in DROPPED_ATTENTION_KWARGS}
+    if mask is not None and inner == "eager" and mask.dtype == torch.bool:
+        mask = additive_mask(mask, query.dtype)  # eager adds the mask to the scores
+    if inner == "sdpa":
+        kw["is_causal"] = False
+    return fn(module, query, key, value, mask, **kw)
 
 
 @contextlib.contextmanager

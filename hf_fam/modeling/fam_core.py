@@ -9,7 +9,7 @@ attention module computes Q/K/V as usual and calls `fam_attention_forward` (regi
    (blocks are counted from each row's first real token; padding never enters the timeline);
 2. runs the layer's FAM chain: for every completed block, the same decoder layer is called again on the F
    FAM tokens (`FAMStep`), whose queries attend to the previous FAM and the block, and whose output
-   (after the layer's own MLP) is the new FAM, fed back to this layer for the next block;
+   (after the layer's own MLP) is the new FAM, fed back to this layer for the next block (`fam_chain`);
 3. runs the attention of all blocks at once: block τ's queries see the M previous blocks, the FAM that
    preceded block τ, and block τ causally.
 
@@ -19,9 +19,6 @@ previous block, DESIGN.md §1), and a memory block s blocks back at P0-sC .. P0-
 once in their own block's frame; moving them to a later block's frame is a rotation by -sC, computed in
 float64. Positions therefore never exceed (M+1)·C, however long the stream: a block after a million
 tokens is computed exactly like one at the start.
-
-On CUDA, without autograd, the update steps of step 2 are replayed from a CUDA graph captured once per
-layer and forward (`fam_graphs`): the same kernels, one launch per step.
 
 The same code serves the parallel schedule (a whole sequence, training and prefill) and streaming (a chunk
 continuing a `FAMLayerState` held by the cache): a fresh run is a stream with an empty state.
@@ -35,75 +32,15 @@ import torch
 from torch import nn
 
 from .fam_adapters import DecoderAdapter, apply_rotation, relative_rotation
-from .fam_compat import inner_attention_function, plain_layer_call
-from .fam_graphs import MIN_GRAPH_STEPS, capture_chain_step, graphs_usable
+from .fam_chain import FAMChain, FAMStep
+from .fam_compat import additive_mask, call_inner_attention
+from .fam_graphs import graphs_usable
 from .fam_settings import FAMSettings
 from .fam_state import FAMLayerState, WindowLayout, build_window, rotate_memory, write_tokens
-
-# Attention keyword arguments that only make sense for the model's own attention pattern.
-_DROPPED_ATTENTION_KWARGS = (
-    "sliding_window",
-    "position_ids",
-    "use_cache",
-    "cache",
-    "past_key_values",
-    "is_causal",
-    "fam_run",
-    "fam_step",
-    "output_attentions",
-)
 
 # Upper bound on the attention scores materialised by one inner attention call; the blocks of a long
 # sequence are processed in groups so that prefill memory does not grow with the square of anything.
 _SCORE_BYTES_BUDGET = 256 * 2**20
-
-
-class FAMStep:
-    """One call of a decoder layer on FAM tokens, nested in the layer's block attention.
-
-    mode "init":   FAM attends only to itself (forward propagation of the initial FAM);
-    mode "update": FAM attends to itself and one block (the FAM update of DESIGN.md §1);
-    mode "probe":  only the FAM's keys/values are wanted; the attention output is zero.
-    In every mode the FAM's own keys/values are recorded: they are what block tokens read.
-    """
-
-    def __init__(self, mode: str, inner: str, block_k=None, block_v=None, block_ok=None):
-        self.mode = mode
-        self.inner = inner
-        self.block_k, self.block_v, self.block_ok = block_k, block_v, block_ok
-        self.fam_k: torch.Tensor | None = None
-        self.fam_v: torch.Tensor | None = None
-
-    def attend(self, module, query, key, value, kwargs):
-        self.fam_k, self.fam_v = key, value
-        if self.mode == "probe":
-            batch, heads, length, _ = query.shape
-            return query.new_zeros(batch, length, heads, value.shape[-1]), None  # (B, F, H, hd)
-        mask = None
-        if self.mode == "update":
-            key = torch.cat([key, self.block_k], dim=2)  # (B, KVH, F + C, hd)
-            value = torch.cat([value, self.block_v], dim=2)
-            if self.block_ok is not None:
-                fam_ok = self.block_ok.new_ones(self.block_ok.shape[0], query.shape[2])
-                mask = torch.cat([fam_ok, self.block_ok], dim=1)[:, None, None, :]  # (B, 1, 1, F + C)
-        return _inner_attention(module, self.inner, query, key, value, mask, kwargs)
-
-
-def _additive_mask(allowed: torch.Tensor, dtype) -> torch.Tensor:
-    """Boolean mask (True = attend) -> additive mask: 0 where allowed, the dtype's minimum elsewhere."""
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
-
-
-def _inner_attention(module, inner, query, key, value, mask, kwargs):
-    """Call the checkpoint's own attention function (sdpa or eager) with an explicit mask: boolean
-    (True = attend), or additive in the query's dtype."""
-    fn = inner_attention_function(module, inner)
-    kw = {k: v for k, v in kwargs.items() if k not in _DROPPED_ATTENTION_KWARGS}
-    if mask is not None and inner == "eager" and mask.dtype == torch.bool:
-        mask = _additive_mask(mask, query.dtype)  # eager adds the mask to the scores
-    if inner == "sdpa":
-        kw["is_causal"] = False
-    return fn(module, query, key, value, mask, **kw)
 
 
 def fam_attention_forward(module: nn.Module, query, key, value, attention_mask, **kwargs):
@@ -148,7 +85,7 @@ def _fit_length(x: torch.Tensor, length: int) -> torch.Tensor:
     return nn.functional.pad(x, (0, 0, 0, length - x.shape[2]))
 
 
-class FAMRun:
+class FAMRun(FAMChain):
     """State of one forward call, shared by all layers (passed through the model as `fam_run`).
 
     Built by `FAMRun.start` before the decoder runs; each layer's attention reads its `FAMLayerState`
@@ -269,42 +206,6 @@ class FAMRun:
     # ------------------------------------------------------------------------------------------------
     # helpers
     # ------------------------------------------------------------------------------------------------
-    def call_layer(self, layer_idx: int, hidden: torch.Tensor, step: FAMStep) -> torch.Tensor:
-        """Run decoder layer `layer_idx` on FAM tokens `hidden` (B, F, D) with the given step."""
-        layer = self.layers[layer_idx]
-        position_ids = self.fam_position_ids.expand(hidden.shape[0], -1)
-        with plain_layer_call(layer):
-            out = layer(
-                hidden,
-                attention_mask=None,
-                position_ids=position_ids,
-                position_embeddings=self._fam_embeddings(layer_idx),
-                fam_step=step,
-            )
-        return out[0] if isinstance(out, tuple) else out
-
-    def _fam_embeddings(self, layer_idx: int):
-        """The rotary (cos, sin) of the FAM positions for this layer's kind, computed once per forward."""
-        kind = self.adapter.layer_type(self.decoder, layer_idx)
-        if kind not in self._fam_position_embeddings:
-            self._fam_position_embeddings[kind] = self.adapter.position_embeddings(
-                self.decoder, self.fam_reference, self.fam_position_ids, layer_idx
-            )
-        return self._fam_position_embeddings[kind]
-
-    def _chain_graph(self, layer_idx: int, fam, block_k, block_v):
-        """A CUDA graph of this layer's FAM update step (inputs: one step's), or None."""
-        if not self.use_graphs or self.min_complete < MIN_GRAPH_STEPS:
-            return None
-        self._fam_embeddings(layer_idx)  # on the forward's stream, before the capture
-
-        def update(fam_in, k_in, v_in):
-            step = FAMStep("update", self.inner, k_in, v_in, None)
-            return self.call_layer(layer_idx, fam_in, step), step.fam_k, step.fam_v
-
-        key = (id(self.layers[layer_idx]), self.inner)
-        return capture_chain_step(self.decoder, update, fam, block_k, block_v, key)
-
     def rotations(self, layer_idx: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin (M, rot) moving a key s = 1..M blocks back, i.e. by -s·C positions."""
         inv_freq = self.adapter.inv_freq(self.decoder, layer_idx)
@@ -397,7 +298,7 @@ class FAMRun:
                 mask = mask.reshape(batch * G, 1, Lq, S)
 
             q = q_blocks[:, t0:t1].reshape(batch * G, heads, Lq, head_dim)
-            out, _ = _inner_attention(
+            out, _ = call_inner_attention(
                 module,
                 self.inner,
                 q,
@@ -454,7 +355,7 @@ class FAMRun:
             C, M = self.settings.block_size, self.settings.memory_segments
             causal = torch.ones(C, C, dtype=torch.bool, device=device).tril()
             allowed = torch.cat([causal.new_ones(C, M * C + fam_length), causal], dim=1)
-            self._regular_masks[key] = _additive_mask(allowed, dtype)[None, None]
+            self._regular_masks[key] = additive_mask(allowed, dtype)[None, None]
         return self._regular_masks[key]
 
     def _attend_in_block(self, module, layer_idx, state: FAMLayerState, query, key, value, kwargs) -> torch.Tensor:
@@ -472,7 +373,7 @@ class FAMRun:
         q_in_block = self.slot.clamp(min=0)[:, :, None]  # (B, n, 1)
         own = (j >= 0) & (((j <= q_in_block) & (j < self.work_len[:, None, None])) | (j == q_in_block))
         mask = (mem_ok | fam_ok)[:, None, :] | own  # (B, n, S)
-        out, _ = _inner_attention(module, self.inner, query, win_k[:, :, :S], win_v[:, :, :S], mask[:, None], kwargs)
+        out, _ = call_inner_attention(module, self.inner, query, win_k[:, :, :S], win_v[:, :, :S], mask[:, None], kwargs)
         if self.keep_state:
             self.states[layer_idx] = FAMLayerState(
                 win_k=win_k, win_v=win_v, mem_blocks=state.mem_blocks, part_len=self.work_len, fam=state.fam
@@ -525,55 +426,6 @@ class FAMRun:
             rest = x.new_zeros(batch, kv_heads, (T - 1) * C, x.shape[-1])
             out.append(_scatter_to_timeline(x, index, torch.cat([mem, part, rest], dim=2)))
         return out[0], out[1], ok
-
-    def _fam_chain(self, layer_idx: int, state: FAMLayerState, tl_k, tl_v, tl_ok):
-        """Sequential over blocks, F tokens each: returns the FAM keys/values every block reads
-        (B, T, KVH, F, hd), the new FAM (B, F, D) and the keys/values of that new FAM per row."""
-        C, M = self.settings.block_size, self.settings.memory_segments
-        T = self.num_blocks
-        fam = state.fam
-        ks, vs = [], []
-        first = slice(M * C, (M + 1) * C)
-        graph = self._chain_graph(layer_idx, fam, tl_k[:, :, first], tl_v[:, :, first])
-        for t in range(T + (1 if self.keep_state else 0)):
-            if t < self.max_complete:
-                blk = slice((M + t) * C, (M + t + 1) * C)
-                all_complete = t < self.min_complete
-                if graph is not None and all_complete:  # same computation, replayed
-                    fam, k, v = graph.step(fam, tl_k[:, :, blk], tl_v[:, :, blk])
-                    ks.append(k)
-                    vs.append(v)
-                    continue
-                step = FAMStep(
-                    "update", self.inner, tl_k[:, :, blk], tl_v[:, :, blk], None if all_complete else tl_ok[:, blk]
-                )
-                new = self.call_layer(layer_idx, fam, step)
-                done = self.complete_blocks > t  # (B,)
-                fam = new if all_complete else torch.where(done[:, None, None], new, fam)
-            elif t == 0 and state.win_k is not None:
-                step = FAMStep("cached", self.inner)
-                lay = self.layouts[layer_idx]
-                step.fam_k, step.fam_v = state.win_k[:, :, lay.fam], state.win_v[:, :, lay.fam]
-            elif t < T or self.max_complete == T:
-                # keys of a FAM no update in this chunk has read yet (a trailing partial block, or the
-                # block after the chunk for the cache)
-                step = FAMStep("probe", self.inner)
-                self.call_layer(layer_idx, fam, step)
-            else:
-                break
-            ks.append(step.fam_k)
-            vs.append(step.fam_v)
-        fam_k = torch.stack(ks[:T], dim=1)  # (B, T, KVH, F, hd)
-        fam_v = torch.stack(vs[:T], dim=1)
-        next_k = next_v = None
-        if self.keep_state:
-            # the FAM each row's next block reads: after `complete_blocks` updates
-            all_k = torch.stack(ks, dim=1)
-            all_v = torch.stack(vs, dim=1)
-            pick = self.complete_blocks.clamp(max=all_k.shape[1] - 1)[:, None, None, None, None]
-            next_k = all_k.gather(1, pick.expand(-1, 1, *all_k.shape[2:]))[:, 0]
-            next_v = all_v.gather(1, pick.expand(-1, 1, *all_v.shape[2:]))[:, 0]
-        return fam_k, fam_v, fam, next_k, next_v
 
     def _save_state(self, layer_idx, tl_k5, tl_v5, fam, fam_k, fam_v):
         """Keep the last M complete blocks, the partial block and the FAM of every row."""
