@@ -2,8 +2,8 @@
 
 transformers 5.x moves internals between minor releases (the cache argument's name, the output-capture
 machinery, the attention registry, the arguments attention functions take). The rest of hf_fam calls the
-helpers below and never reaches into transformers' private modules or attention functions itself. This file ships with every converted checkpoint, so it imports only
-torch and transformers.
+helpers below and never reaches into transformers' private modules or attention functions itself. This
+file ships with every converted checkpoint, so it imports only torch and transformers.
 """
 
 from __future__ import annotations
