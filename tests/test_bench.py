@@ -38,3 +38,20 @@ def test_suite_writes_json_table_and_plots(tmp_path):
     assert "prefill FAM/BSWA <= 1.10" in saved["targets"] and "train FAM/BSWA <= 1.15" in saved["targets"]
     assert "| N | full s | BSWA s | FAM s |" in (tmp_path / "suite.md").read_text()
     assert (tmp_path / "suite_prefill.png").stat().st_size > 0
+
+
+def test_prefill_bounds_script_counts_the_chain_and_writes_json(tmp_path):
+    """benchmarks/prefill_bounds.py replays FAM's update calls through `FAMChain.call_layer`: if the chain
+    stopped going through it, the count (one update per block and layer) would be wrong."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "bounds.json"
+    subprocess.run([sys.executable, str(root / "benchmarks" / "prefill_bounds.py"), "--n", "1024", "--rounds", "1",
+                    "--out", str(out)], check=True, capture_output=True, cwd=tmp_path, timeout=300)
+    saved = json.loads(out.read_text())
+    assert saved["fam_update_calls"] == 4 * (1024 // 256)  # 4 layers, 4 blocks of C = 256
+    assert set(saved["seconds"]) == {"full", "bswa", "fam", "floor", "calls"}
+    assert all(t > 0 for t in saved["seconds"].values())
+    assert saved["extra_budget_for_both_s"] == pytest.approx(saved["seconds"]["full"] / 33, abs=1e-4)
