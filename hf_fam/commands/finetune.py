@@ -118,7 +118,12 @@ def run(args) -> int:
 
     from hf_fam.training.finetune import finetune
 
+    from accelerate import PartialState
+
     result = finetune(config)
+    # Close the process group before the interpreter exits: a gloo process left to tear it down at exit
+    # was seen to abort ("terminate called without an active exception", SIGABRT) in the DDP test.
+    PartialState().destroy_process_group()
     if main_process:
         print(f"adapter: {result.output_dir} ({result.steps} steps, final loss {result.final_loss:.4f}, "
               f"{result.seconds:.1f} s, {result.world_size} process(es))")

@@ -420,14 +420,13 @@ def finetune(config: FinetuneConfig, accelerator=None) -> FinetuneResult:
                    "base_model": str(base_path), "merged": str(merged_dir.resolve()) if merged_dir else None}
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
         logger.info("saved the adapter to %s (base: %s)", out, base_path)
-    if merged_dir is not None:
-        if accelerator.is_main_process:
-            merged = result_model = trained.merge_and_unload()  # the PeftModel is spent after this
-            merged.save_pretrained(merged_dir)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(merged_dir)
-            logger.info("saved the merged model to %s", merged_dir)
-        accelerator.wait_for_everyone()
+    if merged_dir is not None and accelerator.is_main_process:
+        merged = result_model = trained.merge_and_unload()  # the PeftModel is spent after this
+        merged.save_pretrained(merged_dir)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(merged_dir)
+        logger.info("saved the merged model to %s", merged_dir)
+    accelerator.wait_for_everyone()  # every process returns with the adapter (and merged model) on disk
     return FinetuneResult(output_dir=out, steps=step, final_loss=final_loss, seconds=seconds,
                           world_size=accelerator.num_processes, adapter_digests=digests, merged_dir=merged_dir,
                           fam_base_dir=fam_base_dir, model=result_model)
