@@ -116,9 +116,9 @@ def run(args) -> int:
     for noisy in ("transformers", "datasets", "accelerate", "peft", "torch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    from hf_fam.training.finetune import finetune
-
     from accelerate import PartialState
+
+    from hf_fam.training.finetune import finetune
 
     result = finetune(config)
     # Close the process group before the interpreter exits: a gloo process left to tear it down at exit
