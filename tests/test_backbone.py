@@ -16,7 +16,7 @@ from conftest import assert_close, random_ids, tiny_model
 from transformers import AutoModel, AutoModelForCausalLM
 
 import hf_fam
-from hf_fam import FAMConfig, FAMForCausalLM, FAMModel, FAMSettings
+from hf_fam import FAMForCausalLM, FAMModel
 
 SETTINGS = dict(block_size=4, memory_segments=1, fam_length=3)
 
@@ -147,33 +147,6 @@ def test_peft_trains_fam_init_through_the_backbone():
     loss.backward()
     trained = peft_model.base_model.model.fam.modules_to_save["default"].fam_init
     assert trained.grad is not None and trained.grad.abs().sum() > 0
-
-
-def test_fam_settings_is_the_one_source_of_defaults():
-    from hf_fam.commands.fam_args import add_fam_arguments, settings_from_args
-    from hf_fam.convert import ConvertOptions
-
-    import argparse
-
-    defaults = FAMSettings()
-    assert (defaults.block_size, defaults.memory_segments, defaults.fam_length, defaults.fam_layers) == (1024, 3, 64, "all")
-    config = FAMConfig(base_config=tiny_model().config)
-    assert config.fam_settings == defaults
-    options = ConvertOptions()
-    assert FAMSettings(options.block_size, options.memory_segments, options.fam_length, options.fam_layers) == defaults
-    parser = argparse.ArgumentParser()
-    add_fam_arguments(parser, base_only=False)
-    assert settings_from_args(parser.parse_args([])) == defaults
-    parsed = parser.parse_args(["--block-size", "8", "--fam-layers", "global"])
-    assert settings_from_args(parsed) == FAMSettings(block_size=8, fam_layers="global")
-    assert defaults.cache_tokens == (3 + 1) * 1024 + 64 and defaults.attention_window == 4096
-
-
-def test_cache_mismatch_names_every_setting():
-    model = FAMForCausalLM.from_base_model(tiny_model(), **SETTINGS).eval()
-    cache = hf_fam.FAMCache(FAMSettings(**SETTINGS, fam_layers="global"))
-    with pytest.raises(ValueError, match="fam_layers='global'.*fam_layers='all'"):
-        model(random_ids(1, 5), cache=cache, use_cache=True)
 
 
 def test_a_fam_model_reports_an_unbounded_length(caplog):

@@ -33,7 +33,13 @@ from torch import nn
 
 from .fam_adapters import DecoderAdapter, apply_rotation, relative_rotation
 from .fam_chain import FAMChain, FAMStep
-from .fam_compat import FAM_ATTENTION_PREFIX, additive_mask, call_inner_attention, in_fam_forward, inner_attention_function
+from .fam_compat import (
+    FAM_ATTENTION_PREFIX,
+    additive_mask,
+    call_inner_attention,
+    in_fam_forward,
+    inner_attention_function,
+)
 from .fam_graphs import graphs_usable
 from .fam_settings import FAMSettings
 from .fam_state import FAMLayerState, WindowLayout, build_window, rotate_memory, write_tokens
