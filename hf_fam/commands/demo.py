@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
+from ..cli import HelpFormatter
 
 
 def register(sub) -> None:
@@ -13,7 +13,7 @@ def register(sub) -> None:
         "with FAM and with block sliding window attention (same C, M, data and steps), side by side on two CPU "
         "cores; evaluate both at 1x-16x the attention window, overall and beyond the reach of the sliding window; "
         "print a table, write results.json and passkey.png, and save the FAM model as a checkpoint with a card.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--out", default="fam-demo", help="output folder")
     p.add_argument("--seed", type=int, nargs="+", default=[0],

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
+from ..cli import HelpFormatter
 
 
 def register(sub) -> None:
@@ -11,8 +11,8 @@ def register(sub) -> None:
         help="evaluate passkey retrieval or long-text perplexity; writes JSON (and a PNG plot)",
         description="Evaluate a FAM checkpoint (or a base checkpoint, as is or with FAM settings) on passkey "
         "retrieval at several lengths, overall and beyond the reach of block sliding window attention, or on "
-        "the perplexity of a long text read by streaming. The JSON's 'results' feed `hf-fam card --eval`.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "the perplexity of a long text read by streaming. The JSON's 'results' feed `hf-fam card --eval-results`.",
+        formatter_class=HelpFormatter,
     )
     p.add_argument("model", help="FAM or base checkpoint (folder or Hub id)")
     p.add_argument("--task", choices=("passkey", "perplexity"), default="passkey", help="what to evaluate")

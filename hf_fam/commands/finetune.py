@@ -9,7 +9,8 @@ Examples:
 
 from __future__ import annotations
 
-import argparse
+from ..cli import HelpFormatter
+from ..modeling.fam_settings import DEFAULT_BLOCK_SIZE, DEFAULT_FAM_LENGTH, DEFAULT_MEMORY_SEGMENTS
 
 HELP = "LoRA fine-tuning with the paper's recipe (PEFT adapter + trained fam_init); runs under accelerate launch."
 
@@ -22,15 +23,16 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "finetune", help=HELP, description=HELP + " Multi-process: accelerate launch [--multi_gpu] --num_processes N "
         "-m hf_fam.cli finetune ... (or torchrun --nproc_per_node N -m hf_fam.cli finetune ...).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("model", help="FAM checkpoint, or a Llama/Mistral/Gemma/... checkpoint (converted on "
-                                 "the fly with --block-size/--memory-segments/--fam-length): a folder or a Hub id")
+    p.add_argument("model", help="FAM checkpoint, or a base checkpoint (model_type one of: %(families)s), "
+                                 "converted on the fly with --block-size/--memory-segments/--fam-length: a folder "
+                                 "or a Hub id")
     p.add_argument("--output", "-o", required=True, help="output folder: adapter, logs, fam_base/, merged/")
     g = p.add_argument_group("model (base checkpoints only; a FAM checkpoint keeps its own settings)")
-    g.add_argument("--block-size", type=int, help="C, tokens per block (default 1024)")
-    g.add_argument("--memory-segments", type=int, help="M, past blocks attended (default 3)")
-    g.add_argument("--fam-length", type=int, help="F, memory tokens per layer (default 64)")
+    g.add_argument("--block-size", type=int, help=f"C, tokens per block (default {DEFAULT_BLOCK_SIZE})")
+    g.add_argument("--memory-segments", type=int, help=f"M, past blocks attended (default {DEFAULT_MEMORY_SEGMENTS})")
+    g.add_argument("--fam-length", type=int, help=f"F, memory tokens per layer (default {DEFAULT_FAM_LENGTH})")
     g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "auto"),
                    help="weights dtype")
     g = p.add_argument_group("data")
@@ -48,7 +50,7 @@ def register(subparsers) -> None:
     g.add_argument("--passkey-depth", type=float, help="key depth in the filler, 0 (start) to 1 (end); default random")
     g.add_argument("--passkey-vocab-offset", type=int, default=0, help="first token id of the synthetic form")
     g = p.add_argument_group("LoRA")
-    g.add_argument("--lora-rank", type=int, default=64, help="LoRA rank (paper: 64)")
+    g.add_argument("--lora-rank", type=int, default=64, help="LoRA rank (the paper uses 64)")
     g.add_argument("--lora-alpha", type=int, help="LoRA alpha (default: the rank)")
     g.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout")
     g.add_argument("--lora-targets", type=_csv, help="comma-separated module names (default: the family's "

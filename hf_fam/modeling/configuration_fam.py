@@ -8,12 +8,7 @@ from __future__ import annotations
 from transformers import AutoConfig, PretrainedConfig
 
 from .fam_adapters import get_adapter
-from .fam_settings import validate_fam_settings
-
-# Paper defaults (DESIGN.md §4)
-DEFAULT_BLOCK_SIZE = 1024
-DEFAULT_MEMORY_SEGMENTS = 3
-DEFAULT_FAM_LENGTH = 64
+from .fam_settings import DEFAULT_BLOCK_SIZE, DEFAULT_FAM_LENGTH, DEFAULT_MEMORY_SEGMENTS, validate_fam_settings
 
 
 class FAMConfig(PretrainedConfig):

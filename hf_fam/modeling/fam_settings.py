@@ -8,6 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Paper defaults (DESIGN.md §4); here, not in configuration_fam, so the command line reads them without torch
+DEFAULT_BLOCK_SIZE = 1024
+DEFAULT_MEMORY_SEGMENTS = 3
+DEFAULT_FAM_LENGTH = 64
+
 
 @dataclass(frozen=True)
 class FAMSettings:
