@@ -45,7 +45,18 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, default=d.threads, help="CPU threads")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="run the FAM chain eagerly on CUDA (default: replayed from CUDA graphs)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, check=check)
+
+
+def check(args) -> None:
+    """Before the measurements: is matplotlib there for the plots drawn at the end?"""
+    import importlib.util
+
+    from ..cli import CLIError
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise CLIError("the benchmark draws its plots with matplotlib, which is not installed: "
+                       "pip install 'hf-fam[bench]' (or pip install matplotlib)")
 
 
 def run(args) -> int:
