@@ -28,7 +28,10 @@ def register(subparsers) -> None:
     p.add_argument("model", help="FAM checkpoint, or a base checkpoint (model_type one of: %(families)s), "
                                  "converted on the fly with --block-size/--memory-segments/--fam-length: a folder "
                                  "or a Hub id")
-    p.add_argument("--output", "-o", required=True, help="output folder: adapter, logs, fam_base/, merged/")
+    p.add_argument("--output", "-o", required=True, help="output folder: adapter, logs, fam_base/, merged/; "
+                   "must not exist or be empty, unless --force")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --output folder, once this run is done "
+                   "(the run writes beside it and swaps; old and new files never mix)")
     g = p.add_argument_group("model (base checkpoints only; a FAM checkpoint keeps its own settings)")
     g.add_argument("--block-size", type=int, help=f"C, tokens per block (default {DEFAULT_BLOCK_SIZE})")
     g.add_argument("--memory-segments", type=int, help=f"M, past blocks attended (default {DEFAULT_MEMORY_SEGMENTS})")
@@ -103,7 +106,7 @@ def config_from_args(args):
                            lr_scheduler=args.lr_scheduler, warmup_steps=args.warmup_steps,
                            weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
                            gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
-                           log_every=args.log_every, merge=args.merge, cpu=args.cpu),
+                           log_every=args.log_every, merge=args.merge, overwrite=args.force, cpu=args.cpu),
     )
 
 
