@@ -210,13 +210,14 @@ def load_fam_model(options: ModelOptions):
     """
     from transformers import AutoConfig
 
-    from ..loading import FAMOverrides
+    from ..loading import FAMOverrides, hub_access
     from ..loading import load_fam_model as load
 
     overrides = FAMOverrides(options.block_size, options.memory_segments, options.fam_length)
     model, tokenizer = load(options.path, overrides=overrides, dtype=options.dtype)
     model.train()
-    converted = AutoConfig.from_pretrained(options.path).model_type != "fam"
+    hub = {} if Path(options.path).expanduser().exists() else hub_access(options.path)
+    converted = AutoConfig.from_pretrained(options.path, **hub).model_type != "fam"
     return model, tokenizer, converted
 
 
