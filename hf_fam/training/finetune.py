@@ -51,7 +51,7 @@ logger = logging.getLogger("hf_fam.training")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 DATA_SOURCES = ("passkey", "text")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
-# used when converting a base checkpoint without explicit settings (paper, DESIGN.md §4)
+# used when converting a base checkpoint without explicit settings (paper, docs/design.md §4)
 
 
 def _check_int(name: str, value, low: int, allow_none: bool = False) -> None:
