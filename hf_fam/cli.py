@@ -1,10 +1,10 @@
 """`hf-fam`: the command line over hf_fam.
 
 Each command lives in `hf_fam/commands/<name>.py` and exposes `register(subparsers)`, which adds its
-parser and sets `func` (and optionally `check`, a quick look at the arguments run before anything loads). Heavy imports (torch, transformers) happen only once the arguments are parsed
-(`hf_fam.load()`, then inside the commands), so `--help` and argument errors are instant. Errors a user can
-fix are printed as one line, without a traceback, with exit status 2 (set HF_FAM_DEBUG=1 to see the
-traceback).
+parser and sets `func` (and optionally `check`, a quick look at the arguments before anything loads).
+Heavy imports (torch, transformers) happen only once the arguments are parsed (`hf_fam.load()`, then inside
+the commands), so `--help` and argument errors are instant. Errors a user can fix are printed as one line,
+without a traceback, with exit status 2 (set HF_FAM_DEBUG=1 to see the traceback).
 
 `HelpFormatter` is the commands' shared help style: "(default: X)" appended once, only where a help text does
 not already speak of its default, and `%(families)s` filled with the supported model types, read from the

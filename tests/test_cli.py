@@ -71,7 +71,8 @@ def test_flags_named_in_help_texts_exist():
     """`card --eval` was named by `eval --help`; the flag is --eval-results."""
     subs = _subparsers()
     texts = [sub.format_help() for sub in subs.values()] + [build_parser().format_help()]
-    named = {(cmd, flag) for text in texts for cmd, flag in re.findall(r"hf-fam (\w+) (--[\w-]+)", " ".join(text.split()))}
+    pattern = re.compile(r"hf-fam (\w+) (--[\w-]+)")
+    named = {pair for text in texts for pair in pattern.findall(" ".join(text.split()))}
     assert ("card", "--eval-results") in named
     for cmd, flag in named:
         assert cmd in subs and flag in subs[cmd]._option_string_actions, f"help names hf-fam {cmd} {flag}"

@@ -22,7 +22,8 @@ def register(sub) -> None:
                    help="what to measure")
     p.add_argument("--prefill-lengths", type=int, nargs="+", default=d.prefill_lengths, metavar="N",
                    help="prefill: input lengths in tokens")
-    p.add_argument("--full-max-length", type=int, default=d.full_max_length, help="prefill: longest N run with full attention (its memory grows with N)")
+    p.add_argument("--full-max-length", type=int, default=d.full_max_length,
+                   help="prefill: longest N run with full attention (its memory grows with N)")
     p.add_argument("--decode-contexts", type=int, nargs="+", default=d.decode_contexts, metavar="N",
                    help="decode: context lengths (tokens read) before the timed tokens")
     p.add_argument("--decode-steps", type=int, default=d.decode_steps, help="decode: tokens generated per timing")
@@ -30,7 +31,8 @@ def register(sub) -> None:
     p.add_argument("--train-length", type=int, default=d.train_length, help="train: tokens per sequence")
     p.add_argument("--train-batch", type=int, default=d.train_batch, help="train: sequences per step")
     p.add_argument("--rounds", type=int, default=d.rounds, help="timed rounds after the warm-up")
-    p.add_argument("--chunk", type=int, default=d.chunk, help="tokens per forward when FAM/BSWA read through the cache (0: one forward)")
+    p.add_argument("--chunk", type=int, default=d.chunk,
+                   help="tokens per forward when FAM/BSWA read through the cache (0: one forward)")
     p.add_argument("--hidden", type=int, default=d.hidden, help="model: hidden size of the Llama measured")
     p.add_argument("--layers", type=int, default=d.layers, help="model: decoder layers")
     p.add_argument("--heads", type=int, default=d.heads, help="model: attention heads")
