@@ -119,4 +119,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m hf_fam.cli`: run the package's module, whose CLIError the commands raise (this file runs as
+    # __main__, a second copy with a CLIError class of its own that main() here would not catch)
+    from hf_fam.cli import main as package_main
+
+    sys.exit(package_main())

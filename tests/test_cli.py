@@ -48,6 +48,14 @@ def test_help_and_argument_errors_do_not_import_torch():
     assert out.stdout.strip().endswith("torch imported: False"), out.stdout[-500:]
 
 
+def test_python_dash_m_errors_are_one_line():
+    """`python -m hf_fam.cli` (as accelerate launch and torchrun run it) prints a command's refusal as one line."""
+    out = subprocess.run([sys.executable, "-m", "hf_fam.cli", "generate", "nowhere", "--prompt", "hi",
+                          "--max-new-tokens", "0"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == ["hf-fam generate: error: --max-new-tokens must be >= 1, got 0"]
+
+
 def test_python_dash_m_help_does_not_import_torch():
     out = subprocess.run([sys.executable, "-X", "importtime", "-m", "hf_fam.cli", "--help"], capture_output=True,
                          text=True, timeout=120)
