@@ -2,23 +2,59 @@
 
 `import hf_fam` registers `FAMConfig` (model_type "fam") with AutoConfig, `FAMModel` (the backbone) with
 AutoModel and `FAMForCausalLM` with AutoModelForCausalLM.
+
+The `hf-fam` command line is the one exception: importing torch and transformers takes seconds, so when
+this interpreter was started as `hf-fam` (or `python -m hf_fam.cli`) the package only parses arguments
+first; `hf_fam.cli.main` calls `load()` before a command runs, and any public name below loads it too.
 """
 
 from __future__ import annotations
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
-from .modeling.configuration_fam import FAMConfig
-from .modeling.fam_adapters import supported_model_types
-from .modeling.fam_cache import FAMCache
-from .modeling.fam_settings import FAMSettings
-from .modeling.modeling_fam import FAMForCausalLM, FAMModel
-from .patching import patch, unpatch
+import os
+import sys
 
 __version__ = "0.1.0"
 
-AutoConfig.register("fam", FAMConfig, exist_ok=True)
-AutoModel.register(FAMConfig, FAMModel, exist_ok=True)
-AutoModelForCausalLM.register(FAMConfig, FAMForCausalLM, exist_ok=True)
+__all__ = ["FAMCache", "FAMConfig", "FAMForCausalLM", "FAMModel", "FAMSettings", "patch", "supported_model_types",
+           "unpatch", "__version__"]
 
-__all__ = ["FAMCache", "FAMConfig", "FAMForCausalLM", "FAMModel", "FAMSettings", "patch", "supported_model_types", "unpatch", "__version__"]
+_loaded = False
+
+
+def load() -> None:
+    """Import the modelling code and register the `fam` model type with the Auto classes (idempotent)."""
+    global _loaded, FAMCache, FAMConfig, FAMForCausalLM, FAMModel, FAMSettings, patch, supported_model_types, unpatch
+    if _loaded:
+        return
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    from .modeling.configuration_fam import FAMConfig
+    from .modeling.fam_adapters import supported_model_types
+    from .modeling.fam_cache import FAMCache
+    from .modeling.fam_settings import FAMSettings
+    from .modeling.modeling_fam import FAMForCausalLM, FAMModel
+    from .patching import patch, unpatch
+
+    AutoConfig.register("fam", FAMConfig, exist_ok=True)
+    AutoModel.register(FAMConfig, FAMModel, exist_ok=True)
+    AutoModelForCausalLM.register(FAMConfig, FAMForCausalLM, exist_ok=True)
+    _loaded = True
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        load()
+        return globals()[name]
+    raise AttributeError(f"module 'hf_fam' has no attribute {name!r}")
+
+
+def _started_as_cli() -> bool:
+    """True in an interpreter started as the `hf-fam` console script or as `python -m hf_fam.cli`."""
+    argv = getattr(sys, "orig_argv", sys.argv)
+    if "-m" in argv[:-1] and argv[argv.index("-m") + 1] == "hf_fam.cli":
+        return True
+    return bool(sys.argv) and os.path.basename(sys.argv[0]).split(".")[0] in ("hf-fam", "hf-fam-script")
+
+
+if not _started_as_cli():
+    load()

@@ -364,9 +364,21 @@ def _finetune_and_evaluate(args) -> dict:
     return {"variant": variant, "history": history, "eval": results, "weights": weights_path}
 
 
-def run_demo(config: DemoConfig, out_dir: str | Path, *, parallel: bool = True, log=print) -> dict:
+def require_matplotlib(what: str) -> None:
+    """Raise a one-line ImportError naming the extra to install when matplotlib, needed for `what`, is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ImportError(f"{what} needs matplotlib, which is not installed: pip install 'hf-fam[demo]' "
+                          "(or pip install matplotlib)")
+
+
+def run_demo(config: DemoConfig, out_dir: str | Path, *, parallel: bool = True, log=print, plot: bool = True) -> dict:
     """Pretrain the short-context model, fine-tune FAM and BSWA from it, evaluate both; write results.json,
-    passkey.png and the FAM checkpoint (with a model card) under `out_dir`.
+    the FAM checkpoint (with a model card) and, with `plot`, passkey.png under `out_dir`.
+
+    matplotlib (the `demo` extra) is checked for before any work when `plot` is set, and the plot is drawn
+    last: what was computed is on disk whatever happens to it.
 
     Returns the results dict (also written to `out_dir/results.json`).
     """
@@ -374,6 +386,8 @@ def run_demo(config: DemoConfig, out_dir: str | Path, *, parallel: bool = True, 
 
     from .evaluation import plot_passkey, write_json
 
+    if plot:
+        require_matplotlib("the demo's plot (passkey.png; pass plot=False, or --no-plot, to skip it)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -411,10 +425,12 @@ def run_demo(config: DemoConfig, out_dir: str | Path, *, parallel: bool = True, 
         "runs": {v: {"history": r["history"], "eval": r["eval"]} for v, r in by_variant.items()},
     }
     write_json(results, out_dir / "results.json")
-    plot_passkey([by_variant["FAM"]["eval"], by_variant["BSWA"]["eval"]], out_dir / "passkey.png",
-                 title=f"Passkey retrieval, window {config.window} tokens (C={config.block_size}, M={config.memory_segments})")
     save_checkpoint(fam_model, by_variant["FAM"]["eval"], out_dir / "fam-passkey-model", config)
     log(format_table(results))
+    if plot:
+        plot_passkey([by_variant["FAM"]["eval"], by_variant["BSWA"]["eval"]], out_dir / "passkey.png",
+                     title=f"Passkey retrieval, window {config.window} tokens (C={config.block_size}, "
+                     f"M={config.memory_segments})")
     return results
 
 

@@ -41,6 +41,46 @@ def resolve_dtype(name: str | None):
     return table[name]
 
 
+def hub_access(source: str, revision: str | None = None, probe_timeout: float = 3.0) -> dict:
+    """For `source`, a name that is not a local folder: fail fast when the Hub cannot answer.
+
+    huggingface_hub retries a request it could not send for about half a minute before transformers gives up.
+    When HF_HUB_OFFLINE is set, or a connection to the Hub endpoint fails within `probe_timeout` seconds (no
+    proxy configured), `source` must be in the local Hub cache: then the extra `from_pretrained` arguments
+    returned ({"local_files_only": True}) keep transformers from trying the network; otherwise one line says
+    why. With the Hub reachable, returns {} and the Hub answers as usual.
+
+    Raises:
+        FileNotFoundError: not in the cache while offline or unreachable, or not a valid Hub id.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        cached = isinstance(try_to_load_from_cache(source, "config.json", revision=revision), str)
+    except HFValidationError:
+        raise FileNotFoundError(f"no checkpoint at {source}: no such folder, and not a valid Hub id") from None
+    if constants.is_offline_mode():
+        why = "HF_HUB_OFFLINE is set"
+    elif any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return {}  # the proxy decides; a direct connection says nothing
+    else:
+        url = urlparse(constants.ENDPOINT)
+        try:
+            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                     timeout=probe_timeout).close()
+            return {}
+        except OSError as err:
+            why = f"the Hub ({url.hostname}) is unreachable ({err.strerror or err})"
+    if cached:
+        return {"local_files_only": True}
+    raise FileNotFoundError(f"no checkpoint at {source}: no such folder, {why}, and the Hub cache does not hold it; "
+                            "check the name (a local folder: its path, e.g. ./NAME)")
+
+
 def load_fam_model(source: str, *, overrides: FAMOverrides | None = None, dtype: str | None = "auto",
                    device: str = "cpu", revision: str | None = None, token: str | None = None,
                    attn_implementation: str | None = None):
@@ -66,6 +106,8 @@ def load_fam_model(source: str, *, overrides: FAMOverrides | None = None, dtype:
     if local and not os.path.isfile(os.path.join(os.path.expanduser(source), "config.json")):
         raise FileNotFoundError(f"no checkpoint at {source} (config.json missing); pass a checkpoint folder.")
     hub = dict(revision=revision, token=token)
+    if not local:
+        hub.update(hub_access(source, revision))  # offline or unreachable: fail now, not after ~30 s of retries
     try:
         config = AutoConfig.from_pretrained(source, **hub)
     except (OSError, ValueError) as err:  # no such Hub repository, no Hub reachable, or a bad id
@@ -73,6 +115,8 @@ def load_fam_model(source: str, *, overrides: FAMOverrides | None = None, dtype:
             f"no checkpoint at {source}: not a local folder, and the Hub says: {str(err).splitlines()[0]}"
         ) from None
     kwargs = dict(dtype=resolve_dtype(dtype), **hub)
+    if hub.get("local_files_only"):  # transformers does not pass it on to its look-up of a PEFT adapter
+        kwargs["adapter_kwargs"] = {"local_files_only": True}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if config.model_type == "fam":

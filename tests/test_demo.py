@@ -82,3 +82,39 @@ def test_pretraining_race_picks_the_fewest_steps_whatever_the_schedule():
     config = replace(config, pretrain_steps=12, pretrain_stop_at=1.01)
     base, history = pretrain(config, parallel=False)
     assert not history["reached"] and [c["steps"] for c in history["candidates"]] == [12, 12]
+
+
+def test_demo_without_matplotlib_stops_before_any_work(tmp_path, capsys, monkeypatch):
+    """A plain install has no matplotlib: one line naming the extra, before minutes of training, nothing written."""
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--steps", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["hf-fam demo: error: the demo draws passkey.png with matplotlib, which is not installed: "
+                   "pip install 'hf-fam[demo]' (or pip install matplotlib), or pass --no-plot"]
+    assert not out.exists()
+    assert main(["bench", "--parts", "train"]) == 2
+    assert "pip install 'hf-fam[bench]'" in capsys.readouterr().err
+
+
+def test_demo_saves_what_it_computed_before_plotting(tmp_path, monkeypatch):
+    """The plot is drawn last: when it fails, results.json and the trained checkpoint are already on disk."""
+    import pytest
+
+    import hf_fam.evaluation
+
+    def broken_plot(*args, **kwargs):
+        raise RuntimeError("plotting failed")
+
+    monkeypatch.setattr(hf_fam.evaluation, "plot_passkey", broken_plot)
+    out = tmp_path / "demo"
+    with pytest.raises(RuntimeError, match="plotting failed"):
+        main(["demo", "--out", str(out), "--steps", "2", "--trials", "4", "--sequential", "--pretrain-steps", "4",
+              "--eval-multiples", "1"])
+    assert json.loads((out / "results.json").read_text())["runs"]["FAM"]["history"]["steps"] == 2
+    assert (out / "fam-passkey-model" / "config.json").exists()
+    assert (out / "fam-passkey-model" / "README.md").exists()

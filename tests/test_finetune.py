@@ -145,6 +145,42 @@ def test_fam_checkpoint_keeps_its_settings(base_ckpt, tmp_path, capsys):
     assert not (out / "fam_base").exists()
 
 
+def test_an_existing_output_is_refused_and_replaced_whole_with_force(base_ckpt, tmp_path, capsys):
+    """`-o EXISTING` used to replace the adapter and leave the old merged/ beside it. Now: refused in one line;
+    with --force the old folder is swapped for the new run's once it is complete (no stale merged/, no old
+    log lines); a failed run leaves neither its own files nor a temporary folder."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "merged").mkdir()
+    (out / "merged" / "config.json").write_text("{}")
+    (out / "train_log.jsonl").write_text('{"step": 999}\n')
+    run = ["finetune", str(base_ckpt), "--output", str(out), *SMALL, "--seq-len", "48", "--passkey-form",
+           "synthetic", "--passkey-examples", "4", "--steps", "1", "--batch-size", "2"]
+    try:
+        code, last, everything = _cli(run, capsys)
+        assert code == 2 and "Traceback" not in everything
+        assert last == (f"hf-fam finetune: error: {out} already exists and is not empty (a previous run?); pass "
+                        "--force to replace it once this run is done, or choose another --output")
+        assert (out / "merged" / "config.json").read_text() == "{}"
+
+        code, last, everything = _cli([*run, "--force", "--lora-targets", "no_such_proj"], capsys)
+        assert code == 2 and "no_such_proj" in last
+        assert sorted(p.name for p in out.iterdir()) == ["merged", "train_log.jsonl"]  # untouched
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temporary folder left
+
+        code, last, everything = _cli([*run, "--force"], capsys)
+        assert code == 0, everything
+    finally:
+        _reset_accelerate()
+    assert not (out / "merged").exists()
+    assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == [1]
+    assert (out / "adapter_config.json").exists() and (out / "fam_base" / "config.json").exists()
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str((out / "fam_base").resolve())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert ".fam-tmp" not in (out / "README.md").read_text()  # PEFT's card names no temporary folder
+
+
 def test_help_explains_every_option(capsys):
     with pytest.raises(SystemExit):
         main(["finetune", "--help"])

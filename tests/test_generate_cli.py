@@ -73,6 +73,26 @@ def test_cli_generate_errors_are_one_line(checkpoint, tmp_path, capsys):
     assert len(err) == 3 and all(line.startswith("hf-fam generate: error:") for line in err)
 
 
+def test_cli_generate_refuses_what_cannot_generate_before_loading(tmp_path, capsys):
+    """No tokens to generate, or nothing to read: one line naming the problem, before the model is looked up
+    (the model named here does not exist, so any later check would complain about it instead)."""
+    empty, blank = tmp_path / "empty.txt", tmp_path / "blank.txt"
+    empty.write_text("")
+    blank.write_text(" \n\t\n")
+    nowhere = str(tmp_path / "nowhere")
+    cases = [
+        (["--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+        (["--prompt", "hi", "--chunk-tokens", "0"], "--chunk-tokens must be >= 1, got 0"),
+        (["--prompt", ""], "the prompt is empty; pass some text with --prompt"),
+        (["--prompt-file", str(empty)], f"the prompt file {empty} is empty (or only whitespace)"),
+        (["--prompt-file", str(blank)], f"the prompt file {blank} is empty (or only whitespace)"),
+    ]
+    for extra, needle in cases:
+        assert main(["generate", nowhere, *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("hf-fam generate: error: ") and needle in err[0], err
+
+
 def test_fam_checkpoint_refuses_other_settings(checkpoint, tmp_path):
     model, _ = load_fam_model(str(checkpoint), overrides=FAMOverrides(16, 1, 4))
     model.save_pretrained(tmp_path / "fam")

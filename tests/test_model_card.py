@@ -149,3 +149,25 @@ def test_installed_wheel_ships_the_template(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     module_file, length = result.stdout.split()
     assert module_file.startswith(str(tmp_path / "site")) and int(length) == len(template_text())
+
+
+def test_usage_snippet_runs_where_hf_fam_is_not_installed(tmp_path):
+    """The card's reader has no hf_fam: every from_pretrained of the snippet must pass trust_remote_code=True, or
+    transformers stops at its interactive "Do you wish to run the custom code? [y/N]"."""
+    import re
+
+    from convert_helpers import run_without_hf_fam
+
+    from hf_fam.tiny import make_tiny_checkpoint
+
+    src = make_tiny_checkpoint(tmp_path / "tiny-llama", "llama")
+    out = tmp_path / "tiny-llama-fam"
+    convert(src, out, ConvertOptions(block_size=4, memory_segments=1, fam_length=2, progress=False))
+    (snippet,) = re.findall(r"```python\n(.*?)```", (out / "README.md").read_text(), flags=re.S)
+    assert 'model_id = "tiny-llama-fam"' in snippet
+    for call in re.findall(r"\w+\.from_pretrained\([^)]*\)", snippet):
+        assert "trust_remote_code=True" in call, call
+    snippet = snippet.replace("max_new_tokens=20", "max_new_tokens=2")
+    result = run_without_hf_fam(snippet + "\nprint('snippet ran')\n", cwd=tmp_path)
+    assert result.returncode == 0 and "snippet ran" in result.stdout, result.stderr[-3000:]
+    assert "run the custom code" not in result.stdout + result.stderr  # the prompt a reader would be stuck at

@@ -33,7 +33,20 @@ def run_python_blocks(doc: Path, tmp_path: Path) -> dict:
 def test_readme_examples_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run_python_blocks(ROOT / "README.md", tmp_path)
-    assert (tmp_path / "llama-fam" / "config.json").exists()
+    assert (tmp_path / "llama-fam-patched" / "config.json").exists()
+
+
+def test_readme_quickstarts_write_each_to_its_own_folder():
+    """Followed in order, no quickstart writes into a folder an earlier one wrote (convert and finetune refuse
+    an existing one): the patch example saves llama-fam-patched, convert writes llama-fam, finetune
+    llama-fam-lora."""
+    text = (ROOT / "README.md").read_text()
+    quick = text[text.index("## Quickstarts"):]
+    quick = quick[:quick.index("\n## ", 1)]
+    written = re.findall(r'save_pretrained\("([^"]+)"\)', quick)
+    written += re.findall(r"^hf-fam convert \S+ (\S+)", quick, flags=re.M)
+    written += re.findall(r"^hf-fam finetune .*?--output (\S+)", quick, flags=re.M)
+    assert written == ["llama-fam-patched", "llama-fam", "llama-fam-lora"], written
 
 
 def test_training_doc_examples_run(tmp_path, monkeypatch):

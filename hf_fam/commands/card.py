@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 import textwrap
+
+from ..cli import RawDescriptionHelpFormatter
 
 EVAL_HELP = """\
 evaluation results JSON: a list, or {"results": [...]}, of entries like
@@ -23,7 +24,7 @@ def register(sub) -> None:
             "are not kept (change the template instead).",
             width=100,
         ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=RawDescriptionHelpFormatter,
         epilog=EVAL_HELP,
     )
     p.add_argument("path", metavar="PATH", help="a FAM checkpoint folder")

@@ -1,12 +1,12 @@
-"""`hf-fam convert`: write a FAM checkpoint from a Hub id or a local Llama / Mistral / Gemma checkpoint."""
+"""`hf-fam convert`: write a FAM checkpoint from a Hub id or a local checkpoint of a supported family."""
 
 from __future__ import annotations
 
-import argparse
 import signal
 import textwrap
 from contextlib import contextmanager
 
+from ..cli import RawDescriptionHelpFormatter
 from .fam_args import add_fam_arguments
 
 FAM_INIT_HELP = """\
@@ -23,7 +23,7 @@ x sqrt(hidden)), so before fine-tuning the memory starts as input the model know
 def register(sub) -> None:
     p = sub.add_parser(
         "convert",
-        help="convert a Llama/Mistral/Gemma checkpoint (Hub id or folder) into a FAM checkpoint",
+        help="convert a decoder checkpoint (Hub id or folder) into a FAM checkpoint",
         description=textwrap.fill(
             "Write a FAM checkpoint to OUT: SRC's weights unchanged, plus fam.fam_init; config.json as a "
             "FAMConfig with auto_map; hf_fam's remote-code files, so that AutoModelForCausalLM.from_pretrained(OUT, "
@@ -34,12 +34,13 @@ def register(sub) -> None:
             "leaves no OUT behind. SRC is never modified.",
             width=100,
         ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=RawDescriptionHelpFormatter,
         epilog="example:\n  hf-fam convert meta-llama/Llama-3.2-1B llama-fam --block-size 1024 --memory-segments 3 "
         "--fam-length 64\n\nfam_init:\n  " + FAM_INIT_HELP.replace("\n", "\n  "),
     )
     p.add_argument("src", metavar="SRC",
-                   help="a Hub repo id (e.g. meta-llama/Llama-3.2-1B) or a local checkpoint folder")
+                   help="a Hub repo id (e.g. meta-llama/Llama-3.2-1B) or a local checkpoint folder; "
+                   "model_type one of: %(families)s")
     p.add_argument("out", metavar="OUT", help="the folder to write (must not exist, unless --force)")
     add_fam_arguments(p, base_only=False)
     p.add_argument("--fam-init", default="random", metavar="SPEC",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
+from ..cli import HelpFormatter
 
 
 def register(sub) -> None:
@@ -12,8 +12,8 @@ def register(sub) -> None:
         description="Train a tiny Llama with full attention on short passkey retrieval, then fine-tune it twice, "
         "with FAM and with block sliding window attention (same C, M, data and steps), side by side on two CPU "
         "cores; evaluate both at 1x-16x the attention window, overall and beyond the reach of the sliding window; "
-        "print a table, write results.json and passkey.png, and save the FAM model as a checkpoint with a card.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "print a table, write results.json, save the FAM model as a checkpoint with a card, and draw passkey.png.",
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--out", default="fam-demo", help="output folder")
     p.add_argument("--seed", type=int, nargs="+", default=[0],
@@ -28,7 +28,20 @@ def register(sub) -> None:
     p.add_argument("--eval-multiples", type=float, nargs="+", help="lengths to evaluate, in attention windows "
                    "(default 1 2 4 8 16)")
     p.add_argument("--sequential", action="store_true", help="train the two models one after the other")
-    p.set_defaults(func=run)
+    p.add_argument("--no-plot", dest="plot", action="store_false",
+                   help="skip passkey.png (it needs matplotlib: pip install 'hf-fam[demo]')")
+    p.set_defaults(func=run, check=check)
+
+
+def check(args) -> None:
+    """Before minutes of training: is matplotlib there for the plot drawn at the end?"""
+    import importlib.util
+
+    from ..cli import CLIError
+
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise CLIError("the demo draws passkey.png with matplotlib, which is not installed: "
+                       "pip install 'hf-fam[demo]' (or pip install matplotlib), or pass --no-plot")
 
 
 def run(args) -> int:
@@ -54,7 +67,7 @@ def run(args) -> int:
             changes["fam_length"] = args.fam_length
         config = replace(config, **changes)
         out = Path(args.out) / f"seed{seed}" if len(args.seed) > 1 else Path(args.out)
-        all_results.append(run_demo(config, out, parallel=not args.sequential))
+        all_results.append(run_demo(config, out, parallel=not args.sequential, plot=args.plot))
     if len(all_results) > 1:
         summary = summarize_seeds(all_results)
         write_json({"seeds": args.seed, "summary": summary}, Path(args.out) / "seeds_summary.json")

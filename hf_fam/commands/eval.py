@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
-
+from ..cli import HelpFormatter
 from .fam_args import add_fam_arguments
 
 
@@ -13,8 +12,8 @@ def register(sub) -> None:
         help="evaluate passkey retrieval or long-text perplexity; writes JSON (and a PNG plot)",
         description="Evaluate a FAM checkpoint (or a base checkpoint, as is or with FAM settings) on passkey "
         "retrieval at several lengths, overall and beyond the reach of block sliding window attention, or on "
-        "the perplexity of a long text read by streaming. The JSON's 'results' feed `hf-fam card --eval`.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "the perplexity of a long text read by streaming. The JSON's 'results' feed `hf-fam card --eval-results`.",
+        formatter_class=HelpFormatter,
     )
     p.add_argument("model", help="FAM or base checkpoint (folder or Hub id)")
     p.add_argument("--task", choices=("passkey", "perplexity"), default="passkey", help="what to evaluate")
@@ -45,7 +44,14 @@ def run(args) -> int:
     from pathlib import Path
 
     from ..cli import CLIError
-    from ..evaluation import PasskeyEvalConfig, evaluate_passkey, evaluate_perplexity, plot_passkey, reach_of, write_json
+    from ..evaluation import (
+        PasskeyEvalConfig,
+        evaluate_passkey,
+        evaluate_perplexity,
+        plot_passkey,
+        reach_of,
+        write_json,
+    )
     from ..loading import FAMOverrides, load_fam_model, resolve_dtype
 
     if args.no_fam:

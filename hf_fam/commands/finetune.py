@@ -9,8 +9,7 @@ Examples:
 
 from __future__ import annotations
 
-import argparse
-
+from ..cli import HelpFormatter
 from .fam_args import add_fam_arguments
 
 HELP = "LoRA fine-tuning with the paper's recipe (PEFT adapter + trained fam_init); runs under accelerate launch."
@@ -24,11 +23,15 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "finetune", help=HELP, description=HELP + " Multi-process: accelerate launch [--multi_gpu] --num_processes N "
         "-m hf_fam.cli finetune ... (or torchrun --nproc_per_node N -m hf_fam.cli finetune ...).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("model", help="FAM checkpoint, or a Llama/Mistral/Gemma/... checkpoint (converted on "
-                                 "the fly with --block-size/--memory-segments/--fam-length): a folder or a Hub id")
-    p.add_argument("--output", "-o", required=True, help="output folder: adapter, logs, fam_base/, merged/")
+    p.add_argument("model", help="FAM checkpoint, or a base checkpoint (model_type one of: %(families)s), "
+                                 "converted on the fly with --block-size/--memory-segments/--fam-length: a folder "
+                                 "or a Hub id")
+    p.add_argument("--output", "-o", required=True, help="output folder: adapter, logs, fam_base/, merged/; "
+                   "must not exist or be empty, unless --force")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --output folder, once this run is done "
+                   "(the run writes beside it and swaps; old and new files never mix)")
     g = p.add_argument_group("model (base checkpoints only; a FAM checkpoint keeps its own settings)")
     add_fam_arguments(g, base_only=True)
     g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "auto"),
@@ -48,7 +51,7 @@ def register(subparsers) -> None:
     g.add_argument("--passkey-depth", type=float, help="key depth in the filler, 0 (start) to 1 (end); default random")
     g.add_argument("--passkey-vocab-offset", type=int, default=0, help="first token id of the synthetic form")
     g = p.add_argument_group("LoRA")
-    g.add_argument("--lora-rank", type=int, default=64, help="LoRA rank (paper: 64)")
+    g.add_argument("--lora-rank", type=int, default=64, help="LoRA rank (the paper uses 64)")
     g.add_argument("--lora-alpha", type=int, help="LoRA alpha (default: the rank)")
     g.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout")
     g.add_argument("--lora-targets", type=_csv, help="comma-separated module names (default: the family's "
@@ -101,7 +104,7 @@ def config_from_args(args):
                            lr_scheduler=args.lr_scheduler, warmup_steps=args.warmup_steps,
                            weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
                            gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
-                           log_every=args.log_every, merge=args.merge, cpu=args.cpu),
+                           log_every=args.log_every, merge=args.merge, overwrite=args.force, cpu=args.cpu),
     )
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
+import os
 
+from ..cli import HelpFormatter
 from .fam_args import add_fam_arguments
 
 
@@ -13,14 +14,15 @@ def register(sub) -> None:
         help="read a (long) prompt at constant memory and stream a continuation to stdout",
         description="Read a prompt of any length through a FAM model, chunk by chunk (constant memory, a progress "
         "bar over the prompt on stderr), then generate a continuation, streamed token by token to stdout.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("model", help="FAM checkpoint, or a base Llama/Mistral/Gemma checkpoint (folder or Hub id)")
+    p.add_argument("model", help="FAM checkpoint, or a base checkpoint (model_type one of: %(families)s) run with "
+                   "FAM: a folder or a Hub id")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompt-file", help="text file holding the prompt; any size, read piece by piece")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
-    p.add_argument("--chunk-tokens", type=int, default=4096, help="prompt tokens per forward while reading")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (>= 1)")
+    p.add_argument("--chunk-tokens", type=int, default=4096, help="prompt tokens per forward while reading (>= 1)")
     add_fam_arguments(p, base_only=True)
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
@@ -33,12 +35,36 @@ def register(sub) -> None:
     p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
     p.add_argument("--token", help="Hub token for gated or private models")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, check=check)
+
+
+def check(args) -> None:
+    """Refuse what cannot produce a continuation before the model loads: no tokens to generate, no prompt."""
+    from ..cli import CLIError
+
+    if args.max_new_tokens < 1:
+        raise CLIError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.chunk_tokens < 1:
+        raise CLIError(f"--chunk-tokens must be >= 1, got {args.chunk_tokens}")
+    if args.prompt is not None and not args.prompt.strip():
+        raise CLIError("the prompt is empty; pass some text with --prompt")
+    if args.prompt_file is not None:
+        if not os.path.isfile(args.prompt_file):
+            raise CLIError(f"prompt file not found: {args.prompt_file}")
+        if _blank_file(args.prompt_file):
+            raise CLIError(f"the prompt file {args.prompt_file} is empty (or only whitespace); put the prompt in it")
+
+
+def _blank_file(path: str, piece: int = 1 << 20) -> bool:
+    """True when the file holds nothing but whitespace (read until the first other character)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        while text := f.read(piece):
+            if not text.isspace():
+                return False
+    return True
 
 
 def run(args) -> int:
-    import os
-
     import torch
     from transformers import TextStreamer
 
@@ -46,10 +72,7 @@ def run(args) -> int:
     from ..loading import FAMOverrides, load_fam_model
     from ..streaming import continue_stream, iter_text_file_tokens, stream
 
-    if args.max_new_tokens < 0 or args.chunk_tokens < 1:
-        raise CLIError("--max-new-tokens must be >= 0 and --chunk-tokens >= 1")
-    if args.prompt_file and not os.path.isfile(args.prompt_file):
-        raise CLIError(f"prompt file not found: {args.prompt_file}")
+    check(args)  # also when run() is called directly
     overrides = FAMOverrides.from_args(args)
     model, tokenizer = load_fam_model(args.model, overrides=overrides, dtype=args.dtype, device=args.device,
                                       revision=args.revision, token=args.token)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
-# Paper defaults (DESIGN.md §4): the one place they are written
+# Paper defaults (DESIGN.md §4): the one place they are written; this module imports no torch, so the
+# command line reads them before loading anything
 DEFAULT_BLOCK_SIZE = 1024
 DEFAULT_MEMORY_SEGMENTS = 3
 DEFAULT_FAM_LENGTH = 64

@@ -15,6 +15,9 @@ What it writes to `output_dir`:
 - `train_log.jsonl` (one line per logged step), `finetune_config.json`, `train_summary.json` (including a
   digest of the adapter weights on every process: they must agree after data-parallel training).
 
+An existing non-empty `output_dir` is refused unless `overwrite=True` (`--force`); the run writes to a hidden
+folder beside it, moved into place when complete: a failed run leaves nothing, and old and new outputs never mix.
+
 Example:
 ```python
 >>> config = FinetuneConfig(
@@ -49,7 +52,7 @@ logger = logging.getLogger("hf_fam.training")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 DATA_SOURCES = ("passkey", "text")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
-# used when converting a base checkpoint without explicit settings (paper, DESIGN.md §4)
+# used when converting a base checkpoint without explicit settings (paper, docs/design.md §4)
 
 
 def _check_int(name: str, value, low: int, allow_none: bool = False) -> None:
@@ -151,6 +154,7 @@ class TrainOptions:
     seed: int = field(default=0, metadata={"help": "Seed for weights, data and the recipe."})
     log_every: int = field(default=10, metadata={"help": "Log every N optimizer steps."})
     merge: bool = field(default=False, metadata={"help": "Also save the merged model to output_dir/merged."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty output_dir once the run is done."})
     cpu: bool = field(default=False, metadata={"help": "Train on CPU even where a GPU is present."})
 
     def __post_init__(self):
@@ -211,13 +215,14 @@ def load_fam_model(options: ModelOptions):
     """
     from transformers import AutoConfig
 
-    from ..loading import FAMOverrides
+    from ..loading import FAMOverrides, hub_access
     from ..loading import load_fam_model as load
 
     overrides = FAMOverrides(options.block_size, options.memory_segments, options.fam_length, options.fam_layers)
     model, tokenizer = load(options.path, overrides=overrides, dtype=options.dtype)
     model.train()
-    converted = AutoConfig.from_pretrained(options.path).model_type != "fam"
+    hub = {} if Path(options.path).expanduser().exists() else hub_access(options.path)
+    converted = AutoConfig.from_pretrained(options.path, **hub).model_type != "fam"
     return model, tokenizer, converted
 
 
@@ -263,7 +268,8 @@ def adapter_digest(peft_model) -> str:
     """SHA-256 of the adapter's weights (LoRA and fam_init), to compare processes."""
     from peft import get_peft_model_state_dict
 
-    state = get_peft_model_state_dict(peft_model)
+    # save_embedding_layers=False: "auto" would look for the base's config.json (a Hub request when it is absent)
+    state = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
     h = hashlib.sha256()
     for name in sorted(state):
         h.update(name.encode())
@@ -285,11 +291,6 @@ def finetune(config: FinetuneConfig, accelerator=None) -> FinetuneResult:
         A `FinetuneResult` (paths, steps, final loss, seconds, per-process adapter digests, the PeftModel).
     """
     from accelerate import Accelerator, DistributedDataParallelKwargs
-    from accelerate.utils import gather_object, set_seed
-    from peft import get_peft_model
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-    from transformers import get_scheduler
 
     t_opt = config.train
     if accelerator is None:
@@ -308,6 +309,40 @@ def finetune(config: FinetuneConfig, accelerator=None) -> FinetuneResult:
                 "Accelerator with kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)]."
             )
     out = Path(t_opt.output_dir)
+    check_output_dir(out, t_opt.overwrite)  # on every process, before any process writes
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:  # only the main process writes
+        result = _train(config, accelerator, out, out)
+    else:
+        from ..convert import staging_folder
+
+        with staging_folder(out.absolute(), force=True) as work:  # force: check_output_dir has decided
+            result = _train(config, accelerator, out, work)
+    accelerator.wait_for_everyone()  # every process returns with the adapter (and merged model) in place
+    return result
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """Refuse, in one line, an output folder that would mix runs (non-empty, without `overwrite`) or cannot be one."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder; choose another --output")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} already exists and is not empty (a previous run?); pass --force to replace it "
+                              "once this run is done, or choose another --output")
+    cwd = Path.cwd().resolve()
+    if out.resolve() == cwd or out.resolve() in cwd.parents:
+        raise FileExistsError(f"{out} holds the current folder and cannot be replaced; choose another --output")
+
+
+def _train(config: FinetuneConfig, accelerator, out: Path, work: Path) -> FinetuneResult:
+    """The run behind `finetune`: files go to `work` (the main process's staging folder), paths name `out`."""
+    from accelerate.utils import gather_object, set_seed
+    from peft import get_peft_model
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    t_opt = config.train
     set_seed(t_opt.seed)
 
     # model (+ the FAM checkpoint the adapter applies to, for a converted base)
@@ -316,9 +351,9 @@ def finetune(config: FinetuneConfig, accelerator=None) -> FinetuneResult:
     if converted:
         fam_base_dir = out / "fam_base"
         if accelerator.is_main_process:
-            model.save_pretrained(fam_base_dir)
+            model.save_pretrained(work / "fam_base")
             if tokenizer is not None:
-                tokenizer.save_pretrained(fam_base_dir)
+                tokenizer.save_pretrained(work / "fam_base")
     model_path = Path(config.model.path)
     base_path = (fam_base_dir or model_path).resolve() if fam_base_dir or model_path.exists() else config.model.path
     settings = model.fam_settings
@@ -360,9 +395,8 @@ def finetune(config: FinetuneConfig, accelerator=None) -> FinetuneResult:
                 " + fam_init" if lora.train_fam_init and settings.fam_length else "", len(dataset),
                 accelerator.num_processes)
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "finetune_config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
-    log_path = out / "train_log.jsonl"
+        (work / "finetune_config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
+    log_path = work / "train_log.jsonl"
 
     bar = tqdm(total=t_opt.max_steps, desc="finetune", unit="step", disable=not accelerator.is_local_main_process)
     start = time.perf_counter()
@@ -417,21 +451,26 @@ def finetune(config: FinetuneConfig, accelerator=None) -> FinetuneResult:
     merged_dir = out / "merged" if t_opt.merge else None
     result_model = trained
     if accelerator.is_main_process:
-        trained.save_pretrained(out)
+        adapter_config = trained.peft_config["default"]
+        if fam_base_dir is not None:  # PEFT reads the base's config while saving: here it is still in `work`
+            adapter_config.base_model_name_or_path = str((work / "fam_base").resolve())
+        trained.save_pretrained(work)
+        if fam_base_dir is not None:
+            adapter_config.base_model_name_or_path = str(base_path)
+            adapter_config.save_pretrained(str(work))  # adapter_config.json names fam_base where it will be
         if tokenizer is not None:
-            tokenizer.save_pretrained(out)
+            tokenizer.save_pretrained(work)
         summary = {"steps": step, "final_loss": final_loss, "seconds": round(seconds, 2),
                    "world_size": accelerator.num_processes, "adapter_digests": digests,
                    "base_model": str(base_path), "merged": str(merged_dir.resolve()) if merged_dir else None}
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        (work / "train_summary.json").write_text(json.dumps(summary, indent=2))
         logger.info("saved the adapter to %s (base: %s)", out, base_path)
     if merged_dir is not None and accelerator.is_main_process:
         merged = result_model = trained.merge_and_unload()  # the PeftModel is spent after this
-        merged.save_pretrained(merged_dir)
+        merged.save_pretrained(work / "merged")
         if tokenizer is not None:
-            tokenizer.save_pretrained(merged_dir)
+            tokenizer.save_pretrained(work / "merged")
         logger.info("saved the merged model to %s", merged_dir)
-    accelerator.wait_for_everyone()  # every process returns with the adapter (and merged model) on disk
     return FinetuneResult(output_dir=out, steps=step, final_loss=final_loss, seconds=seconds,
                           world_size=accelerator.num_processes, adapter_digests=digests, merged_dir=merged_dir,
                           fam_base_dir=fam_base_dir, model=result_model)
