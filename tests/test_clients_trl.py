@@ -31,14 +31,14 @@ def _lora():
 def _config(out, **overrides):
     kwargs = dict(output_dir=str(out), max_steps=3, per_device_train_batch_size=2, learning_rate=5e-2,
                   lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, save_strategy="no", report_to=[],
-                  use_cpu=True, gradient_checkpointing=True, max_length=96, packing=False, bf16=False,
+                  use_cpu=True, gradient_checkpointing=True, max_length=64, packing=False, bf16=False,
                   dataset_text_field="text", seed=0, data_seed=0, dataloader_num_workers=0,
                   disable_tqdm=True)
     kwargs.update(overrides)
     return trl.SFTConfig(**kwargs)
 
 
-def _dataset(repeat=3):
+def _dataset(repeat=2):
     # each text repeated so that every row is several FAM windows (16 tokens) long
     return Dataset.from_dict({"text": [" ".join([t] * repeat) for t in TEXTS]})
 
@@ -49,15 +49,21 @@ class RecordingSFTTrainer(trl.SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         batch = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-        loss = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        trained = loss[0] if isinstance(loss, tuple) else loss
         fam = unwrap_fam_model(model)
+        dtypes = set()  # what the decoder's MLPs compute in (accelerate puts autocast around the model's forward)
+        hook = fam.get_decoder().layers[0].mlp.register_forward_hook(lambda m, i, out: dtypes.add(out.dtype))
+        try:
+            loss = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        finally:
+            hook.remove()
+        trained = loss[0] if isinstance(loss, tuple) else loss
         with torch.no_grad():
             direct = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                            labels=batch["labels"], use_cache=False).loss
         self.records.append(dict(batch=batch, trained=trained.detach().float().item(), direct=direct.float().item(),
                                  checkpointing=bool(fam.get_decoder().gradient_checkpointing),
-                                 autocast=torch.is_autocast_enabled("cpu")))
+                                 dtypes=dtypes))
         return loss
 
 
@@ -91,6 +97,7 @@ def test_sft_trainer_optimises_the_fam_loss_and_trains_fam_init(fam_folder, tmp_
     assert len(records) == 3
     for step, r in enumerate(records):
         assert r["checkpointing"], "gradient checkpointing was not on during training"
+        assert r["dtypes"] == {torch.float32}
         assert abs(r["trained"] - r["direct"]) <= 1e-5, (
             f"step {step}: TRL optimised loss {r['trained']:.6f}, the FAM model's loss on the batch {r['direct']:.6f}")
     # the test can fail: on the first batch (LoRA B = 0, fam_init untouched) the base model's loss is far off
@@ -104,14 +111,13 @@ def test_sft_trainer_optimises_the_fam_loss_and_trains_fam_init(fam_folder, tmp_
 def test_sft_trainer_bf16_autocast_optimises_the_fam_loss(fam_folder, tmp_path):
     trainer, _ = _train(fam_folder, tmp_path, bf16=True, max_steps=2)
     for r in trainer.records:
-        assert r["autocast"], "bf16 training did not run under CPU autocast"
-        # the fused head scores in tiles, the full-logits route in one product: bf16 rounding differs a little
-        assert abs(r["trained"] - r["direct"]) <= 2e-2, (r["trained"], r["direct"])
-    base = _base_loss(fam_folder, trainer.records[0]["batch"])
-    assert abs(trainer.records[0]["trained"] - base) > 0 or True
+        assert r["dtypes"] == {torch.bfloat16}, f"bf16 training computed in {r['dtypes']}"
+        # the fused head scores in tiles, the full-logits route in one product: bf16 rounding may differ (4.8e-7 seen)
+        assert abs(r["trained"] - r["direct"]) <= 1e-3, (r["trained"], r["direct"])
 
 
-@pytest.mark.parametrize("config", [dict(padding_free=True), dict(packing=True), dict(packing=True, packing_strategy="bfd_split")],
+@pytest.mark.parametrize("config", [dict(padding_free=True, max_length=None), dict(packing=True),
+                                    dict(packing=True, packing_strategy="bfd_split")],
                          ids=["padding_free", "packing_bfd", "packing_bfd_split"])
 def test_sft_trainer_refuses_documents_sharing_a_row(fam_folder, tmp_path, config):
     with pytest.raises(ValueError, match="packed") as info:
@@ -122,7 +128,7 @@ def test_sft_trainer_refuses_documents_sharing_a_row(fam_folder, tmp_path, confi
 def test_sft_trainer_wrapped_packing_runs_fam(fam_folder, tmp_path):
     """packing_strategy="wrapped" concatenates documents and cuts rows, positions counting on (the paper's packing,
     like hf_fam.training.pack_dataset): FAM carries its memory across documents, as it was trained to."""
-    trainer, _ = _train(fam_folder, tmp_path, packing=True, packing_strategy="wrapped", max_length=64, max_steps=2)
+    trainer, _ = _train(fam_folder, tmp_path, packing=True, packing_strategy="wrapped", max_length=64, max_steps=1)
     for r in trainer.records:
-        assert "position_ids" not in r["batch"] or True
+        assert "cu_seq_lens_q" not in r["batch"]
         assert abs(r["trained"] - r["direct"]) <= 1e-5, (r["trained"], r["direct"])
