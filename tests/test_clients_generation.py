@@ -64,9 +64,9 @@ def test_generate_batch_is_refused(models):
 def test_greedy_sampling_and_beams_still_run(models, kind):
     model = models[kind]
     prompt = _prompt()
-    greedy = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    beams = model.generate(prompt, max_new_tokens=6, do_sample=False, num_beams=3, pad_token_id=0)
-    sample = model.generate(prompt, max_new_tokens=6, do_sample=True, top_k=5, pad_token_id=0)
+    greedy = model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    beams = model.generate(prompt, max_new_tokens=4, do_sample=False, num_beams=3, pad_token_id=0)
+    sample = model.generate(prompt, max_new_tokens=4, do_sample=True, top_k=5, pad_token_id=0)
     for out in (greedy, beams, sample):
         assert out.shape[1] > prompt.shape[1] and torch.equal(out[:, : prompt.shape[1]], prompt)
 
