@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from .modeling.configuration_fam import AUTO_MAP  # noqa: F401  (one source; re-exported for convert and verify)
 from .safetensors_io import TensorInfo, read_header
 
 CONFIG_NAME = "config.json"
@@ -33,7 +34,6 @@ PICKLE_WEIGHTS_NAME = "pytorch_model.bin"
 PICKLE_INDEX_NAME = "pytorch_model.bin.index.json"
 FAM_INIT_KEY = "fam.fam_init"
 # config.json entries that let `from_pretrained(..., trust_remote_code=True)` find the remote code
-AUTO_MAP = {"AutoConfig": "configuration_fam.FAMConfig", "AutoModelForCausalLM": "modeling_fam.FAMForCausalLM"}
 MODELING_DIR = Path(__file__).resolve().parent / "modeling"
 
 

@@ -54,7 +54,7 @@ from .checkpoint import (
     remote_code_files,
 )
 from .fam_init import FamInitSpec, build_fam_init
-from .modeling.configuration_fam import DEFAULT_BLOCK_SIZE, DEFAULT_FAM_LENGTH, DEFAULT_MEMORY_SEGMENTS
+from .modeling.fam_settings import DEFAULT_BLOCK_SIZE, DEFAULT_FAM_LAYERS, DEFAULT_FAM_LENGTH, DEFAULT_MEMORY_SEGMENTS
 from .safetensors_io import TensorEntry, TensorInfo, write_safetensors
 
 if TYPE_CHECKING:
@@ -79,7 +79,8 @@ class ConvertOptions:
     """What `convert` writes and how it reads the source.
 
     Attributes:
-        block_size, memory_segments, fam_length: C, M, F (paper defaults 1024, 3, 64).
+        block_size, memory_segments, fam_length, fam_layers: C, M, F and which layers carry FAM
+            (defaults: `FAMSettings()`, the paper's 1024, 3, 64, all layers).
         fam_init: "random", "text:TEXT" or "file:PATH" (see `hf_fam.fam_init`).
         seed: seed of the random fam_init.
         revision, token: Hub revision and token, for a Hub id.
@@ -93,6 +94,7 @@ class ConvertOptions:
     block_size: int = DEFAULT_BLOCK_SIZE
     memory_segments: int = DEFAULT_MEMORY_SEGMENTS
     fam_length: int = DEFAULT_FAM_LENGTH
+    fam_layers: str = DEFAULT_FAM_LAYERS
     fam_init: str = "random"
     seed: int = 0
     revision: str | None = None
@@ -313,7 +315,7 @@ def convert(src: str | Path, out: str | Path, options: ConvertOptions | None = N
     from .modeling.fam_settings import validate_fam_settings
 
     options = options or ConvertOptions()
-    validate_fam_settings(options.block_size, options.memory_segments, options.fam_length)
+    validate_fam_settings(options.block_size, options.memory_segments, options.fam_length, options.fam_layers)
     spec = FamInitSpec.parse(options.fam_init, seed=options.seed)
     out = Path(out).expanduser().absolute()
     if out.exists() and not options.force:
@@ -407,7 +409,8 @@ def _write_config(source: SourceCheckpoint, options: ConvertOptions, tmp: Path) 
     from .modeling.configuration_fam import FAMConfig
 
     config = FAMConfig(base_config=source.base_config, block_size=options.block_size,
-                       memory_segments=options.memory_segments, fam_length=options.fam_length)
+                       memory_segments=options.memory_segments, fam_length=options.fam_length,
+                       fam_layers=options.fam_layers)
     config.architectures = ["FAMForCausalLM"]
     config.auto_map = dict(AUTO_MAP)
     config.dtype = str(source.embedding_dtype).removeprefix("torch.")

@@ -33,6 +33,7 @@ from .checkpoint import (
     read_config,
     read_safetensors_tensors,
 )
+from .modeling.fam_settings import FAMSettings
 
 
 @dataclass
@@ -42,7 +43,7 @@ class FAMSummary:
     Attributes:
         model_type, architecture: the base family ("llama") and class ("LlamaForCausalLM").
         num_layers, hidden_size, num_heads, num_kv_heads, head_dim: the base shape.
-        block_size, memory_segments, fam_length: C, M, F.
+        block_size, memory_segments, fam_length, fam_layers: C, M, F and which layers carry FAM.
         attention_window: C·(M+1), tokens a block token attends to directly (plus F FAM tokens).
         dtype: the weights' dtype; dtype_bytes its size.
         cache_tokens: K/V entries per layer of a stream's cache: M blocks, the partial block, the FAM.
@@ -60,6 +61,7 @@ class FAMSummary:
     block_size: int
     memory_segments: int
     fam_length: int
+    fam_layers: str
     attention_window: int
     dtype: str
     dtype_bytes: int
@@ -78,13 +80,16 @@ def fam_summary(config: dict) -> FAMSummary:
             f"not a FAM checkpoint (model_type {config.get('model_type')!r}); convert it first with `hf-fam convert`"
         )
     base = config["base_config"]
-    C, M, F = config.get("block_size", 1024), config.get("memory_segments", 3), config.get("fam_length", 64)
+    defaults = FAMSettings()
+    settings = FAMSettings(*(config.get(k, getattr(defaults, k)) for k in ("block_size", "memory_segments",
+                                                                             "fam_length", "fam_layers")))
+    C, M, F = settings.block_size, settings.memory_segments, settings.fam_length
     hidden, heads = base["hidden_size"], base["num_attention_heads"]
     kv_heads = base.get("num_key_value_heads") or heads
     head_dim = base.get("head_dim") or hidden // heads
     dtype = config.get("dtype") or base.get("dtype") or base.get("torch_dtype") or "float32"
     dtype_bytes = getattr(torch, dtype, torch.float32).itemsize
-    cache_tokens = (M + 1) * C + F
+    cache_tokens = settings.cache_tokens
     kv_bytes = 2 * cache_tokens * kv_heads * head_dim * dtype_bytes + F * hidden * dtype_bytes
     return FAMSummary(
         model_type=base["model_type"],
@@ -97,7 +102,8 @@ def fam_summary(config: dict) -> FAMSummary:
         block_size=C,
         memory_segments=M,
         fam_length=F,
-        attention_window=C * (M + 1),
+        fam_layers=settings.fam_layers,
+        attention_window=settings.attention_window,
         dtype=dtype,
         dtype_bytes=dtype_bytes,
         cache_tokens=cache_tokens,
@@ -174,7 +180,7 @@ def format_report(report: InspectReport) -> str:
         ("base architecture", f"{s.model_type} ({s.architecture}): {s.num_layers} layers, hidden {s.hidden_size}, "
                               f"{s.num_heads} heads / {s.num_kv_heads} KV heads of {s.head_dim}"),
         ("FAM settings", f"block_size C={s.block_size}, memory_segments M={s.memory_segments}, "
-                         f"fam_length F={s.fam_length}"),
+                         f"fam_length F={s.fam_length}, fam_layers={s.fam_layers}"),
         ("attention window", f"{s.attention_window:,} tokens (C·(M+1)) + {s.fam_length} FAM tokens per layer"),
         ("parameters", f"{report.parameters:,} ({report.parameters - report.fam_parameters:,} base + "
                        f"{report.fam_parameters:,} fam_init), {s.dtype}"),

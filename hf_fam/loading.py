@@ -9,11 +9,24 @@ from dataclasses import dataclass
 
 @dataclass
 class FAMOverrides:
-    """FAM settings for a base checkpoint (C, M, F); None keeps the checkpoint's (or the paper's) value."""
+    """FAM settings for a base checkpoint (C, M, F, fam_layers); None keeps the checkpoint's (or the paper's)
+    value."""
 
     block_size: int | None = None
     memory_segments: int | None = None
     fam_length: int | None = None
+    fam_layers: str | None = None
+
+    @classmethod
+    def from_args(cls, args) -> FAMOverrides:
+        """The settings given on a command line (see hf_fam/commands/fam_args.py); None where not given."""
+        return cls(*(getattr(args, f, None) for f in ("block_size", "memory_segments", "fam_length", "fam_layers")))
+
+    def settings(self):
+        """A FAMSettings: the values given here, the paper's defaults for the rest."""
+        from .modeling.fam_settings import FAMSettings
+
+        return FAMSettings(**{k: v for k, v in vars(self).items() if v is not None})
 
 
 def resolve_dtype(name: str | None):
@@ -35,7 +48,7 @@ def load_fam_model(source: str, *, overrides: FAMOverrides | None = None, dtype:
 
     A FAM checkpoint (model_type "fam") loads with its own settings, which `overrides` may not change.
     A base checkpoint is loaded and wrapped with `FAMForCausalLM.from_base_model`; settings not given in
-    `overrides` take the paper's defaults (C=1024, M=3, F=64).
+    `overrides` take the paper's defaults (`FAMSettings()`: C=1024, M=3, F=64, all layers).
 
     Returns:
         (model, tokenizer or None); `model.config.model_type != "fam"` never happens: a base checkpoint comes
@@ -44,7 +57,6 @@ def load_fam_model(source: str, *, overrides: FAMOverrides | None = None, dtype:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from . import FAMForCausalLM
-    from .modeling.configuration_fam import DEFAULT_BLOCK_SIZE, DEFAULT_FAM_LENGTH, DEFAULT_MEMORY_SEGMENTS
 
     overrides = overrides or FAMOverrides()
     source = str(source)
@@ -76,12 +88,7 @@ def load_fam_model(source: str, *, overrides: FAMOverrides | None = None, dtype:
 
         get_adapter(config.model_type)  # unsupported family: one error naming the supported ones
         base = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-        model = FAMForCausalLM.from_base_model(
-            base,
-            block_size=overrides.block_size or DEFAULT_BLOCK_SIZE,
-            memory_segments=DEFAULT_MEMORY_SEGMENTS if overrides.memory_segments is None else overrides.memory_segments,
-            fam_length=DEFAULT_FAM_LENGTH if overrides.fam_length is None else overrides.fam_length,
-        )
+        model = FAMForCausalLM.from_base_model(base, **overrides.settings().as_kwargs())
     model.to(device).eval()
     tokenizer = None
     folder = os.path.expanduser(source)

@@ -1,8 +1,10 @@
-"""`patch(model, ...)`: turn an already-loaded Llama / Mistral / Gemma causal LM into FAM mode, in place.
+"""`patch(model, ...)`: turn an already-loaded causal LM (Llama, Mistral, Gemma, ...) into FAM mode, in place.
 
-The model keeps its class (a subclass is swapped in), every submodule keeps its name and object, and one
-small module is added: `model.fam`, holding the learned initial FAM. `save_pretrained` then writes a FAM
-checkpoint that `AutoModelForCausalLM.from_pretrained` (or `trust_remote_code=True`) loads.
+The model's decoder stack is put inside a `FAMModel` backbone in its place (`model.model` runs FAM, as in a
+converted FAMForCausalLM: one forward path for both), the model's class gets a subclass swapped in that
+attaches the final FAM to its outputs and saves FAM checkpoints, every submodule keeps its name and object,
+and one small module is added: `model.fam`, holding the learned initial FAM. `save_pretrained` then writes a
+FAM checkpoint that `AutoModelForCausalLM.from_pretrained` (or `trust_remote_code=True`) loads.
 """
 
 from __future__ import annotations
@@ -10,9 +12,17 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
+from .modeling.configuration_fam import FAMConfig
 from .modeling.fam_adapters import get_adapter
-from .modeling.fam_settings import FAMSettings
-from .modeling.modeling_fam import FAMForCausalLM, FAMMemory, fam_forward
+from .modeling.fam_compat import CACHE_KWARG, FAM_ATTENTION_PREFIX
+from .modeling.fam_settings import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_FAM_LAYERS,
+    DEFAULT_FAM_LENGTH,
+    DEFAULT_MEMORY_SEGMENTS,
+    FAMSettings,
+)
+from .modeling.modeling_fam import FAMForCausalLM, FAMMemory, FAMModel, decoder_slot, fam_lm_forward
 
 _PATCHED_CLASSES: dict[type, type] = {}
 
@@ -21,34 +31,26 @@ class FAMPatchedMixin:
     """Mixed in front of the model's own class by `patch`."""
 
     _fam_original_class: type
-    fam_settings: FAMSettings
+    _fam_decoder_name: str
 
-    def forward(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        position_ids=None,
-        cache=None,
-        inputs_embeds=None,
-        use_cache=None,
-        fam_cuda_graphs=True,
-        **kwargs,
-    ):
+    @property
+    def fam_settings(self) -> FAMSettings:
+        return getattr(self, self._fam_decoder_name).fam_settings
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                use_cache=None, fam_cuda_graphs=True, **kwargs):
+        """The model's own forward (its decoder is a FAMModel), with `fam_state` attached to the output."""
         if cache is None:
             cache = kwargs.pop("past_key_values", None)
-        return fam_forward(
-            base_forward=super().forward,
-            base_model=self,
-            adapter=get_adapter(self.config.model_type),
-            settings=self.fam_settings,
-            fam_module=self.fam,
+        return fam_lm_forward(
+            super().forward,
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             fam_cuda_graphs=fam_cuda_graphs,
+            **{CACHE_KWARG: cache},
             **kwargs,
         )
 
@@ -76,10 +78,10 @@ def _patched_class(cls: type) -> type:
 def patch(
     model: PreTrainedModel,
     *,
-    block_size: int = 1024,
-    memory_segments: int = 3,
-    fam_length: int = 64,
-    fam_layers: str = "all",
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    memory_segments: int = DEFAULT_MEMORY_SEGMENTS,
+    fam_length: int = DEFAULT_FAM_LENGTH,
+    fam_layers: str = DEFAULT_FAM_LAYERS,
     fam_init: torch.Tensor | None = None,
 ) -> PreTrainedModel:
     """Put a loaded causal LM into FAM mode, in place, and return it.
@@ -111,9 +113,12 @@ def patch(
     adapter = get_adapter(model_type)  # ValueError naming model_type and the supported families
     adapter.check_config(model.config)
     settings = FAMSettings(block_size, memory_segments, fam_length, fam_layers)
-    decoder = adapter.decoder(model)
-    if decoder is model or not hasattr(model, "lm_head"):
+    if not hasattr(model, "lm_head"):
         raise TypeError(f"hf_fam.patch expects a causal LM with a language-model head, got {type(model).__name__}.")
+    try:
+        name, decoder = decoder_slot(model, adapter)
+    except TypeError:
+        raise TypeError(f"hf_fam.patch expects a causal LM with a decoder stack, got {type(model).__name__}.") from None
 
     hidden = model.config.hidden_size
     param = next(model.parameters())
@@ -127,21 +132,25 @@ def patch(
         with torch.no_grad():
             fam.fam_init.copy_(fam_init)
     model.fam = fam
+    config = FAMConfig(base_config=model.config, **settings.as_kwargs())
+    setattr(model, name, FAMModel(config, decoder=decoder, fam_owner=model, keep_weights=True))
     original = getattr(type(model), "_fam_original_class", type(model))
     model.__class__ = _patched_class(original)
-    model.fam_settings = settings
+    model._fam_decoder_name = name
     return model
 
 
 def unpatch(model: PreTrainedModel) -> PreTrainedModel:
-    """Undo `patch`: the model runs its own attention again (its `fam` module is removed)."""
+    """Undo `patch`: the model runs its own decoder and attention again (its `fam` module is removed)."""
     original = getattr(type(model), "_fam_original_class", None)
     if original is None:
         raise ValueError(f"{type(model).__name__} is not patched by hf_fam.")
+    name = model._fam_decoder_name
+    setattr(model, name, getattr(model, name)._fam_decoder)
     model.__class__ = original
     del model.fam
-    del model.fam_settings
+    del model._fam_decoder_name
     impl = model.config._attn_implementation
-    if impl and impl.startswith("fam_"):
-        model.config._attn_implementation = impl[len("fam_"):]
+    if impl and impl.startswith(FAM_ATTENTION_PREFIX):
+        model.config._attn_implementation = impl[len(FAM_ATTENTION_PREFIX):]
     return model

@@ -76,8 +76,10 @@ def test_patch_keeps_every_module_in_place(family):
     assert patched is model
     assert isinstance(model, type(tiny_model(family)))  # still a LlamaForCausalLM / ...
     after = dict(model.named_modules())
+    # the decoder's place holds the FAM backbone, which wraps the original decoder stack
+    assert isinstance(model.model, hf_fam.FAMModel) and model.model._fam_decoder is before["model"]
     for name, module in before.items():
-        assert after[name] is module, name
+        assert after[name] is module or name == "model", name
     assert set(after) - set(before) == {"fam"}
     for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
         assert isinstance(getattr(model.model.layers[0].self_attn, proj), torch.nn.Linear)

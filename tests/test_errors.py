@@ -48,10 +48,20 @@ def test_unsupported_attention_implementation(model):
         model(random_ids(1, 5))
 
 
-def test_decoder_layers_alone_fail_loudly(model):
-    model(random_ids(1, 5))  # routes attention through FAM
+@pytest.mark.parametrize("kind", ["from_config", "patched"])
+def test_decoder_layers_alone_fail_loudly(kind):
+    # a model that owns its modules (built from a config, loaded, or patched in place); one made with
+    # from_base_model shares its layers with a base model that keeps running its own attention
+    settings = dict(block_size=4, memory_segments=1, fam_length=2)
+    if kind == "patched":
+        model = hf_fam.patch(tiny_model("llama"), **settings).eval()
+    else:
+        model = hf_fam.FAMForCausalLM(hf_fam.FAMConfig(base_config=tiny_model("llama").config, **settings)).eval()
     hidden = torch.zeros(1, 3, 64)
     decoder = model.get_decoder()
     pe = decoder.rotary_emb(hidden, torch.arange(3)[None])
+    with pytest.raises(RuntimeError, match="without FAM state"):
+        decoder.layers[0](hidden, position_embeddings=pe)  # even before the first FAM forward
+    model(random_ids(1, 5))
     with pytest.raises(RuntimeError, match="without FAM state"):
         decoder.layers[0](hidden, position_embeddings=pe)

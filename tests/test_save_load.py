@@ -41,6 +41,7 @@ def test_save_then_auto_load_gives_identical_logits(family, kind, tmp_path):
     assert config["model_type"] == "fam" and config["base_config"]["model_type"] == family
     assert config["auto_map"] == {
         "AutoConfig": "configuration_fam.FAMConfig",
+        "AutoModel": "modeling_fam.FAMModel",
         "AutoModelForCausalLM": "modeling_fam.FAMForCausalLM",
     }
     with safe_open(tmp_path / "model.safetensors", "pt") as f:
@@ -107,6 +108,6 @@ def test_remote_code_files_import_only_torch_and_transformers():
             else:
                 continue
             allowed = {"torch", "transformers", "__future__", "math", "dataclasses", "typing", "contextlib",
-                       "inspect", "sys", "collections", "functools", "warnings"}
+                       "inspect", "sys", "collections", "functools", "warnings", "copy", "contextvars"}
             assert roots <= allowed, f"{path.name} imports {roots - allowed}"
         assert REMOTE_FILES >= {path.name}, f"{path.name} is not in REMOTE_FILES"

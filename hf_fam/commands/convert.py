@@ -7,7 +7,7 @@ import signal
 import textwrap
 from contextlib import contextmanager
 
-from ..modeling.configuration_fam import DEFAULT_BLOCK_SIZE, DEFAULT_FAM_LENGTH, DEFAULT_MEMORY_SEGMENTS
+from .fam_args import add_fam_arguments
 
 FAM_INIT_HELP = """\
 how the memory's initial value fam_init (F x hidden, the only new tensor) starts:
@@ -41,13 +41,7 @@ def register(sub) -> None:
     p.add_argument("src", metavar="SRC",
                    help="a Hub repo id (e.g. meta-llama/Llama-3.2-1B) or a local checkpoint folder")
     p.add_argument("out", metavar="OUT", help="the folder to write (must not exist, unless --force)")
-    p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, metavar="C",
-                   help=f"tokens per block (default {DEFAULT_BLOCK_SIZE}, the paper's)")
-    p.add_argument("--memory-segments", type=int, default=DEFAULT_MEMORY_SEGMENTS, metavar="M",
-                   help=f"previous blocks each block attends to (default {DEFAULT_MEMORY_SEGMENTS})")
-    p.add_argument("--fam-length", type=int, default=DEFAULT_FAM_LENGTH, metavar="F",
-                   help="FAM (memory) tokens per layer; 0 = block sliding window attention "
-                   f"(default {DEFAULT_FAM_LENGTH})")
+    add_fam_arguments(p, base_only=False)
     p.add_argument("--fam-init", default="random", metavar="SPEC",
                    help="'random' (default), 'text:TEXT' or 'file:PATH'; see 'fam_init' below")
     p.add_argument("--seed", type=int, default=0, help="seed of the random fam_init (default 0)")
@@ -92,7 +86,7 @@ def run(args) -> int:
 
     options = ConvertOptions(
         block_size=args.block_size, memory_segments=args.memory_segments, fam_length=args.fam_length,
-        fam_init=args.fam_init, seed=args.seed, revision=args.revision, token=args.token, force=args.force,
+        fam_layers=args.fam_layers, fam_init=args.fam_init, seed=args.seed, revision=args.revision, token=args.token, force=args.force,
         allow_pickle=args.allow_pickle, base_model=args.base_model, repo_id=args.repo_id,
         eval_results=args.eval_results, progress=not args.quiet,
     )
@@ -105,7 +99,8 @@ def run(args) -> int:
         raise CLIError(f"writing {args.out} failed: {err.strerror or err}") from None
     if not args.quiet:
         print(f"wrote {result.out}: {result.num_tensors} tensors ({result.total_bytes / 1e6:,.1f} MB) in "
-              f"{len(result.weight_files)} file(s), C={args.block_size} M={args.memory_segments} F={args.fam_length}")
+              f"{len(result.weight_files)} file(s), C={args.block_size} M={args.memory_segments} F={args.fam_length} "
+              f"fam_layers={args.fam_layers}")
         if result.carried_files:
             print(f"carried over: {', '.join(result.carried_files)}")
         if result.dropped_tensors:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .fam_args import add_fam_arguments
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -32,9 +34,7 @@ def register(sub) -> None:
     p.add_argument("--max-tokens", type=int, help="perplexity: stop after this many tokens")
     p.add_argument("--chunk-tokens", type=int, default=4096, help="tokens per forward when streaming")
     p.add_argument("--no-fam", action="store_true", help="evaluate a base checkpoint as is (full attention)")
-    p.add_argument("--block-size", type=int, help="C, for a base checkpoint run with FAM")
-    p.add_argument("--memory-segments", type=int, help="M, for a base checkpoint run with FAM")
-    p.add_argument("--fam-length", type=int, help="F, for a base checkpoint run with FAM")
+    add_fam_arguments(p, base_only=True)
     p.add_argument("--label", help="name of this model in the JSON and the plot")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
@@ -54,7 +54,7 @@ def run(args) -> int:
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=resolve_dtype(args.dtype)).to(args.device)
         tokenizer = AutoTokenizer.from_pretrained(args.model)
     else:
-        overrides = FAMOverrides(args.block_size, args.memory_segments, args.fam_length)
+        overrides = FAMOverrides.from_args(args)
         model, tokenizer = load_fam_model(args.model, overrides=overrides, dtype=args.dtype, device=args.device)
     label = args.label or Path(args.model.rstrip("/")).name
 

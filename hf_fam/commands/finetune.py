@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 
+from .fam_args import add_fam_arguments
+
 HELP = "LoRA fine-tuning with the paper's recipe (PEFT adapter + trained fam_init); runs under accelerate launch."
 
 
@@ -28,9 +30,7 @@ def register(subparsers) -> None:
                                  "the fly with --block-size/--memory-segments/--fam-length): a folder or a Hub id")
     p.add_argument("--output", "-o", required=True, help="output folder: adapter, logs, fam_base/, merged/")
     g = p.add_argument_group("model (base checkpoints only; a FAM checkpoint keeps its own settings)")
-    g.add_argument("--block-size", type=int, help="C, tokens per block (default 1024)")
-    g.add_argument("--memory-segments", type=int, help="M, past blocks attended (default 3)")
-    g.add_argument("--fam-length", type=int, help="F, memory tokens per layer (default 64)")
+    add_fam_arguments(g, base_only=True)
     g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "auto"),
                    help="weights dtype")
     g = p.add_argument_group("data")
@@ -86,7 +86,7 @@ def config_from_args(args):
 
     return FinetuneConfig(
         model=ModelOptions(path=args.model, block_size=args.block_size, memory_segments=args.memory_segments,
-                           fam_length=args.fam_length, dtype=args.dtype),
+                           fam_length=args.fam_length, fam_layers=args.fam_layers, dtype=args.dtype),
         data=DataOptions(source=args.data, text_files=tuple(args.text_files), text_column=args.text_column,
                          seq_len=args.seq_len, passkey_form=args.passkey_form, passkey_examples=args.passkey_examples,
                          passkey_min_seq_len=args.passkey_min_seq_len, passkey_depth=args.passkey_depth,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .fam_args import add_fam_arguments
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -19,9 +21,7 @@ def register(sub) -> None:
     src.add_argument("--prompt-file", help="text file holding the prompt; any size, read piece by piece")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
     p.add_argument("--chunk-tokens", type=int, default=4096, help="prompt tokens per forward while reading")
-    p.add_argument("--block-size", type=int, help="C, for a base checkpoint (default 1024)")
-    p.add_argument("--memory-segments", type=int, help="M, for a base checkpoint (default 3)")
-    p.add_argument("--fam-length", type=int, help="F, for a base checkpoint (default 64)")
+    add_fam_arguments(p, base_only=True)
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     p.add_argument("--top-k", type=int, default=50, help="top-k sampling")
@@ -50,7 +50,7 @@ def run(args) -> int:
         raise CLIError("--max-new-tokens must be >= 0 and --chunk-tokens >= 1")
     if args.prompt_file and not os.path.isfile(args.prompt_file):
         raise CLIError(f"prompt file not found: {args.prompt_file}")
-    overrides = FAMOverrides(args.block_size, args.memory_segments, args.fam_length)
+    overrides = FAMOverrides.from_args(args)
     model, tokenizer = load_fam_model(args.model, overrides=overrides, dtype=args.dtype, device=args.device,
                                       revision=args.revision, token=args.token)
     if tokenizer is None:

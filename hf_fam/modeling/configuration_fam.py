@@ -8,12 +8,26 @@ from __future__ import annotations
 from transformers import AutoConfig, PretrainedConfig
 
 from .fam_adapters import get_adapter
-from .fam_settings import validate_fam_settings
+from .fam_settings import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_FAM_LAYERS,
+    DEFAULT_FAM_LENGTH,
+    DEFAULT_MEMORY_SEGMENTS,
+    FAMSettings,
+    validate_fam_settings,
+)
 
-# Paper defaults (DESIGN.md §4)
-DEFAULT_BLOCK_SIZE = 1024
-DEFAULT_MEMORY_SEGMENTS = 3
-DEFAULT_FAM_LENGTH = 64
+# What a FAM model reports as its maximum input length. Its positions are frame positions inside the
+# attention window (DESIGN.md §1), never absolute, so no input length reaches the base model's limit;
+# clients that truncate to `max_position_embeddings` (lm-evaluation-harness, generate) must not.
+UNBOUNDED_LENGTH = 2**62
+
+# The classes a converted checkpoint's config.json maps for `trust_remote_code=True`
+AUTO_MAP = {
+    "AutoConfig": "configuration_fam.FAMConfig",
+    "AutoModel": "modeling_fam.FAMModel",
+    "AutoModelForCausalLM": "modeling_fam.FAMForCausalLM",
+}
 
 
 class FAMConfig(PretrainedConfig):
@@ -56,7 +70,7 @@ class FAMConfig(PretrainedConfig):
         block_size: int = DEFAULT_BLOCK_SIZE,
         memory_segments: int = DEFAULT_MEMORY_SEGMENTS,
         fam_length: int = DEFAULT_FAM_LENGTH,
-        fam_layers: str = "all",
+        fam_layers: str = DEFAULT_FAM_LAYERS,
         **kwargs,
     ):
         if base_config is None:
@@ -100,9 +114,20 @@ class FAMConfig(PretrainedConfig):
         return self.base_config
 
     @property
+    def fam_settings(self) -> FAMSettings:
+        """C, M, F and fam_layers as one FAMSettings value."""
+        return FAMSettings.of(self)
+
+    @property
     def attention_window(self) -> int:
         """Tokens a block token attends to directly: C·(M+1)."""
-        return self.block_size * (self.memory_segments + 1)
+        return self.fam_settings.attention_window
+
+    @property
+    def max_position_embeddings(self) -> int:
+        """Unbounded (`UNBOUNDED_LENGTH`): FAM runs at frame positions, however long the input. The base
+        model's own limit stays in `base_config.max_position_embeddings`."""
+        return UNBOUNDED_LENGTH
 
     def to_dict(self):
         out = super().to_dict()

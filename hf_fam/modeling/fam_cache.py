@@ -139,10 +139,8 @@ class FAMCache(Cache):
             self.settings = settings
         if settings != self.settings:
             raise ValueError(
-                f"This FAMCache was made with block_size={self.settings.block_size}, "
-                f"memory_segments={self.settings.memory_segments}, fam_length={self.settings.fam_length}; the model "
-                f"runs with block_size={settings.block_size}, memory_segments={settings.memory_segments}, "
-                f"fam_length={settings.fam_length}. Start a new cache for this model."
+                f"This FAMCache was made with {self.settings.describe()}; the model runs with "
+                f"{settings.describe()}. Start a new cache for this model."
             )
         if self._owner is not None and self._owner != id(model):
             raise ValueError("This FAMCache belongs to another model: start a new cache for this model.")

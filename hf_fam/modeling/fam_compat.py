@@ -9,6 +9,7 @@ file ships with every converted checkpoint, so it imports only torch and transfo
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 import sys
 from collections.abc import Callable, Iterator
@@ -29,14 +30,56 @@ SUPPORTED_INNER_ATTENTION = ("sdpa", "eager")
 FAM_ATTENTION_PREFIX = "fam_"
 
 
-def register_attention(fn: Callable) -> None:
-    """Register `fn` under `fam_<inner>` for every supported inner implementation.
+# Set while a FAM forward runs the decoder (see `inside_fam_forward`).
+_IN_FAM_FORWARD: contextvars.ContextVar[bool] = contextvars.ContextVar("hf_fam_in_fam_forward", default=False)
 
-    No mask function is registered under these names on purpose: transformers then skips building its
-    (N x N) causal mask, and FAM builds its own block masks from the 2D padding mask it is given.
+
+@contextlib.contextmanager
+def inside_fam_forward() -> Iterator[None]:
+    """Mark the decoder call of a FAM forward: masks are not built inside it (FAM builds its own)."""
+    token = _IN_FAM_FORWARD.set(True)
+    try:
+        yield
+    finally:
+        _IN_FAM_FORWARD.reset(token)
+
+
+def in_fam_forward() -> bool:
+    return _IN_FAM_FORWARD.get()
+
+
+def _fam_mask_function(inner: str) -> Callable:
+    """The mask function registered under `fam_<inner>`.
+
+    Inside a FAM forward it builds nothing (returns None): FAM builds its own block masks from the 2D padding
+    mask, and an (N x N) mask would cost quadratic memory. Outside one, the call comes from a base model that
+    shares its modules with a FAM model (`FAMForCausalLM.from_base_model`): it gets its usual mask.
     """
+
+    def fam_mask(*args, **kwargs):
+        if _IN_FAM_FORWARD.get():
+            return None
+        return _mask_interface()[inner](*args, **kwargs)
+
+    return fam_mask
+
+
+def _mask_interface():
+    try:
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    except ImportError:  # releases without mask functions build no mask for unknown names anyway
+        return None
+    return ALL_MASK_ATTENTION_FUNCTIONS
+
+
+def register_attention(fn: Callable) -> None:
+    """Register `fn` under `fam_<inner>` for every supported inner implementation, with a mask function
+    that builds no mask inside FAM forwards (see `_fam_mask_function`)."""
+    masks = _mask_interface()
     for inner in SUPPORTED_INNER_ATTENTION:
         AttentionInterface.register(FAM_ATTENTION_PREFIX + inner, fn)
+        if masks is not None:
+            masks.register(FAM_ATTENTION_PREFIX + inner, _fam_mask_function(inner))
 
 
 def inner_attention_function(module: nn.Module, inner: str) -> Callable:

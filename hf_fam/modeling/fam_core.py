@@ -33,10 +33,20 @@ from torch import nn
 
 from .fam_adapters import DecoderAdapter, apply_rotation, relative_rotation
 from .fam_chain import FAMChain, FAMStep
-from .fam_compat import additive_mask, call_inner_attention
+from .fam_compat import (
+    FAM_ATTENTION_PREFIX,
+    additive_mask,
+    call_inner_attention,
+    in_fam_forward,
+    inner_attention_function,
+)
 from .fam_graphs import graphs_usable
 from .fam_settings import FAMSettings
 from .fam_state import FAMLayerState, WindowLayout, build_window, rotate_memory, write_tokens
+
+# Set on the modules of a base model that a FAM model shares (`FAMForCausalLM.from_base_model`): called
+# outside a FAM forward, they run the base model's own attention instead of failing.
+SHARED_BASE_FLAG = "_fam_shared_base"
 
 # Upper bound on the attention scores materialised by one inner attention call; the blocks of a long
 # sequence are processed in groups so that prefill memory does not grow with the square of anything.
@@ -60,6 +70,11 @@ def fam_attention_forward(module: nn.Module, query, key, value, attention_mask, 
         return step.attend(module, query, key, value, kwargs)
     run = kwargs.get("fam_run")
     if run is None:
+        if getattr(module, SHARED_BASE_FLAG, False) and not in_fam_forward():
+            # the base model a FAM model was made from (`from_base_model` shares its modules) runs its own
+            # attention, with the mask transformers built for it
+            inner = module.config._attn_implementation.removeprefix(FAM_ATTENTION_PREFIX)
+            return inner_attention_function(module, inner)(module, query, key, value, attention_mask, **kwargs)
         raise RuntimeError(
             "FAM attention was called without FAM state: call the FAM model's forward (or generate), "
             "not its decoder layers directly."

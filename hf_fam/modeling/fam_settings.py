@@ -9,17 +9,58 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+# Paper defaults (DESIGN.md §4): the one place they are written
+DEFAULT_BLOCK_SIZE = 1024
+DEFAULT_MEMORY_SEGMENTS = 3
+DEFAULT_FAM_LENGTH = 64
+DEFAULT_FAM_LAYERS = "all"
+
+
 @dataclass(frozen=True)
 class FAMSettings:
-    """Block size C, memory segments M, FAM length F (DESIGN.md §1)."""
+    """The FAM settings of a model, read everywhere from the CLI down to the cache (DESIGN.md §1).
 
-    block_size: int
-    memory_segments: int
-    fam_length: int
-    fam_layers: str = "all"  # "all", or "global": layers the checkpoint runs with a sliding window get no FAM
+    Args:
+        block_size: C, tokens per block.
+        memory_segments: M, previous blocks each block attends to.
+        fam_length: F, FAM tokens per layer (0 = block sliding window attention).
+        fam_layers: "all", or "global": layers the checkpoint runs with a sliding window get no FAM.
+
+    Example:
+    ```python
+    >>> FAMSettings(block_size=256, memory_segments=1, fam_length=16).attention_window
+    512
+    ```
+    """
+
+    block_size: int = DEFAULT_BLOCK_SIZE
+    memory_segments: int = DEFAULT_MEMORY_SEGMENTS
+    fam_length: int = DEFAULT_FAM_LENGTH
+    fam_layers: str = DEFAULT_FAM_LAYERS
 
     def __post_init__(self):
         validate_fam_settings(self.block_size, self.memory_segments, self.fam_length, self.fam_layers)
+
+    @classmethod
+    def of(cls, config) -> FAMSettings:
+        """The settings a FAMConfig (or any object with the four fields) holds."""
+        return cls(config.block_size, config.memory_segments, config.fam_length,
+                   getattr(config, "fam_layers", DEFAULT_FAM_LAYERS))
+
+    def as_kwargs(self) -> dict:
+        """The four fields as keyword arguments (for FAMConfig, `patch`, `from_base_model`)."""
+        return {"block_size": self.block_size, "memory_segments": self.memory_segments,
+                "fam_length": self.fam_length, "fam_layers": self.fam_layers}
+
+    def describe(self) -> str:
+        """One line naming all four settings, for messages."""
+        return (f"block_size={self.block_size}, memory_segments={self.memory_segments}, "
+                f"fam_length={self.fam_length}, fam_layers={self.fam_layers!r}")
+
+    @property
+    def cache_tokens(self) -> int:
+        """K/V entries per layer a stream's cache holds: M blocks, the partial block, the FAM."""
+        return (self.memory_segments + 1) * self.block_size + self.fam_length
 
     @property
     def frame_origin(self) -> int:

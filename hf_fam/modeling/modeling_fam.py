@@ -1,33 +1,38 @@
-"""FAMForCausalLM: a Hugging Face causal LM running TransformerFAM (Hwang et al., arXiv 2404.09173).
+"""FAMModel and FAMForCausalLM: Hugging Face models running TransformerFAM (Hwang et al., arXiv 2404.09173).
 
 A FAM model *is* its base model (Llama, Mistral, Gemma, ...) with one extra tensor, the learned initial
-memory `fam.fam_init` (F, D). The base model's modules are children of FAMForCausalLM under their usual
-names, so a converted checkpoint's weight names equal the base checkpoint's and LoRA targets resolve.
-The base model's own forward runs every step; `fam_forward` only prepares the FAM run and selects the FAM
-attention function (see `fam_core`).
+memory `fam.fam_init` (F, D). FAM lives in the backbone: `FAMModel` wraps the base decoder stack and is
+what `model.model`, `model.base_model` and `model.get_decoder()` return, so every client that calls the
+decoder runs FAM. `FAMForCausalLM` runs the base model's own causal-LM forward (logits, loss,
+soft-capping) with a FAMModel in its decoder's place; `hf_fam.patch` puts a FAMModel in a loaded model's
+decoder place the same way. The modules keep their usual names, so a converted checkpoint's weight names
+equal the base checkpoint's and LoRA targets resolve. The base decoder's own forward runs every step;
+`fam_forward` only prepares the FAM run and selects the FAM attention function (see `fam_core`).
 
 This file ships with every converted checkpoint: it imports only torch, transformers and its siblings.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 
-from .configuration_fam import FAMConfig
+from .configuration_fam import AUTO_MAP, FAMConfig
 from .fam_adapters import DecoderAdapter, get_adapter
 from .fam_cache import FAMCache, check_positions
 from .fam_compat import (
     CACHE_KWARG,
     FAM_ATTENTION_PREFIX,
     SUPPORTED_INNER_ATTENTION,
+    inside_fam_forward,
     register_attention,
     uses_reentrant_checkpointing,
 )
-from .fam_core import FAMRun, fam_attention_forward
+from .fam_core import SHARED_BASE_FLAG, FAMRun, fam_attention_forward
 from .fam_settings import FAMSettings
 
 register_attention(fam_attention_forward)
@@ -72,11 +77,6 @@ class FAMMemory(nn.Module):
         return f"fam_length={self.fam_init.shape[0]}, hidden_size={self.fam_init.shape[1]}"
 
 
-def fam_settings_of(config) -> FAMSettings:
-    return FAMSettings(config.block_size, config.memory_segments, config.fam_length,
-                       getattr(config, "fam_layers", "all"))
-
-
 def select_fam_attention(base_config) -> str:
     """Route the base config's attention through FAM; return the inner implementation FAM uses.
 
@@ -110,7 +110,7 @@ def fam_forward(
     fam_cuda_graphs: bool = True,
     **kwargs,
 ):
-    """Run the base causal LM's forward with FAM. Shared by FAMForCausalLM and patched models.
+    """Run a base decoder stack's forward with FAM: the body of `FAMModel.forward`, the one entry into FAM.
 
     `fam_cuda_graphs` (default True): on CUDA without autograd, replay the FAM chain's update steps from
     CUDA graphs (one launch per step instead of dozens; same kernels, same result); False runs the chain
@@ -118,8 +118,10 @@ def fam_forward(
         fam_state: list of per-layer initial FAM tensors (B or 1, F, D) for a fresh sequence, instead
             of forward-propagating `fam_init` (Random State Passing, see hf_fam.training).
         fam_position_offset: (B,) integer offsets added to all positions (Random Position Offset).
+        fam_output: a dict that receives `fam_state` too (how `fam_lm_forward` passes it past the head).
     The output gains `fam_state`: the final FAM of every layer, (B, F, D) each (F > 0 only).
     """
+    sink = kwargs.pop("fam_output", None)
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
     if input_ids is not None and input_ids.dim() != 2:
@@ -184,19 +186,22 @@ def fam_forward(
         position_offset=position_offset,
         cuda_graphs=fam_cuda_graphs,
     )
-    outputs = base_forward(
-        input_ids=input_ids,
-        attention_mask=None,  # padding reaches FAM through the run; no (N x N) mask is built
-        position_ids=run.position_ids,
-        inputs_embeds=inputs_embeds,
-        use_cache=False,
-        fam_run=run,
-        **{CACHE_KWARG: None},
-        **kwargs,
-    )
+    with inside_fam_forward():  # transformers builds no (N x N) mask in here
+        outputs = base_forward(
+            input_ids=input_ids,
+            attention_mask=None,  # padding reaches FAM through the run
+            position_ids=run.position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=False,
+            fam_run=run,
+            **{CACHE_KWARG: None},
+            **kwargs,
+        )
     if settings.fam_length > 0:
         # the final FAM of every layer (Random State Passing starts the next sequence from it)
         outputs = with_fam_state(outputs, run.final_fam)
+        if sink is not None:
+            sink["fam_state"] = run.final_fam
     if use_cache:
         cache.advance(run.states, chunk_mask, position_ids)
         outputs[CACHE_KWARG] = cache
@@ -233,9 +238,180 @@ class FAMPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = False
     _can_compile_fullgraph = False
 
+    @property
+    def fam_settings(self) -> FAMSettings:
+        """C, M, F and fam_layers of this model (one FAMSettings value, from its config)."""
+        return FAMSettings.of(self.config)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save as usual; config.json maps every FAM class (`AutoModel` and `AutoModelForCausalLM`), so the
+        checkpoint loads either way with `trust_remote_code=True`."""
+        self.config.auto_map = dict(AUTO_MAP)
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def _adopt(self, base: nn.Module, skip: tuple[str, ...] = ()) -> None:
+        """Make `base`'s child modules ours under the same names (weight names stay the checkpoint's),
+        and take over what transformers reads from its class (tied weights, split rules, ...)."""
+        for name, child in base.named_children():
+            if name not in skip:
+                self.add_module(name, child)
+        for attr in ("_tied_weights_keys", "_no_split_modules", "_keep_in_fp32_modules", "_skip_keys_device_placement"):
+            value = getattr(type(base), attr, None)
+            if value is not None:
+                setattr(self, attr, value)
+
+
+def _keep_attention_implementation(config: FAMConfig, module: nn.Module | None, kept: str | None) -> None:
+    """PreTrainedModel.__init__ resets the nested config's attention implementation: keep the one a given
+    module already runs with, else pick eager where the family cannot run sdpa (e.g. Gemma 2)."""
+    if kept is not None:
+        config.base_config._attn_implementation = kept
+    elif module is not None and not getattr(type(module), "_supports_sdpa", True) \
+            and config.base_config._attn_implementation == "sdpa":
+        config.base_config._attn_implementation = "eager"
+
+
+class FAMModel(FAMPreTrainedModel):
+    """The FAM backbone: a base decoder stack (`LlamaModel`, `GemmaModel`, ...) running Feedback Attention
+    Memory. Every client that reaches a FAM model's decoder (`model.model`, `model.base_model`,
+    `model.get_decoder()`, TRL's fused-head path) runs FAM through this forward.
+
+    Its modules are the decoder's, under the decoder's names (`embed_tokens`, `layers`, `norm`, ...); the
+    learned initial memory is `fam` here when the backbone stands alone (`AutoModel`), or the causal LM's
+    `fam` when it is one's decoder (so a converted checkpoint keeps the key `fam.fam_init`).
+
+    Returns the decoder's output (`last_hidden_state`, the `FAMCache` when `use_cache`, hidden states on
+    request) plus `fam_state`: the final FAM of every layer.
+
+    Example:
+    ```python
+    >>> from transformers import AutoModel
+    >>> backbone = AutoModel.from_pretrained("llama-fam", trust_remote_code=True)
+    >>> backbone(input_ids).last_hidden_state.shape
+    torch.Size([1, 20, 64])
+    ```
+    """
+
+    def __init__(self, config: FAMConfig, decoder: nn.Module | None = None, fam_module: FAMMemory | None = None,
+                 *, fam_owner: nn.Module | None = None, keep_weights: bool = False):
+        """`decoder`: the base decoder stack to run (built from `config.base_config` when None).
+        `fam_owner`: the causal LM whose `fam` module holds the initial memory (None: this model holds it).
+        `keep_weights`: the decoder's weights are loaded ones, never to be re-initialised."""
+        kept = decoder.config._attn_implementation if decoder is not None else None
+        super().__init__(config)
+        if decoder is None:
+            decoder = AutoModel.from_config(config.base_config)
+        elif keep_weights:
+            for module in decoder.modules():
+                module._is_hf_initialized = True
+        config.base_config = decoder.config  # one config object, shared with the decoder's modules
+        _keep_attention_implementation(config, decoder, kept)
+        self.fam_adapter = get_adapter(decoder.config.model_type)
+        self.fam_adapter.check_config(decoder.config)
+        self._adopt(decoder)
+        # the decoder object itself stays unregistered: its forward runs, with FAM, on our modules
+        object.__setattr__(self, "_fam_decoder", decoder)
+        object.__setattr__(self, "_fam_owner", fam_owner)
+        if fam_owner is None:
+            if fam_module is None:
+                dtype = next(decoder.parameters()).dtype
+                fam_module = FAMMemory(config.fam_length, decoder.config.hidden_size, dtype=dtype)
+            self.fam = fam_module
+        select_fam_attention(decoder.config)  # a layer called on its own fails clearly, never skips FAM
+        self.post_init()
+
+    @property
+    def fam_memory(self) -> nn.Module:
+        """The module holding `fam_init` (read at every forward: PEFT may have wrapped it since)."""
+        return self._fam_owner.fam if self._fam_owner is not None else self.fam
+
+    def _init_weights(self, module):
+        if isinstance(module, FAMMemory):
+            nn.init.normal_(module.fam_init, mean=0.0, std=getattr(self.config.base_config, "initializer_range", 0.02))
+        elif module is not self:
+            self._fam_decoder._init_weights(module)
+
+    def get_input_embeddings(self):
+        return self._fam_decoder.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self._fam_decoder.set_input_embeddings(value)
+        self.add_module(_child_name(self._fam_decoder, value), value)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: FAMCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        fam_cuda_graphs: bool = True,
+        **kwargs,
+    ):
+        """Same arguments and outputs as the base decoder's forward; `cache` is a FAMCache. See
+        `fam_forward` for the FAM arguments (`fam_state`, `fam_position_offset`, `fam_cuda_graphs`)."""
+        if cache is None:
+            cache = kwargs.pop("past_key_values", None)
+        decoder = self._fam_decoder
+        decoder.training = self.training  # the decoder object is not registered, so .train() does not reach it
+        return fam_forward(
+            base_forward=type(decoder).forward.__get__(decoder),
+            base_model=decoder,
+            adapter=self.fam_adapter,
+            settings=self.fam_settings,
+            fam_module=self.fam_memory,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            fam_cuda_graphs=fam_cuda_graphs,
+            **kwargs,
+        )
+
+
+def _child_name(parent: nn.Module, child: nn.Module) -> str:
+    for name, module in parent.named_children():
+        if module is child:
+            return name
+    raise ValueError(f"{type(child).__name__} is not a child of {type(parent).__name__}")
+
+
+def decoder_slot(model: nn.Module, adapter: DecoderAdapter) -> tuple[str, nn.Module]:
+    """(attribute name, decoder stack) of a causal LM; a FAM backbone found there is unwrapped."""
+    decoder = adapter.decoder(model)
+    if decoder is model:
+        raise TypeError(f"{type(model).__name__} has no decoder stack under a child module.")
+    name = _child_name(model, decoder)
+    return name, getattr(decoder, "_fam_decoder", decoder)
+
+
+def _detached_copy(model: nn.Module) -> nn.Module:
+    """A shallow copy of `model` with its own child/parameter/buffer tables: replacing a child of the copy
+    leaves `model` as it was (the children themselves are shared)."""
+    head = copy.copy(model)
+    for table in ("_modules", "_parameters", "_buffers"):
+        object.__setattr__(head, table, dict(getattr(model, table)))
+    return head
+
+
+def fam_lm_forward(head_forward, **kwargs):
+    """Run a causal LM's own forward (`head_forward`) whose decoder is a FAMModel, and attach the final FAM.
+
+    The one forward path of converted (FAMForCausalLM) and patched models: the head's forward computes
+    logits, loss and soft-capping exactly as the family does; FAM runs inside its decoder call.
+    """
+    sink: dict = {}
+    outputs = head_forward(fam_output=sink, **kwargs)
+    if sink.get("fam_state") is not None:
+        outputs = with_fam_state(outputs, sink["fam_state"])
+    return outputs
+
 
 class FAMForCausalLM(FAMPreTrainedModel, GenerationMixin):
-    """A causal LM with Feedback Attention Memory.
+    """A causal LM with Feedback Attention Memory: a FAMModel backbone and the base model's head.
 
     Build it from a FAMConfig (random weights, like any `from_config`), load a converted checkpoint with
     `AutoModelForCausalLM.from_pretrained(path)` (or `trust_remote_code=True` without hf_fam installed),
@@ -254,38 +430,28 @@ class FAMForCausalLM(FAMPreTrainedModel, GenerationMixin):
     """
 
     def __init__(self, config: FAMConfig, base_model: PreTrainedModel | None = None, fam_module: FAMMemory | None = None):
-        # PreTrainedModel.__init__ sets the attention implementation on the nested config too: keep the
-        # one a given base model already runs with
-        kept_impl = base_model.config._attn_implementation if base_model is not None else None
+        given = base_model is not None  # a loaded model, whose weights stay as they are
+        kept = base_model.config._attn_implementation if given else None
         super().__init__(config)
         if base_model is None:
             base_model = AutoModelForCausalLM.from_config(config.base_config)
-        config.base_config = base_model.config  # one config object, shared with the base model
-        if kept_impl is not None:
-            base_model.config._attn_implementation = kept_impl
-        elif not getattr(type(base_model), "_supports_sdpa", True) and base_model.config._attn_implementation == "sdpa":
-            base_model.config._attn_implementation = "eager"  # e.g. Gemma 2: soft-capping needs eager
-        self.fam_adapter = get_adapter(base_model.config.model_type)
-        self.fam_adapter.check_config(base_model.config)
-        # the base model's modules become ours under the same names; the base object itself is kept
-        # unregistered, to run its forward (and so its head: logits, loss, soft-capping) unchanged
-        for name, child in base_model.named_children():
-            if name != "fam":
-                self.add_module(name, child)
-        object.__setattr__(self, "_fam_base", base_model)
-        # a model patched in place (hf_fam.patch) runs FAM in its own forward: call its original one
-        original = getattr(type(base_model), "_fam_original_class", type(base_model))
-        object.__setattr__(self, "_fam_base_forward", original.forward.__get__(base_model))
-        for attr in ("_tied_weights_keys", "_no_split_modules", "_keep_in_fp32_modules", "_skip_keys_device_placement"):
-            value = getattr(type(base_model), attr, None)
-            if value is not None:
-                setattr(self, attr, value)
-        if fam_module is None:
-            dtype = next(base_model.parameters()).dtype
-            fam_module = FAMMemory(config.fam_length, base_model.config.hidden_size, dtype=dtype)
         else:
             for module in base_model.modules():
                 module._is_hf_initialized = True
+        config.base_config = base_model.config  # one config object, shared with the base model
+        _keep_attention_implementation(config, base_model, kept)
+        self.fam_adapter = get_adapter(base_model.config.model_type)
+        self.fam_adapter.check_config(base_model.config)
+        # the head: the base causal LM with a FAMModel in its decoder's place. It is a copy with its own
+        # child table, so a base model given by the caller keeps its own decoder and stays usable.
+        name, decoder = decoder_slot(base_model, self.fam_adapter)
+        head = _detached_copy(base_model)
+        setattr(head, name, FAMModel(config, decoder=decoder, fam_owner=self, keep_weights=given))
+        self._adopt(head, skip=("fam",))
+        object.__setattr__(self, "_fam_head", head)
+        if fam_module is None:
+            dtype = next(base_model.parameters()).dtype
+            fam_module = FAMMemory(config.fam_length, base_model.config.hidden_size, dtype=dtype)
         self.fam = fam_module
         self.post_init()
 
@@ -294,7 +460,10 @@ class FAMForCausalLM(FAMPreTrainedModel, GenerationMixin):
         cls, base_model: PreTrainedModel, *, block_size: int, memory_segments: int, fam_length: int,
         fam_layers: str = "all", fam_init: torch.Tensor | None = None,
     ) -> FAMForCausalLM:
-        """Wrap a loaded base causal LM (its modules are shared, not copied).
+        """Wrap a loaded base causal LM. Its modules are shared, not copied; the base model stays usable:
+        called itself, it runs its own attention exactly as before (its config then names the FAM attention,
+        `fam_sdpa` or `fam_eager`, which passes its calls through). For the same reason its decoder layers,
+        called on their own, run plain attention; those of a converted or patched model fail clearly.
 
         Args:
             base_model: a loaded `LlamaForCausalLM`, `MistralForCausalLM`, `GemmaForCausalLM`, ...
@@ -310,6 +479,8 @@ class FAMForCausalLM(FAMPreTrainedModel, GenerationMixin):
             fam.to(next(base_model.parameters()).device)
             fam.fam_init.data.normal_(0.0, getattr(base_model.config, "initializer_range", 0.02))
         model = cls(config, base_model=base_model, fam_module=fam)
+        for module in base_model.modules():
+            setattr(module, SHARED_BASE_FLAG, True)
         if fam_init is not None:
             with torch.no_grad():
                 model.fam.fam_init.copy_(fam_init)
@@ -320,26 +491,24 @@ class FAMForCausalLM(FAMPreTrainedModel, GenerationMixin):
         if isinstance(module, FAMMemory):
             nn.init.normal_(module.fam_init, mean=0.0, std=getattr(self.config.base_config, "initializer_range", 0.02))
         elif module is not self:
-            self._fam_base._init_weights(module)
+            self._fam_head._init_weights(module)
 
     def get_input_embeddings(self):
-        return self._fam_base.get_input_embeddings()
+        return self._fam_head.get_input_embeddings()
 
     def set_input_embeddings(self, value):
-        self._fam_base.set_input_embeddings(value)
+        self._fam_head.set_input_embeddings(value)
 
     def get_output_embeddings(self):
-        return self._fam_base.get_output_embeddings()
+        return self._fam_head.get_output_embeddings()
 
     def set_output_embeddings(self, new_embeddings):
-        self._fam_base.set_output_embeddings(new_embeddings)
+        self._fam_head.set_output_embeddings(new_embeddings)
+        self.add_module(_child_name(self._fam_head, new_embeddings), new_embeddings)
 
     def get_decoder(self):
-        return self.fam_adapter.decoder(self._fam_base)
-
-    @property
-    def fam_settings(self) -> FAMSettings:
-        return fam_settings_of(self.config)
+        """The FAMModel backbone: calling it runs FAM."""
+        return self.model
 
     # --- forward -------------------------------------------------------------------------------------
     def forward(
@@ -359,28 +528,26 @@ class FAMForCausalLM(FAMPreTrainedModel, GenerationMixin):
         `fam_cuda_graphs=False` runs the FAM chain eagerly on CUDA (see `fam_forward`)."""
         if cache is None:
             cache = kwargs.pop("past_key_values", None)
-        base = self._fam_base
-        base.training = self.training  # the base object is not registered, so .train() does not reach it
-        return fam_forward(
-            base_forward=self._fam_base_forward,
-            base_model=base,
-            adapter=self.fam_adapter,
-            settings=self.fam_settings,
-            fam_module=self.fam,
+        head = self._fam_head
+        head.training = self.training  # the head object is not registered, so .train() does not reach it
+        original = getattr(type(head), "_fam_original_class", type(head))
+        return fam_lm_forward(
+            original.forward.__get__(head),
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache,
             inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
             labels=labels,
+            use_cache=use_cache,
             logits_to_keep=logits_to_keep,
             fam_cuda_graphs=fam_cuda_graphs,
+            **{CACHE_KWARG: cache},
             **kwargs,
         )
 
 
 FAMConfig.register_for_auto_class()
+FAMModel.register_for_auto_class("AutoModel")
 FAMForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
-__all__ = ["FAMForCausalLM", "FAMMemory", "FAMPreTrainedModel", "fam_forward"]
+__all__ = ["FAMForCausalLM", "FAMMemory", "FAMModel", "FAMPreTrainedModel", "fam_forward", "fam_lm_forward"]

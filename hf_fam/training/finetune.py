@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from ..modeling.fam_settings import FAM_LAYER_CHOICES
 from .data import FAMDataCollator, check_seq_len, load_text_dataset, pack_dataset
 from .lora import DEFAULT_LORA_RANK, fam_lora_config, unwrap_fam_model
 from .passkey import PASSKEY_FORMS, PasskeyConfig, SyntheticPasskeyVocab, passkey_dataset
@@ -67,6 +68,8 @@ class ModelOptions:
     block_size: int | None = field(default=None, metadata={"help": "C for a base checkpoint (default 1024)."})
     memory_segments: int | None = field(default=None, metadata={"help": "M for a base checkpoint (default 3)."})
     fam_length: int | None = field(default=None, metadata={"help": "F for a base checkpoint (default 64)."})
+    fam_layers: str | None = field(default=None, metadata={"help": "'all' or 'global', for a base checkpoint "
+                                                                  "(default 'all')."})
     dtype: str = field(default="float32", metadata={"help": f"Weights dtype: {', '.join(DTYPES)}."})
 
     def __post_init__(self):
@@ -74,6 +77,8 @@ class ModelOptions:
         _check_int("block_size", self.block_size, 1, allow_none=True)
         _check_int("memory_segments", self.memory_segments, 0, allow_none=True)
         _check_int("fam_length", self.fam_length, 0, allow_none=True)
+        if self.fam_layers is not None and self.fam_layers not in FAM_LAYER_CHOICES:
+            raise ValueError(f"fam_layers must be one of {', '.join(FAM_LAYER_CHOICES)}, got {self.fam_layers!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
 
@@ -209,7 +214,7 @@ def load_fam_model(options: ModelOptions):
     from ..loading import FAMOverrides
     from ..loading import load_fam_model as load
 
-    overrides = FAMOverrides(options.block_size, options.memory_segments, options.fam_length)
+    overrides = FAMOverrides(options.block_size, options.memory_segments, options.fam_length, options.fam_layers)
     model, tokenizer = load(options.path, overrides=overrides, dtype=options.dtype)
     model.train()
     converted = AutoConfig.from_pretrained(options.path).model_type != "fam"
