@@ -14,6 +14,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingA
 from hf_fam.training import FAMDataCollator, fam_lora_config, unwrap_fam_model
 
 
+def _checkpointing(model) -> bool:
+    """Whether the decoder layers run with gradient checkpointing (transformers sets the flag on each layer)."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
 class RecordingTrainer(Trainer):
     """Records each step's optimised loss and the FAM model's own loss on that batch."""
 
@@ -24,7 +29,7 @@ class RecordingTrainer(Trainer):
             direct = model(**batch, use_cache=False).loss
         self.records.append(dict(batch=batch, trained=(loss[0] if isinstance(loss, tuple) else loss).item(),
                                  direct=direct.item(),
-                                 checkpointing=bool(unwrap_fam_model(model).get_decoder().gradient_checkpointing)))
+                                 checkpointing=_checkpointing(unwrap_fam_model(model))))
         return loss
 
 

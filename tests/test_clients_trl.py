@@ -43,6 +43,11 @@ def _dataset(repeat=2):
     return Dataset.from_dict({"text": [" ".join([t] * repeat) for t in TEXTS]})
 
 
+def _checkpointing(model) -> bool:
+    """Whether the decoder layers run with gradient checkpointing (transformers sets the flag on each layer)."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
 class RecordingSFTTrainer(trl.SFTTrainer):
     """Records, for every training step, the loss TRL optimises and the FAM model's own loss on that batch
     (`model(input_ids, attention_mask, labels).loss`: FAMForCausalLM.forward, the full-logits route)."""
@@ -62,7 +67,7 @@ class RecordingSFTTrainer(trl.SFTTrainer):
             direct = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                            labels=batch["labels"], use_cache=False).loss
         self.records.append(dict(batch=batch, trained=trained.detach().float().item(), direct=direct.float().item(),
-                                 checkpointing=bool(fam.get_decoder().gradient_checkpointing),
+                                 checkpointing=_checkpointing(fam),
                                  dtypes=dtypes))
         return loss
 
