@@ -22,7 +22,7 @@ from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 BASE_POSITIONS = 64
-DOCS = [  # contexts of 34 and 138 tokens (bytes); the window C(M+1) is 16
+DOCS = [  # contexts of 33 and 129 tokens (bytes); the window C(M+1) is 16
     {"context": "the quick brown fox jumps over th", "continuation": "e lazy dog"},
     {"context": "working memory lets a transformer carry information past its attention window; "
                 "a feedback attention memory reads long input block", "continuation": " by block"},
