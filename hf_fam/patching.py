@@ -15,6 +15,7 @@ from transformers import PreTrainedModel
 from .modeling.configuration_fam import FAMConfig
 from .modeling.fam_adapters import get_adapter
 from .modeling.fam_compat import CACHE_KWARG, FAM_ATTENTION_PREFIX
+from .modeling.fam_generation import FAMGenerationMixin
 from .modeling.fam_settings import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_FAM_LAYERS,
@@ -27,7 +28,7 @@ from .modeling.modeling_fam import FAMForCausalLM, FAMMemory, FAMModel, decoder_
 _PATCHED_CLASSES: dict[type, type] = {}
 
 
-class FAMPatchedMixin:
+class FAMPatchedMixin(FAMGenerationMixin):
     """Mixed in front of the model's own class by `patch`."""
 
     _fam_original_class: type

@@ -33,6 +33,8 @@ from .fam_compat import (
     uses_reentrant_checkpointing,
 )
 from .fam_core import SHARED_BASE_FLAG, FAMRun, fam_attention_forward
+from .fam_generation import FAMGenerationMixin
+from .fam_packing import refuse_packed_inputs
 from .fam_settings import FAMSettings
 
 register_attention(fam_attention_forward)
@@ -122,6 +124,7 @@ def fam_forward(
     The output gains `fam_state`: the final FAM of every layer, (B, F, D) each (F > 0 only).
     """
     sink = kwargs.pop("fam_output", None)
+    refuse_packed_inputs(position_ids, attention_mask, **kwargs)  # several documents in one row
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
     if input_ids is not None and input_ids.dim() != 2:
@@ -410,7 +413,7 @@ def fam_lm_forward(head_forward, **kwargs):
     return outputs
 
 
-class FAMForCausalLM(FAMPreTrainedModel, GenerationMixin):
+class FAMForCausalLM(FAMPreTrainedModel, FAMGenerationMixin, GenerationMixin):
     """A causal LM with Feedback Attention Memory: a FAMModel backbone and the base model's head.
 
     Build it from a FAMConfig (random weights, like any `from_config`), load a converted checkpoint with
