@@ -24,11 +24,19 @@ from .fam_compat import (
     CACHE_KWARG,
     FAM_ATTENTION_PREFIX,
     SUPPORTED_INNER_ATTENTION,
+    needs_eager_attention,
     register_attention,
+    set_output_cache,
     uses_reentrant_checkpointing,
 )
 from .fam_core import FAMRun, fam_attention_forward
 from .fam_settings import FAMSettings
+# Every remote-code file must be a direct relative import of this module: loading from a local folder, older
+# transformers (5.5, for one) copy only the auto_map module's own relative imports into their module cache.
+# (`from .x import y` form: transformers finds them with a regular expression that skips `from . import x`)
+from .fam_chain import FAMChain  # noqa: F401
+from .fam_graphs import graphs_usable  # noqa: F401
+from .fam_state import FAMLayerState  # noqa: F401
 
 register_attention(fam_attention_forward)
 
@@ -199,7 +207,7 @@ def fam_forward(
         outputs = with_fam_state(outputs, run.final_fam)
     if use_cache:
         cache.advance(run.states, chunk_mask, position_ids)
-        outputs[CACHE_KWARG] = cache
+        set_output_cache(outputs, cache)
     return outputs
 
 
@@ -263,7 +271,7 @@ class FAMForCausalLM(FAMPreTrainedModel, GenerationMixin):
         config.base_config = base_model.config  # one config object, shared with the base model
         if kept_impl is not None:
             base_model.config._attn_implementation = kept_impl
-        elif not getattr(type(base_model), "_supports_sdpa", True) and base_model.config._attn_implementation == "sdpa":
+        elif needs_eager_attention(base_model) and base_model.config._attn_implementation == "sdpa":
             base_model.config._attn_implementation = "eager"  # e.g. Gemma 2: soft-capping needs eager
         self.fam_adapter = get_adapter(base_model.config.model_type)
         self.fam_adapter.check_config(base_model.config)
