@@ -34,7 +34,7 @@ class UnsupportedTransformersError(ImportError):
 
 
 def _minor(version: str) -> tuple[int, int]:
-    """"5.24.0" / "5.25.0.dev0" -> (5, 24) / (5, 25)."""
+    """'5.24.0' -> (5, 24); '5.25.0.dev0' -> (5, 25)."""
     numbers = []
     for piece in version.split(".")[:2]:
         digits = ""
@@ -47,7 +47,7 @@ def _minor(version: str) -> tuple[int, int]:
 
 
 def supported_range_spec() -> str:
-    """The range as a pip requirement specifier, e.g. ">=5.5,<5.25"."""
+    """The range as a pip requirement specifier, e.g. ">=5.4,<5.25"."""
     floor, ceiling = SUPPORTED_TRANSFORMERS
     major, minor = _minor(ceiling)
     return f">={floor},<{major}.{minor + 1}"
