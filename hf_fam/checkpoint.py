@@ -18,7 +18,9 @@ Example:
 
 from __future__ import annotations
 
+import ast
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -254,3 +256,85 @@ def compare_remote_code(folder: str | Path) -> dict[str, str]:
         else:
             status[ours.name] = "identical" if theirs.read_bytes() == ours.read_bytes() else "differs"
     return status
+
+
+# The range of transformers releases a copy of the remote code supports: `SUPPORTED_TRANSFORMERS` in its fam_compat.py
+CODE_RANGE_FILE, CODE_RANGE_NAME = "fam_compat.py", "SUPPORTED_TRANSFORMERS"
+
+
+def code_transformers_range(folder: str | Path) -> tuple[str, str] | None:
+    """The (oldest, newest) transformers release a folder's remote code supports, read without importing it.
+
+    None when the folder's fam_compat.py is missing or predates the range (hf_fam code that pinned one release).
+    """
+    path = Path(folder) / CODE_RANGE_FILE
+    if not path.is_file():
+        return None
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (SyntaxError, UnicodeDecodeError):
+        return None
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == CODE_RANGE_NAME for t in node.targets):
+            try:
+                value = ast.literal_eval(node.value)
+            except ValueError:
+                return None
+            if isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, str) for v in value):
+                return value
+    return None
+
+
+def remote_code_age(folder: str | Path) -> str:
+    """How a checkpoint's remote code compares with the installed hf_fam's.
+
+    Returns:
+        "identical"; "older" (it supports an older or narrower range of transformers releases, or predates
+        ranges); "newer" (it supports newer releases than the installed hf_fam); or "differs" (same range,
+        other bytes: edited, or another build).
+    """
+    if all(status == "identical" for status in compare_remote_code(folder).values()):
+        return "identical"
+    from .modeling.fam_compat import SUPPORTED_TRANSFORMERS, _minor
+
+    theirs = code_transformers_range(folder)
+    if theirs is None:
+        return "older"
+    (their_floor, their_ceiling), (our_floor, our_ceiling) = ((_minor(a), _minor(b)) for a, b in
+                                                              (theirs, SUPPORTED_TRANSFORMERS))
+    if their_ceiling > our_ceiling:
+        return "newer"
+    if their_ceiling < our_ceiling or their_floor > our_floor:
+        return "older"
+    return "differs"
+
+
+def refresh_remote_code(folder: str | Path) -> list[str]:
+    """Replace a checkpoint's remote-code files (and its config's auto_map) with the installed hf_fam's.
+
+    Weights, the model card and every other config entry are left as they are. Each file is written next
+    to its target and moved into place, so an interrupted refresh leaves whole files only.
+
+    Returns:
+        The names of the files written (empty when everything was already identical).
+    """
+    folder = Path(folder)
+    written = []
+    for ours in remote_code_files():
+        target = folder / ours.name
+        data = ours.read_bytes()
+        if target.is_file() and target.read_bytes() == data:
+            continue
+        tmp = folder / f".{ours.name}.fam-tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+        written.append(ours.name)
+    config_path = folder / CONFIG_NAME
+    config = read_config(folder)
+    if config.get("auto_map") != AUTO_MAP:
+        config["auto_map"] = dict(AUTO_MAP)
+        tmp = folder / f".{CONFIG_NAME}.fam-tmp"
+        tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, config_path)
+        written.append(CONFIG_NAME)
+    return written

@@ -27,13 +27,17 @@ from .checkpoint import (
     FAM_INIT_KEY,
     ExpectedTensor,
     compare_remote_code,
+    code_transformers_range,
     compare_tensors,
     expected_tensors,
     find_weight_files,
     read_config,
     read_safetensors_tensors,
+    remote_code_age,
 )
 from .modeling.fam_settings import FAMSettings
+
+REFRESH_COMMAND = "hf-fam verify --refresh-code"
 
 
 @dataclass
@@ -195,6 +199,9 @@ def format_report(report: InspectReport) -> str:
     else:
         differing = [f"{name} {status}" for name, status in report.code.items() if status != "identical"]
         code = f"DIFFERS from the installed hf_fam {hf_fam.__version__}: {', '.join(differing)}"
+        age = code_age_problem(report.path)
+        if age:
+            code += f"; {age.removeprefix('code: ')}"
     rows.append(("remote code", code))
     width = max(len(k) for k, _ in rows)
     return "\n".join([f"FAM checkpoint {report.path}"] + [f"  {k:<{width}}  {v}" for k, v in rows])
@@ -236,6 +243,9 @@ def verify_checkpoint(folder: str | Path) -> list[str]:
     for name, status in compare_remote_code(folder).items():
         if status != "identical":
             problems.append(f"code: {name} {status} (installed hf_fam {hf_fam.__version__})")
+    age_line = code_age_problem(folder)
+    if age_line:
+        problems.append(age_line)
 
     try:
         config = FAMConfig.from_pretrained(str(folder))
@@ -255,6 +265,28 @@ def verify_checkpoint(folder: str | Path) -> list[str]:
     if weights.index_metadata.get("total_size") not in (None, sum(info.nbytes for info in found.values())):
         problems.append("weights: the index's total_size does not match the shards")
     return problems
+
+
+def code_age_problem(folder: str | Path) -> str | None:
+    """One line when the checkpoint's remote code was written by an older (or newer) hf_fam, with the fix."""
+    import hf_fam
+    from hf_fam.modeling.fam_compat import SUPPORTED_TRANSFORMERS
+
+    age = remote_code_age(folder)
+    if age not in ("older", "newer"):
+        return None
+    theirs = code_transformers_range(folder)
+    their_text = f"transformers {_range_text(theirs)}" if theirs else "only the transformers release it was written for"
+    ours = f"the installed hf_fam {hf_fam.__version__}'s supports transformers {_range_text(SUPPORTED_TRANSFORMERS)}"
+    if age == "older":
+        return (f"code: older than the installed hf_fam's (it supports {their_text}; {ours}); refresh it without "
+                f"touching the weights: {REFRESH_COMMAND} {folder}")
+    return (f"code: newer than the installed hf_fam's (it supports {their_text}; {ours}); upgrade hf_fam "
+            "(pip install -U hf-fam) before verifying it")
+
+
+def _range_text(bounds: tuple[str, str]) -> str:
+    return f"{bounds[0]} to {bounds[1]}"
 
 
 def _local_folder(folder: str | Path) -> Path:

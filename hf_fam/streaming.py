@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .modeling.fam_cache import FAMCache
+from .modeling.fam_compat import CACHE_KWARG
 
 
 @dataclass
@@ -164,7 +165,7 @@ def continue_stream(model, state: StreamState, *, max_new_tokens: int = 64, stre
     attention_mask = torch.ones(batch, consumed + 1, dtype=torch.long, device=state.pending.device)
     kwargs = dict(generate_kwargs)
     if state.cache is not None:
-        kwargs["cache"] = state.cache
+        kwargs[CACHE_KWARG] = state.cache  # the name generate() takes a cache under
     out = model.generate(
         state.pending, attention_mask=attention_mask, max_new_tokens=max_new_tokens, streamer=streamer, **kwargs
     )

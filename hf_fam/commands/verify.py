@@ -1,4 +1,9 @@
-"""`hf-fam verify`: check a FAM checkpoint against the installed hf_fam; exit 1 naming each difference."""
+"""`hf-fam verify`: check a FAM checkpoint against the installed hf_fam; exit 1 naming each difference.
+
+`--refresh-code` first replaces the checkpoint's remote-code files (and config.json's auto_map) with the installed
+hf_fam's, leaving the weights untouched: how a checkpoint converted by an older hf_fam gets code that supports the
+transformers releases the installed one supports.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,9 @@ def register(sub) -> None:
         "everything matches, 1 with one line per difference otherwise, 2 when PATH is not a FAM checkpoint.",
     )
     p.add_argument("path", metavar="PATH", help="a local FAM checkpoint folder")
+    p.add_argument("--refresh-code", action="store_true",
+                   help="first replace PATH's code files (and config.json's auto_map) with the installed hf_fam's; "
+                   "the weights are not touched")
     p.set_defaults(func=run)
 
 
@@ -21,8 +29,14 @@ def run(args) -> int:
 
     import hf_fam
 
-    from ..inspection import verify_checkpoint
+    from ..checkpoint import read_config, refresh_remote_code
+    from ..inspection import fam_summary, verify_checkpoint
 
+    if args.refresh_code:
+        fam_summary(read_config(args.path))  # refuses a non-FAM folder before writing anything
+        written = refresh_remote_code(args.path)
+        print(f"{args.path}: refreshed {', '.join(written) if written else 'nothing (code already current)'} "
+              f"from hf_fam {hf_fam.__version__}; weights untouched")
     problems = verify_checkpoint(args.path)
     if problems:
         print(f"{args.path}: {len(problems)} difference(s) from hf_fam {hf_fam.__version__}:", file=sys.stderr)

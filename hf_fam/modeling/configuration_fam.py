@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from transformers import AutoConfig, PretrainedConfig
 
+# first: refuses a transformers release outside the supported range with one line, before anything else runs
+from .fam_compat import check_transformers_version  # noqa: F401  # isort: skip
 from .fam_adapters import get_adapter
 from .fam_settings import (
     DEFAULT_BLOCK_SIZE,
@@ -63,6 +65,8 @@ class FAMConfig(PretrainedConfig):
 
     model_type = "fam"
     sub_configs = {"base_config": AutoConfig}
+    # releases before the dataclass configs build `cls()` to diff against unless told it needs arguments
+    has_no_defaults_at_init = True
 
     def __init__(
         self,

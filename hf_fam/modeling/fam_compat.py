@@ -4,30 +4,118 @@ transformers 5.x moves internals between minor releases (the cache argument's na
 machinery, the attention registry, the arguments attention functions take). The rest of hf_fam calls the
 helpers below and never reaches into transformers' private modules or attention functions itself. This
 file ships with every converted checkpoint, so it imports only torch and transformers.
+
+Differences inside the supported range are detected by feature (a signature, a field, a module), never by
+version number. The range itself is checked once, at import, before anything else touches transformers'
+internals: a checkpoint's code run under a transformers it was not tested with stops at load with one line,
+not deep inside a forward.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import inspect
+import os
 import sys
 from collections.abc import Callable, Iterator
 
-import torch
 import transformers
-from torch import nn
-from transformers import AttentionInterface
 
-TRANSFORMERS_VERSION = tuple(int(p) for p in transformers.__version__.split(".")[:2] if p.isdigit())
+# The oldest and newest transformers minor releases this code is tested with (pyproject.toml declares the
+# same range; scripts/check_transformers.py tests a new release and raises the ceiling).
+SUPPORTED_TRANSFORMERS = ("5.4", "5.24")
+# Set to 1 to run this code under a transformers outside that range anyway (untested; for trying a new release).
+ALLOW_UNTESTED_ENV = "HF_FAM_ALLOW_UNTESTED_TRANSFORMERS"
 
-# The keyword the decoder models take their cache under: `cache` from 5.24, `past_key_values` before.
-CACHE_KWARG = "cache" if TRANSFORMERS_VERSION >= (5, 24) else "past_key_values"
+
+class UnsupportedTransformersError(ImportError):
+    """The installed transformers is outside the range this FAM code supports."""
+
+
+def _minor(version: str) -> tuple[int, int]:
+    """'5.24.0' -> (5, 24); '5.25.0.dev0' -> (5, 25)."""
+    numbers = []
+    for piece in version.split(".")[:2]:
+        digits = ""
+        for ch in piece:
+            if not ch.isdigit():
+                break
+            digits += ch
+        numbers.append(int(digits or 0))
+    return tuple((numbers + [0, 0])[:2])  # type: ignore[return-value]
+
+
+def supported_range_spec() -> str:
+    """The range as a pip requirement specifier, e.g. ">=5.4,<5.25"."""
+    floor, ceiling = SUPPORTED_TRANSFORMERS
+    major, minor = _minor(ceiling)
+    return f">={floor},<{major}.{minor + 1}"
+
+
+def unsupported_transformers_message(version: str) -> str | None:
+    """One line naming the installed version, the supported range and the fix; None inside the range."""
+    floor, ceiling = (_minor(v) for v in SUPPORTED_TRANSFORMERS)
+    if floor <= _minor(version) <= ceiling:
+        return None
+    spec = supported_range_spec()
+    if _minor(version) < floor:
+        fix = f"upgrade transformers: pip install 'transformers{spec}'"
+    else:
+        fix = (f"install a supported one (pip install 'transformers{spec}'), or refresh this checkpoint's code with a "
+               "newer hf_fam: pip install -U hf-fam && hf-fam verify --refresh-code CHECKPOINT_FOLDER (weights untouched)")
+    return (f"hf_fam: transformers {version} is installed, but this FAM code supports transformers {spec} only; fix: "
+            f"{fix}. To try it anyway (untested), set {ALLOW_UNTESTED_ENV}=1.")
+
+
+def check_transformers_version(version: str | None = None) -> None:
+    """Raise UnsupportedTransformersError (one line) when transformers is outside the supported range."""
+    message = unsupported_transformers_message(version or transformers.__version__)
+    if message is not None and os.environ.get(ALLOW_UNTESTED_ENV, "") not in ("1", "true", "True", "yes"):
+        raise UnsupportedTransformersError(message)
+
+
+check_transformers_version()
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from transformers import AttentionInterface  # noqa: E402
+from transformers.modeling_outputs import CausalLMOutputWithPast  # noqa: E402
+
+# The name a model's cache goes by, as a forward argument and as an output field: `cache` in newer releases
+# (5.24), `past_key_values` before. Read from the outputs' declared fields.
+_OUTPUT_FIELDS = {field.name for field in dataclasses.fields(CausalLMOutputWithPast)}
+CACHE_KWARG = "cache" if "cache" in _OUTPUT_FIELDS else "past_key_values"
+
+
+def set_output_cache(outputs, cache) -> None:
+    """Put `cache` on a model output under the name this transformers reads (`outputs[CACHE_KWARG]`).
+
+    Where that name is `past_key_values`, the output also answers `.cache` (an attribute, not a key: the
+    output's fields and tuple form stay as transformers defines them), so `model(...).cache` works on every
+    supported release.
+    """
+    outputs[CACHE_KWARG] = cache
+    if CACHE_KWARG != "cache":
+        object.__setattr__(outputs, "cache", cache)
+
 
 # Inner attention implementations FAM can run its block attention with. Both accept an explicit 4D boolean
 # mask and any batch size, which the block layout needs; flash kernels take no arbitrary masks.
 SUPPORTED_INNER_ATTENTION = ("sdpa", "eager")
 FAM_ATTENTION_PREFIX = "fam_"
+
+
+def needs_eager_attention(base_model: nn.Module) -> bool:
+    """Whether the base model's attention must run eager to be computed as its architecture defines it.
+
+    Soft-capped attention logits (Gemma 2) need eager: sdpa cannot cap them. Newer releases declare that
+    (`_supports_sdpa = False`); older ones (5.5) allow sdpa there and silently drop the capping.
+    """
+    if not getattr(type(base_model), "_supports_sdpa", True):
+        return True
+    return getattr(base_model.config, "attn_logit_softcapping", None) is not None
 
 
 # Set while a FAM forward runs the decoder (see `inside_fam_forward`).

@@ -29,13 +29,21 @@ from .fam_compat import (
     FAM_ATTENTION_PREFIX,
     SUPPORTED_INNER_ATTENTION,
     inside_fam_forward,
+    needs_eager_attention,
     register_attention,
+    set_output_cache,
     uses_reentrant_checkpointing,
 )
 from .fam_core import SHARED_BASE_FLAG, FAMRun, fam_attention_forward
 from .fam_generation import FAMGenerationMixin
 from .fam_packing import refuse_packed_inputs
 from .fam_settings import FAMSettings
+# Every remote-code file must be a direct relative import of this module: loading from a local folder, older
+# transformers (5.5, for one) copy only the auto_map module's own relative imports into their module cache.
+# (`from .x import y` form: transformers finds them with a regular expression that skips `from . import x`)
+from .fam_chain import FAMChain  # noqa: F401
+from .fam_graphs import graphs_usable  # noqa: F401
+from .fam_state import FAMLayerState  # noqa: F401
 
 register_attention(fam_attention_forward)
 
@@ -207,7 +215,7 @@ def fam_forward(
             sink["fam_state"] = run.final_fam
     if use_cache:
         cache.advance(run.states, chunk_mask, position_ids)
-        outputs[CACHE_KWARG] = cache
+        set_output_cache(outputs, cache)
     return outputs
 
 
@@ -269,8 +277,7 @@ def _keep_attention_implementation(config: FAMConfig, module: nn.Module | None, 
     module already runs with, else pick eager where the family cannot run sdpa (e.g. Gemma 2)."""
     if kept is not None:
         config.base_config._attn_implementation = kept
-    elif module is not None and not getattr(type(module), "_supports_sdpa", True) \
-            and config.base_config._attn_implementation == "sdpa":
+    elif module is not None and needs_eager_attention(module) and config.base_config._attn_implementation == "sdpa":
         config.base_config._attn_implementation = "eager"
 
 

@@ -1,0 +1,165 @@
+#!/usr/bin/env python
+"""Test hf_fam against one transformers release in a virtual environment of its own.
+
+    python scripts/check_transformers.py --floor                    # the oldest supported release, compat tests
+    python scripts/check_transformers.py --newest --raise-ceiling   # PyPI's newest release, full suite; if it
+                                                                    # passes, declare it supported
+
+The environment gets torch==2.13.0 (the CPU wheel on this project's machines), the release under test, the other
+dependencies of pyproject.toml, and this checkout (editable, without its dependencies, so a release above the
+declared ceiling can be installed). The tests run there with HF_FAM_OTHER_PYTHON set to the python running this
+script, so remote code is also tested across the two releases (tests/test_compat.py), and with
+HF_FAM_ALLOW_UNTESTED_TRANSFORMERS=1 when the release is outside the declared range. `--raise-ceiling` then writes
+the new ceiling into hf_fam/modeling/fam_compat.py (SUPPORTED_TRANSFORMERS) and pyproject.toml. Exit status: the
+tests'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPAT = ROOT / "hf_fam" / "modeling" / "fam_compat.py"
+PYPROJECT = ROOT / "pyproject.toml"
+TORCH = "torch==2.13.0"  # any other spec pulls a multi-GB CUDA build on this project's machines
+# What differs between releases: the schedules, generation and the cache, save/load and remote code (all
+# families), LoRA, gradient checkpointing, the range itself and `hf-fam verify`.
+COMPAT_TESTS = [
+    "tests/test_equivalence.py", "tests/test_streaming.py", "tests/test_save_load.py", "tests/test_families.py",
+    "tests/test_lora.py", "tests/test_gradient_checkpointing.py", "tests/test_compat.py", "tests/test_compat_verify.py",
+]
+
+
+def supported_range() -> tuple[str, str]:
+    for node in ast.parse(COMPAT.read_text()).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "SUPPORTED_TRANSFORMERS" for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise SystemExit(f"no SUPPORTED_TRANSFORMERS in {COMPAT}")
+
+
+def minor(version: str) -> tuple[int, int]:
+    major, minor_, *_ = (int(re.match(r"\d*", p)[0] or 0) for p in version.split(".") + ["0"])
+    return major, minor_
+
+
+def newest_on_pypi() -> str:
+    """The newest final transformers release, as pip sees the index."""
+    out = subprocess.run([sys.executable, "-m", "pip", "index", "versions", "transformers"], capture_output=True,
+                         text=True, check=True).stdout
+    versions = re.search(r"Available versions: (.*)", out)[1].split(", ")
+    finals = [v for v in versions if re.fullmatch(r"\d+\.\d+\.\d+", v)]
+    return max(finals, key=lambda v: tuple(int(p) for p in v.split(".")))
+
+
+def other_requirements() -> list[str]:
+    project = tomllib.loads(PYPROJECT.read_text())["project"]
+    requirements = project["dependencies"] + project["optional-dependencies"]["test"]
+    return [r for r in requirements if not re.match(r"(torch|transformers)\b", r)]
+
+
+def venv_python(venv: Path) -> Path:
+    return venv / "bin" / "python"
+
+
+def installed_transformers(python: Path) -> str | None:
+    result = subprocess.run([str(python), "-c", "import transformers; print(transformers.__version__)"],
+                            capture_output=True, text=True)
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def prepare(venv: Path, version: str) -> Path:
+    python = venv_python(venv)
+    if python.exists() and installed_transformers(python) == version:
+        print(f"reusing {venv} (transformers {version})", flush=True)
+    else:
+        print(f"creating {venv} with transformers {version}", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+        pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+        subprocess.run(pip + [TORCH, f"transformers=={version}", *other_requirements()], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps", "-e",
+                    str(ROOT)], check=True)
+    return python
+
+
+def raise_ceiling(version: str) -> None:
+    floor, _ = supported_range()
+    ceiling = "%d.%d" % minor(version)
+    text = COMPAT.read_text()
+    text = re.sub(r'^SUPPORTED_TRANSFORMERS = \(.*\)$', f'SUPPORTED_TRANSFORMERS = ("{floor}", "{ceiling}")', text,
+                  count=1, flags=re.M)
+    COMPAT.write_text(text)
+    major, minor_ = minor(version)
+    spec = f"transformers>={floor},<{major}.{minor_ + 1}"
+    PYPROJECT.write_text(re.sub(r'"transformers>=[^"]*"', f'"{spec}"', PYPROJECT.read_text(), count=1))
+    print(f"declared transformers {floor} to {ceiling} supported ({spec}) in {COMPAT.relative_to(ROOT)} and "
+          f"{PYPROJECT.relative_to(ROOT)}; run the suite here and commit", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--version", help="a transformers release, e.g. 5.24.0")
+    which.add_argument("--floor", action="store_true", help="the oldest supported release (x.y.0's newest patch)")
+    which.add_argument("--newest", action="store_true", help="the newest release on PyPI")
+    parser.add_argument("--tests", choices=["compat", "full"], help="default: compat for --floor, full otherwise")
+    parser.add_argument("--venv", type=Path, help="default: $TMPDIR/hf_fam_transformers_<version>")
+    parser.add_argument("--other-python", default=sys.executable,
+                        help="the python whose environment remote code is tested against (default: this one)")
+    parser.add_argument("--raise-ceiling", action="store_true",
+                        help="when the tests pass above the declared ceiling, declare this release supported")
+    args = parser.parse_args(argv)
+
+    floor, ceiling = supported_range()
+    if args.floor:
+        version = floor_release(floor)
+    else:
+        version = newest_on_pypi() if args.newest else args.version
+    tests = args.tests or ("compat" if args.floor else "full")
+    venv = args.venv or Path(tempfile.gettempdir()) / f"hf_fam_transformers_{version}"
+    start = time.time()
+    python = prepare(venv, version)
+    print(f"transformers {version} ready in {time.time() - start:.0f} s", flush=True)
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("PYTHONPATH", None)
+    if installed_transformers(Path(args.other_python)) not in (None, version):
+        env["HF_FAM_OTHER_PYTHON"] = args.other_python
+    inside = minor(floor) <= minor(version) <= minor(ceiling)
+    if not inside:
+        env["HF_FAM_ALLOW_UNTESTED_TRANSFORMERS"] = "1"
+    command = [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider"] + (COMPAT_TESTS if tests == "compat" else [])
+    print(f"running {'the compatibility tests' if tests == 'compat' else 'the full suite'} on transformers {version}"
+          f"{'' if inside else ' (outside the declared range)'}", flush=True)
+    start = time.time()
+    code = subprocess.run(command, cwd=ROOT, env=env).returncode
+    print(f"transformers {version}: tests {'passed' if code == 0 else 'FAILED'} in {time.time() - start:.0f} s",
+          flush=True)
+    if code == 0 and args.raise_ceiling:
+        if minor(version) > minor(ceiling):
+            raise_ceiling(version)
+        else:
+            print(f"transformers {version} is already inside the declared range {floor} to {ceiling}", flush=True)
+    return code
+
+
+def floor_release(floor: str) -> str:
+    """The newest patch release of the floor's minor release (5.4 -> 5.4.0), from the index."""
+    out = subprocess.run([sys.executable, "-m", "pip", "index", "versions", "transformers"], capture_output=True,
+                         text=True, check=True).stdout
+    versions = re.search(r"Available versions: (.*)", out)[1].split(", ")
+    patches = [v for v in versions if re.fullmatch(rf"{re.escape(floor)}\.\d+", v)]
+    return max(patches, key=lambda v: int(v.rsplit(".", 1)[1]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
