@@ -53,8 +53,8 @@ def check_generation_mode(generation_mode) -> None:
 
 
 def continuous_batching_error() -> str:
-    return (f"FAM models do not support continuous batching (cache_implementation='paged', generate_batch): a paged "
-            f"KV cache cannot hold a FAM model's per-block recurrent memory; call generate() on a padded batch.")
+    return ("FAM models do not support continuous batching (cache_implementation='paged', generate_batch): a paged "
+            "KV cache cannot hold a FAM model's per-block recurrent memory; call generate() on a padded batch.")
 
 
 class FAMGenerationMixin:

@@ -24,6 +24,12 @@ from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTr
 from .configuration_fam import AUTO_MAP, FAMConfig
 from .fam_adapters import DecoderAdapter, get_adapter
 from .fam_cache import FAMCache, check_positions
+
+# Every remote-code file must be a direct relative import of this module (the `noqa` ones are imported for
+# that alone): loading from a local folder, older transformers (5.5, for one) copy only the auto_map module's
+# own relative imports into their module cache. (`from .x import y` form: transformers finds them with a
+# regular expression that skips `from . import x`)
+from .fam_chain import FAMChain  # noqa: F401
 from .fam_compat import (
     CACHE_KWARG,
     FAM_ATTENTION_PREFIX,
@@ -36,13 +42,9 @@ from .fam_compat import (
 )
 from .fam_core import SHARED_BASE_FLAG, FAMRun, fam_attention_forward
 from .fam_generation import FAMGenerationMixin
+from .fam_graphs import graphs_usable  # noqa: F401
 from .fam_packing import refuse_packed_inputs
 from .fam_settings import FAMSettings
-# Every remote-code file must be a direct relative import of this module: loading from a local folder, older
-# transformers (5.5, for one) copy only the auto_map module's own relative imports into their module cache.
-# (`from .x import y` form: transformers finds them with a regular expression that skips `from . import x`)
-from .fam_chain import FAMChain  # noqa: F401
-from .fam_graphs import graphs_usable  # noqa: F401
 from .fam_state import FAMLayerState  # noqa: F401
 
 register_attention(fam_attention_forward)
