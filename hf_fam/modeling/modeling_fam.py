@@ -130,7 +130,8 @@ def fam_forward(
         fam_state: list of per-layer initial FAM tensors (B or 1, F, D) for a fresh sequence, instead
             of forward-propagating `fam_init` (Random State Passing, see hf_fam.training).
         fam_position_offset: (B,) integer offsets added to all positions (Random Position Offset).
-        fam_output: a dict that receives `fam_state` too (how `fam_lm_forward` passes it past the head).
+        fam_output: a dict that receives `fam_state` and the cache too (how `fam_lm_forward` passes them
+            past the head).
     The output gains `fam_state`: the final FAM of every layer, (B, F, D) each (F > 0 only).
     """
     sink = kwargs.pop("fam_output", None)
@@ -218,6 +219,8 @@ def fam_forward(
     if use_cache:
         cache.advance(run.states, chunk_mask, position_ids)
         set_output_cache(outputs, cache)
+        if sink is not None:
+            sink["cache"] = cache
     return outputs
 
 
@@ -419,6 +422,8 @@ def fam_lm_forward(head_forward, **kwargs):
     outputs = head_forward(fam_output=sink, **kwargs)
     if sink.get("fam_state") is not None:
         outputs = with_fam_state(outputs, sink["fam_state"])
+    if sink.get("cache") is not None:
+        set_output_cache(outputs, sink["cache"])  # `.cache` on every supported release
     return outputs
 
 
