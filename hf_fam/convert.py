@@ -1,4 +1,4 @@
-"""Convert a Llama / Mistral / Gemma checkpoint (a Hub id or a local folder) into a FAM checkpoint.
+"""Convert a Llama / Mistral / Gemma checkpoint (a Hub id, a local folder or a GGUF file) into a FAM checkpoint.
 
 A FAM checkpoint is the base checkpoint with its weights unchanged, under the same names, plus one tensor,
 `fam.fam_init` (F × hidden, in the weights' dtype); its `config.json` is a `FAMConfig` with `auto_map`, and
@@ -9,7 +9,8 @@ trust_remote_code=True)` loads it where hf_fam is not installed. The output is w
 How the conversion stays safe and small:
 - the model is never built: tensors are checked against the config from the safetensors headers (the
   model's shapes come from a meta-device model) and copied shard by shard as bytes, so peak memory stays
-  at one copy buffer, far below one shard (`hf_fam.safetensors_io`);
+  at one copy buffer, far below one shard (`hf_fam.safetensors_io`); a GGUF file is the exception: it is
+  dequantised by transformers into a temporary plain checkpoint first (`hf_fam.gguf_source`);
 - everything is checked before anything is written: config, supported family, every shard present and
   readable, every tensor's shape;
 - the output is written into a hidden temporary folder next to OUT and moved into place at the end; a
@@ -54,6 +55,7 @@ from .checkpoint import (
     remote_code_files,
 )
 from .fam_init import FamInitSpec, build_fam_init
+from .gguf_source import check_gguf, gguf_as_checkpoint, locate_gguf
 from .modeling.configuration_fam import DEFAULT_BLOCK_SIZE, DEFAULT_FAM_LENGTH, DEFAULT_MEMORY_SEGMENTS
 from .safetensors_io import TensorEntry, TensorInfo, write_safetensors
 
@@ -88,6 +90,9 @@ class ConvertOptions:
         base_model, repo_id: model-card inputs (see `hf_fam.cards.CardInfo`).
         eval_results: evaluation-results JSON files for the card (see `hf_fam.cards.load_eval_results`).
         progress: show a progress bar.
+        gguf_file: with a folder SRC, the GGUF file in it to convert (a .gguf SRC path needs none).
+        dtype: for a GGUF source, the dtype its weights are dequantised to ("float32" when None); other
+            sources keep their dtype and refuse this option.
     """
 
     block_size: int = DEFAULT_BLOCK_SIZE
@@ -103,6 +108,8 @@ class ConvertOptions:
     repo_id: str | None = None
     eval_results: list[str | Path] | str | Path | None = None
     progress: bool = True
+    gguf_file: str | None = None
+    dtype: str | None = None
 
 
 @dataclass
@@ -320,8 +327,26 @@ def convert(src: str | Path, out: str | Path, options: ConvertOptions | None = N
         raise FileExistsError(f"{out} already exists; pass --force to replace it")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder; remove it first")
-    folder, hub_id = resolve_source(src, options.revision, options.token, options.allow_pickle)
-    _refuse_overlap(folder, out)
+    gguf_path = locate_gguf(src, options.gguf_file)
+    if gguf_path is None:
+        if options.dtype is not None:
+            raise ValueError("--dtype applies to a GGUF source (the dtype it is dequantised to); a safetensors "
+                             "checkpoint keeps its own dtype")
+        folder, hub_id = resolve_source(src, options.revision, options.token, options.allow_pickle)
+        _refuse_overlap(folder, out)
+        return _convert_folder(folder, hub_id, out, options, spec)
+    from .loading import resolve_dtype
+
+    dtype = resolve_dtype(options.dtype or "float32")
+    if dtype == "auto":
+        raise ValueError("--dtype auto has no meaning for a GGUF source; pick float32, bfloat16 or float16")
+    check_gguf(gguf_path)  # unreadable file, unknown or unsupported architecture: nothing written yet
+    with gguf_as_checkpoint(gguf_path, dtype) as folder:
+        return _convert_folder(folder, None, out, options, spec, label=str(gguf_path))
+
+
+def _convert_folder(folder: Path, hub_id: str | None, out: Path, options: ConvertOptions,
+                    spec: FamInitSpec, label: str | None = None) -> ConvertResult:
     source = open_source(folder, hub_id, options.allow_pickle)
 
     base = source.base_config
@@ -337,7 +362,7 @@ def convert(src: str | Path, out: str | Path, options: ConvertOptions | None = N
         for path in remote_code_files():
             shutil.copyfile(path, tmp / path.name)
         _write_card(source, options, spec, std, tmp, out.name)
-    return ConvertResult(out, hub_id or str(folder), weight_files, num_tensors, total_bytes, carried, source.dropped)
+    return ConvertResult(out, label or hub_id or str(folder), weight_files, num_tensors, total_bytes, carried, source.dropped)
 
 
 def _refuse_overlap(src: Path, out: Path) -> None:

@@ -1,4 +1,4 @@
-"""`hf-fam convert`: write a FAM checkpoint from a Hub id or a local Llama / Mistral / Gemma checkpoint."""
+"""`hf-fam convert`: write a FAM checkpoint from a Hub id, a local Llama / Mistral / Gemma checkpoint or a GGUF file."""
 
 from __future__ import annotations
 
@@ -35,11 +35,12 @@ def register(sub) -> None:
             width=100,
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example:\n  hf-fam convert meta-llama/Llama-3.2-1B llama-fam --block-size 1024 --memory-segments 3 "
-        "--fam-length 64\n\nfam_init:\n  " + FAM_INIT_HELP.replace("\n", "\n  "),
+        epilog="examples:\n  hf-fam convert meta-llama/Llama-3.2-1B llama-fam --block-size 1024 --memory-segments 3 "
+        "--fam-length 64\n  hf-fam convert SmolLM2-135M-Instruct.Q4_1.gguf smollm2-fam --dtype float32\n\nfam_init:\n  " + FAM_INIT_HELP.replace("\n", "\n  "),
     )
     p.add_argument("src", metavar="SRC",
-                   help="a Hub repo id (e.g. meta-llama/Llama-3.2-1B) or a local checkpoint folder")
+                   help="a Hub repo id (e.g. meta-llama/Llama-3.2-1B), a local checkpoint folder, or a .gguf file "
+                   "(dequantised to --dtype; its tokenizer is carried)")
     p.add_argument("out", metavar="OUT", help="the folder to write (must not exist, unless --force)")
     p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, metavar="C",
                    help=f"tokens per block (default {DEFAULT_BLOCK_SIZE}, the paper's)")
@@ -50,6 +51,10 @@ def register(sub) -> None:
                    f"(default {DEFAULT_FAM_LENGTH})")
     p.add_argument("--fam-init", default="random", metavar="SPEC",
                    help="'random' (default), 'text:TEXT' or 'file:PATH'; see 'fam_init' below")
+    p.add_argument("--gguf-file", metavar="NAME",
+                   help="with a folder SRC: the GGUF file in it to convert (needs `pip install gguf`)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="GGUF sources only: the dtype the weights are dequantised to (default float32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random fam_init (default 0)")
     p.add_argument("--revision", help="Hub branch, tag or commit of SRC (Hub ids only)")
     p.add_argument("--token", help="Hub token for gated or private repos (default: your login or $HF_TOKEN, "
@@ -94,7 +99,7 @@ def run(args) -> int:
         block_size=args.block_size, memory_segments=args.memory_segments, fam_length=args.fam_length,
         fam_init=args.fam_init, seed=args.seed, revision=args.revision, token=args.token, force=args.force,
         allow_pickle=args.allow_pickle, base_model=args.base_model, repo_id=args.repo_id,
-        eval_results=args.eval_results, progress=not args.quiet,
+        eval_results=args.eval_results, progress=not args.quiet, gguf_file=args.gguf_file, dtype=args.dtype,
     )
     try:
         with _sigterm_as_interrupt():
