@@ -54,7 +54,7 @@ from .checkpoint import (
     read_safetensors_tensors,
     remote_code_files,
 )
-from .fam_init import FamInitSpec, build_fam_init
+from .fam_init import FamInitSpec, build_fam_init, sink_token_id
 from .gguf_source import check_gguf, gguf_as_checkpoint, locate_gguf
 from .modeling.configuration_fam import DEFAULT_BLOCK_SIZE, DEFAULT_FAM_LENGTH, DEFAULT_MEMORY_SEGMENTS
 from .safetensors_io import TensorEntry, TensorInfo, write_safetensors
@@ -82,7 +82,8 @@ class ConvertOptions:
 
     Attributes:
         block_size, memory_segments, fam_length: C, M, F (paper defaults 1024, 3, 64).
-        fam_init: "random", "text:TEXT" or "file:PATH" (see `hf_fam.fam_init`).
+        fam_init: "bos", "random", "text:TEXT" or "file:PATH" (see `hf_fam.fam_init`).
+        fam_update: "sink" (the zero-shot start, default) or "paper" (see `FAMConfig`).
         seed: seed of the random fam_init.
         revision, token: Hub revision and token, for a Hub id.
         force: replace an existing OUT.
@@ -98,7 +99,8 @@ class ConvertOptions:
     block_size: int = DEFAULT_BLOCK_SIZE
     memory_segments: int = DEFAULT_MEMORY_SEGMENTS
     fam_length: int = DEFAULT_FAM_LENGTH
-    fam_init: str = "random"
+    fam_init: str = "bos"
+    fam_update: str = "sink"
     seed: int = 0
     revision: str | None = None
     token: str | None = None
@@ -320,7 +322,10 @@ def convert(src: str | Path, out: str | Path, options: ConvertOptions | None = N
     from .modeling.fam_settings import validate_fam_settings
 
     options = options or ConvertOptions()
+    from .modeling.fam_settings import validate_fam_update
+
     validate_fam_settings(options.block_size, options.memory_segments, options.fam_length)
+    validate_fam_update(options.fam_update)
     spec = FamInitSpec.parse(options.fam_init, seed=options.seed)
     out = Path(out).expanduser().absolute()
     if out.exists() and not options.force:
@@ -354,6 +359,7 @@ def _convert_folder(folder: Path, hub_id: str | None, out: Path, options: Conver
     fam_init = build_fam_init(
         spec, fam_length=options.fam_length, hidden_size=base.hidden_size, dtype=source.embedding_dtype, std=std,
         tokenizer_folder=folder, embedding_rows=lambda ids: embedding_rows(source, ids),
+        bos_token_id=sink_token_id(base),
     )
     with staging_folder(out, options.force) as tmp:
         weight_files, num_tensors, total_bytes = _write_weights(source, fam_init, tmp, options.progress)
@@ -432,7 +438,8 @@ def _write_config(source: SourceCheckpoint, options: ConvertOptions, tmp: Path) 
     from .modeling.configuration_fam import FAMConfig
 
     config = FAMConfig(base_config=source.base_config, block_size=options.block_size,
-                       memory_segments=options.memory_segments, fam_length=options.fam_length)
+                       memory_segments=options.memory_segments, fam_length=options.fam_length,
+                       fam_update=options.fam_update)
     config.architectures = ["FAMForCausalLM"]
     config.auto_map = dict(AUTO_MAP)
     config.dtype = str(source.embedding_dtype).removeprefix("torch.")

@@ -11,6 +11,9 @@ from ..modeling.configuration_fam import DEFAULT_BLOCK_SIZE, DEFAULT_FAM_LENGTH,
 
 FAM_INIT_HELP = """\
 how the memory's initial value fam_init (F x hidden, the only new tensor) starts:
+'bos' (default) puts the BOS token's embedding in every slot: through the layers each slot becomes the BOS
+token's hidden state, the attention sink pretrained models rely on. With --fam-update sink (default) the
+converted model reads it as a sink the window never loses, so it is usable before fine-tuning.
 'random' draws it like any new weight (normal, std = the config's initializer_range, from --seed), as
 hf_fam.patch does: noise the base model never saw, to be learned by fine-tuning.
 'text:TEXT' takes the token-embedding rows of TEXT's first F tokens (repeated when TEXT is shorter),
@@ -49,8 +52,12 @@ def register(sub) -> None:
     p.add_argument("--fam-length", type=int, default=DEFAULT_FAM_LENGTH, metavar="F",
                    help="FAM (memory) tokens per layer; 0 = block sliding window attention "
                    f"(default {DEFAULT_FAM_LENGTH})")
-    p.add_argument("--fam-init", default="random", metavar="SPEC",
-                   help="'random' (default), 'text:TEXT' or 'file:PATH'; see 'fam_init' below")
+    p.add_argument("--fam-init", default="bos", metavar="SPEC",
+                   help="'bos' (default), 'random', 'text:TEXT' or 'file:PATH'; see 'fam_init' below")
+    p.add_argument("--fam-update", choices=("sink", "paper"), default="sink",
+                   help="'sink' (default): zero-shot start, the memory is not updated and block tokens read its "
+                   "first slot as an attention sink until fine-tuning (hf-fam finetune) switches to 'paper'; "
+                   "'paper': the paper's update after every block (for a trained fam_init)")
     p.add_argument("--gguf-file", metavar="NAME",
                    help="with a folder SRC: the GGUF file in it to convert (needs `pip install gguf`)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
@@ -97,7 +104,7 @@ def run(args) -> int:
 
     options = ConvertOptions(
         block_size=args.block_size, memory_segments=args.memory_segments, fam_length=args.fam_length,
-        fam_init=args.fam_init, seed=args.seed, revision=args.revision, token=args.token, force=args.force,
+        fam_init=args.fam_init, fam_update=args.fam_update, seed=args.seed, revision=args.revision, token=args.token, force=args.force,
         allow_pickle=args.allow_pickle, base_model=args.base_model, repo_id=args.repo_id,
         eval_results=args.eval_results, progress=not args.quiet, gguf_file=args.gguf_file, dtype=args.dtype,
     )

@@ -74,7 +74,7 @@ class FAMMemory(nn.Module):
 
 def fam_settings_of(config) -> FAMSettings:
     return FAMSettings(config.block_size, config.memory_segments, config.fam_length,
-                       getattr(config, "fam_layers", "all"))
+                       getattr(config, "fam_layers", "all"), getattr(config, "fam_update", "paper"))
 
 
 def select_fam_attention(base_config) -> str:
@@ -292,7 +292,7 @@ class FAMForCausalLM(FAMPreTrainedModel, GenerationMixin):
     @classmethod
     def from_base_model(
         cls, base_model: PreTrainedModel, *, block_size: int, memory_segments: int, fam_length: int,
-        fam_layers: str = "all", fam_init: torch.Tensor | None = None,
+        fam_layers: str = "all", fam_init: torch.Tensor | None = None, fam_update: str = "paper",
     ) -> FAMForCausalLM:
         """Wrap a loaded base causal LM (its modules are shared, not copied).
 
@@ -301,9 +301,11 @@ class FAMForCausalLM(FAMPreTrainedModel, GenerationMixin):
             block_size, memory_segments, fam_length: C, M, F.
             fam_layers: "all" or "global" (see FAMConfig).
             fam_init: optional (F, D) initial FAM; defaults to the model's initialisation of it.
+            fam_update: "paper" (default) or "sink" (see FAMConfig).
         """
         config = FAMConfig(base_config=base_model.config, block_size=block_size,
-                           memory_segments=memory_segments, fam_length=fam_length, fam_layers=fam_layers)
+                           memory_segments=memory_segments, fam_length=fam_length, fam_layers=fam_layers,
+                           fam_update=fam_update)
         fam = getattr(base_model, "fam", None)
         if not isinstance(fam, FAMMemory):
             fam = FAMMemory(fam_length, base_model.config.hidden_size, dtype=next(base_model.parameters()).dtype)
