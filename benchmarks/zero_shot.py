@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     p.add_argument("--base-max-tokens", type=int, default=8192, help="full attention only up to this length")
     p.add_argument("--variants", default="base,bswa,sinks,fam,fam_paper",
                    help="comma-separated: base, bswa, sinks, fam (defaults), fam_paper (random fam_init, paper "
-                   "update), or fam:INIT:UPDATE (INIT in random|bos, UPDATE in paper|anchored)")
+                   "update), or fam:INIT:UPDATE (INIT in random|bos, UPDATE in paper|sink)")
     p.add_argument("--max-tokens-for", action="append", default=[], metavar="VARIANT=N",
                    help="read only N tokens with this variant (e.g. fam_paper=8192: it has diverged long before)")
     p.add_argument("--bin", type=int, default=512)

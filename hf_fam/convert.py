@@ -368,7 +368,8 @@ def _convert_folder(folder: Path, hub_id: str | None, out: Path, options: Conver
         for path in remote_code_files():
             shutil.copyfile(path, tmp / path.name)
         _write_card(source, options, spec, std, tmp, out.name)
-    return ConvertResult(out, label or hub_id or str(folder), weight_files, num_tensors, total_bytes, carried, source.dropped)
+    return ConvertResult(out, label or hub_id or str(folder), weight_files, num_tensors, total_bytes, carried,
+                         source.dropped)
 
 
 def _refuse_overlap(src: Path, out: Path) -> None:

@@ -128,7 +128,8 @@ def dequantise(path: Path, dtype: torch.dtype, folder: Path) -> Path:
     with torch.device("meta"):
         plain = type(loaded)(config)
     missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False, assign=True)
-    missing = [k for k in missing if k not in getattr(plain, "_tied_weights_keys", {}) and not k.endswith("lm_head.weight")]
+    tied = getattr(plain, "_tied_weights_keys", None) or {}
+    missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
     if missing or unexpected:  # pragma: no cover - transformers builds both from the same config
         raise ValueError(f"{name}: the dequantised weights do not fit a plain {type(loaded).__name__} "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")

@@ -15,7 +15,7 @@ how the memory's initial value fam_init (F x hidden, the only new tensor) starts
 token's hidden state, the attention sink pretrained models rely on. With --fam-update sink (default) the
 converted model reads it as a sink the window never loses, so it is usable before fine-tuning.
 'random' draws it like any new weight (normal, std = the config's initializer_range, from --seed), as
-hf_fam.patch does: noise the base model never saw, to be learned by fine-tuning.
+FAMForCausalLM.from_base_model does: noise the base model never saw, to be learned by fine-tuning.
 'text:TEXT' takes the token-embedding rows of TEXT's first F tokens (repeated when TEXT is shorter),
 stored unscaled like the embedding matrix; the model scales them as it scales token embeddings (Gemma:
 x sqrt(hidden)), so before fine-tuning the memory starts as input the model knows, e.g.
@@ -104,7 +104,8 @@ def run(args) -> int:
 
     options = ConvertOptions(
         block_size=args.block_size, memory_segments=args.memory_segments, fam_length=args.fam_length,
-        fam_init=args.fam_init, fam_update=args.fam_update, seed=args.seed, revision=args.revision, token=args.token, force=args.force,
+        fam_init=args.fam_init, fam_update=args.fam_update, seed=args.seed, revision=args.revision, token=args.token,
+        force=args.force,
         allow_pickle=args.allow_pickle, base_model=args.base_model, repo_id=args.repo_id,
         eval_results=args.eval_results, progress=not args.quiet, gguf_file=args.gguf_file, dtype=args.dtype,
     )
