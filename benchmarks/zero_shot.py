@@ -90,7 +90,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="benchmarks/results/zero_shot.json")
     p.add_argument("--plot", help="PNG path (default: next to --out)")
     p.add_argument("--no-answer", action="store_true", help="skip the in-window chat check")
+    p.add_argument("--report", metavar="JSON", help="only write the table (.md) and plot of an existing result")
     args = p.parse_args(argv)
+    if args.report:
+        result = json.loads(Path(args.report).read_text())
+        Path(args.report).with_suffix(".md").write_text(markdown_table(result))
+        plot_result(result, Path(args.report).with_suffix(".png"))
+        print(markdown_table(result))
+        return 0
     torch.set_num_threads(args.threads)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -150,12 +157,35 @@ def main(argv=None) -> int:
             out_path.write_text(json.dumps(result, indent=2) + "\n")  # after every model: partial results survive
     plot = Path(args.plot) if args.plot else out_path.with_suffix(".png")
     plot_result(result, plot)
+    out_path.with_suffix(".md").write_text(markdown_table(result))
     print(f"wrote {out_path} and {plot}")
     return 0
 
 
 LABELS = {"base": "base (full attention)", "bswa": "BSWA", "sinks": "BSWA + 4 sinks (StreamingLLM)",
           "fam": "FAM, default start", "fam_paper": "FAM, random fam_init + paper update"}
+
+
+def markdown_table(result: dict) -> str:
+    """Perplexity over the first N tokens, one row per N, one column per model, and FAM's ratios."""
+    models = result["models"]
+    names = [n for n in ("fam", "fam_paper", "bswa", "sinks", "base") if n in models]
+    names += [n for n in models if n not in names]
+    head = "| tokens | " + " | ".join(LABELS.get(n, n) for n in names) + " | FAM / sinks | FAM / BSWA |"
+    lines = [head, "|---:|" + "---:|" * (len(names) + 2)]
+    for L in result["lengths"]:
+        cells = []
+        for n in names:
+            value = models[n]["perplexity_at_length"].get(str(L))
+            cells.append("—" if value is None else f"{value:,.2f}")
+        ratio = []
+        for other in ("sinks", "bswa"):
+            a = models.get("fam", {}).get("perplexity_at_length", {}).get(str(L))
+            b = models.get(other, {}).get("perplexity_at_length", {}).get(str(L))
+            ratio.append("—" if a is None or b is None else f"{a / b:.3f}")
+        lines.append(f"| {L:,} | " + " | ".join(cells + ratio) + " |")
+    answers = [f"- {LABELS.get(n, n)}: {models[n]['answer']!r}" for n in names if "answer" in models[n]]
+    return "\n".join(lines) + ("\n\nIn-window chat answer (greedy):\n" + "\n".join(answers) if answers else "") + "\n"
 
 
 def plot_result(result: dict, path: Path) -> Path:
