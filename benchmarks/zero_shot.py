@@ -188,24 +188,45 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines) + ("\n\nIn-window chat answer (greedy):\n" + "\n".join(answers) if answers else "") + "\n"
 
 
-def plot_result(result: dict, path: Path) -> Path:
+def _merged_bins(bins: list[dict], width: int) -> tuple[list[float], list[float]]:
+    """(bin middles, mean NLL) over bins of `width` tokens, merged from the stored ones (token-weighted)."""
+    groups: dict[int, list[float]] = {}
+    for b in bins:
+        acc = groups.setdefault(b["start"] // width, [0.0, 0])
+        n = b["end"] - b["start"]
+        acc[0] += b["nll"] * n
+        acc[1] += n
+    keys = sorted(groups)
+    return [k * width + groups[k][1] / 2 for k in keys], [groups[k][0] / groups[k][1] for k in keys]
+
+
+def plot_result(result: dict, path: Path, width: int = 1024) -> Path:
+    """Perplexity per `width`-token range against position (top) and relative to BSWA + sinks (bottom)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.0, 4.2), dpi=120)
-    for name, entry in result["models"].items():
-        xs = [(b["start"] + b["end"]) / 2 for b in entry["bins"]]
-        ax.plot(xs, [math.exp(b["nll"]) for b in entry["bins"]], label=LABELS.get(name, name), lw=1.3)
-    ax.set_xscale("log", base=2)
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(7.5, 6.0), dpi=120, sharex=True, height_ratios=[2, 1])
+    curves = {name: _merged_bins(entry["bins"], width) for name, entry in result["models"].items()}
+    for i, (name, (xs, nll)) in enumerate(curves.items()):
+        ax.plot(xs, [math.exp(v) for v in nll], color=f"C{i}", label=LABELS.get(name, name), lw=1.3)
+        if "sinks" in curves and name != "sinks":
+            ref = dict(zip(*curves["sinks"]))
+            pts = [(x, math.exp(v - ref[x])) for x, v in zip(xs, nll) if x in ref]
+            ax2.plot([x for x, _ in pts], [r for _, r in pts], color=f"C{i}", lw=1.3)
     ax.set_yscale("log")
-    ax.set_xlabel("token position")
-    ax.set_ylabel(f"perplexity per {result['models'][next(iter(result['models']))]['bins'][0]['end']}-token bin")
-    ax.set_title(f"{result['model']}, zero-shot: C={result['block_size']} M={result['memory_segments']} "
-                 f"F={result['fam_length']}", fontsize=10)
+    ax.set_ylabel(f"perplexity per {width}-token range")
+    ax.set_title(f"{result['model']}, zero-shot, fp32: C={result['block_size']} M={result['memory_segments']} "
+                 f"F={result['fam_length']}, text: Python docs", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
+    ax2.axhline(1.0, color="k", lw=0.8)
+    ax2.axhline(1.1, color="k", lw=0.8, ls=":")
+    ax2.set_yscale("log")
+    ax2.set_ylabel("÷ BSWA + 4 sinks")
+    ax2.set_xlabel("token position")
+    ax2.grid(alpha=0.3, which="both")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
