@@ -1,4 +1,4 @@
-"""Convert a Llama / Mistral / Gemma checkpoint (a Hub id or a local folder) into a FAM checkpoint.
+"""Convert a Llama / Mistral / Gemma checkpoint (a Hub id, a local folder or a GGUF file) into a FAM checkpoint.
 
 A FAM checkpoint is the base checkpoint with its weights unchanged, under the same names, plus one tensor,
 `fam.fam_init` (F × hidden, in the weights' dtype); its `config.json` is a `FAMConfig` with `auto_map`, and
@@ -9,7 +9,8 @@ trust_remote_code=True)` loads it where hf_fam is not installed. The output is w
 How the conversion stays safe and small:
 - the model is never built: tensors are checked against the config from the safetensors headers (the
   model's shapes come from a meta-device model) and copied shard by shard as bytes, so peak memory stays
-  at one copy buffer, far below one shard (`hf_fam.safetensors_io`);
+  at one copy buffer, far below one shard (`hf_fam.safetensors_io`); a GGUF file is the exception: it is
+  dequantised by transformers into a temporary plain checkpoint first (`hf_fam.gguf_source`);
 - everything is checked before anything is written: config, supported family, every shard present and
   readable, every tensor's shape;
 - the output is written into a hidden temporary folder next to OUT and moved into place at the end; a
@@ -53,8 +54,15 @@ from .checkpoint import (
     read_safetensors_tensors,
     remote_code_files,
 )
-from .fam_init import FamInitSpec, build_fam_init
-from .modeling.fam_settings import DEFAULT_BLOCK_SIZE, DEFAULT_FAM_LAYERS, DEFAULT_FAM_LENGTH, DEFAULT_MEMORY_SEGMENTS
+from .fam_init import FamInitSpec, build_fam_init, sink_token_id
+from .gguf_source import check_gguf, gguf_as_checkpoint, locate_gguf
+from .modeling.fam_settings import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_FAM_LAYERS,
+    DEFAULT_FAM_LENGTH,
+    DEFAULT_MEMORY_SEGMENTS,
+    ZERO_SHOT_FAM_UPDATE,
+)
 from .safetensors_io import TensorEntry, TensorInfo, write_safetensors
 
 if TYPE_CHECKING:
@@ -81,7 +89,8 @@ class ConvertOptions:
     Attributes:
         block_size, memory_segments, fam_length, fam_layers: C, M, F and which layers carry FAM
             (defaults: `FAMSettings()`, the paper's 1024, 3, 64, all layers).
-        fam_init: "random", "text:TEXT" or "file:PATH" (see `hf_fam.fam_init`).
+        fam_init: "bos", "random", "text:TEXT" or "file:PATH" (see `hf_fam.fam_init`).
+        fam_update: "sink" (the zero-shot start, default) or "paper" (see `FAMConfig`).
         seed: seed of the random fam_init.
         revision, token: Hub revision and token, for a Hub id.
         force: replace an existing OUT.
@@ -89,13 +98,17 @@ class ConvertOptions:
         base_model, repo_id: model-card inputs (see `hf_fam.cards.CardInfo`).
         eval_results: evaluation-results JSON files for the card (see `hf_fam.cards.load_eval_results`).
         progress: show a progress bar.
+        gguf_file: with a folder SRC, the GGUF file in it to convert (a .gguf SRC path needs none).
+        dtype: for a GGUF source, the dtype its weights are dequantised to ("float32" when None); other
+            sources keep their dtype and refuse this option.
     """
 
     block_size: int = DEFAULT_BLOCK_SIZE
     memory_segments: int = DEFAULT_MEMORY_SEGMENTS
     fam_length: int = DEFAULT_FAM_LENGTH
     fam_layers: str = DEFAULT_FAM_LAYERS
-    fam_init: str = "random"
+    fam_init: str = "bos"
+    fam_update: str = ZERO_SHOT_FAM_UPDATE
     seed: int = 0
     revision: str | None = None
     token: str | None = None
@@ -105,6 +118,8 @@ class ConvertOptions:
     repo_id: str | None = None
     eval_results: list[str | Path] | str | Path | None = None
     progress: bool = True
+    gguf_file: str | None = None
+    dtype: str | None = None
 
 
 @dataclass
@@ -315,15 +330,36 @@ def convert(src: str | Path, out: str | Path, options: ConvertOptions | None = N
     from .modeling.fam_settings import validate_fam_settings
 
     options = options or ConvertOptions()
+    from .modeling.fam_settings import validate_fam_update
+
     validate_fam_settings(options.block_size, options.memory_segments, options.fam_length, options.fam_layers)
+    validate_fam_update(options.fam_update)
     spec = FamInitSpec.parse(options.fam_init, seed=options.seed)
     out = Path(out).expanduser().absolute()
     if out.exists() and not options.force:
         raise FileExistsError(f"{out} already exists; pass --force to replace it")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder; remove it first")
-    folder, hub_id = resolve_source(src, options.revision, options.token, options.allow_pickle)
-    _refuse_overlap(folder, out)
+    gguf_path = locate_gguf(src, options.gguf_file)
+    if gguf_path is None:
+        if options.dtype is not None:
+            raise ValueError("--dtype applies to a GGUF source (the dtype it is dequantised to); a safetensors "
+                             "checkpoint keeps its own dtype")
+        folder, hub_id = resolve_source(src, options.revision, options.token, options.allow_pickle)
+        _refuse_overlap(folder, out)
+        return _convert_folder(folder, hub_id, out, options, spec)
+    from .loading import resolve_dtype
+
+    dtype = resolve_dtype(options.dtype or "float32")
+    if dtype == "auto":
+        raise ValueError("--dtype auto has no meaning for a GGUF source; pick float32, bfloat16 or float16")
+    check_gguf(gguf_path)  # unreadable file, unknown or unsupported architecture: nothing written yet
+    with gguf_as_checkpoint(gguf_path, dtype) as folder:
+        return _convert_folder(folder, None, out, options, spec, label=str(gguf_path))
+
+
+def _convert_folder(folder: Path, hub_id: str | None, out: Path, options: ConvertOptions,
+                    spec: FamInitSpec, label: str | None = None) -> ConvertResult:
     source = open_source(folder, hub_id, options.allow_pickle)
 
     base = source.base_config
@@ -331,6 +367,7 @@ def convert(src: str | Path, out: str | Path, options: ConvertOptions | None = N
     fam_init = build_fam_init(
         spec, fam_length=options.fam_length, hidden_size=base.hidden_size, dtype=source.embedding_dtype, std=std,
         tokenizer_folder=folder, embedding_rows=lambda ids: embedding_rows(source, ids),
+        bos_token_id=sink_token_id(base),
     )
     with staging_folder(out, options.force) as tmp:
         weight_files, num_tensors, total_bytes = _write_weights(source, fam_init, tmp, options.progress)
@@ -339,7 +376,8 @@ def convert(src: str | Path, out: str | Path, options: ConvertOptions | None = N
         for path in remote_code_files():
             shutil.copyfile(path, tmp / path.name)
         _write_card(source, options, spec, std, tmp, out.name)
-    return ConvertResult(out, hub_id or str(folder), weight_files, num_tensors, total_bytes, carried, source.dropped)
+    return ConvertResult(out, label or hub_id or str(folder), weight_files, num_tensors, total_bytes, carried,
+                         source.dropped)
 
 
 def _refuse_overlap(src: Path, out: Path) -> None:
@@ -410,7 +448,7 @@ def _write_config(source: SourceCheckpoint, options: ConvertOptions, tmp: Path) 
 
     config = FAMConfig(base_config=source.base_config, block_size=options.block_size,
                        memory_segments=options.memory_segments, fam_length=options.fam_length,
-                       fam_layers=options.fam_layers)
+                       fam_layers=options.fam_layers, fam_update=options.fam_update)
     config.architectures = ["FAMForCausalLM"]
     config.auto_map = dict(AUTO_MAP)
     config.dtype = str(source.embedding_dtype).removeprefix("torch.")

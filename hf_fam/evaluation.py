@@ -256,6 +256,66 @@ def _bin_of(positions: torch.Tensor) -> torch.Tensor:
     return torch.where(positions < 1024, 0, torch.floor(torch.log2(positions.clamp(min=1024) / 1024)).long() + 1)
 
 
+def compare_perplexity(model, make_chunks, *, variants=("base", "bswa", "fam"), max_tokens: int | None = None,
+                       progress: bool = False) -> dict:
+    """Perplexity of the same text under the FAM model and, with the same weights, BSWA and the base model.
+
+    "fam" is the model as it is; "bswa" the same C and M without memory (F = 0); "base" full attention
+    (F = 0, M = 0 and one block as long as the text: the unmodified model, DESIGN.md §1). The settings are
+    changed on the model's config for each run and restored afterwards.
+
+    Args:
+        model: a FAM model (FAMForCausalLM).
+        make_chunks: a callable returning a fresh iterable of token chunks (the text is read once per variant).
+
+    Returns:
+        {variant: evaluate_perplexity's result}
+    """
+    config = model.config
+    saved = (config.block_size, config.memory_segments, config.fam_length)
+    out = {}
+    try:
+        for variant in variants:
+            if variant == "bswa":
+                config.fam_length = 0
+            elif variant == "base":
+                longest = max_tokens or 2**31 - 1
+                config.block_size, config.memory_segments, config.fam_length = longest, 0, 0
+            elif variant != "fam":
+                raise ValueError(f"unknown variant {variant!r}; expected base, bswa or fam")
+            out[variant] = evaluate_perplexity(model, make_chunks(), max_tokens=max_tokens, progress=progress)
+            config.block_size, config.memory_segments, config.fam_length = saved
+    finally:
+        config.block_size, config.memory_segments, config.fam_length = saved
+    return out
+
+
+def plot_perplexity(results: dict[str, dict], path: str | Path, title: str = "Perplexity by position") -> Path:
+    """Perplexity in each position range (evaluate_perplexity's `by_position`) for several models."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    for i, (name, res) in enumerate(results.items()):
+        rows = res["by_position"]
+        xs = [(r["start"] + min(r["end"], r["start"] + r["tokens"])) / 2 for r in rows]
+        ax.plot(xs, [r["perplexity"] for r in rows], "o-", color=f"C{i}", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("token position (middle of each range)")
+    ax.set_ylabel("perplexity")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def plot_passkey(results: list[dict], path: str | Path, title: str = "Passkey retrieval") -> Path:
     """Accuracy vs length (in attention windows when known): overall solid, beyond reach dashed."""
     import matplotlib

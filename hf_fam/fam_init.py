@@ -2,11 +2,15 @@
 
 A base checkpoint has no FAM weights; conversion adds `fam.fam_init`, the only new tensor of a FAM model.
 Until the model is fine-tuned with FAM, this tensor decides what the memory holds before the first block.
-Three starts are offered (`hf-fam convert --fam-init SPEC`):
+Four starts are offered (`hf-fam convert --fam-init SPEC`):
 
-- `random` (default): drawn like any new weight, normal with std `initializer_range`, from `--seed`. It
-  is what `hf_fam.patch` and `FAMForCausalLM.from_base_model` use. The memory starts as noise the base
-  model never saw; fine-tuning learns it.
+- `bos` (default of `hf-fam convert` and `hf_fam.patch`): the BOS token's embedding row in every slot (the
+  EOS token's when the checkpoint has no BOS token). Propagated through the layers, each slot is exactly the
+  BOS token's hidden state at that layer: the state pretrained models use as their attention sink. With the
+  zero-shot update mode (`fam_update="sink"`, see `FAMConfig`) the converted model reads it as a sink the
+  window never loses, so it is usable before any training; fine-tuning starts from there.
+- `random`: drawn like any new weight, normal with std `initializer_range`, from `--seed` (what
+  `FAMForCausalLM.from_base_model` uses). Noise the base model never saw; fine-tuning learns it.
 - `text:TEXT`: the token-embedding rows of TEXT's first F tokens (the text repeats when it has fewer than
   F tokens), stored as the embedding matrix holds them, unscaled. The model scales them at run time as
   it scales token embeddings (Gemma: × √hidden), so before any fine-tuning the memory starts as input the
@@ -31,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-KINDS = ("random", "text", "file")
+KINDS = ("bos", "random", "text", "file")
 
 
 @dataclass(frozen=True)
@@ -44,22 +48,24 @@ class FamInitSpec:
 
     @classmethod
     def parse(cls, spec: str, seed: int = 0) -> FamInitSpec:
-        """Parse `random`, `text:TEXT` or `file:PATH`.
+        """Parse `bos`, `random`, `text:TEXT` or `file:PATH`.
 
         Raises:
             ValueError: another form, or an empty text / path.
         """
         kind, sep, value = spec.partition(":")
-        if kind == "random" and not sep:
-            return cls("random", None, seed)
+        if kind in ("random", "bos") and not sep:
+            return cls(kind, None, seed)
         if kind in ("text", "file") and sep:
             if not value:
                 raise ValueError(f"--fam-init {kind}: needs a {'text' if kind == 'text' else 'path'} after the colon")
             return cls(kind, value, seed)
-        raise ValueError(f"--fam-init {spec!r}: expected 'random', 'text:TEXT' or 'file:PATH'")
+        raise ValueError(f"--fam-init {spec!r}: expected 'bos', 'random', 'text:TEXT' or 'file:PATH'")
 
     def describe(self, std: float | None = None) -> str:
         """One sentence for the model card."""
+        if self.kind == "bos":
+            return "the BOS token's embedding in every slot (the attention sink pretrained models use)"
         if self.kind == "random":
             spread = f"std {std:g}" if std is not None else "std initializer_range"
             return f"random normal ({spread}, seed {self.seed}), as for any new weight"
@@ -77,6 +83,7 @@ def build_fam_init(
     std: float = 0.02,
     tokenizer_folder: str | Path | None = None,
     embedding_rows: Callable[[list[int]], torch.Tensor] | None = None,
+    bos_token_id: int | None = None,
 ) -> torch.Tensor:
     """Build the (fam_length, hidden_size) initial FAM in `dtype`.
 
@@ -87,7 +94,8 @@ def build_fam_init(
         dtype: the dtype of the base checkpoint's embedding.
         std: standard deviation of the random start (the config's initializer_range).
         tokenizer_folder: where the tokenizer is, for `text:`.
-        embedding_rows: reads rows of the embedding matrix: ids -> (len(ids), hidden), for `text:`.
+        embedding_rows: reads rows of the embedding matrix: ids -> (len(ids), hidden), for `text:` and `bos`.
+        bos_token_id: the token whose embedding `bos` repeats (see `sink_token_id`).
 
     Returns:
         A CPU tensor of shape (F, hidden_size).
@@ -95,6 +103,11 @@ def build_fam_init(
     Raises:
         ValueError / FileNotFoundError: a text without tokens, no tokenizer, a file with another shape.
     """
+    if spec.kind == "bos":
+        if bos_token_id is None:
+            raise ValueError("--fam-init bos: the checkpoint's config names no BOS or EOS token; "
+                             "use --fam-init random or text:TEXT")
+        return embedding_rows([bos_token_id])[0].expand(fam_length, hidden_size).clone().to(dtype)
     if spec.kind == "random":
         generator = torch.Generator().manual_seed(spec.seed)
         return (torch.randn(fam_length, hidden_size, generator=generator) * std).to(dtype)
@@ -150,3 +163,22 @@ def _from_file(path: Path, fam_length: int, hidden_size: int) -> torch.Tensor:
             f"({fam_length}, {hidden_size}) = (fam_length, hidden_size)"
         )
     return tensor
+
+
+def sink_token_id(config) -> int | None:
+    """The token whose embedding the `bos` start repeats: the config's BOS token, else its (first) EOS token."""
+    for name in ("bos_token_id", "eos_token_id"):
+        value = getattr(config, name, None)
+        if isinstance(value, (list, tuple)):
+            value = value[0] if value else None
+        if value is not None:
+            return int(value)
+    return None
+
+
+def bos_fam_init(model, fam_length: int) -> torch.Tensor:
+    """The `bos` start for a loaded model: (F, hidden) copies of its sink token's embedding row (unscaled)."""
+    token = sink_token_id(model.config)
+    weight = model.get_input_embeddings().weight
+    return build_fam_init(FamInitSpec("bos"), fam_length=fam_length, hidden_size=weight.shape[1], dtype=weight.dtype,
+                          embedding_rows=lambda ids: weight.detach()[ids], bos_token_id=token)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
+from .fam_init import bos_fam_init
 from .modeling.configuration_fam import FAMConfig
 from .modeling.fam_adapters import get_adapter
 from .modeling.fam_compat import CACHE_KWARG, FAM_ATTENTION_PREFIX
@@ -21,6 +22,7 @@ from .modeling.fam_settings import (
     DEFAULT_FAM_LAYERS,
     DEFAULT_FAM_LENGTH,
     DEFAULT_MEMORY_SEGMENTS,
+    ZERO_SHOT_FAM_UPDATE,
     FAMSettings,
 )
 from .modeling.modeling_fam import FAMForCausalLM, FAMMemory, FAMModel, decoder_slot, fam_lm_forward
@@ -60,7 +62,7 @@ class FAMPatchedMixin(FAMGenerationMixin):
         s = self.fam_settings
         return FAMForCausalLM.from_base_model(
             self, block_size=s.block_size, memory_segments=s.memory_segments, fam_length=s.fam_length,
-            fam_layers=s.fam_layers,
+            fam_layers=s.fam_layers, fam_update=s.fam_update,
         )
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -83,7 +85,8 @@ def patch(
     memory_segments: int = DEFAULT_MEMORY_SEGMENTS,
     fam_length: int = DEFAULT_FAM_LENGTH,
     fam_layers: str = DEFAULT_FAM_LAYERS,
-    fam_init: torch.Tensor | None = None,
+    fam_init: torch.Tensor | str | None = None,
+    fam_update: str = ZERO_SHOT_FAM_UPDATE,
 ) -> PreTrainedModel:
     """Put a loaded causal LM into FAM mode, in place, and return it.
 
@@ -95,8 +98,12 @@ def patch(
         fam_length: F, FAM tokens per layer (0 = block sliding window attention).
         fam_layers: "all" (default) or "global": only the checkpoint's full-attention layers carry FAM,
             its sliding-window layers run block sliding window attention (Gemma 2/3, Qwen 2).
-        fam_init: optional (F, D) initial FAM at the embedding level; by default drawn like the model's
-            other weights (normal, std `initializer_range`) until trained.
+        fam_init: the initial FAM at the embedding level: an (F, D) tensor, "bos" (default: the BOS token's
+            embedding in every slot, see `hf_fam.fam_init`) or "random" (normal, std `initializer_range`).
+            A model patched before keeps its `fam` unless a value is given.
+        fam_update: "sink" (default, the zero-shot start: the memory is not updated and block tokens read its
+            first slot as an attention sink) or "paper" (the paper's update after every block, for training
+            and for a trained fam_init). See `FAMConfig`.
 
     Returns:
         The same object, now running FAM. `hf_fam.unpatch(model)` undoes it.
@@ -113,7 +120,7 @@ def patch(
     model_type = getattr(model.config, "model_type", None)
     adapter = get_adapter(model_type)  # ValueError naming model_type and the supported families
     adapter.check_config(model.config)
-    settings = FAMSettings(block_size, memory_segments, fam_length, fam_layers)
+    settings = FAMSettings(block_size, memory_segments, fam_length, fam_layers, fam_update)
     if not hasattr(model, "lm_head"):
         raise TypeError(f"hf_fam.patch expects a causal LM with a language-model head, got {type(model).__name__}.")
     try:
@@ -126,7 +133,15 @@ def patch(
     fam = getattr(model, "fam", None)
     if not isinstance(fam, FAMMemory) or tuple(fam.fam_init.shape) != (fam_length, hidden):
         fam = FAMMemory(fam_length, hidden, dtype=param.dtype).to(param.device)
-        torch.nn.init.normal_(fam.fam_init, std=getattr(model.config, "initializer_range", 0.02))
+        fam_init = "bos" if fam_init is None else fam_init
+    if isinstance(fam_init, str):
+        if fam_init == "random":
+            torch.nn.init.normal_(fam.fam_init, std=getattr(model.config, "initializer_range", 0.02))
+            fam_init = None
+        elif fam_init == "bos":
+            fam_init = bos_fam_init(model, fam_length)
+        else:
+            raise ValueError(f"fam_init must be a tensor, 'bos' or 'random', got {fam_init!r}")
     if fam_init is not None:
         if tuple(fam_init.shape) != (fam_length, hidden):
             raise ValueError(f"fam_init must have shape ({fam_length}, {hidden}), got {tuple(fam_init.shape)}.")

@@ -162,6 +162,7 @@ def _fam_row_hidden(
     memory_segments: int,
     fam_length: int,
     fam_init: torch.Tensor | None,
+    fam_update: str = "paper",
 ) -> torch.Tensor:
     """The last layer's output (before the final norm) for ONE row of real tokens `ids` (n,), as (n, D)."""
     device = ids.device
@@ -211,6 +212,8 @@ def _fam_row_hidden(
             n_memory = start - memory_start
             allowed = torch.zeros((block_len, keys.shape[0]), dtype=torch.bool, device=device)
             allowed[:, : n_memory + F] = True  # memory blocks and FAM: fully visible
+            if fam_update == "sink":  # only the first FAM slot, once block 0 has left the window (tau > M)
+                allowed[:, n_memory + min(F, 1) * (tau > M) : n_memory + F] = False
             for t in range(block_len):  # this block: token t sees block tokens 0..t
                 allowed[t, n_memory + F : n_memory + F + t + 1] = True
 
@@ -219,7 +222,7 @@ def _fam_row_hidden(
             )
 
             # --- FAM update, only when the block is complete ---
-            if F > 0 and block_len == C:
+            if F > 0 and block_len == C and fam_update == "paper":
                 # FAM queries at the previous FAM's positions see all of the previous FAM and all of this
                 # block; no memory blocks, no causality.
                 fam_pos = _positions(start - F, start, device)
@@ -239,6 +242,7 @@ def reference_fam_logits(
     memory_segments: int,
     fam_length: int,
     fam_init: torch.Tensor | None,
+    fam_update: str = "paper",
 ) -> torch.Tensor:
     """Logits of the FAM computation (DESIGN.md section 1) on an unmodified Llama/Mistral/Gemma model.
 
@@ -260,6 +264,8 @@ def reference_fam_logits(
         memory_segments: M >= 0.
         fam_length: F >= 0.
         fam_init: (F, D) initial FAM embeddings; ignored when F == 0.
+        fam_update: "paper" (above) or "sink": no FAM update; block tau reads only the first slot of the
+            initial FAM, and only when tau > M (the first block has left its window).
 
     Returns:
         (B, N, vocab) logits; each row's real-token logits at their original columns, zeros at padding.
@@ -280,7 +286,7 @@ def reference_fam_logits(
         if real_columns.numel() == 0:
             continue  # an all-padding row has no logits to give
         ids = input_ids[b, real_columns]  # (n_b,)
-        hidden = _fam_row_hidden(model, ids, block_size, memory_segments, fam_length, fam_init)  # (n_b, D)
+        hidden = _fam_row_hidden(model, ids, block_size, memory_segments, fam_length, fam_init, fam_update)
         logits[b, real_columns] = model.lm_head(model.model.norm(hidden))
     return logits
 

@@ -18,7 +18,7 @@ from transformers import AutoModel, AutoModelForCausalLM
 import hf_fam
 from hf_fam import FAMForCausalLM, FAMModel
 
-SETTINGS = dict(block_size=4, memory_segments=1, fam_length=3)
+SETTINGS = dict(block_size=4, memory_segments=1, fam_length=3, fam_update="paper")
 
 
 def _models(family):

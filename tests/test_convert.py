@@ -23,7 +23,9 @@ SETTINGS = dict(block_size=4, memory_segments=1, fam_length=3)
 
 
 def _options(**kwargs) -> ConvertOptions:
-    return ConvertOptions(**{**SETTINGS, "progress": False, **kwargs})
+    # the paper's computation from a random fam_init, as before the zero-shot start became the default
+    # (that default is tested in test_zero_shot.py)
+    return ConvertOptions(**{**SETTINGS, "progress": False, "fam_init": "random", "fam_update": "paper", **kwargs})
 
 
 def _fam_init(folder) -> torch.Tensor:
@@ -59,7 +61,7 @@ def test_converted_checkpoints_load_without_hf_fam_and_match_patch(converted):
     expected = {}
     for (family, layout), (src, out, _) in cases.items():
         base = AutoModelForCausalLM.from_pretrained(src).eval()
-        hf_fam.patch(base, **SETTINGS, fam_init=_fam_init(out))
+        hf_fam.patch(base, **SETTINGS, fam_init=_fam_init(out), fam_update="paper")
         with torch.no_grad():
             expected[f"{family}-{layout}"] = base(ids, attention_mask=mask).logits
     torch.save({"ids": ids, "mask": mask, "expected": expected}, root / "ref.pt")
@@ -95,7 +97,8 @@ def test_logits_depend_on_fam_init(converted):
     ids = random_ids(1, 19, vocab=250)
     logits = []
     for fam_init in (_fam_init(out), _fam_init(out) + 0.1):
-        base = hf_fam.patch(AutoModelForCausalLM.from_pretrained(src).eval(), **SETTINGS, fam_init=fam_init)
+        base = hf_fam.patch(AutoModelForCausalLM.from_pretrained(src).eval(), **SETTINGS, fam_init=fam_init,
+                            fam_update="paper")
         with torch.no_grad():
             logits.append(base(ids).logits)
     assert (logits[0] - logits[1]).abs().max() > 1e-4

@@ -139,7 +139,7 @@ def test_hub_id_without_network(capsys, workdir):
     "args,needle",
     [
         (["--block-size", "0"], "block_size must be >= 1, got 0"),
-        (["--fam-init", "nonsense"], "expected 'random', 'text:TEXT' or 'file:PATH'"),
+        (["--fam-init", "nonsense"], "expected 'bos', 'random', 'text:TEXT' or 'file:PATH'"),
         (["--fam-init", "file:/no/such.safetensors"], "does not exist"),
     ],
 )

@@ -106,7 +106,8 @@ def test_patched_model_equals_fam_model(family):
     ids = random_ids(2, 24, seed=7)
     with torch.no_grad():
         expected = model(ids).logits
-        patched = hf_fam.patch(tiny_model(family), block_size=5, memory_segments=1, fam_length=2, fam_init=fam_init)
+        patched = hf_fam.patch(tiny_model(family), block_size=5, memory_segments=1, fam_length=2, fam_init=fam_init,
+                               fam_update="paper")
         got = patched(ids).logits
     assert_close(got, expected, atol=0.0, msg="patched vs FAMForCausalLM")
 

@@ -34,7 +34,7 @@ def checkpoint(tmp_path):
     (src / "README.md").write_text("---\nlicense: llama3.2\n---\nbase card\n")
     (tmp_path / "eval.json").write_text(json.dumps(RESULTS))
     out = tmp_path / "tiny-llama-fam"
-    convert(src, out, ConvertOptions(block_size=4, memory_segments=1, fam_length=3, progress=False,
+    convert(src, out, ConvertOptions(block_size=4, memory_segments=1, fam_length=3, progress=False, fam_init="random",
                                      base_model="meta-llama/Llama-3.2-1B", eval_results=tmp_path / "eval.json"))
     return out
 

@@ -15,7 +15,7 @@ from hf_fam import FAMConfig, FAMForCausalLM, FAMSettings
 from hf_fam.commands.fam_args import add_fam_arguments, settings_from_args
 from hf_fam.convert import ConvertOptions
 
-SETTINGS = dict(block_size=4, memory_segments=1, fam_length=3)
+SETTINGS = dict(block_size=4, memory_segments=1, fam_length=3, fam_update="paper")
 
 
 def test_fam_settings_is_the_one_source_of_defaults():

@@ -1,4 +1,4 @@
-"""`hf-fam convert`: write a FAM checkpoint from a Hub id or a local checkpoint of a supported family."""
+"""`hf-fam convert`: write a FAM checkpoint from a Hub id, a local checkpoint of a supported family, or a GGUF file."""
 
 from __future__ import annotations
 
@@ -7,12 +7,16 @@ import textwrap
 from contextlib import contextmanager
 
 from ..cli import RawDescriptionHelpFormatter
+from ..modeling.fam_settings import FAM_UPDATE_CHOICES, ZERO_SHOT_FAM_UPDATE
 from .fam_args import add_fam_arguments
 
 FAM_INIT_HELP = """\
 how the memory's initial value fam_init (F x hidden, the only new tensor) starts:
+'bos' (default) puts the BOS token's embedding in every slot: through the layers each slot becomes the BOS
+token's hidden state, the attention sink pretrained models rely on. With --fam-update sink (default) the
+converted model reads it as a sink the window never loses, so it is usable before fine-tuning.
 'random' draws it like any new weight (normal, std = the config's initializer_range, from --seed), as
-hf_fam.patch does: noise the base model never saw, to be learned by fine-tuning.
+FAMForCausalLM.from_base_model does: noise the base model never saw, to be learned by fine-tuning.
 'text:TEXT' takes the token-embedding rows of TEXT's first F tokens (repeated when TEXT is shorter),
 stored unscaled like the embedding matrix; the model scales them as it scales token embeddings (Gemma:
 x sqrt(hidden)), so before fine-tuning the memory starts as input the model knows, e.g.
@@ -35,16 +39,25 @@ def register(sub) -> None:
             width=100,
         ),
         formatter_class=RawDescriptionHelpFormatter,
-        epilog="example:\n  hf-fam convert meta-llama/Llama-3.2-1B llama-fam --block-size 1024 --memory-segments 3 "
-        "--fam-length 64\n\nfam_init:\n  " + FAM_INIT_HELP.replace("\n", "\n  "),
+        epilog="examples:\n  hf-fam convert meta-llama/Llama-3.2-1B llama-fam --block-size 1024 --memory-segments 3 "
+        "--fam-length 64\n  hf-fam convert SmolLM2-135M-Instruct.Q4_1.gguf smollm2-fam --dtype float32\n\nfam_init:\n  "
+        + FAM_INIT_HELP.replace("\n", "\n  "),
     )
     p.add_argument("src", metavar="SRC",
-                   help="a Hub repo id (e.g. meta-llama/Llama-3.2-1B) or a local checkpoint folder; "
-                   "model_type one of: %(families)s")
+                   help="a Hub repo id (e.g. meta-llama/Llama-3.2-1B), a local checkpoint folder, or a .gguf file "
+                   "(dequantised to --dtype; its tokenizer is carried); model_type one of: %(families)s")
     p.add_argument("out", metavar="OUT", help="the folder to write (must not exist, unless --force)")
     add_fam_arguments(p, base_only=False)
-    p.add_argument("--fam-init", default="random", metavar="SPEC",
-                   help="'random' (default), 'text:TEXT' or 'file:PATH'; see 'fam_init' below")
+    p.add_argument("--fam-init", default="bos", metavar="SPEC",
+                   help="'bos' (default), 'random', 'text:TEXT' or 'file:PATH'; see 'fam_init' below")
+    p.add_argument("--fam-update", choices=FAM_UPDATE_CHOICES, default=ZERO_SHOT_FAM_UPDATE,
+                   help="'sink' (default): zero-shot start, the memory is not updated and block tokens read its "
+                   "first slot as an attention sink until fine-tuning (hf-fam finetune) switches to 'paper'; "
+                   "'paper': the paper's update after every block (for a trained fam_init)")
+    p.add_argument("--gguf-file", metavar="NAME",
+                   help="with a folder SRC: the GGUF file in it to convert (needs `pip install gguf`)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="GGUF sources only: the dtype the weights are dequantised to (default float32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random fam_init (default 0)")
     p.add_argument("--revision", help="Hub branch, tag or commit of SRC (Hub ids only)")
     p.add_argument("--token", help="Hub token for gated or private repos (default: your login or $HF_TOKEN, "
@@ -87,9 +100,10 @@ def run(args) -> int:
 
     options = ConvertOptions(
         block_size=args.block_size, memory_segments=args.memory_segments, fam_length=args.fam_length,
-        fam_layers=args.fam_layers, fam_init=args.fam_init, seed=args.seed, revision=args.revision, token=args.token, force=args.force,
+        fam_layers=args.fam_layers, fam_init=args.fam_init, fam_update=args.fam_update, seed=args.seed,
+        revision=args.revision, token=args.token, force=args.force,
         allow_pickle=args.allow_pickle, base_model=args.base_model, repo_id=args.repo_id,
-        eval_results=args.eval_results, progress=not args.quiet,
+        eval_results=args.eval_results, progress=not args.quiet, gguf_file=args.gguf_file, dtype=args.dtype,
     )
     try:
         with _sigterm_as_interrupt():

@@ -18,7 +18,11 @@ def register(sub) -> None:
     p.add_argument("model", help="FAM or base checkpoint (folder or Hub id)")
     p.add_argument("--task", choices=("passkey", "perplexity"), default="passkey", help="what to evaluate")
     p.add_argument("--out", default="eval.json", help="JSON output path")
-    p.add_argument("--plot", help="PNG plot path (passkey); default: next to --out")
+    p.add_argument("--plot", help="PNG plot path (passkey, or perplexity with --compare); default: next to --out")
+    p.add_argument("--compare", nargs="+", choices=("base", "bswa", "fam"), metavar="MODEL",
+                   help="perplexity: also read the text with the same weights as BSWA (no memory) and/or the base "
+                   "model (full attention), and plot perplexity against position for all of them, e.g. "
+                   "--compare base bswa fam")
     p.add_argument("--lengths", type=int, nargs="+", help="passkey: sequence lengths in tokens")
     p.add_argument("--window-multiples", type=float, nargs="+",
                    help="passkey: lengths as multiples of the attention window C*(M+1) (FAM models)")
@@ -73,6 +77,23 @@ def run(args) -> int:
             raise CLIError(f"{args.model} has no tokenizer files")
         from ..streaming import iter_text_file_tokens
 
+        if args.compare:
+            from ..evaluation import compare_perplexity, plot_perplexity
+
+            runs = compare_perplexity(
+                model, lambda: iter_text_file_tokens(tokenizer, args.text_file, chunk_tokens=args.chunk_tokens),
+                variants=args.compare, max_tokens=args.max_tokens, progress=True)
+            s = model.fam_settings
+            names = {"base": "base (full attention)", "bswa": f"BSWA C={s.block_size} M={s.memory_segments}",
+                     "fam": f"FAM C={s.block_size} M={s.memory_segments} F={s.fam_length}"}
+            result = {"label": label, "models": {names[k]: v for k, v in runs.items()}}
+            write_json(result, args.out)
+            plot = args.plot or str(Path(args.out).with_suffix(".png"))
+            plot_perplexity(result["models"], plot, title=f"{label}: perplexity by position")
+            for name, run in result["models"].items():
+                print(f"{name}: perplexity {run['perplexity']:.3f} over {run['tokens']} tokens")
+            print(f"wrote {args.out} and {plot}")
+            return 0
         chunks = iter_text_file_tokens(tokenizer, args.text_file, chunk_tokens=args.chunk_tokens)
         result = {"label": label, **evaluate_perplexity(model, chunks, max_tokens=args.max_tokens, progress=True)}
         write_json(result, args.out)

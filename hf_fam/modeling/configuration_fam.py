@@ -13,10 +13,12 @@ from .fam_adapters import get_adapter
 from .fam_settings import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_FAM_LAYERS,
+    DEFAULT_FAM_UPDATE,
     DEFAULT_FAM_LENGTH,
     DEFAULT_MEMORY_SEGMENTS,
     FAMSettings,
     validate_fam_settings,
+    validate_fam_update,
 )
 
 # What a FAM model reports as its maximum input length. Its positions are frame positions inside the
@@ -50,6 +52,10 @@ class FAMConfig(PretrainedConfig):
             (Gemma 2/3 local layers, Qwen 2 / Mistral windows) use the FAM block window instead. `"global"`:
             only the checkpoint's full-attention layers carry FAM; its sliding-window layers run block
             sliding window attention (same C and M, no FAM).
+        fam_update (`str`, defaults to `"paper"`):
+            How the memory evolves. `"paper"`: updated by the layer after every block (the paper's Algorithm
+            2). `"sink"`: the zero-shot start `hf-fam convert` writes: the memory keeps its initial value and
+            block tokens read its first slot only, as an attention sink, until fine-tuning sets `"paper"`.
 
     Any attribute not found here is read from `base_config` (e.g. `config.vocab_size`).
 
@@ -75,6 +81,7 @@ class FAMConfig(PretrainedConfig):
         memory_segments: int = DEFAULT_MEMORY_SEGMENTS,
         fam_length: int = DEFAULT_FAM_LENGTH,
         fam_layers: str = DEFAULT_FAM_LAYERS,
+        fam_update: str = DEFAULT_FAM_UPDATE,
         **kwargs,
     ):
         if base_config is None:
@@ -94,6 +101,8 @@ class FAMConfig(PretrainedConfig):
         self.memory_segments = memory_segments
         self.fam_length = fam_length
         self.fam_layers = fam_layers
+        validate_fam_update(fam_update)
+        self.fam_update = fam_update
         # generation / embedding settings live on the base config; mirror the ones transformers reads
         # at the top level before any attribute lookup could reach the base config
         for name in ("tie_word_embeddings", "pad_token_id", "bos_token_id", "eos_token_id"):

@@ -89,6 +89,8 @@ class FAMChain:
     def _fam_chain(self, layer_idx: int, state: FAMLayerState, tl_k, tl_v, tl_ok):
         """Sequential over blocks, F tokens each: returns the FAM keys/values every block reads
         (B, T, KVH, F, hd), the new FAM (B, F, D) and the keys/values of that new FAM per row."""
+        if self.settings.fam_update == "sink":
+            return self._sink_chain(layer_idx, state)
         C, M = self.settings.block_size, self.settings.memory_segments
         T = self.num_blocks
         fam = state.fam
@@ -134,3 +136,35 @@ class FAMChain:
             next_k = all_k.gather(1, pick.expand(-1, 1, *all_k.shape[2:]))[:, 0]
             next_v = all_v.gather(1, pick.expand(-1, 1, *all_v.shape[2:]))[:, 0]
         return fam_k, fam_v, fam, next_k, next_v
+
+    def _sink_chain(self, layer_idx: int, state: FAMLayerState):
+        """fam_update "sink": no update; every block reads the keys/values of the initial FAM (the same in
+        every block's frame), computed once per forward. Same return values as `_fam_chain`."""
+        step = FAMStep("probe", self.inner)
+        self.call_layer(layer_idx, state.fam, step)
+        k, v = step.fam_k, step.fam_v  # (B, KVH, F, hd)
+        T = self.num_blocks
+        fam_k = k[:, None].expand(k.shape[0], T, *k.shape[1:])
+        fam_v = v[:, None].expand(v.shape[0], T, *v.shape[1:])
+        return fam_k, fam_v, state.fam, (k if self.keep_state else None), (v if self.keep_state else None)
+
+    def fam_visible(self, fam_length: int, device) -> torch.Tensor:
+        """(F,) bool: which FAM slots block tokens read (all of them; only the first with fam_update "sink")."""
+        visible = torch.ones(fam_length, dtype=torch.bool, device=device)
+        if self.settings.fam_update == "sink":
+            visible[1:] = False
+        return visible
+
+    def sink_readable(self, t0: int, t1: int) -> torch.Tensor:
+        """(B, t1 - t0) bool: with fam_update "sink", whether blocks t0..t1-1 of this chunk read the sink: only
+        once the sequence's first block (with the real BOS) has left their window, as attention sinks are
+        kept in StreamingLLM. So a prompt within the window is computed exactly as by the base model."""
+        t = torch.arange(t0, t1, device=self.blocks_before.device)
+        return (self.blocks_before[:, None] + t[None, :]) > self.settings.memory_segments
+
+    def fam_visible_blocks(self, fam_length: int, t0: int, t1: int, device) -> torch.Tensor:
+        """(B, t1 - t0, F) bool: the FAM slots blocks t0..t1-1 of this chunk read."""
+        visible = self.fam_visible(fam_length, device)[None, None, :]
+        if self.settings.fam_update != "sink":
+            return visible.expand(self.batch, t1 - t0, fam_length)
+        return visible & self.sink_readable(t0, t1)[:, :, None]

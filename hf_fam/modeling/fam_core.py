@@ -201,6 +201,8 @@ class FAMRun(FAMChain):
             run.fam_reference = fam_init if fresh else next(s.fam for s in states if s.fam is not None)
             run._fam_position_embeddings = {}
 
+        # complete blocks before this chunk (capped at M+1: "the first block has left the window")
+        run.blocks_before = part_len.new_zeros(batch) if fresh or states[0].mem_blocks is None else states[0].mem_blocks
         run.final_fam = [None] * len(run.layers)
         if fresh:
             run.states = [FAMLayerState() for _ in run.layers]
@@ -307,7 +309,7 @@ class FAMRun(FAMChain):
                 if M > 0:
                     parts.append(torch.cat(mem_ok, dim=-1)[:, :, None, :].expand(-1, -1, Lq, -1))
                 if F > 0:
-                    parts.append(own.new_ones(batch, G, Lq, F))
+                    parts.append(self.fam_visible_blocks(F, t0, t1, own.device)[:, :, None, :].expand(batch, G, Lq, F))
                 parts.append(own.expand(batch, G, Lq, C))
                 mask = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
                 mask = mask.reshape(batch * G, 1, Lq, S)
@@ -353,6 +355,8 @@ class FAMRun(FAMChain):
                 M = self.settings.memory_segments
                 full = tl_ok3.all(dim=2).all(dim=0)  # (M+T,) every row's block is complete
                 windows = full.unfold(0, M + 1, 1).all(dim=1) if M > 0 else full  # (T,) blocks t .. t+M
+                if self.settings.fam_update == "sink":  # and every row's sink visibility is the regular one
+                    windows = windows & self.sink_readable(0, T).all(dim=0)
                 self._regular_flags = windows.tolist()
             flags = self._regular_flags
         t0 = 0
@@ -369,7 +373,8 @@ class FAMRun(FAMChain):
         if key not in self._regular_masks:
             C, M = self.settings.block_size, self.settings.memory_segments
             causal = torch.ones(C, C, dtype=torch.bool, device=device).tril()
-            allowed = torch.cat([causal.new_ones(C, M * C + fam_length), causal], dim=1)
+            fam = self.fam_visible(fam_length, device).expand(C, fam_length)
+            allowed = torch.cat([causal.new_ones(C, M * C), fam, causal], dim=1)
             self._regular_masks[key] = additive_mask(allowed, dtype)[None, None]
         return self._regular_masks[key]
 
@@ -383,7 +388,10 @@ class FAMRun(FAMChain):
         device = query.device
         pos = torch.arange(S, device=device)
         mem_ok = (pos < lay.mem.stop) & (pos >= (self.settings.memory_segments - state.mem_blocks[:, None]) * lay.C)
-        fam_ok = (pos >= lay.fam.start) & (pos < lay.fam.stop)
+        visible = int(self.fam_visible(lay.fam.stop - lay.fam.start, device).sum())
+        fam_ok = (pos >= lay.fam.start) & (pos < lay.fam.start + visible)
+        if self.settings.fam_update == "sink":
+            fam_ok = fam_ok & self.sink_readable(0, 1)  # (B, S)
         j = pos - lay.part.start  # index inside the current block
         q_in_block = self.slot.clamp(min=0)[:, :, None]  # (B, n, 1)
         own = (j >= 0) & (((j <= q_in_block) & (j < self.work_len[:, None, None])) | (j == q_in_block))
@@ -469,7 +477,7 @@ class FAMRun(FAMChain):
         self.states[layer_idx] = FAMLayerState(
             win_k=build_window(self.layouts[layer_idx], mem_k, fam_k, part_k),
             win_v=build_window(self.layouts[layer_idx], mem_v, fam_v, part_v),
-            mem_blocks=(prev_blocks + done).clamp(max=M),
+            mem_blocks=(prev_blocks + done).clamp(max=M + 1),
             part_len=self.work_len - done * C,
             fam=fam,
         )

@@ -14,6 +14,8 @@ DEFAULT_BLOCK_SIZE = 1024
 DEFAULT_MEMORY_SEGMENTS = 3
 DEFAULT_FAM_LENGTH = 64
 DEFAULT_FAM_LAYERS = "all"
+DEFAULT_FAM_UPDATE = "paper"  # what a config without the field means
+ZERO_SHOT_FAM_UPDATE = "sink"  # where `hf-fam convert` and `hf_fam.patch` start an untrained memory
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,8 @@ class FAMSettings:
         memory_segments: M, previous blocks each block attends to.
         fam_length: F, FAM tokens per layer (0 = block sliding window attention).
         fam_layers: "all", or "global": layers the checkpoint runs with a sliding window get no FAM.
+        fam_update: "paper" (the update of §1 after every block) or "sink" (the zero-shot start; see
+            FAM_UPDATE_CHOICES).
 
     Example:
     ```python
@@ -37,25 +41,27 @@ class FAMSettings:
     memory_segments: int = DEFAULT_MEMORY_SEGMENTS
     fam_length: int = DEFAULT_FAM_LENGTH
     fam_layers: str = DEFAULT_FAM_LAYERS
+    fam_update: str = DEFAULT_FAM_UPDATE
 
     def __post_init__(self):
         validate_fam_settings(self.block_size, self.memory_segments, self.fam_length, self.fam_layers)
+        validate_fam_update(self.fam_update)
 
     @classmethod
     def of(cls, config) -> FAMSettings:
         """The settings a FAMConfig (or any object with the four fields) holds."""
         return cls(config.block_size, config.memory_segments, config.fam_length,
-                   getattr(config, "fam_layers", DEFAULT_FAM_LAYERS))
+                   getattr(config, "fam_layers", DEFAULT_FAM_LAYERS), getattr(config, "fam_update", DEFAULT_FAM_UPDATE))
 
     def as_kwargs(self) -> dict:
-        """The four fields as keyword arguments (for FAMConfig, `patch`, `from_base_model`)."""
+        """The fields as keyword arguments (for FAMConfig, `patch`, `from_base_model`)."""
         return {"block_size": self.block_size, "memory_segments": self.memory_segments,
-                "fam_length": self.fam_length, "fam_layers": self.fam_layers}
+                "fam_length": self.fam_length, "fam_layers": self.fam_layers, "fam_update": self.fam_update}
 
     def describe(self) -> str:
-        """One line naming all four settings, for messages."""
+        """One line naming every setting, for messages."""
         return (f"block_size={self.block_size}, memory_segments={self.memory_segments}, "
-                f"fam_length={self.fam_length}, fam_layers={self.fam_layers!r}")
+                f"fam_length={self.fam_length}, fam_layers={self.fam_layers!r}, fam_update={self.fam_update!r}")
 
     @property
     def cache_tokens(self) -> int:
@@ -85,3 +91,18 @@ def validate_fam_settings(block_size, memory_segments, fam_length, fam_layers="a
             raise ValueError(f"{name} must be an integer, got {value!r}")
         if value < low:
             raise ValueError(f"{name} must be >= {low}, got {value}")
+
+
+# How the memory evolves between blocks.
+# "paper": DESIGN.md section 1 (Algorithm 2): after every complete block the FAM is updated by the layer itself.
+# "sink": the zero-shot start of a converted checkpoint, before any training. The memory keeps its initial
+#     value (fam_init propagated through the layers, no update), and block tokens read only its first slot:
+#     an attention sink the window never loses. An untrained model's update overwrites that sink (measured in
+#     README "Zero-shot"), and F identical sink slots take F times one sink's share of attention; fine-tuning
+#     switches to "paper".
+FAM_UPDATE_CHOICES = ("paper", "sink")
+
+
+def validate_fam_update(fam_update) -> None:
+    if fam_update not in FAM_UPDATE_CHOICES:
+        raise ValueError(f"fam_update must be one of {', '.join(FAM_UPDATE_CHOICES)}, got {fam_update!r}")

@@ -24,7 +24,8 @@ class FAMLayerState:
 
     win_k: torch.Tensor | None = None  # (B, KVH, M*C + F + C + 1, hd)
     win_v: torch.Tensor | None = None
-    mem_blocks: torch.Tensor | None = None  # (B,) memory blocks holding real tokens (0..M)
+    mem_blocks: torch.Tensor | None = None  # (B,) memory blocks holding real tokens (0..M); M+1 once the first
+    # block has left the window too (read by fam_update "sink")
     part_len: torch.Tensor | None = None  # (B,) tokens in the current block
     fam: torch.Tensor | None = None  # (B, F, D) FAM state, in this layer's input space
 

@@ -475,7 +475,7 @@ class FAMForCausalLM(FAMPreTrainedModel, FAMGenerationMixin, GenerationMixin):
     @classmethod
     def from_base_model(
         cls, base_model: PreTrainedModel, *, block_size: int, memory_segments: int, fam_length: int,
-        fam_layers: str = "all", fam_init: torch.Tensor | None = None,
+        fam_layers: str = "all", fam_init: torch.Tensor | None = None, fam_update: str = "paper",
     ) -> FAMForCausalLM:
         """Wrap a loaded base causal LM. Its modules are shared, not copied; the base model stays usable:
         called itself, it runs its own attention exactly as before (its config then names the FAM attention,
@@ -487,9 +487,11 @@ class FAMForCausalLM(FAMPreTrainedModel, FAMGenerationMixin, GenerationMixin):
             block_size, memory_segments, fam_length: C, M, F.
             fam_layers: "all" or "global" (see FAMConfig).
             fam_init: optional (F, D) initial FAM; defaults to the model's initialisation of it.
+            fam_update: "paper" (default) or "sink" (see FAMConfig).
         """
         config = FAMConfig(base_config=base_model.config, block_size=block_size,
-                           memory_segments=memory_segments, fam_length=fam_length, fam_layers=fam_layers)
+                           memory_segments=memory_segments, fam_length=fam_length, fam_layers=fam_layers,
+                           fam_update=fam_update)
         fam = getattr(base_model, "fam", None)
         if not isinstance(fam, FAMMemory):
             fam = FAMMemory(fam_length, base_model.config.hidden_size, dtype=next(base_model.parameters()).dtype)

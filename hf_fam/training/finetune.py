@@ -347,6 +347,12 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path) -> Finetu
 
     # model (+ the FAM checkpoint the adapter applies to, for a converted base)
     model, tokenizer, converted = load_fam_model(config.model)
+    if getattr(model.config, "fam_update", "paper") == "sink":
+        # a checkpoint in its zero-shot start: training learns the paper's update, and the adapter applies to a
+        # copy whose config says so
+        logger.info("switching fam_update from the zero-shot 'sink' start to 'paper' for training")
+        model.config.fam_update = "paper"
+        converted = True
     fam_base_dir = None
     if converted:
         fam_base_dir = out / "fam_base"
