@@ -3,7 +3,7 @@
 On the issue-2 model (Llama hidden 256, 4 layers, fp32, C = 256, M = 1, F = 16; one forward of N tokens)
 it times, interleaved in each round: full attention (the unmodified model, sdpa), BSWA (F = 0), FAM, the
 chain's update calls alone (the real decoder-layer call on F tokens, replayed as often as the forward
-makes it), and the chain's *floor*: the work no implementation of DESIGN.md §1 can skip. Each FAM update
+makes it), and the chain's *floor*: the work no implementation of docs/design.md §1 can skip. Each FAM update
 is one decoder layer on F tokens and must wait for the previous one, so per layer and block it needs the
 layer's seven projections (q, k, v, o, gate, up, down: the checkpoint's own Linear modules) on an F-row
 input, and one attention of F queries over F + C keys. The floor runs exactly those calls, as many as the

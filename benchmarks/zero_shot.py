@@ -6,7 +6,7 @@ Compares, on the same tokens of Python's own documentation (`pydoc_data.topics`,
 - BSWA + sinks: the same window whose queries also see the first 4 tokens (StreamingLLM; `hf_fam.sink_baseline`);
 - FAM: `hf_fam.patch` with its defaults for fam_init and the FAM update (the default zero-shot start);
 - FAM, paper start: the computation before the zero-shot start existed (random fam_init, the paper's update
-  as DESIGN.md §1 writes it), and any other variants asked for.
+  as docs/design.md §1 writes it), and any other variants asked for.
 
 Each model reads the text once, `--max-tokens` long; perplexity "at length N" is over the first N tokens
 (every model here is causal, so it equals an N-token run). The per-position curve (mean NLL in bins of

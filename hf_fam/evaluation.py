@@ -261,7 +261,7 @@ def compare_perplexity(model, make_chunks, *, variants=("base", "bswa", "fam"), 
     """Perplexity of the same text under the FAM model and, with the same weights, BSWA and the base model.
 
     "fam" is the model as it is; "bswa" the same C and M without memory (F = 0); "base" full attention
-    (F = 0, M = 0 and one block as long as the text: the unmodified model, DESIGN.md §1). The settings are
+    (F = 0, M = 0 and one block as long as the text: the unmodified model, docs/design.md §1). The settings are
     changed on the model's config for each run and restored afterwards.
 
     Args:

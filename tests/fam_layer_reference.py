@@ -8,7 +8,7 @@ row and block τ, the layer runs once on the sequence
     [ memory blocks τ-M..τ-1 | FAM_{τ-1} (F tokens) | block τ ]
 
 with eager attention and a mask in which block tokens see the memory, the FAM and their block causally,
-FAM tokens see the FAM and the whole block (DESIGN.md §1), and memory tokens see only themselves (their
+FAM tokens see the FAM and the whole block (docs/design.md §1), and memory tokens see only themselves (their
 outputs are thrown away). The FAM outputs are the new FAM of layer l, the block outputs the block's input
 to layer l+1. Deliberately slow and plain.
 """
@@ -54,7 +54,7 @@ def layer_fam_lengths(model, fam_length: int, fam_layers: str) -> list[int]:
 
 def reference_layer_fam_logits(model, input_ids, attention_mask, block_size: int, memory_segments: int,
                                fam_length: int, fam_init, fam_layers: str = "all") -> torch.Tensor:
-    """Logits (B, N, V) of FAM as DESIGN.md §1, rows processed one by one (padding positions get zeros)."""
+    """Logits (B, N, V) of FAM as docs/design.md §1, rows processed one by one (padding positions get zeros)."""
     C, M, F = block_size, memory_segments, fam_length
     impl = model.config._attn_implementation
     model.config._attn_implementation = "eager"

@@ -1,6 +1,6 @@
 """A deliberately naive reference implementation of TransformerFAM, for testing hf_fam against.
 
-This module re-computes the FAM forward pass of DESIGN.md section 1 on an *unmodified* Hugging Face
+This module re-computes the FAM forward pass of docs/design.md §1 on an *unmodified* Hugging Face
 `LlamaForCausalLM`, `MistralForCausalLM` or `GemmaForCausalLM`, using only the model's own sub-modules
 (embedding, norms, q/k/v/o projections, MLP, rotary embedding, lm_head). It is written to be obviously
 correct, not fast:
@@ -244,7 +244,7 @@ def reference_fam_logits(
     fam_init: torch.Tensor | None,
     fam_update: str = "paper",
 ) -> torch.Tensor:
-    """Logits of the FAM computation (DESIGN.md section 1) on an unmodified Llama/Mistral/Gemma model.
+    """Logits of the FAM computation (docs/design.md §1) on an unmodified Llama/Mistral/Gemma model.
 
     Every row is processed on its own with its padding dropped: real tokens get positions 0..n_b-1 and
     blocks of `block_size` tokens are counted from the row's first real token. For every layer l (outer

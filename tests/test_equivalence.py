@@ -1,4 +1,4 @@
-"""The parallel schedule computes DESIGN.md §1 exactly (fp32, 1e-5), for Llama, Mistral and Gemma."""
+"""The parallel schedule computes docs/design.md §1 exactly (fp32, 1e-5), for Llama, Mistral and Gemma."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Streaming (DESIGN.md §2): parallel, chunked prefill and token-by-token agree; the cache stays constant."""
+"""Streaming (docs/design.md §2): parallel, chunked prefill and token-by-token agree; the cache stays constant."""
 
 from __future__ import annotations
 

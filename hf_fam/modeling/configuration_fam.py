@@ -22,7 +22,7 @@ from .fam_settings import (
 )
 
 # What a FAM model reports as its maximum input length. Its positions are frame positions inside the
-# attention window (DESIGN.md §1), never absolute, so no input length reaches the base model's limit;
+# attention window (docs/design.md §1), never absolute, so no input length reaches the base model's limit;
 # clients that truncate to `max_position_embeddings` (lm-evaluation-harness, generate) must not.
 UNBOUNDED_LENGTH = 2**62
 

@@ -1,4 +1,4 @@
-"""The FAM chain (DESIGN.md §1): per layer, the FAM is updated once per block, one block after another.
+"""The FAM chain (docs/design.md §1): per layer, the FAM is updated once per block, one block after another.
 
 Each update calls the layer's own decoder layer on the F FAM tokens (`FAMStep`): their queries attend to
 the previous FAM and the block, and the layer's MLP makes the new FAM, fed back to the same layer for the
@@ -19,7 +19,7 @@ class FAMStep:
     """One call of a decoder layer on FAM tokens, nested in the layer's block attention.
 
     mode "init":   FAM attends only to itself (forward propagation of the initial FAM);
-    mode "update": FAM attends to itself and one block (the FAM update of DESIGN.md §1);
+    mode "update": FAM attends to itself and one block (the FAM update of docs/design.md §1);
     mode "probe":  only the FAM's keys/values are wanted; the attention output is zero.
     In every mode the FAM's own keys/values are recorded: they are what block tokens read.
     """

@@ -1,4 +1,4 @@
-"""The FAM computation (DESIGN.md §1), written once for every decoder family.
+"""The FAM computation (docs/design.md §1), written once for every decoder family.
 
 FAM runs *inside* the checkpoint's own decoder: the model's forward, decoder layers, norms, projections,
 rotary embedding and MLP all run unchanged. What changes is the attention function. The layer's
@@ -15,7 +15,7 @@ attention module computes Q/K/V as usual and calls `fam_attention_forward` (regi
 
 Positions. Attention only depends on relative positions, so every block is computed in its *own frame*:
 its tokens sit at positions P0 .. P0+C-1, the FAM it reads at P0-F .. P0-1 (the last F positions of the
-previous block, DESIGN.md §1), and a memory block s blocks back at P0-sC .. P0-sC+C-1. Keys are computed
+previous block, docs/design.md §1), and a memory block s blocks back at P0-sC .. P0-sC+C-1. Keys are computed
 once in their own block's frame; moving them to a later block's frame is a rotation by -sC, computed in
 float64. Positions therefore never exceed (M+1)·C, however long the stream: a block after a million
 tokens is computed exactly like one at the start.

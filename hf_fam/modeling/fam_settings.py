@@ -1,4 +1,4 @@
-"""FAM settings: block size C, memory segments M, FAM length F, and which layers hold FAM (DESIGN.md §1).
+"""FAM settings: block size C, memory segments M, FAM length F, and which layers hold FAM (docs/design.md §1).
 
 Kept apart from the computation (`fam_core`) so that the configuration validates its values without
 importing the block attention.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Paper defaults (DESIGN.md §4): the one place they are written; this module imports no torch, so the
+# Paper defaults (docs/design.md §4): the one place they are written; this module imports no torch, so the
 # command line reads them before loading anything
 DEFAULT_BLOCK_SIZE = 1024
 DEFAULT_MEMORY_SEGMENTS = 3
@@ -20,7 +20,7 @@ ZERO_SHOT_FAM_UPDATE = "sink"  # where `hf-fam convert` and `hf_fam.patch` start
 
 @dataclass(frozen=True)
 class FAMSettings:
-    """The FAM settings of a model, read everywhere from the CLI down to the cache (DESIGN.md §1).
+    """The FAM settings of a model, read everywhere from the CLI down to the cache (docs/design.md §1).
 
     Args:
         block_size: C, tokens per block.
@@ -94,7 +94,7 @@ def validate_fam_settings(block_size, memory_segments, fam_length, fam_layers="a
 
 
 # How the memory evolves between blocks.
-# "paper": DESIGN.md section 1 (Algorithm 2): after every complete block the FAM is updated by the layer itself.
+# "paper": docs/design.md §1 (Algorithm 2): after every complete block the FAM is updated by the layer itself.
 # "sink": the zero-shot start of a converted checkpoint, before any training. The memory keeps its initial
 #     value (fam_init propagated through the layers, no update), and block tokens read only its first slot:
 #     an attention sink the window never loses. An untrained model's update overwrites that sink (measured in
