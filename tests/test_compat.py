@@ -251,7 +251,7 @@ def test_converted_in_the_other_release_loads_here_without_hf_fam(tmp_path):
         from hf_fam.tiny import make_tiny_checkpoint
         from hf_fam.convert import ConvertOptions, convert
         make_tiny_checkpoint({str(src)!r}, "gemma", initializer_range=0.2)
-        convert({str(src)!r}, {str(tmp_path / "fam")!r}, ConvertOptions(block_size=4, memory_segments=1, fam_length=2, progress=False))
+        convert({str(src)!r}, {str(tmp_path / "fam")!r}, ConvertOptions(block_size=4, memory_segments=1, fam_length=2, fam_update="paper", progress=False))
         print(transformers.__version__)
         """
     )
