@@ -165,3 +165,18 @@ def test_a_fam_model_reports_an_unbounded_length(caplog):
         hf_logging.disable_propagation()
     assert out.shape[1] == base_limit + 6
     assert "maximum length" not in caplog.text
+
+
+def test_training_a_model_in_its_zero_shot_sink_start_is_refused():
+    model = hf_fam.patch(tiny_model(), block_size=4, memory_segments=1, fam_length=3)  # patch starts as a sink
+    assert model.fam_settings.fam_update == "sink"
+    ids = random_ids(1, 13)
+    model.train()
+    with pytest.raises(ValueError, match="set model.config.fam_update = 'paper'"):
+        model(ids, labels=ids)
+    model.eval()
+    with torch.no_grad():
+        model(ids)  # inference in the sink start is what it is for
+    model.train()
+    model.model.config.fam_update = "paper"
+    model(ids, labels=ids).loss.backward()

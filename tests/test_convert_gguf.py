@@ -66,7 +66,8 @@ def test_gguf_file_converts_to_a_plain_fam_checkpoint(capsys, tmp_path, tiny_ggu
     # the converted model computes what the GGUF's model computes with FAM
     model = FAMForCausalLM.from_pretrained(out).eval()
     wrapped = FAMForCausalLM.from_base_model(reference, block_size=4, memory_segments=1, fam_length=3,
-                                             fam_init=tensors["fam.fam_init"]).eval()
+                                             fam_init=tensors["fam.fam_init"],
+                                             fam_update=model.config.fam_update).eval()
     ids = torch.randint(0, 256, (2, 13))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, wrapped(ids).logits, rtol=0, atol=1e-5)

@@ -50,7 +50,7 @@ def test_convert_writes_fam_layers_and_inspect_reports_it(tmp_path, capsys):
     config = json.loads((out / "config.json").read_text())
     assert config["fam_layers"] == "global"
     loaded = hf_fam.FAMForCausalLM.from_pretrained(out)
-    assert loaded.fam_settings == FAMSettings(8, 1, 2, "global")
+    assert loaded.fam_settings == FAMSettings(8, 1, 2, "global", fam_update="sink")  # convert starts zero-shot
     capsys.readouterr()
     assert main(["inspect", str(out)]) == 0
     assert "fam_layers=global" in capsys.readouterr().out

@@ -370,11 +370,18 @@ class FAMModel(FAMPreTrainedModel):
             cache = kwargs.pop("past_key_values", None)
         decoder = self._fam_decoder
         decoder.training = self.training  # the decoder object is not registered, so .train() does not reach it
+        settings = self.fam_settings
+        if self.training and torch.is_grad_enabled() and settings.fam_update == "sink" and settings.fam_length > 0:
+            raise ValueError(
+                "This FAM model is in its zero-shot start (fam_update='sink': the memory is never updated), so "
+                "training would not train the memory: set model.config.fam_update = 'paper' before training "
+                "(hf-fam finetune does; for a patched model, hf_fam.patch(..., fam_update='paper'))."
+            )
         return fam_forward(
             base_forward=type(decoder).forward.__get__(decoder),
             base_model=decoder,
             adapter=self.fam_adapter,
-            settings=self.fam_settings,
+            settings=settings,
             fam_module=self.fam_memory,
             input_ids=input_ids,
             attention_mask=attention_mask,
