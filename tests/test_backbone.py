@@ -167,16 +167,16 @@ def test_a_fam_model_reports_an_unbounded_length(caplog):
     assert "maximum length" not in caplog.text
 
 
-def test_training_a_model_in_its_zero_shot_sink_start_is_refused():
+def test_training_a_model_in_its_zero_shot_sink_start_switches_to_the_paper_update(tmp_path):
     model = hf_fam.patch(tiny_model(), block_size=4, memory_segments=1, fam_length=3)  # patch starts as a sink
     assert model.fam_settings.fam_update == "sink"
     ids = random_ids(1, 13)
-    model.train()
-    with pytest.raises(ValueError, match="set model.config.fam_update = 'paper'"):
-        model(ids, labels=ids)
-    model.eval()
     with torch.no_grad():
         model(ids)  # inference in the sink start is what it is for
+    assert model.fam_settings.fam_update == "sink"
     model.train()
-    model.model.config.fam_update = "paper"
-    model(ids, labels=ids).loss.backward()
+    model(ids, labels=ids).loss.backward()  # a training forward runs, and trains, the paper's update
+    assert model.fam_settings.fam_update == "paper"
+    assert model.fam.fam_init.grad is not None and model.fam.fam_init.grad.abs().sum() > 0
+    model.save_pretrained(tmp_path)
+    assert hf_fam.FAMForCausalLM.from_pretrained(tmp_path).fam_settings.fam_update == "paper"

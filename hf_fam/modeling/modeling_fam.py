@@ -20,6 +20,7 @@ import dataclasses
 import torch
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.utils import logging
 
 from .configuration_fam import AUTO_MAP, FAMConfig
 from .fam_adapters import DecoderAdapter, get_adapter
@@ -48,6 +49,7 @@ from .fam_settings import FAMSettings
 from .fam_state import FAMLayerState  # noqa: F401
 
 register_attention(fam_attention_forward)
+logger = logging.get_logger(__name__)
 
 
 _OUTPUT_CLASSES: dict[type, type] = {}
@@ -370,13 +372,15 @@ class FAMModel(FAMPreTrainedModel):
             cache = kwargs.pop("past_key_values", None)
         decoder = self._fam_decoder
         decoder.training = self.training  # the decoder object is not registered, so .train() does not reach it
-        settings = self.fam_settings
-        if self.training and torch.is_grad_enabled() and settings.fam_update == "sink" and settings.fam_length > 0:
-            raise ValueError(
-                "This FAM model is in its zero-shot start (fam_update='sink': the memory is never updated), so "
-                "training would not train the memory: set model.config.fam_update = 'paper' before training "
-                "(hf-fam finetune does; for a patched model, hf_fam.patch(..., fam_update='paper'))."
+        if self.training and torch.is_grad_enabled() and self.config.fam_update == "sink":
+            # the zero-shot start never updates the memory, so training in it would never train the memory:
+            # training means the paper's update (as `hf-fam finetune` sets), and the saved config says so
+            logger.warning_once(
+                "Training a FAM model in its zero-shot start (fam_update='sink'): switching to the paper's memory "
+                "update (config.fam_update = 'paper'), which the saved model will use too."
             )
+            self.config.fam_update = "paper"
+        settings = self.fam_settings
         return fam_forward(
             base_forward=type(decoder).forward.__get__(decoder),
             base_model=decoder,
