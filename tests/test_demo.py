@@ -99,6 +99,10 @@ def test_demo_without_matplotlib_stops_before_any_work(tmp_path, capsys, monkeyp
     assert not out.exists()
     assert main(["bench", "--parts", "train"]) == 2
     assert "pip install 'hf-fam[bench]'" in capsys.readouterr().err
+    result = tmp_path / "eval.json"
+    assert main(["eval", str(tmp_path / "no-model"), "--task", "passkey", "--out", str(result)]) == 2
+    assert "hf-fam eval draws its plot with matplotlib" in capsys.readouterr().err
+    assert not result.exists()
 
 
 def test_demo_saves_what_it_computed_before_plotting(tmp_path, monkeypatch):

@@ -41,7 +41,19 @@ def register(sub) -> None:
     p.add_argument("--label", help="name of this model in the JSON and the plot")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, check=check)
+
+
+def check(args) -> None:
+    """Before the evaluation: is matplotlib there for the plot drawn at the end (passkey, or --compare)?"""
+    import importlib.util
+
+    from ..cli import CLIError
+
+    plots = args.task == "passkey" or bool(args.compare)
+    if plots and importlib.util.find_spec("matplotlib") is None:
+        raise CLIError("hf-fam eval draws its plot with matplotlib, which is not installed: "
+                       "pip install 'hf-fam[demo]' (or pip install matplotlib)")
 
 
 def run(args) -> int:
