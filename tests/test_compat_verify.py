@@ -33,8 +33,8 @@ def _age(out, new_line: str | None):
     text = compat.read_text()
     assert RANGE_LINE in text
     compat.write_text(text.replace(RANGE_LINE, new_line or "TRANSFORMERS_VERSION = (5, 24)"))
-    modeling = out / "modeling_fam.py"
-    modeling.write_text(modeling.read_text().replace("set_output_cache(outputs, cache)", "outputs['cache'] = cache"))
+    forward = out / "fam_forward.py"
+    forward.write_text(forward.read_text().replace("set_output_cache(outputs, cache)", "outputs['cache'] = cache"))
 
 
 def test_verify_names_older_code_and_the_refresh_command(tmp_path, capsys):
@@ -48,7 +48,7 @@ def test_verify_names_older_code_and_the_refresh_command(tmp_path, capsys):
     floor, ceiling = SUPPORTED_TRANSFORMERS
     assert err[1:] == [
         f"  code: fam_compat.py differs (installed hf_fam {hf_fam.__version__})",
-        f"  code: modeling_fam.py differs (installed hf_fam {hf_fam.__version__})",
+        f"  code: fam_forward.py differs (installed hf_fam {hf_fam.__version__})",
         "  code: older than the installed hf_fam's (it supports only the transformers release it was written for; "
         f"the installed hf_fam {hf_fam.__version__}'s supports transformers {floor} to {ceiling}); refresh it "
         f"without touching the weights: hf-fam verify --refresh-code {out}",
@@ -68,7 +68,7 @@ def test_older_and_newer_ranges(tmp_path):
     assert remote_code_age(out) == "newer"
     assert any("newer than the installed hf_fam's" in p and "pip install -U hf-fam" in p for p in verify_checkpoint(out))
     (out / "fam_compat.py").write_text((MODELING_DIR / "fam_compat.py").read_text())
-    assert remote_code_age(out) == "differs"  # modeling_fam.py still edited, same range: no age line
+    assert remote_code_age(out) == "differs"  # fam_forward.py still edited, same range: no age line
     assert not any("older" in p or "newer" in p for p in verify_checkpoint(out))
 
 
@@ -86,12 +86,12 @@ def test_refresh_code_replaces_code_and_auto_map_only(tmp_path, capsys):
     capsys.readouterr()
     assert main(["verify", "--refresh-code", str(out)]) == 0
     printed = capsys.readouterr().out.splitlines()
-    assert printed[0] == (f"{out}: refreshed fam_cache.py, fam_compat.py, modeling_fam.py, config.json from hf_fam "
+    assert printed[0] == (f"{out}: refreshed fam_cache.py, fam_compat.py, fam_forward.py, config.json from hf_fam "
                           f"{hf_fam.__version__}; weights untouched")
     assert printed[1].startswith(f"{out}: OK")
     after = tree_hashes(out)
     changed = {name for name in before.keys() | after.keys() if before.get(name) != after.get(name)}
-    assert changed == {"fam_cache.py", "fam_compat.py", "modeling_fam.py", "config.json"}
+    assert changed == {"fam_cache.py", "fam_compat.py", "fam_forward.py", "config.json"}
     refreshed = json.loads((out / "config.json").read_text())
     assert refreshed == {**config, "auto_map": AUTO_MAP}  # every other entry kept
     assert verify_checkpoint(out) == [] and remote_code_age(out) == "identical"
