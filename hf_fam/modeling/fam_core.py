@@ -116,7 +116,7 @@ class FAMRun(FAMChain):
         self.states: list[FAMLayerState] = []
         self.keep_state = False
         self._rotations: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._regular_flags: list[bool] | None = None
+        self._block_shapes: list[tuple[int, bool] | None] | None = None
         self._regular_masks: dict[tuple, torch.Tensor] = {}
 
     # ------------------------------------------------------------------------------------------------
@@ -273,31 +273,35 @@ class FAMRun(FAMChain):
         tl_k5 = tl_k.view(batch, kv_heads, M + T, C, head_dim)
         tl_v5 = tl_v.view(batch, kv_heads, M + T, C, head_dim)
         tl_ok3 = tl_ok.view(batch, M + T, C)
-        S = M * C + F + C
-        per_block = batch * heads * Lq * S * 4
+        per_block = batch * heads * Lq * (M * C + F + C) * 4
         group = max(1, _SCORE_BYTES_BUDGET // max(per_block, 1))
 
         outputs = []
-        for t0, t1, regular in self._block_groups(tl_ok3, group):
+        for t0, t1, shape in self._block_groups(tl_ok3, group):
             G = t1 - t0
-            # keys of each block: [memory s = M..1 (rotated -sC), FAM, own block]
+            # 1. the keys each block reads: [memory s = m..1 (rotated -sC), FAM, own block]. A regular group
+            #    (shape = (m, fam_on)) takes only its m filled memory blocks and, when no row reads the FAM,
+            #    no FAM keys; an irregular group takes all M memory blocks and masks per row.
+            m, f = (M, F) if shape is None else (shape[0], F if shape[1] else 0)
+            S = m * C + f + C
             keys = query.new_empty(batch, G, kv_heads, S, head_dim)
             vals = query.new_empty(batch, G, kv_heads, S, value.shape[-1])
             mem_ok = []
-            for s in range(M, 0, -1):
-                lo = (M - s) * C
+            for s in range(m, 0, -1):
+                lo = (m - s) * C
                 src = slice(M - s + t0, M - s + t1)
                 keys[:, :, :, lo : lo + C] = apply_rotation(tl_k5[:, :, src], cos[s - 1], sin[s - 1]).transpose(1, 2)
                 vals[:, :, :, lo : lo + C] = tl_v5[:, :, src].transpose(1, 2)
                 mem_ok.append(tl_ok3[:, src])  # (B, G, C)
-            if F > 0:
-                keys[:, :, :, M * C : M * C + F] = fam_k[:, t0:t1]
-                vals[:, :, :, M * C : M * C + F] = fam_v[:, t0:t1]
-            keys[:, :, :, M * C + F :] = tl_k5[:, :, M + t0 : M + t1].transpose(1, 2)
-            vals[:, :, :, M * C + F :] = tl_v5[:, :, M + t0 : M + t1].transpose(1, 2)
+            if f > 0:
+                keys[:, :, :, m * C : m * C + f] = fam_k[:, t0:t1]
+                vals[:, :, :, m * C : m * C + f] = fam_v[:, t0:t1]
+            keys[:, :, :, m * C + f :] = tl_k5[:, :, M + t0 : M + t1].transpose(1, 2)
+            vals[:, :, :, m * C + f :] = tl_v5[:, :, M + t0 : M + t1].transpose(1, 2)
 
-            if regular:  # every key slot of these blocks holds a real token: one mask for all of them
-                mask = self._regular_mask(F, query.dtype, query.device)  # (1, 1, C, S)
+            # 2. the mask
+            if shape is not None:  # every key slot holds a real token in every row: one mask for the group
+                mask = self._regular_mask(m, f, query.dtype, query.device)  # (1, 1, C, S)
             else:
                 # mask (B, G, Lq, S): memory and FAM by validity, own block causally; a query always sees
                 # its own slot, so padding slots never have an empty row (NaN)
@@ -314,6 +318,7 @@ class FAMRun(FAMChain):
                 mask = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
                 mask = mask.reshape(batch * G, 1, Lq, S)
 
+            # 3. attention of the group's queries over its keys
             q = q_blocks[:, t0:t1].reshape(batch * G, heads, Lq, head_dim)
             out, _ = call_inner_attention(
                 module,
@@ -339,42 +344,61 @@ class FAMRun(FAMChain):
         return out
 
     def _block_groups(self, tl_ok3: torch.Tensor, group: int):
-        """(t0, t1, regular) for the blocks of this chunk, at most `group` blocks at a time.
+        """(t0, t1, shape) for the blocks of this chunk, at most `group` blocks at a time.
 
-        A block is *regular* when every slot of its M memory blocks and of its own block holds a real token
-        in every row (all blocks of a long unpadded sequence but the first and a trailing partial one):
-        its mask is then the same causal pattern for all of them, built once per forward. Runs of regular and
-        irregular blocks are grouped separately. The timeline's validity is the same in every layer, so the
-        flags are computed once per forward (one host sync).
+        `shape` is None for an *irregular* block (its keys are masked row by row), or `(m, fam_on)` for a
+        *regular* one: in every row its own block is complete, its last m memory blocks are complete and the
+        M - m before them are empty (the first blocks of a sequence), and the FAM is read by every row
+        (`fam_on`) or by none (fam_update "sink" before the first block leaves the window). A regular
+        block attends to exactly those m·C + (F if fam_on) + C keys under one mask, the same for all of them
+        and built once per forward: no work on keys that no query can see. Runs of blocks of one shape are
+        grouped. The timeline's validity is the same in every layer, so the shapes are computed once per
+        forward (one host sync).
         """
         T = self.num_blocks
         if self.compact:
-            flags = [False] * T
+            shapes = [None] * T
         else:
-            if self._regular_flags is None:
-                M = self.settings.memory_segments
-                full = tl_ok3.all(dim=2).all(dim=0)  # (M+T,) every row's block is complete
-                windows = full.unfold(0, M + 1, 1).all(dim=1) if M > 0 else full  # (T,) blocks t .. t+M
-                if self.settings.fam_update == "sink":  # and every row's sink visibility is the regular one
-                    windows = windows & self.sink_readable(0, T).all(dim=0)
-                self._regular_flags = windows.tolist()
-            flags = self._regular_flags
+            if self._block_shapes is None:
+                self._block_shapes = self._shapes(tl_ok3)
+            shapes = self._block_shapes
         t0 = 0
         while t0 < T:
             t1 = t0 + 1
-            while t1 < T and t1 - t0 < group and flags[t1] == flags[t0]:
+            while t1 < T and t1 - t0 < group and shapes[t1] == shapes[t0]:
                 t1 += 1
-            yield t0, t1, flags[t0]
+            yield t0, t1, shapes[t0]
             t0 = t1
 
-    def _regular_mask(self, fam_length: int, dtype, device) -> torch.Tensor:
-        """Additive mask (1, 1, C, S) of a regular block: memory and FAM visible, own block causal."""
-        key = (fam_length, dtype, device)
+    def _shapes(self, tl_ok3: torch.Tensor) -> list[tuple[int, bool] | None]:
+        """The shape of every block of this chunk (see `_block_groups`)."""
+        M, T = self.settings.memory_segments, self.num_blocks
+        full = tl_ok3.all(dim=2).all(dim=0)  # (M+T,) the block is complete in every row
+        empty = ~tl_ok3.any(dim=2).any(dim=0)  # (M+T,) no row has a token there
+        if self.settings.fam_update == "sink":
+            readable = self.sink_readable(0, T)
+            reads = torch.stack([readable.all(dim=0), ~readable.any(dim=0)])  # (2, T): all rows / no row
+        else:
+            reads = torch.stack([torch.ones(T, dtype=torch.bool), torch.zeros(T, dtype=torch.bool)])
+        full, empty, (all_read, none_read) = full.tolist(), empty.tolist(), reads.tolist()
+        shapes = []
+        for t in range(T):
+            memory = range(t, t + M)  # timeline indices of the memory blocks, M blocks back first
+            m = 0
+            while m < M and full[memory[M - 1 - m]]:
+                m += 1
+            uniform = full[M + t] and all(empty[i] for i in memory[: M - m]) and (all_read[t] or none_read[t])
+            shapes.append((m, all_read[t]) if uniform else None)
+        return shapes
+
+    def _regular_mask(self, memory_blocks: int, fam_length: int, dtype, device) -> torch.Tensor:
+        """Additive mask (1, 1, C, m·C + F + C) of a regular block: memory and FAM visible, own block causal."""
+        key = (memory_blocks, fam_length, dtype, device)
         if key not in self._regular_masks:
-            C, M = self.settings.block_size, self.settings.memory_segments
+            C = self.settings.block_size
             causal = torch.ones(C, C, dtype=torch.bool, device=device).tril()
             fam = self.fam_visible(fam_length, device).expand(C, fam_length)
-            allowed = torch.cat([causal.new_ones(C, M * C), fam, causal], dim=1)
+            allowed = torch.cat([causal.new_ones(C, memory_blocks * C), fam, causal], dim=1)
             self._regular_masks[key] = additive_mask(allowed, dtype)[None, None]
         return self._regular_masks[key]
 

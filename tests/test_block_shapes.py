@@ -1,0 +1,102 @@
+"""Regular blocks attend to the keys they can see and no others; the result is the fully masked computation's.
+
+A block whose memory blocks are complete or empty in every row (the first M blocks of a sequence have fewer
+than M memory blocks) takes only its filled memory blocks, and no FAM keys when no row reads the FAM (the
+zero-shot sink before the first block leaves the window). These tests pin the classification and compare
+the trimmed path with the one that masks every block row by row (`_shapes` forced to irregular).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_close, padding_mask, random_ids, tiny_model
+
+import hf_fam
+from hf_fam.modeling.fam_core import FAMRun
+
+
+def fam_model(C, M, F, update="paper", family="llama"):
+    base = tiny_model(family)
+    model = hf_fam.FAMForCausalLM.from_base_model(base, block_size=C, memory_segments=M, fam_length=F)
+    model.config.fam_update = update
+    return model.eval()
+
+
+def shapes_seen(model, ids, mask=None):
+    seen = []
+    original = FAMRun._shapes
+
+    def spy(self, tl_ok3):
+        seen.append(original(self, tl_ok3))
+        return seen[-1]
+
+    FAMRun._shapes = spy
+    try:
+        with torch.no_grad():
+            model(ids, attention_mask=mask)
+    finally:
+        FAMRun._shapes = original
+    return seen[0]
+
+
+def all_irregular(monkeypatch):
+    monkeypatch.setattr(FAMRun, "_shapes", lambda self, tl_ok3: [None] * self.num_blocks)
+
+
+def test_the_first_blocks_take_only_their_filled_memory_blocks():
+    model = fam_model(4, 2, 2)
+    assert shapes_seen(model, random_ids(2, 20)) == [(0, True), (1, True), (2, True), (2, True), (2, True)]
+    # a trailing partial block and a padded row make blocks irregular
+    assert shapes_seen(model, random_ids(1, 18)) == [(0, True), (1, True), (2, True), (2, True), None]
+    mask = padding_mask([20, 11], 20)
+    assert shapes_seen(model, random_ids(2, 20), mask) == [(0, True), (1, True), None, None, None]
+
+
+def test_the_sink_is_read_only_once_the_first_block_has_left_the_window():
+    model = fam_model(4, 1, 3, update="sink")
+    assert shapes_seen(model, random_ids(1, 16)) == [(0, False), (1, False), (1, True), (1, True)]
+
+
+@pytest.mark.parametrize("update", ["paper", "sink"])
+@pytest.mark.parametrize("C,M,F,N", [(4, 2, 2, 23), (3, 3, 1, 24), (5, 0, 3, 20), (4, 1, 0, 17)])
+def test_trimmed_keys_equal_the_masked_computation(monkeypatch, family, update, C, M, F, N):
+    model = fam_model(C, M, F, update, family)
+    ids = random_ids(2, N, seed=4)
+    mask = padding_mask([N, N - 5], N, "left")
+    with torch.no_grad():
+        got = model(ids).logits, model(ids, attention_mask=mask).logits
+    all_irregular(monkeypatch)
+    with torch.no_grad():
+        expected = model(ids).logits, model(ids, attention_mask=mask).logits
+    assert_close(got[0], expected[0], msg=f"{family} {update} C={C} M={M} F={F}")
+    assert_close(got[1], expected[1], mask=mask, msg=f"{family} {update} padded")
+
+
+def test_trimmed_keys_give_the_masked_gradients(monkeypatch):
+    model = fam_model(4, 2, 2).train()
+    ids = random_ids(2, 24, seed=5)
+
+    def grads():
+        model.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    got = grads()
+    all_irregular(monkeypatch)
+    expected = grads()
+    assert got.keys() == expected.keys() and len(got) > 0
+    for name in got:
+        assert_close(got[name], expected[name], msg=name)
+
+
+def test_streaming_chunks_keep_the_shapes_exact(monkeypatch):
+    model = fam_model(4, 2, 2)
+    ids = random_ids(1, 30, seed=6)
+    with torch.no_grad():
+        whole = model(ids).logits
+        cache, parts = None, []
+        for chunk in ids.split(9, dim=1):
+            out = model(chunk, cache=cache, use_cache=True)
+            cache, parts = out.cache, parts + [out.logits]
+    assert_close(torch.cat(parts, dim=1), whole)
