@@ -33,7 +33,7 @@ def load() -> None:
     from .modeling.fam_cache import FAMCache
     from .modeling.fam_settings import FAMSettings
     from .modeling.modeling_fam import FAMForCausalLM, FAMModel
-    from .patching import patch, unpatch
+    from .runtime.patching import patch, unpatch
 
     AutoConfig.register("fam", FAMConfig, exist_ok=True)
     AutoModel.register(FAMConfig, FAMModel, exist_ok=True)

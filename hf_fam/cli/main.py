@@ -35,7 +35,7 @@ def supported_families() -> str:
     import ast
     from pathlib import Path
 
-    source = Path(__file__).with_name("modeling") / "fam_adapters.py"
+    source = Path(__file__).resolve().parents[1] / "modeling" / "fam_adapters.py"
     try:
         for node in ast.parse(source.read_text()).body:
             target = getattr(node, "target", None) or (getattr(node, "targets", None) or [None])[0]
@@ -43,7 +43,7 @@ def supported_families() -> str:
                 return ", ".join(sorted(ast.literal_eval(key) for key in node.value.keys))
     except (OSError, SyntaxError, ValueError):
         pass
-    from .modeling.fam_adapters import supported_model_types
+    from ..modeling.fam_adapters import supported_model_types
 
     return ", ".join(supported_model_types())
 
@@ -84,9 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         try:
-            module = importlib.import_module(f"hf_fam.commands.{name}")
+            module = importlib.import_module(f"hf_fam.cli.commands.{name}")
         except ModuleNotFoundError as err:
-            if err.name == f"hf_fam.commands.{name}":
+            if err.name == f"hf_fam.cli.commands.{name}":
                 continue  # command not shipped in this build
             raise
         module.register(sub)
@@ -117,10 +117,3 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     return int(result or 0)
 
-
-if __name__ == "__main__":
-    # `python -m hf_fam.cli`: run the package's module, whose CLIError the commands raise (this file runs as
-    # __main__, a second copy with a CLIError class of its own that main() here would not catch)
-    from hf_fam.cli import main as package_main
-
-    sys.exit(package_main())
