@@ -1,14 +1,13 @@
 """`hf-fam`: the command line over hf_fam.
 
-Each command lives in `hf_fam/commands/<name>.py` and exposes `register(subparsers)`, which adds its
-parser and sets `func` (and optionally `check`, a quick look at the arguments before anything loads).
+This module is the entry point only (`hf_fam.cli:main`, the `hf-fam` console script). Each command lives in
+`hf_fam/cli/commands/<name>.py` and exposes `register(subparsers)`, which adds its parser and sets `func` (and
+optionally `check`, a quick look at the arguments before anything loads). What the commands share sits beside
+this module, so that no command imports back into it: `errors.CLIError`, `formatting.HelpFormatter` and
+`fam_args` (the FAM settings as options).
 Heavy imports (torch, transformers) happen only once the arguments are parsed (`hf_fam.load()`, then inside
 the commands), so `--help` and argument errors are instant. Errors a user can fix are printed as one line,
 without a traceback, with exit status 2 (set HF_FAM_DEBUG=1 to see the traceback).
-
-`HelpFormatter` is the commands' shared help style: "(default: X)" appended once, only where a help text does
-not already speak of its default, and `%(families)s` filled with the supported model types, read from the
-adapter table (`hf_fam.modeling.fam_adapters`) only when that help is shown.
 """
 
 from __future__ import annotations
@@ -18,62 +17,10 @@ import importlib
 import os
 import sys
 
+from .errors import CLIError
+
 # in the order `hf-fam --help` lists them
 COMMANDS = ("demo", "convert", "generate", "finetune", "eval", "card", "inspect", "verify", "bench")
-
-
-class CLIError(Exception):
-    """An error the user can fix; printed as one line."""
-
-
-def supported_families() -> str:
-    """The model types FAM supports, "gemma, gemma2, ...": the keys of the adapter table `ADAPTERS`.
-
-    Read from fam_adapters.py's source (the module imports torch, seconds a help text should not wait);
-    `supported_model_types()` where the table is not a plain dict literal. tests/test_cli.py checks they agree.
-    """
-    import ast
-    from pathlib import Path
-
-    source = Path(__file__).resolve().parents[1] / "modeling" / "fam_adapters.py"
-    try:
-        for node in ast.parse(source.read_text()).body:
-            target = getattr(node, "target", None) or (getattr(node, "targets", None) or [None])[0]
-            if getattr(target, "id", None) == "ADAPTERS" and isinstance(node.value, ast.Dict):
-                return ", ".join(sorted(ast.literal_eval(key) for key in node.value.keys))
-    except (OSError, SyntaxError, ValueError):
-        pass
-    from ..modeling.fam_adapters import supported_model_types
-
-    return ", ".join(supported_model_types())
-
-
-class HelpFormatter(argparse.HelpFormatter):
-    """Appends "(default: X)" once, where the help does not already state it; fills `%(families)s` lazily."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        default = action.default
-        if ("default" in text or default is None or isinstance(default, bool) or default == ()
-                or default is argparse.SUPPRESS or not action.option_strings):
-            return text
-        return text + " (default: %(default)s)"
-
-    def _expand_help(self, action):
-        text = self._get_help_string(action)
-        if "%(families)" in text:
-            text = text.replace("%(families)s", supported_families())
-        params = {k: v for k, v in vars(action).items() if v is not argparse.SUPPRESS}
-        params["prog"] = self._prog
-        if isinstance(params.get("default"), (list, tuple)):  # nargs="+": shown as typed, "1 2 4"
-            params["default"] = " ".join(str(v) for v in params["default"])
-        if params.get("choices") is not None:
-            params["choices"] = ", ".join(str(c) for c in params["choices"])
-        return text % params
-
-
-class RawDescriptionHelpFormatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """`HelpFormatter`, with the description and epilog printed as written."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..main import HelpFormatter
+from ..formatting import HelpFormatter
 
 
 def register(sub) -> None:
@@ -54,7 +54,7 @@ def check(args) -> None:
     """Before the measurements: is matplotlib there for the plots drawn at the end?"""
     import importlib.util
 
-    from ..main import CLIError
+    from ..errors import CLIError
 
     if importlib.util.find_spec("matplotlib") is None:
         raise CLIError("the benchmark draws its plots with matplotlib, which is not installed: "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import textwrap
 
-from ..main import RawDescriptionHelpFormatter
+from ..formatting import RawDescriptionHelpFormatter
 
 EVAL_HELP = """\
 evaluation results JSON: a list, or {"results": [...]}, of entries like

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 from ...modeling.fam_settings import FAM_UPDATE_CHOICES, ZERO_SHOT_FAM_UPDATE
 from ..fam_args import add_fam_arguments
-from ..main import RawDescriptionHelpFormatter
+from ..formatting import RawDescriptionHelpFormatter
 
 FAM_INIT_HELP = """\
 how the memory's initial value fam_init (F x hidden, the only new tensor) starts:
@@ -96,7 +96,7 @@ def _sigterm_as_interrupt():
 
 def run(args) -> int:
     from ...checkpoint_io.convert import ConvertOptions, convert
-    from ..main import CLIError
+    from ..errors import CLIError
 
     options = ConvertOptions(
         block_size=args.block_size, memory_segments=args.memory_segments, fam_length=args.fam_length,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..main import HelpFormatter
+from ..formatting import HelpFormatter
 
 
 def register(sub) -> None:
@@ -37,7 +37,7 @@ def check(args) -> None:
     """Before minutes of training: is matplotlib there for the plot drawn at the end?"""
     import importlib.util
 
-    from ..main import CLIError
+    from ..errors import CLIError
 
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise CLIError("the demo draws passkey.png with matplotlib, which is not installed: "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..fam_args import add_fam_arguments
-from ..main import HelpFormatter
+from ..formatting import HelpFormatter
 
 
 def register(sub) -> None:
@@ -48,7 +48,7 @@ def check(args) -> None:
     """Before the evaluation: is matplotlib there for the plot drawn at the end (passkey, or --compare)?"""
     import importlib.util
 
-    from ..main import CLIError
+    from ..errors import CLIError
 
     plots = args.task == "passkey" or bool(args.compare)
     if plots and importlib.util.find_spec("matplotlib") is None:
@@ -68,7 +68,7 @@ def run(args) -> int:
         write_json,
     )
     from ...runtime.loading import FAMOverrides, load_fam_model, resolve_dtype
-    from ..main import CLIError
+    from ..errors import CLIError
 
     if args.no_fam:
         from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -10,7 +10,7 @@ Examples:
 from __future__ import annotations
 
 from ..fam_args import add_fam_arguments
-from ..main import HelpFormatter
+from ..formatting import HelpFormatter
 
 HELP = "LoRA fine-tuning with the paper's recipe (PEFT adapter + trained fam_init); runs under accelerate launch."
 
