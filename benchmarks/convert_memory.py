@@ -5,8 +5,8 @@ at a time (the model is never built), then measures, each in a fresh process sta
 RSS from `wait4`: every page the process touched, imports included; the checkpoint is written in a child of its
 own because Linux carries a parent's peak RSS over into the children it starts):
 
-- `import`:   importing hf_fam.convert, torch and transformers only: the floor any conversion pays;
-- `convert`:  `python -m hf_fam.cli convert SRC OUT` (byte streaming, `hf_fam.safetensors_io`);
+- `import`:   importing hf_fam.checkpoint_io.convert, torch and transformers only: the floor any conversion pays;
+- `convert`:  `python -m hf_fam.cli convert SRC OUT` (byte streaming, `hf_fam.checkpoint_io.safetensors_io`);
 - `naive`:    the same conversion with `safe_open(...).get_tensor` + `safetensors.torch.save_file` per shard, the
               obvious shard-by-shard approach, for comparison.
 
@@ -48,7 +48,7 @@ def write_checkpoint(folder: Path, args) -> dict:
     import torch
     from safetensors.torch import save_file
 
-    from hf_fam.checkpoint import expected_tensors
+    from hf_fam.checkpoint_io.checkpoint import expected_tensors
     from hf_fam.tiny import byte_tokenizer
 
     config = llama_config(args)
@@ -102,7 +102,7 @@ def naive_convert(src: Path, out: Path) -> None:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    import hf_fam.convert  # noqa: F401  the same imports as `convert`, so both start from the same floor
+    import hf_fam.checkpoint_io.convert  # noqa: F401  the same imports as `convert`, so both start from the same floor
 
     out.mkdir()
     files = sorted(src.glob("*.safetensors"))
@@ -147,7 +147,7 @@ def main() -> None:
                                  stdout=subprocess.PIPE, text=True)
         ckpt = json.loads(written.stdout.strip().splitlines()[-1])
         runs = {}
-        runs["import"] = measure([sys.executable, "-c", "import hf_fam.convert, torch, transformers"])
+        runs["import"] = measure([sys.executable, "-c", "import hf_fam.checkpoint_io.convert, torch, transformers"])
         runs["convert"] = measure([sys.executable, "-m", "hf_fam.cli", "convert", str(src), str(work / "fam"),
                                    *SETTINGS, "--quiet"])
         if not args.no_naive:

@@ -32,7 +32,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from hf_fam.bench import BenchConfig, build, median_ratio, read
+from hf_fam.apps.bench import BenchConfig, build, median_ratio, read
 from hf_fam.modeling import fam_chain
 
 

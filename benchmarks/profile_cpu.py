@@ -15,7 +15,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from hf_fam.bench import BenchConfig, build, read
+from hf_fam.apps.bench import BenchConfig, build, read
 
 GEMMS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")
 

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from hf_fam.bench import BenchConfig, build, proc_status_mib
+from hf_fam.apps.bench import BenchConfig, build, proc_status_mib
 
 
 def main() -> None:

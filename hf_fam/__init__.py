@@ -6,12 +6,22 @@ AutoModel and `FAMForCausalLM` with AutoModelForCausalLM.
 The `hf-fam` command line is the one exception: importing torch and transformers takes seconds, so when
 this interpreter was started as `hf-fam` (or `python -m hf_fam.cli`) the package only parses arguments
 first; `hf_fam.cli.main` calls `load()` before a command runs, and any public name below loads it too.
+
+The package's parts, one folder each: `modeling/` (what a FAM checkpoint ships as its remote code), `runtime/`
+(patch, load, stream), `checkpoint_io/` (convert, inspect, verify, model cards), `tasks/` (the passkey task),
+`training/`, `evaluation/`, `apps/` (demo, bench) and `cli/` (the `hf-fam` command line); `tiny.py` builds the
+tiny models the tests, demo, bench and notebooks use. Modules that moved keep their old names as deprecated
+aliases (`hf_fam/_moved.py`).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+
+from . import _moved
+
+_moved.install()  # the old names of moved modules (hf_fam.convert, ...), each with a DeprecationWarning
 
 __version__ = "0.1.0"
 
@@ -33,7 +43,7 @@ def load() -> None:
     from .modeling.fam_cache import FAMCache
     from .modeling.fam_settings import FAMSettings
     from .modeling.modeling_fam import FAMForCausalLM, FAMModel
-    from .patching import patch, unpatch
+    from .runtime.patching import patch, unpatch
 
     AutoConfig.register("fam", FAMConfig, exist_ok=True)
     AutoModel.register(FAMConfig, FAMModel, exist_ok=True)

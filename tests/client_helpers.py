@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_fam
-from hf_fam.convert import ConvertOptions, convert
+from hf_fam.checkpoint_io.convert import ConvertOptions, convert
 from hf_fam.tiny import make_tiny_checkpoint
 
 # C = 8, M = 1: a window of 16 tokens, so the test texts (40-300 tokens) are many blocks long
@@ -44,7 +44,7 @@ def fam_checkpoint(folder: Path, family: str = "llama", route: str = "saved", se
     """A FAM checkpoint with its tokenizer in `folder`.
 
     route "saved": the base loaded and wrapped with `FAMForCausalLM.from_base_model`, then `save_pretrained`;
-    route "converted": `hf_fam.convert` of the base folder. `overrides`: FAM settings and base-config fields.
+    route "converted": `hf_fam.checkpoint_io.convert` of the base folder. `overrides`: FAM settings and base-config fields.
     """
     folder = Path(folder)
     settings = {k: overrides.pop(k) if k in overrides else v for k, v in SETTINGS.items()}

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from hf_fam.bench import BenchConfig, peak_memory_mib, run
+from hf_fam.apps.bench import BenchConfig, peak_memory_mib, run
 
 TINY = dict(hidden=64, layers=2, heads=2, vocab=101, block_size=32, memory_segments=1, fam_length=4, threads=1)
 
@@ -19,7 +19,7 @@ def test_child_peak_memory_does_not_count_the_parent():
     peak. The child's own high-water mark must not include 600 MiB held by this process."""
     import torch
 
-    from hf_fam.bench import proc_status_mib
+    from hf_fam.apps.bench import proc_status_mib
 
     held = torch.ones(600 * 2**20 // 4)  # noqa: F841  (600 MiB resident in the parent)
     parent = proc_status_mib("VmRSS")

@@ -12,10 +12,10 @@ import os
 import subprocess
 import sys
 import textwrap
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 import transformers
 from test_families import build, fam
@@ -90,7 +90,7 @@ def test_every_remote_file_is_a_direct_relative_import_of_an_auto_map_module():
     missing there and the load fails."""
     from transformers.dynamic_module_utils import get_relative_imports
 
-    from hf_fam.checkpoint import AUTO_MAP, MODELING_DIR, remote_code_files
+    from hf_fam.checkpoint_io.checkpoint import AUTO_MAP, MODELING_DIR, remote_code_files
 
     entry_files = {MODELING_DIR / (target.split(".")[0] + ".py") for target in AUTO_MAP.values()}
     reached = {path.name for path in entry_files}
@@ -249,7 +249,7 @@ def test_converted_in_the_other_release_loads_here_without_hf_fam(tmp_path):
         f"""
         import transformers
         from hf_fam.tiny import make_tiny_checkpoint
-        from hf_fam.convert import ConvertOptions, convert
+        from hf_fam.checkpoint_io.convert import ConvertOptions, convert
         make_tiny_checkpoint({str(src)!r}, "gemma", initializer_range=0.2)
         convert({str(src)!r}, {str(tmp_path / "fam")!r}, ConvertOptions(block_size=4, memory_segments=1, fam_length=2, fam_update="paper", progress=False))
         print(transformers.__version__)
@@ -274,6 +274,6 @@ def test_converted_in_the_other_release_loads_here_without_hf_fam(tmp_path):
 
 
 def test_verify_reads_the_range_from_code_without_importing_it():
-    from hf_fam.checkpoint import MODELING_DIR, code_transformers_range
+    from hf_fam.checkpoint_io.checkpoint import MODELING_DIR, code_transformers_range
 
     assert code_transformers_range(MODELING_DIR) == SUPPORTED_TRANSFORMERS

@@ -10,10 +10,10 @@ from convert_helpers import make_source, tree_hashes
 from transformers import AutoModelForCausalLM
 
 import hf_fam
-from hf_fam.checkpoint import AUTO_MAP, MODELING_DIR, code_transformers_range, remote_code_age
+from hf_fam.checkpoint_io.checkpoint import AUTO_MAP, MODELING_DIR, code_transformers_range, remote_code_age
+from hf_fam.checkpoint_io.convert import ConvertOptions, convert
+from hf_fam.checkpoint_io.inspection import verify_checkpoint
 from hf_fam.cli import main
-from hf_fam.convert import ConvertOptions, convert
-from hf_fam.inspection import verify_checkpoint
 from hf_fam.modeling.fam_compat import SUPPORTED_TRANSFORMERS
 
 RANGE_LINE = 'SUPPORTED_TRANSFORMERS = ("%s", "%s")' % SUPPORTED_TRANSFORMERS

@@ -15,9 +15,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import hf_fam
-from hf_fam.checkpoint import remote_code_files
-from hf_fam.convert import ConvertOptions, convert
-from hf_fam.inspection import verify_checkpoint
+from hf_fam.checkpoint_io.checkpoint import remote_code_files
+from hf_fam.checkpoint_io.convert import ConvertOptions, convert
+from hf_fam.checkpoint_io.inspection import verify_checkpoint
 
 SETTINGS = dict(block_size=4, memory_segments=1, fam_length=3)
 

@@ -11,7 +11,7 @@ import pytest
 from convert_helpers import make_source, tree_hashes
 from transformers import GPT2Config, GPT2LMHeadModel
 
-import hf_fam.safetensors_io
+import hf_fam.checkpoint_io.safetensors_io
 from hf_fam.cli import main
 
 SETTINGS = ["--block-size", "4", "--memory-segments", "1", "--fam-length", "3", "--quiet"]
@@ -151,7 +151,7 @@ def test_bad_options(capsys, workdir, args, needle):
 def test_failure_while_writing_leaves_nothing(capsys, workdir, monkeypatch):
     """A disk filling up on the third shard: the partial output is removed."""
     src = make_source(workdir / "src", "llama", "sharded")
-    real = hf_fam.safetensors_io.write_safetensors
+    real = hf_fam.checkpoint_io.safetensors_io.write_safetensors
     calls = []
 
     def failing(path, *args, **kwargs):
@@ -160,7 +160,7 @@ def test_failure_while_writing_leaves_nothing(capsys, workdir, monkeypatch):
             raise OSError(28, "No space left on device")
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr("hf_fam.convert.write_safetensors", failing)
+    monkeypatch.setattr("hf_fam.checkpoint_io.convert.write_safetensors", failing)
     assert_fails_cleanly(capsys, workdir, src, "No space left on device")
     assert len(calls) == 3
 
@@ -172,14 +172,14 @@ def test_interrupt_while_writing_leaves_nothing(capsys, workdir, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("hf_fam.convert.write_safetensors", interrupted)
+    monkeypatch.setattr("hf_fam.checkpoint_io.convert.write_safetensors", interrupted)
     assert run_convert(capsys, src, workdir / "out")[0] == 130
     assert sorted(p.name for p in workdir.iterdir()) == listing
 
 
 def test_sigterm_becomes_an_interrupt():
     """`hf-fam convert` turns SIGTERM into KeyboardInterrupt, so the temporary folder is removed as on Ctrl-C."""
-    from hf_fam.commands.convert import _sigterm_as_interrupt
+    from hf_fam.cli.commands.convert import _sigterm_as_interrupt
 
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt):

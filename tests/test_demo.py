@@ -39,7 +39,7 @@ def test_far_keys_are_beyond_reach_anywhere_and_near_keys_in_the_window():
     first block: that invited a first-block shortcut); near keys sit in the last attention window."""
     import random
 
-    from hf_fam.demo import VOCAB, DemoConfig, make_batch
+    from hf_fam.apps.demo import VOCAB, DemoConfig, make_batch
 
     config = DemoConfig()
     C, reach = config.block_size, config.num_layers * config.memory_segments
@@ -65,7 +65,7 @@ def test_pretraining_race_picks_the_fewest_steps_whatever_the_schedule():
     the goal (ties: the earlier learning rate), in worker processes and one after the other alike."""
     from dataclasses import replace
 
-    from hf_fam.demo import DemoConfig, pretrain
+    from hf_fam.apps.demo import DemoConfig, pretrain
 
     # a goal reached after the first 10 steps at either rate: a tie, so the first rate wins
     config = replace(DemoConfig(), pretrain_steps=30, pretrain_stop_at=0.0, pretrain_lrs=(1e-3, 2e-3))

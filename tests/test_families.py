@@ -186,7 +186,7 @@ def test_every_family_converts_and_matches_patch(tmp_path):
     from convert_helpers import run_without_hf_fam
     from safetensors.torch import load_file
 
-    from hf_fam.convert import ConvertOptions, convert
+    from hf_fam.checkpoint_io.convert import ConvertOptions, convert
 
     expected = {}
     for name in SPECS:

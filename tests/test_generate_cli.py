@@ -9,10 +9,9 @@ import pytest
 import torch
 from conftest import assert_close
 
-import hf_fam
 from hf_fam.cli import main
-from hf_fam.loading import FAMOverrides, load_fam_model
-from hf_fam.streaming import continue_stream, iter_text_file_tokens, stream, stream_text_file
+from hf_fam.runtime.loading import FAMOverrides, load_fam_model
+from hf_fam.runtime.streaming import continue_stream, iter_text_file_tokens, stream, stream_text_file
 from hf_fam.tiny import make_tiny_checkpoint
 
 

@@ -10,7 +10,7 @@ import pytest
 from huggingface_hub import constants
 
 from hf_fam.cli import main
-from hf_fam.loading import hub_access, load_fam_model
+from hf_fam.runtime.loading import hub_access, load_fam_model
 from hf_fam.tiny import make_tiny_checkpoint
 
 

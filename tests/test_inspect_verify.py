@@ -14,9 +14,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import hf_fam
+from hf_fam.checkpoint_io.convert import ConvertOptions, convert
+from hf_fam.checkpoint_io.inspection import inspect_checkpoint, verify_checkpoint
 from hf_fam.cli import main
-from hf_fam.convert import ConvertOptions, convert
-from hf_fam.inspection import inspect_checkpoint, verify_checkpoint
 
 
 def _convert(tmp_path, family="llama", layout="single", name="fam"):

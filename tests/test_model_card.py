@@ -14,9 +14,9 @@ import pytest
 from convert_helpers import make_source
 from huggingface_hub import ModelCard
 
-from hf_fam.cards import TEMPLATE_NAME, template_text
+from hf_fam.checkpoint_io.cards import TEMPLATE_NAME, template_text
+from hf_fam.checkpoint_io.convert import ConvertOptions, convert
 from hf_fam.cli import main
-from hf_fam.convert import ConvertOptions, convert
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = {
@@ -143,7 +143,7 @@ def test_installed_wheel_ships_the_template(tmp_path):
         assert zf.read(f"hf_fam/model_cards/{TEMPLATE_NAME}").decode() == template_text()
         zf.extractall(tmp_path / "site")
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
-    probe = "import hf_fam.cards as c; print(c.__file__); print(len(c.template_text()))"
+    probe = "import hf_fam.checkpoint_io.cards as c; print(c.__file__); print(len(c.template_text()))"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=tmp_path,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hf_fam.tasks.passkey import PASSKEY_INTRO, passkey_examples
 from hf_fam.tiny import byte_tokenizer
 from hf_fam.training import PasskeyConfig, SyntheticPasskeyVocab, beyond_reach, passkey_dataset, passkey_exact_match
-from hf_fam.training.passkey import PASSKEY_INTRO, passkey_examples
 
 
 @pytest.fixture(scope="module")

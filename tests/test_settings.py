@@ -12,8 +12,8 @@ from convert_helpers import make_source
 
 import hf_fam
 from hf_fam import FAMConfig, FAMForCausalLM, FAMSettings
-from hf_fam.commands.fam_args import add_fam_arguments, settings_from_args
-from hf_fam.convert import ConvertOptions
+from hf_fam.checkpoint_io.convert import ConvertOptions
+from hf_fam.cli.fam_args import add_fam_arguments, settings_from_args
 
 SETTINGS = dict(block_size=4, memory_segments=1, fam_length=3, fam_update="paper")
 

@@ -1,5 +1,5 @@
 """The zero-shot start (fam_init "bos", fam_update "sink"), the default of hf_fam.patch and hf-fam convert, and
-the attention-sink baseline it is measured against (hf_fam.sink_baseline). The paper's computation stays
+the attention-sink baseline it is measured against (hf_fam.evaluation.sink_baseline). The paper's computation stays
 available (fam_update="paper"), pinned by test_equivalence.py and the rest of the suite."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from fam_reference import reference_fam_logits
 from safetensors.torch import load_file
 
 import hf_fam
-from hf_fam.convert import ConvertOptions, convert
-from hf_fam.fam_init import FamInitSpec, sink_token_id
-from hf_fam.sink_baseline import sink_attention
+from hf_fam.checkpoint_io.convert import ConvertOptions, convert
+from hf_fam.checkpoint_io.fam_init import FamInitSpec, sink_token_id
+from hf_fam.evaluation.sink_baseline import sink_attention
 
 
 def sink_model(base, C, M, F, fam_init=None):

@@ -9,7 +9,7 @@ For a FAM model `seq_len` should be a multiple of the block size C: every block 
 holds C tokens, as at inference, and the final memory that Random State Passing hands on has read the whole
 sequence (a trailing partial block is never compressed into it). `pack_dataset(..., block_size=C)` enforces it.
 
-The synthetic passkey task lives in `hf_fam.training.passkey`.
+The synthetic passkey task lives in `hf_fam.tasks.passkey`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-IGNORE_INDEX = -100
+from ..tasks import IGNORE_INDEX
+
 TEXT_SUFFIXES = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json",
                  ".csv": "csv", ".parquet": "parquet"}
 # documents are grouped this many at a time before cutting; tokens left over in a group (< seq_len) are dropped

@@ -42,9 +42,9 @@ from pathlib import Path
 import torch
 
 from ..modeling.fam_settings import FAM_LAYER_CHOICES
+from ..tasks.passkey import PASSKEY_FORMS, PasskeyConfig, SyntheticPasskeyVocab, passkey_dataset
 from .data import FAMDataCollator, check_seq_len, load_text_dataset, pack_dataset
 from .lora import DEFAULT_LORA_RANK, fam_lora_config, unwrap_fam_model
-from .passkey import PASSKEY_FORMS, PasskeyConfig, SyntheticPasskeyVocab, passkey_dataset
 from .recipe import FAMRecipeConfig, attach_recipe
 
 logger = logging.getLogger("hf_fam.training")
@@ -215,8 +215,8 @@ def load_fam_model(options: ModelOptions):
     """
     from transformers import AutoConfig
 
-    from ..loading import FAMOverrides, hub_access
-    from ..loading import load_fam_model as load
+    from ..runtime.loading import FAMOverrides, hub_access
+    from ..runtime.loading import load_fam_model as load
 
     overrides = FAMOverrides(options.block_size, options.memory_segments, options.fam_length, options.fam_layers)
     model, tokenizer = load(options.path, overrides=overrides, dtype=options.dtype)
@@ -314,7 +314,7 @@ def finetune(config: FinetuneConfig, accelerator=None) -> FinetuneResult:
     if not accelerator.is_main_process:  # only the main process writes
         result = _train(config, accelerator, out, out)
     else:
-        from ..convert import staging_folder
+        from ..checkpoint_io.convert import staging_folder
 
         with staging_folder(out.absolute(), force=True) as work:  # force: check_output_dir has decided
             result = _train(config, accelerator, out, work)

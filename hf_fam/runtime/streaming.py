@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .modeling.fam_cache import FAMCache
-from .modeling.fam_compat import CACHE_KWARG
+from ..modeling.fam_cache import FAMCache
+from ..modeling.fam_compat import CACHE_KWARG
 
 
 @dataclass

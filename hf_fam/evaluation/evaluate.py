@@ -1,7 +1,7 @@
 """Evaluation: passkey retrieval (overall and beyond reach) and perplexity over long text by streaming.
 
 Works for FAM models and for plain base models alike. Results are JSON-ready dicts whose `"results"` list
-is what the model card's results section reads (`hf_fam.cards.load_eval_results`).
+is what the model card's results section reads (`hf_fam.checkpoint_io.cards.load_eval_results`).
 
 "Beyond reach": with L layers and M memory segments, block sliding window attention carries information at
 most L·M blocks back (plus the current block). A key further back than that can only be retrieved
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .training.passkey import PasskeyConfig, beyond_reach, passkey_examples, passkey_exact_match
+from ..tasks.passkey import PasskeyConfig, beyond_reach, passkey_exact_match, passkey_examples
 
 
 @dataclass
@@ -182,7 +182,7 @@ def evaluate_perplexity(model, token_chunks, *, max_tokens: int | None = None, p
 
     Args:
         model: a FAM model or a plain causal LM.
-        token_chunks: iterable of 1D token sequences (e.g. `hf_fam.streaming.iter_text_file_tokens`).
+        token_chunks: iterable of 1D token sequences (e.g. `hf_fam.runtime.streaming.iter_text_file_tokens`).
         max_tokens: stop after this many tokens.
 
     Returns:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..cli import HelpFormatter
+from ..formatting import HelpFormatter
 
 
 def register(sub) -> None:
@@ -37,7 +37,7 @@ def check(args) -> None:
     """Before minutes of training: is matplotlib there for the plot drawn at the end?"""
     import importlib.util
 
-    from ..cli import CLIError
+    from ..errors import CLIError
 
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise CLIError("the demo draws passkey.png with matplotlib, which is not installed: "
@@ -48,8 +48,8 @@ def run(args) -> int:
     from dataclasses import replace
     from pathlib import Path
 
-    from ..demo import DemoConfig, full_config, run_demo, summarize_seeds
-    from ..evaluation import write_json
+    from ...apps.demo import DemoConfig, full_config, run_demo, summarize_seeds
+    from ...evaluation import write_json
 
     all_results = []
     for seed in args.seed:

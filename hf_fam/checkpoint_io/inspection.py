@@ -22,12 +22,13 @@ from pathlib import Path
 
 import torch
 
+from ..modeling.fam_settings import FAMSettings
 from .checkpoint import (
     AUTO_MAP,
     FAM_INIT_KEY,
     ExpectedTensor,
-    compare_remote_code,
     code_transformers_range,
+    compare_remote_code,
     compare_tensors,
     expected_tensors,
     find_weight_files,
@@ -35,7 +36,6 @@ from .checkpoint import (
     read_safetensors_tensors,
     remote_code_age,
 )
-from .modeling.fam_settings import FAMSettings
 
 REFRESH_COMMAND = "hf-fam verify --refresh-code"
 

@@ -9,8 +9,8 @@ trust_remote_code=True)` loads it where hf_fam is not installed. The output is w
 How the conversion stays safe and small:
 - the model is never built: tensors are checked against the config from the safetensors headers (the
   model's shapes come from a meta-device model) and copied shard by shard as bytes, so peak memory stays
-  at one copy buffer, far below one shard (`hf_fam.safetensors_io`); a GGUF file is the exception: it is
-  dequantised by transformers into a temporary plain checkpoint first (`hf_fam.gguf_source`);
+  at one copy buffer, far below one shard (`hf_fam.checkpoint_io.safetensors_io`); a GGUF file is the exception: it is
+  dequantised by transformers into a temporary plain checkpoint first (`hf_fam.checkpoint_io.gguf_source`);
 - everything is checked before anything is written: config, supported family, every shard present and
   readable, every tensor's shape;
 - the output is written into a hidden temporary folder next to OUT and moved into place at the end; a
@@ -18,7 +18,7 @@ How the conversion stays safe and small:
 
 Example:
 ```python
->>> from hf_fam.convert import ConvertOptions, convert
+>>> from hf_fam.checkpoint_io.convert import ConvertOptions, convert
 >>> convert("meta-llama/Llama-3.2-1B", "llama-fam", ConvertOptions(block_size=1024, memory_segments=3, fam_length=64))
 ```
 """
@@ -40,6 +40,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..modeling.fam_settings import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_FAM_LAYERS,
+    DEFAULT_FAM_LENGTH,
+    DEFAULT_MEMORY_SEGMENTS,
+    ZERO_SHOT_FAM_UPDATE,
+)
 from .checkpoint import (
     AUTO_MAP,
     CONFIG_NAME,
@@ -56,13 +63,6 @@ from .checkpoint import (
 )
 from .fam_init import FamInitSpec, build_fam_init, sink_token_id
 from .gguf_source import check_gguf, gguf_as_checkpoint, locate_gguf
-from .modeling.fam_settings import (
-    DEFAULT_BLOCK_SIZE,
-    DEFAULT_FAM_LAYERS,
-    DEFAULT_FAM_LENGTH,
-    DEFAULT_MEMORY_SEGMENTS,
-    ZERO_SHOT_FAM_UPDATE,
-)
 from .safetensors_io import TensorEntry, TensorInfo, write_safetensors
 
 if TYPE_CHECKING:
@@ -89,14 +89,14 @@ class ConvertOptions:
     Attributes:
         block_size, memory_segments, fam_length, fam_layers: C, M, F and which layers carry FAM
             (defaults: `FAMSettings()`, the paper's 1024, 3, 64, all layers).
-        fam_init: "bos", "random", "text:TEXT" or "file:PATH" (see `hf_fam.fam_init`).
+        fam_init: "bos", "random", "text:TEXT" or "file:PATH" (see `hf_fam.checkpoint_io.fam_init`).
         fam_update: "sink" (the zero-shot start, default) or "paper" (see `FAMConfig`).
         seed: seed of the random fam_init.
         revision, token: Hub revision and token, for a Hub id.
         force: replace an existing OUT.
         allow_pickle: accept `pytorch_model*.bin` weights (read with `weights_only=True`).
-        base_model, repo_id: model-card inputs (see `hf_fam.cards.CardInfo`).
-        eval_results: evaluation-results JSON files for the card (see `hf_fam.cards.load_eval_results`).
+        base_model, repo_id: model-card inputs (see `hf_fam.checkpoint_io.cards.CardInfo`).
+        eval_results: evaluation-results JSON files for the card (see `hf_fam.checkpoint_io.cards.load_eval_results`).
         progress: show a progress bar.
         gguf_file: with a folder SRC, the GGUF file in it to convert (a .gguf SRC path needs none).
         dtype: for a GGUF source, the dtype its weights are dequantised to ("float32" when None); other
@@ -240,7 +240,7 @@ def open_source(folder: Path, hub_id: str | None = None, allow_pickle: bool = Fa
     """
     from transformers import AutoConfig
 
-    from .modeling.fam_adapters import get_adapter
+    from ..modeling.fam_adapters import get_adapter
 
     raw = read_config(folder)
     if raw["model_type"] == "fam":
@@ -327,10 +327,10 @@ def convert(src: str | Path, out: str | Path, options: ConvertOptions | None = N
     >>> convert("tiny-llama", "tiny-llama-fam", ConvertOptions(block_size=64, memory_segments=1, fam_length=8))
     ```
     """
-    from .modeling.fam_settings import validate_fam_settings
+    from ..modeling.fam_settings import validate_fam_settings
 
     options = options or ConvertOptions()
-    from .modeling.fam_settings import validate_fam_update
+    from ..modeling.fam_settings import validate_fam_update
 
     validate_fam_settings(options.block_size, options.memory_segments, options.fam_length, options.fam_layers)
     validate_fam_update(options.fam_update)
@@ -348,7 +348,7 @@ def convert(src: str | Path, out: str | Path, options: ConvertOptions | None = N
         folder, hub_id = resolve_source(src, options.revision, options.token, options.allow_pickle)
         _refuse_overlap(folder, out)
         return _convert_folder(folder, hub_id, out, options, spec)
-    from .loading import resolve_dtype
+    from ..runtime.loading import resolve_dtype
 
     dtype = resolve_dtype(options.dtype or "float32")
     if dtype == "auto":
@@ -444,7 +444,7 @@ def _write_config(source: SourceCheckpoint, options: ConvertOptions, tmp: Path) 
     """config.json as `FAMForCausalLM.save_pretrained` writes it; generation_config.json if SRC has none."""
     from transformers import GenerationConfig
 
-    from .modeling.configuration_fam import FAMConfig
+    from ..modeling.configuration_fam import FAMConfig
 
     config = FAMConfig(base_config=source.base_config, block_size=options.block_size,
                        memory_segments=options.memory_segments, fam_length=options.fam_length,

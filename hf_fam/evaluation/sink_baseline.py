@@ -27,7 +27,7 @@ from collections.abc import Iterator
 import torch
 from torch.nn import functional as F_
 
-from .modeling.fam_adapters import apply_rotation, get_adapter, relative_rotation
+from ..modeling.fam_adapters import apply_rotation, get_adapter, relative_rotation
 
 ATTENTION_NAME = "bswa_sinks"
 _SCORE_BYTES_BUDGET = 128 * 2**20

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from ..cli import HelpFormatter
-from .fam_args import add_fam_arguments
+from ..fam_args import add_fam_arguments
+from ..formatting import HelpFormatter
 
 
 def register(sub) -> None:
@@ -40,7 +40,7 @@ def register(sub) -> None:
 
 def check(args) -> None:
     """Refuse what cannot produce a continuation before the model loads: no tokens to generate, no prompt."""
-    from ..cli import CLIError
+    from ..errors import CLIError
 
     if args.max_new_tokens < 1:
         raise CLIError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -68,9 +68,9 @@ def run(args) -> int:
     import torch
     from transformers import TextStreamer
 
-    from ..cli import CLIError
-    from ..loading import FAMOverrides, load_fam_model
-    from ..streaming import continue_stream, iter_text_file_tokens, stream
+    from ...runtime.loading import FAMOverrides, load_fam_model
+    from ...runtime.streaming import continue_stream, iter_text_file_tokens, stream
+    from ..errors import CLIError
 
     check(args)  # also when run() is called directly
     overrides = FAMOverrides.from_args(args)

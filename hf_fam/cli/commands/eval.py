@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..cli import HelpFormatter
-from .fam_args import add_fam_arguments
+from ..fam_args import add_fam_arguments
+from ..formatting import HelpFormatter
 
 
 def register(sub) -> None:
@@ -48,7 +48,7 @@ def check(args) -> None:
     """Before the evaluation: is matplotlib there for the plot drawn at the end (passkey, or --compare)?"""
     import importlib.util
 
-    from ..cli import CLIError
+    from ..errors import CLIError
 
     plots = args.task == "passkey" or bool(args.compare)
     if plots and importlib.util.find_spec("matplotlib") is None:
@@ -59,8 +59,7 @@ def check(args) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from ..cli import CLIError
-    from ..evaluation import (
+    from ...evaluation import (
         PasskeyEvalConfig,
         evaluate_passkey,
         evaluate_perplexity,
@@ -68,7 +67,8 @@ def run(args) -> int:
         reach_of,
         write_json,
     )
-    from ..loading import FAMOverrides, load_fam_model, resolve_dtype
+    from ...runtime.loading import FAMOverrides, load_fam_model, resolve_dtype
+    from ..errors import CLIError
 
     if args.no_fam:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -87,10 +87,10 @@ def run(args) -> int:
             raise CLIError(f"text file not found: {args.text_file}")
         if tokenizer is None:
             raise CLIError(f"{args.model} has no tokenizer files")
-        from ..streaming import iter_text_file_tokens
+        from ...runtime.streaming import iter_text_file_tokens
 
         if args.compare:
-            from ..evaluation import compare_perplexity, plot_perplexity
+            from ...evaluation import compare_perplexity, plot_perplexity
 
             runs = compare_perplexity(
                 model, lambda: iter_text_file_tokens(tokenizer, args.text_file, chunk_tokens=args.chunk_tokens),

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from ..cli import HelpFormatter
+from ..formatting import HelpFormatter
 
 
 def register(sub) -> None:
-    from ..bench import BenchConfig
+    from ...apps.bench import BenchConfig
 
     d = BenchConfig()
     p = sub.add_parser(
@@ -54,7 +54,7 @@ def check(args) -> None:
     """Before the measurements: is matplotlib there for the plots drawn at the end?"""
     import importlib.util
 
-    from ..cli import CLIError
+    from ..errors import CLIError
 
     if importlib.util.find_spec("matplotlib") is None:
         raise CLIError("the benchmark draws its plots with matplotlib, which is not installed: "
@@ -62,7 +62,8 @@ def check(args) -> None:
 
 
 def run(args) -> int:
-    from ..bench import BenchConfig, run as run_suite
+    from ...apps.bench import BenchConfig
+    from ...apps.bench import run as run_suite
 
     fields = ("parts", "prefill_lengths", "full_max_length", "decode_contexts", "decode_steps", "stream_tokens",
               "train_length", "train_batch", "rounds", "chunk", "hidden", "layers", "heads", "vocab", "block_size",

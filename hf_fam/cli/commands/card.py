@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import textwrap
 
-from ..cli import RawDescriptionHelpFormatter
+from ..formatting import RawDescriptionHelpFormatter
 
 EVAL_HELP = """\
 evaluation results JSON: a list, or {"results": [...]}, of entries like
@@ -41,8 +41,8 @@ def register(sub) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from ..cards import load_eval_results, regenerate_model_card
-    from ..checkpoint import read_config
+    from ...checkpoint_io.cards import load_eval_results, regenerate_model_card
+    from ...checkpoint_io.checkpoint import read_config
 
     folder = Path(args.path)
     if not folder.is_dir():

@@ -66,7 +66,7 @@ def build(variant: str, config: BenchConfig):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from .modeling.modeling_fam import FAMForCausalLM
+    from ..modeling.modeling_fam import FAMForCausalLM
 
     torch.manual_seed(0)
     base = LlamaForCausalLM(LlamaConfig(
@@ -148,7 +148,7 @@ def peak_memory_mib(variant: str, n: int, config: BenchConfig) -> float:
         read(model, n, config, chunked=variant != "full")
         _sync(config.device)
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    cmd = [sys.executable, "-m", "hf_fam.bench", "--child-memory", variant, str(n), json.dumps(asdict(config))]
+    cmd = [sys.executable, "-m", "hf_fam.apps.bench", "--child-memory", variant, str(n), json.dumps(asdict(config))]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "child failed")

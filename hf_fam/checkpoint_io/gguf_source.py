@@ -59,7 +59,7 @@ def check_gguf(path: Path) -> str:
     _require_gguf_package()
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    from .modeling.fam_adapters import get_adapter
+    from ..modeling.fam_adapters import get_adapter
 
     try:
         parsed = load_gguf_checkpoint(str(path), return_tensors=False)

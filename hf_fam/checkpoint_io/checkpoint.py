@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .modeling.configuration_fam import AUTO_MAP  # noqa: F401  (one source; re-exported for convert and verify)
+from ..modeling.configuration_fam import AUTO_MAP  # noqa: F401  (one source; re-exported for convert and verify)
 from .safetensors_io import TensorInfo, read_header
 
 CONFIG_NAME = "config.json"
@@ -36,7 +36,7 @@ PICKLE_WEIGHTS_NAME = "pytorch_model.bin"
 PICKLE_INDEX_NAME = "pytorch_model.bin.index.json"
 FAM_INIT_KEY = "fam.fam_init"
 # config.json entries that let `from_pretrained(..., trust_remote_code=True)` find the remote code
-MODELING_DIR = Path(__file__).resolve().parent / "modeling"
+MODELING_DIR = Path(__file__).resolve().parents[1] / "modeling"
 
 
 # --- config ---------------------------------------------------------------------------------------------
@@ -295,7 +295,7 @@ def remote_code_age(folder: str | Path) -> str:
     """
     if all(status == "identical" for status in compare_remote_code(folder).values()):
         return "identical"
-    from .modeling.fam_compat import SUPPORTED_TRANSFORMERS, _minor
+    from ..modeling.fam_compat import SUPPORTED_TRANSFORMERS, _minor
 
     theirs = code_transformers_range(folder)
     if theirs is None:

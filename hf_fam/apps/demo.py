@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from .training.passkey import PasskeyConfig, SyntheticPasskeyVocab, passkey_exact_match, synthetic_passkey_example
+from ..tasks.passkey import PasskeyConfig, SyntheticPasskeyVocab, passkey_exact_match, synthetic_passkey_example
 
 
 @dataclass
@@ -144,7 +144,7 @@ def build_model(config: DemoConfig, fam_length: int, base=None):
     """FAM (fam_length > 0) or BSWA (fam_length = 0) around `base` (a copy of it), or around a fresh tiny Llama."""
     import copy
 
-    from .modeling.modeling_fam import FAMForCausalLM
+    from ..modeling.modeling_fam import FAMForCausalLM
 
     base = build_base(config) if base is None else copy.deepcopy(base)
     torch.manual_seed(config.seed + 1)  # fam_init
@@ -197,7 +197,7 @@ def train(model, config: DemoConfig, *, log=None, stop_at: float | None = None, 
         history says whether it did). give_up: called with the step count before every step; training
         stops when it returns True.
     """
-    from .training.recipe import FAMRecipeConfig, attach_recipe
+    from ..training.recipe import FAMRecipeConfig, attach_recipe
 
     torch.manual_seed(config.seed)
     rng = random.Random(f"hf_fam.demo/{config.seed}")
@@ -264,7 +264,7 @@ def train(model, config: DemoConfig, *, log=None, stop_at: float | None = None, 
 
 
 def evaluate(model, config: DemoConfig, label: str) -> dict:
-    from .evaluation import PasskeyEvalConfig, evaluate_passkey
+    from ..evaluation import PasskeyEvalConfig, evaluate_passkey
 
     lengths = [int(round(m * config.window)) for m in config.eval_multiples]
     eval_config = PasskeyEvalConfig(lengths=lengths, trials=config.eval_trials, form="synthetic",
@@ -384,7 +384,7 @@ def run_demo(config: DemoConfig, out_dir: str | Path, *, parallel: bool = True, 
     """
     import tempfile
 
-    from .evaluation import plot_passkey, write_json
+    from ..evaluation import plot_passkey, write_json
 
     if plot:
         require_matplotlib("the demo's plot (passkey.png; pass plot=False, or --no-plot, to skip it)")
@@ -436,8 +436,8 @@ def run_demo(config: DemoConfig, out_dir: str | Path, *, parallel: bool = True, 
 
 def save_checkpoint(model, eval_result: dict, path: Path, config: DemoConfig) -> Path:
     """Save the trained FAM model with a model card carrying its evaluation."""
-    from .cards import CardInfo, load_eval_results, write_model_card
-    from .evaluation import write_json
+    from ..checkpoint_io.cards import CardInfo, load_eval_results, write_model_card
+    from ..evaluation import write_json
 
     model.save_pretrained(path)
     write_json({"results": eval_result["results"]}, path / "eval_results.json")

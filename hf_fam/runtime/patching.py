@@ -12,12 +12,12 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
-from .fam_init import bos_fam_init
-from .modeling.configuration_fam import FAMConfig
-from .modeling.fam_adapters import get_adapter
-from .modeling.fam_compat import CACHE_KWARG, FAM_ATTENTION_PREFIX
-from .modeling.fam_generation import FAMGenerationMixin
-from .modeling.fam_settings import (
+from ..checkpoint_io.fam_init import bos_fam_init
+from ..modeling.configuration_fam import FAMConfig
+from ..modeling.fam_adapters import get_adapter
+from ..modeling.fam_compat import CACHE_KWARG, FAM_ATTENTION_PREFIX
+from ..modeling.fam_generation import FAMGenerationMixin
+from ..modeling.fam_settings import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_FAM_LAYERS,
     DEFAULT_FAM_LENGTH,
@@ -25,7 +25,7 @@ from .modeling.fam_settings import (
     ZERO_SHOT_FAM_UPDATE,
     FAMSettings,
 )
-from .modeling.modeling_fam import FAMForCausalLM, FAMMemory, FAMModel, decoder_slot, fam_lm_forward
+from ..modeling.modeling_fam import FAMForCausalLM, FAMMemory, FAMModel, decoder_slot, fam_lm_forward
 
 _PATCHED_CLASSES: dict[type, type] = {}
 
@@ -99,7 +99,7 @@ def patch(
         fam_layers: "all" (default) or "global": only the checkpoint's full-attention layers carry FAM,
             its sliding-window layers run block sliding window attention (Gemma 2/3, Qwen 2).
         fam_init: the initial FAM at the embedding level: an (F, D) tensor, "bos" (default: the BOS token's
-            embedding in every slot, see `hf_fam.fam_init`) or "random" (normal, std `initializer_range`).
+            embedding in every slot, see `hf_fam.checkpoint_io.fam_init`) or "random" (normal, std `initializer_range`).
             A model patched before keeps its `fam` unless a value is given.
         fam_update: "sink" (default, the zero-shot start: the memory is not updated and block tokens read its
             first slot as an attention sink) or "paper" (the paper's update after every block, for training

@@ -20,7 +20,7 @@ def register(sub) -> None:
 def run(args) -> int:
     import json
 
-    from ..inspection import format_report, inspect_checkpoint
+    from ...checkpoint_io.inspection import format_report, inspect_checkpoint
 
     report = inspect_checkpoint(args.path)
     print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))

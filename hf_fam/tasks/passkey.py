@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .data import IGNORE_INDEX
+from . import IGNORE_INDEX
 
 PASSKEY_INTRO = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "

@@ -29,8 +29,8 @@ def run(args) -> int:
 
     import hf_fam
 
-    from ..checkpoint import read_config, refresh_remote_code
-    from ..inspection import fam_summary, verify_checkpoint
+    from ...checkpoint_io.checkpoint import read_config, refresh_remote_code
+    from ...checkpoint_io.inspection import fam_summary, verify_checkpoint
 
     if args.refresh_code:
         fam_summary(read_config(args.path))  # refuses a non-FAM folder before writing anything

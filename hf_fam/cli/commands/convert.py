@@ -6,9 +6,9 @@ import signal
 import textwrap
 from contextlib import contextmanager
 
-from ..cli import RawDescriptionHelpFormatter
-from ..modeling.fam_settings import FAM_UPDATE_CHOICES, ZERO_SHOT_FAM_UPDATE
-from .fam_args import add_fam_arguments
+from ...modeling.fam_settings import FAM_UPDATE_CHOICES, ZERO_SHOT_FAM_UPDATE
+from ..fam_args import add_fam_arguments
+from ..formatting import RawDescriptionHelpFormatter
 
 FAM_INIT_HELP = """\
 how the memory's initial value fam_init (F x hidden, the only new tensor) starts:
@@ -95,8 +95,8 @@ def _sigterm_as_interrupt():
 
 
 def run(args) -> int:
-    from ..cli import CLIError
-    from ..convert import ConvertOptions, convert
+    from ...checkpoint_io.convert import ConvertOptions, convert
+    from ..errors import CLIError
 
     options = ConvertOptions(
         block_size=args.block_size, memory_segments=args.memory_segments, fam_length=args.fam_length,

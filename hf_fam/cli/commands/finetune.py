@@ -9,8 +9,8 @@ Examples:
 
 from __future__ import annotations
 
-from ..cli import HelpFormatter
-from .fam_args import add_fam_arguments
+from ..fam_args import add_fam_arguments
+from ..formatting import HelpFormatter
 
 HELP = "LoRA fine-tuning with the paper's recipe (PEFT adapter + trained fam_init); runs under accelerate launch."
 

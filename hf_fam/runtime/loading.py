@@ -24,7 +24,7 @@ class FAMOverrides:
 
     def settings(self):
         """A FAMSettings: the values given here, the paper's defaults for the rest."""
-        from .modeling.fam_settings import FAMSettings
+        from ..modeling.fam_settings import FAMSettings
 
         return FAMSettings(**{k: v for k, v in vars(self).items() if v is not None})
 
@@ -96,7 +96,7 @@ def load_fam_model(source: str, *, overrides: FAMOverrides | None = None, dtype:
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from . import FAMForCausalLM
+    from .. import FAMForCausalLM
 
     overrides = overrides or FAMOverrides()
     source = str(source)
@@ -128,7 +128,7 @@ def load_fam_model(source: str, *, overrides: FAMOverrides | None = None, dtype:
                 )
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     else:
-        from .modeling.fam_adapters import get_adapter
+        from ..modeling.fam_adapters import get_adapter
 
         get_adapter(config.model_type)  # unsupported family: one error naming the supported ones
         base = AutoModelForCausalLM.from_pretrained(source, **kwargs)

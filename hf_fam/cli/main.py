@@ -1,0 +1,66 @@
+"""`hf-fam`: the command line over hf_fam.
+
+This module is the entry point only (`hf_fam.cli:main`, the `hf-fam` console script). Each command lives in
+`hf_fam/cli/commands/<name>.py` and exposes `register(subparsers)`, which adds its parser and sets `func` (and
+optionally `check`, a quick look at the arguments before anything loads). What the commands share sits beside
+this module, so that no command imports back into it: `errors.CLIError`, `formatting.HelpFormatter` and
+`fam_args` (the FAM settings as options).
+Heavy imports (torch, transformers) happen only once the arguments are parsed (`hf_fam.load()`, then inside
+the commands), so `--help` and argument errors are instant. Errors a user can fix are printed as one line,
+without a traceback, with exit status 2 (set HF_FAM_DEBUG=1 to see the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from .errors import CLIError
+
+# in the order `hf-fam --help` lists them
+COMMANDS = ("demo", "convert", "generate", "finetune", "eval", "card", "inspect", "verify", "bench")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-fam",
+        description="TransformerFAM (Feedback Attention Memory) for Hugging Face models.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"hf_fam.cli.commands.{name}")
+        except ModuleNotFoundError as err:
+            if err.name == f"hf_fam.cli.commands.{name}":
+                continue  # command not shipped in this build
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        if getattr(args, "check", None):
+            args.check(args)  # the command's own checks of its arguments, before the heavy imports
+        import hf_fam
+
+        hf_fam.load()  # torch, transformers and the `fam` model type, now that the arguments are valid
+        result = args.func(args)
+    except (CLIError, ValueError, OSError) as err:
+        if os.environ.get("HF_FAM_DEBUG"):
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"hf-fam {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"hf-fam {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
