@@ -7,6 +7,7 @@ from ..formatting import HelpFormatter
 
 def register(sub) -> None:
     from ...apps.bench import BenchConfig
+    from ...apps.bench_real import PRESETS
 
     d = BenchConfig()
     p = sub.add_parser(
@@ -17,7 +18,18 @@ def register(sub) -> None:
         "rounds, medians of ratios; writes JSON, a markdown table and PNG plots.",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--out", default="benchmarks/results/suite", help="output path stem (.json, .md, _*.png)")
+    p.add_argument("--out", default=None, help="output path stem (.json, .md, _*.png); default "
+                   "benchmarks/results/suite, or benchmarks/results/<preset>")
+    p.add_argument("--preset", choices=list(PRESETS), default=None,
+                   help="measure at a real model's shape instead of the small Llama (random weights, C=1024, M=3, "
+                        "F=64): smollm2-135m-cpu (fp32, CPU: the regression benchmark) or llama-3.2-1b-gpu (bf16, "
+                        "CUDA); prefill at batch 1 and 8 in chunks of 8 blocks and in one forward, a LoRA training "
+                        "step, decode. Options given here replace the preset's")
+    p.add_argument("--batches", type=int, nargs="+", default=None, metavar="B",
+                   help="preset prefill: batch sizes (default: the preset's, 1 and 8)")
+    p.add_argument("--train-lengths", type=int, nargs="+", default=None, metavar="N",
+                   help="preset train: tokens per LoRA training step (default: the preset's, 8k to 64k)")
+    p.add_argument("--lora-rank", type=int, default=None, help="preset train: LoRA rank (default: the preset's, 64)")
     p.add_argument("--parts", nargs="+", default=d.parts, choices=["prefill", "train", "decode", "stream"],
                    help="what to measure")
     p.add_argument("--prefill-lengths", type=int, nargs="+", default=d.prefill_lengths, metavar="N",
@@ -47,7 +59,9 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, default=d.threads, help="CPU threads")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="run the FAM chain eagerly on CUDA (default: replayed from CUDA graphs)")
-    p.set_defaults(func=run, check=check)
+    shared = ("parts", "prefill_lengths", "full_max_length", "decode_contexts", "decode_steps", "rounds", "chunk",
+              "device", "threads")
+    p.set_defaults(func=run, check=check, preset_shared={f: p.get_default(f) for f in shared})
 
 
 def check(args) -> None:
@@ -65,9 +79,30 @@ def run(args) -> int:
     from ...apps.bench import BenchConfig
     from ...apps.bench import run as run_suite
 
+    if args.preset is not None:
+        return run_preset(args)
+
     fields = ("parts", "prefill_lengths", "full_max_length", "decode_contexts", "decode_steps", "stream_tokens",
               "train_length", "train_batch", "rounds", "chunk", "hidden", "layers", "heads", "vocab", "block_size",
               "memory_segments", "fam_length", "dtype", "device", "threads", "cuda_graphs")
     config = BenchConfig(**{f: getattr(args, f) for f in fields})
-    run_suite(config, args.out)
+    run_suite(config, args.out or "benchmarks/results/suite")
+    return 0
+
+
+def run_preset(args) -> int:
+    """A real-shape preset; the options given on the command line replace the preset's values."""
+    from ...apps.bench_real import preset, run as run_real
+    from ..errors import CLIError
+
+    given = {f: getattr(args, f) for f, default in args.preset_shared.items() if getattr(args, f) != default}
+    if "stream" in given.get("parts", []):
+        raise CLIError("--preset measures prefill, train and decode; the 1M-token stream is the small suite's "
+                       "(hf-fam bench --parts stream)")
+    try:
+        config = preset(args.preset, batches=args.batches, train_lengths=args.train_lengths, lora_rank=args.lora_rank,
+                        **given)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    run_real(config, args.out or f"benchmarks/results/{args.preset}")
     return 0

@@ -1,0 +1,79 @@
+"""The real-shape benchmark's machinery (`hf-fam bench --preset`): presets, the FLOP model, targets, and a run
+on a tiny shape. The figures themselves come from real runs (benchmarks/results/), not from tests."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hf_fam.apps import bench_real
+from hf_fam.apps.bench_real import PRESETS, SHAPES, attention_flops, preset
+from hf_fam.cli import main
+
+
+def test_presets_are_the_issue_shapes_at_the_paper_settings():
+    smol, llama = PRESETS["smollm2-135m-cpu"], PRESETS["llama-3.2-1b-gpu"]
+    assert SHAPES[smol.shape] == dict(hidden=576, layers=30, heads=9, kv_heads=3, intermediate=1536, vocab=49152)
+    assert SHAPES[llama.shape] == dict(hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, vocab=128256)
+    for config in (smol, llama):
+        assert (config.block_size, config.memory_segments, config.fam_length) == (1024, 3, 64)
+        assert config.batches == [1, 8] and config.chunk >= 8 * config.block_size and config.lora_rank == 64
+    assert (smol.dtype, smol.device, llama.dtype, llama.device) == ("float32", "cpu", "bfloat16", "cuda")
+
+
+def test_overrides_replace_preset_fields_and_are_checked():
+    assert preset("smollm2-135m-cpu", prefill_lengths=[8192], rounds=None).prefill_lengths == [8192]
+    assert preset("smollm2-135m-cpu").prefill_lengths == [8192, 16384, 32768, 65536]  # the preset is not changed
+    with pytest.raises(ValueError, match="at least 8 blocks"):
+        preset("smollm2-135m-cpu", chunk=4096)
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("gpt-5")
+
+
+def test_flop_model_counts_what_each_query_sees():
+    config = preset("smollm2-135m-cpu")
+    ratios = [attention_flops(config, n)["full_over_bswa"] for n in (1024, 4096, 8192, 16384, 32768, 65536)]
+    # within the window BSWA sees what full attention sees
+    assert ratios[0] == pytest.approx(1.0) and ratios[1] == pytest.approx(1.0)
+    assert ratios == sorted(ratios) and 1.1 < ratios[2] < 1.3 and 5.0 < ratios[-1] < 6.0
+    # n = 2 blocks by hand: block 1 sees block 0 whole plus its own causally
+    c = preset("smollm2-135m-cpu", block_size=4, memory_segments=1, chunk=32)
+    f = attention_flops(c, 8)
+    per_key = 30 * 4 * 9 * 64
+    assert f["full"] - f["dense"] == per_key * 36 and f["bswa"] - f["dense"] == per_key * (10 + 4 * 4 + 10)
+
+
+def test_targets_follow_the_device():
+    cpu = preset("smollm2-135m-cpu")
+    row = {"batch": 1, "n": 8192, "fam_over_bswa": 1.05, "full_over_bswa": 1.0, "flops_full_over_bswa": 1.2}
+    t = bench_real.check_targets({"prefill": [row], "train": [{"n": 8192, "fam_over_bswa": 1.25}]}, cpu)
+    assert t["prefill b=1 8192: FAM/BSWA <= 1.1"]["met"]
+    assert not t["prefill b=1 8192: full/BSWA >= 0.9 x FLOP ratio 1.20"]["met"]  # 1.0 < 0.9 * 1.2
+    assert not t["LoRA training step 8192: FAM/BSWA <= 1.2"]["met"]
+    gpu = preset("llama-3.2-1b-gpu")
+    t = bench_real.check_targets({"prefill": [{**row, "batch": 8, "n": 65536, "full_over_fam": 3.2}]}, gpu)
+    assert t == {"prefill b=8 65536: FAM/BSWA <= 1.08": {"value": 1.05, "bound": 1.08, "met": True},
+                 "prefill b=8 64k: full/FAM >= 3": {"value": 3.2, "bound": 3.0, "met": True}}
+
+
+def test_a_tiny_shape_runs_every_part(tmp_path, monkeypatch):
+    monkeypatch.setitem(SHAPES, "tiny", dict(hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64, vocab=101))
+    monkeypatch.setitem(PRESETS, "tiny-cpu", bench_real.RealBenchConfig(
+        shape="tiny", dtype="float32", device="cpu", block_size=8, memory_segments=1, fam_length=2,
+        prefill_lengths=[64], batches=[1, 2], chunk=64, train_lengths=[32], lora_rank=4, decode_contexts=[16, 64],
+        decode_steps=2, rounds=1, threads=1))
+    assert main(["bench", "--preset", "tiny-cpu", "--out", str(tmp_path / "r"), "--batches", "2"]) == 0
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert [(r["batch"], r["n"]) for r in saved["prefill"]] == [(2, 64)]
+    assert {"full_s", "bswa_chunked_s", "fam_chunked_s", "bswa_one_s", "fam_one_s", "fam_over_bswa",
+            "flops_full_over_bswa"} <= set(saved["prefill"][0])
+    assert saved["train"][0]["lora_rank"] == 4 and saved["train"][0]["fam_s"] > 0
+    assert {(r["variant"], r["context"]) for r in saved["decode"]} == {
+        (v, n) for v in ("full", "bswa", "fam") for n in (16, 64)}
+    assert "| batch | N | full s |" in (tmp_path / "r.md").read_text()
+
+
+def test_the_stream_part_is_refused_with_a_preset(capsys):
+    assert main(["bench", "--preset", "smollm2-135m-cpu", "--parts", "stream"]) != 0
+    assert "1M-token stream is the small suite's" in capsys.readouterr().err
