@@ -92,7 +92,8 @@ def run(args) -> int:
 
 def run_preset(args) -> int:
     """A real-shape preset; the options given on the command line replace the preset's values."""
-    from ...apps.bench_real import preset, run as run_real
+    from ...apps.bench_real import preset
+    from ...apps.bench_real import run as run_real
     from ..errors import CLIError
 
     given = {f: getattr(args, f) for f, default in args.preset_shared.items() if getattr(args, f) != default}
