@@ -100,3 +100,73 @@ def test_streaming_chunks_keep_the_shapes_exact(monkeypatch):
             out = model(chunk, cache=cache, use_cache=True)
             cache, parts = out.cache, parts + [out.logits]
     assert_close(torch.cat(parts, dim=1), whole)
+
+
+def _masked_only(monkeypatch):
+    from hf_fam.modeling import fam_core
+
+    monkeypatch.setattr(fam_core, "split_attention_usable", lambda *a: False)
+
+
+@pytest.mark.parametrize("update", ["paper", "sink"])
+@pytest.mark.parametrize("C,M,F,N", [(4, 2, 2, 23), (8, 1, 3, 40), (5, 0, 3, 20), (4, 1, 0, 17)])
+def test_split_attention_equals_the_masked_call(monkeypatch, family, update, C, M, F, N):
+    """Without autograd on the CPU, regular blocks take the mask-free split path; the values are the masked
+    call's (fp32, 1e-5), padded rows and streamed chunks included."""
+    from hf_fam.modeling import fam_split_attention
+
+    calls = []
+    real = fam_split_attention.split_attention
+    monkeypatch.setattr("hf_fam.modeling.fam_core.split_attention", lambda *a: calls.append(1) or real(*a))
+    model = fam_model(C, M, F, update, family)
+    ids = random_ids(2, N, seed=7)
+    mask = padding_mask([N, N - 6], N, "left")
+    with torch.no_grad():
+        got = model(ids).logits, model(ids, attention_mask=mask).logits
+    assert calls  # every tiny family here runs sdpa
+    _masked_only(monkeypatch)
+    with torch.no_grad():
+        expected = model(ids).logits, model(ids, attention_mask=mask).logits
+    assert_close(got[0], expected[0], msg=f"{family} {update} C={C} M={M} F={F}")
+    assert_close(got[1], expected[1], mask=mask, msg=f"{family} {update} padded")
+
+
+def test_training_keeps_the_masked_call(monkeypatch):
+    """The kernel's log-sum-exp carries no gradient: with autograd on, the split path must not run."""
+    monkeypatch.setattr("hf_fam.modeling.fam_core.split_attention",
+                        lambda *a: (_ for _ in ()).throw(AssertionError("split path under autograd")))
+    model = fam_model(4, 2, 2).train()
+    model(random_ids(1, 20), labels=random_ids(1, 20)).loss.backward()
+    with torch.inference_mode(), pytest.raises(AssertionError, match="split path"):
+        model(random_ids(1, 20))
+
+
+def test_split_attention_in_bfloat16_is_within_its_rounding():
+    model = fam_model(8, 2, 4).to(torch.bfloat16)
+    ids = random_ids(1, 48, seed=8)
+    with torch.no_grad():
+        got = model(ids).logits.float()
+    from hf_fam.modeling import fam_core
+
+    original = fam_core.split_attention_usable
+    fam_core.split_attention_usable = lambda *a: False
+    try:
+        with torch.no_grad():
+            expected = model(ids).logits.float()
+    finally:
+        fam_core.split_attention_usable = original
+    assert (got - expected).abs().max().item() < 0.05 * expected.abs().max().item()
+
+
+def test_split_attention_only_where_it_computes_the_same():
+    from hf_fam.modeling.fam_split_attention import split_attention_usable
+
+    q = torch.zeros(1, 2, 4, 8)
+    plain = {"dropout": 0.0, "scaling": 0.35, "fam_run": None, "position_ids": None, "use_cache": False}
+    with torch.no_grad():
+        assert split_attention_usable("sdpa", q, plain)
+        assert not split_attention_usable("eager", q, plain)  # eager families (soft-capping) keep their function
+        assert not split_attention_usable("sdpa", q, {**plain, "softcap": 50.0})
+        assert not split_attention_usable("sdpa", q, {**plain, "dropout": 0.1})
+        assert not split_attention_usable("sdpa", q.half(), plain)
+    assert not split_attention_usable("sdpa", q, plain)  # autograd on

@@ -42,6 +42,7 @@ from .fam_compat import (
 )
 from .fam_graphs import graphs_usable
 from .fam_settings import FAMSettings
+from .fam_split_attention import split_attention, split_attention_usable
 from .fam_state import FAMLayerState, WindowLayout, build_window, rotate_memory, write_tokens
 
 # Set on the modules of a base model that a FAM model shares (`FAMForCausalLM.from_base_model`): called
@@ -318,17 +319,16 @@ class FAMRun(FAMChain):
                 mask = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
                 mask = mask.reshape(batch * G, 1, Lq, S)
 
-            # 3. attention of the group's queries over its keys
+            # 3. attention of the group's queries over its keys: a regular group without autograd on the CPU
+            #    as [keys all see] + [own block, causal] (fam_split_attention), else one masked call
             q = q_blocks[:, t0:t1].reshape(batch * G, heads, Lq, head_dim)
-            out, _ = call_inner_attention(
-                module,
-                self.inner,
-                q,
-                keys.view(batch * G, kv_heads, S, head_dim),
-                vals.view(batch * G, kv_heads, S, vals.shape[-1]),
-                mask,
-                kwargs,
-            )
+            keys4 = keys.view(batch * G, kv_heads, S, head_dim)
+            vals4 = vals.view(batch * G, kv_heads, S, vals.shape[-1])
+            if shape is not None and split_attention_usable(self.inner, q, kwargs):
+                seen = m * C + (int(self.fam_visible(f, q.device).sum()) if f > 0 else 0)
+                out = split_attention(module, q, keys4, vals4, seen, kwargs)
+            else:
+                out, _ = call_inner_attention(module, self.inner, q, keys4, vals4, mask, kwargs)
             outputs.append(out.reshape(batch, G * Lq, heads, out.shape[-1]))
         out = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]  # (B, T*Lq, H, hd)
 
