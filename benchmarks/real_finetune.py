@@ -1,0 +1,233 @@
+"""Fine-tuning a real checkpoint shows the memory: FAM against BSWA, same data, steps and budget.
+
+One command, on SmolLM2-135M-Instruct (README "A real model, end to end" says how to get it offline):
+
+    python benchmarks/real_finetune.py --model /work/models/smollm2-135m-instruct \
+        --out benchmarks/results/real_finetune
+
+For each of FAM and BSWA (the same C and M = 0, F = 0 for BSWA), it converts the base checkpoint with the
+paper's update, runs `hf_fam.training.finetune` (LoRA + fam_init, passkey in the paper's text form with
+natural-language filler, key at a random depth), then evaluates both:
+
+- passkey retrieval at multiples of the attention window (default 4x, 8x, 16x), overall and for keys beyond
+  BSWA's reach (with M = 0 a block sees nothing before itself, so every key in an earlier block is beyond
+  reach); the base model with full attention reads the same prompts as the reference;
+- perplexity of Python's documentation (`pydoc_data.topics`, not trained on), read by streaming, per position
+  range up to `--ppl-tokens`, for FAM, BSWA and the base model (within its context).
+
+It writes `OUT.json` (settings, training logs, every figure, seconds per phase), `OUT.md` and `OUT.png`;
+partial results are written after every phase. Weights are not kept (`--keep` keeps them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def pydoc_text() -> str:
+    import pydoc_data.topics as topics
+
+    return "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="base checkpoint folder (e.g. SmolLM2-135M-Instruct)")
+    p.add_argument("--out", default="benchmarks/results/real_finetune", help="output path stem")
+    p.add_argument("--block-size", type=int, default=32)
+    p.add_argument("--fam-length", type=int, default=16)
+    p.add_argument("--fam-init", default="bos", help="fam_init of the FAM model: bos, random, text:TEXT")
+    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup-steps", type=int, default=10)
+    p.add_argument("--lora-rank", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=160, help="longest training example (tokens)")
+    p.add_argument("--min-seq-len", type=int, default=80, help="shortest training example (tokens)")
+    p.add_argument("--state-passing-prob", type=float, default=0.0)
+    p.add_argument("--position-offset-prob", type=float, default=0.0)
+    p.add_argument("--window-multiples", type=int, nargs="+", default=[4, 8, 16])
+    p.add_argument("--trials", type=int, default=50)
+    p.add_argument("--ppl-tokens", type=int, default=16384)
+    p.add_argument("--base-max-tokens", type=int, default=8192, help="full attention only within its context")
+    p.add_argument("--variants", default="fam,bswa")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--keep", metavar="DIR", help="keep the converted and fine-tuned checkpoints here")
+    p.add_argument("--report", metavar="JSON", help="only write the table and plot of an existing result")
+    return p.parse_args(argv)
+
+
+def train_variant(args, variant: str, work: Path) -> dict:
+    """Convert and fine-tune one variant; return its training summary and the merged model."""
+    from hf_fam.checkpoint_io.convert import ConvertOptions, convert
+    from hf_fam.training.finetune import DataOptions, FinetuneConfig, LoraOptions, ModelOptions, TrainOptions, finetune
+    from hf_fam.training.recipe import FAMRecipeConfig
+
+    F = args.fam_length if variant == "fam" else 0
+    converted = work / f"{variant}_converted"
+    convert(args.model, converted, ConvertOptions(block_size=args.block_size, memory_segments=0, fam_length=F,
+                                                  fam_init=args.fam_init if F else "bos", fam_update="paper",
+                                                  seed=args.seed, progress=False))
+    config = FinetuneConfig(
+        model=ModelOptions(path=str(converted)),
+        data=DataOptions(source="passkey", seq_len=args.seq_len, passkey_min_seq_len=args.min_seq_len,
+                         passkey_examples=args.steps * args.batch_size, passkey_form="text"),
+        lora=LoraOptions(r=args.lora_rank),
+        recipe=FAMRecipeConfig(state_passing_prob=args.state_passing_prob if F else 0.0,
+                               position_offset_prob=args.position_offset_prob, seed=args.seed),
+        train=TrainOptions(output_dir=str(work / f"{variant}_tuned"), max_steps=args.steps, batch_size=args.batch_size,
+                           learning_rate=args.lr, warmup_steps=args.warmup_steps, seed=args.seed, log_every=10,
+                           merge=True, cpu=True),
+    )
+    result = finetune(config)
+    log = [json.loads(line) for line in (Path(config.train.output_dir) / "train_log.jsonl").read_text().splitlines()]
+    return {"steps": result.steps, "final_loss": result.final_loss, "seconds": round(result.seconds, 1),
+            "log": log}, result.model
+
+
+def evaluate(args, name: str, model, tokenizer, reach: dict) -> dict:
+    from hf_fam.evaluation.evaluate import PasskeyEvalConfig, evaluate_passkey, evaluate_perplexity
+
+    window = args.block_size  # M = 0: the window is one block
+    start = time.perf_counter()
+    lengths = [m * window for m in args.window_multiples]
+    passkey = evaluate_passkey(model, PasskeyEvalConfig(lengths=lengths, trials=args.trials, form="text", seed=1234,
+                                                        batch_size=8), tokenizer, reach=reach, label=name)
+    t_passkey = time.perf_counter() - start
+    ids = tokenizer(pydoc_text(), add_special_tokens=False)["input_ids"]
+    first = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    limit = args.base_max_tokens if name == "base" else args.ppl_tokens
+    stream = first + ids[: limit - len(first)]
+    start = time.perf_counter()
+    with torch.no_grad():
+        ppl = evaluate_perplexity(model, [stream[s : s + 4096] for s in range(0, len(stream), 4096)])
+    return {"passkey": passkey["rows"], "perplexity": ppl["by_position"], "perplexity_all": ppl["perplexity"],
+            "seconds": {"passkey": round(t_passkey, 1), "perplexity": round(time.perf_counter() - start, 1)}}
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    out = Path(args.out)
+    if args.report:
+        result = json.loads(Path(args.report).read_text())
+        write_report(result, out)
+        return 0
+    torch.set_num_threads(args.threads)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    result = {"model": Path(args.model).name, "settings": {k: v for k, v in vars(args).items() if k != "report"},
+              "machine": {"platform": platform.platform(), "threads": args.threads, "torch": torch.__version__,
+                          "device": "cpu"},
+              "train": {}, "eval": {}}
+    reach = {"block_size": args.block_size, "memory_segments": 0, "num_layers": None, "window": args.block_size}
+    started = time.perf_counter()
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="real_finetune_"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+        reach["num_layers"] = base.config.num_hidden_layers
+        del base
+        for variant in args.variants.split(","):
+            print(f"== {variant}: convert and fine-tune", flush=True)
+            result["train"][variant], model = train_variant(args, variant, work)
+            print(f"== {variant}: evaluate", flush=True)
+            result["eval"][variant] = evaluate(args, variant, model.eval(), tokenizer, reach)
+            del model
+            save(result, out, started)
+        print("== base (full attention): evaluate", flush=True)
+        base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+        result["eval"]["base"] = evaluate(args, "base", base, tokenizer, reach)
+        save(result, out, started)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    write_report(result, out)
+    return 0
+
+
+def save(result: dict, out: Path, started: float) -> None:
+    result["total_seconds"] = round(time.perf_counter() - started, 1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+LABELS = {"fam": "FAM", "bswa": "BSWA", "base": "base (full attention)"}
+
+
+def markdown(result: dict) -> str:
+    s = result["settings"]
+    lines = [f"{result['model']}, C={s['block_size']}, M=0, F={s['fam_length']} (BSWA: F=0); {s['steps']} steps of "
+             f"batch {s['batch_size']}, passkey {s['min_seq_len']}-{s['seq_len']} tokens, LoRA r={s['lora_rank']}, "
+             f"lr {s['lr']}; {s['threads']} CPU threads; total {result.get('total_seconds', 0) / 60:.1f} min", ""]
+    names = [n for n in ("fam", "bswa", "base") if n in result["eval"]]
+    lines += ["| passkey, tokens (x window) | " + " | ".join(
+        f"{LABELS[n]} all | {LABELS[n]} beyond reach" for n in names) + " |",
+        "|---|" + "---:|---:|" * len(names)]
+    rows = result["eval"][names[0]]["passkey"]
+    for i, row in enumerate(rows):
+        cells = []
+        for n in names:
+            r = result["eval"][n]["passkey"][i]
+            far = r.get("beyond_reach_accuracy")
+            cells += [f"{100 * r['accuracy']:.0f} %", "–" if far is None else
+                      f"{100 * far:.0f} % ({r['beyond_reach_trials']})"]
+        lines.append(f"| {row['length']} ({row['window_multiple']:g}x) | " + " | ".join(cells) + " |")
+    lines += ["", "| perplexity, positions | " + " | ".join(LABELS[n] for n in names) + " |",
+              "|---|" + "---:|" * len(names)]
+    spans = [(b["start"], b["end"]) for b in max((result["eval"][n]["perplexity"] for n in names), key=len)]
+    for lo, hi in spans:
+        cells = []
+        for n in names:
+            b = next((b for b in result["eval"][n]["perplexity"] if b["start"] == lo), None)
+            cells.append("–" if b is None else f"{b['perplexity']:.2f}")
+        lines.append(f"| {lo}-{hi} | " + " | ".join(cells) + " |")
+    train = result["train"]
+    lines += [""] + [f"- {LABELS[n]}: {t['steps']} steps in {t['seconds'] / 60:.1f} min, final loss "
+                     f"{t['final_loss']:.3f}" for n, t in train.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(result: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.with_suffix(".md").write_text(markdown(result))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
+    for n, style in (("fam", "^-"), ("bswa", "s--"), ("base", "o:")):
+        if n not in result["eval"]:
+            continue
+        e = result["eval"][n]
+        a.plot([r["length"] for r in e["passkey"]],
+               [100 * (r["beyond_reach_accuracy"] or 0) for r in e["passkey"]], style, label=LABELS[n])
+        b.plot([(p["start"] + p["end"]) / 2 for p in e["perplexity"]], [p["perplexity"] for p in e["perplexity"]],
+               style, label=LABELS[n])
+    a.set(xscale="log", xlabel="passkey prompt length (tokens)", ylabel="accuracy, keys beyond BSWA's reach (%)",
+          ylim=(-2, 102))
+    b.set(xscale="log", yscale="log", xlabel="position in the text (tokens)", ylabel="perplexity")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{result['model']} fine-tuned: FAM vs BSWA (C={result['settings']['block_size']}, M=0)")
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"))
+    plt.close(fig)
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
