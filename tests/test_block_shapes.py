@@ -3,7 +3,7 @@
 A block whose memory blocks are complete or empty in every row (the first M blocks of a sequence have fewer
 than M memory blocks) takes only its filled memory blocks, and no FAM keys when no row reads the FAM (the
 zero-shot sink before the first block leaves the window). These tests pin the classification and compare
-the trimmed path with the one that masks every block row by row (`_shapes` forced to irregular).
+the trimmed path with the one that masks every block row by row (`fam_plan.classify_blocks` forced to irregular).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from conftest import assert_close, padding_mask, random_ids, tiny_model
 
 import hf_fam
-from hf_fam.modeling.fam_core import FAMRun
+from hf_fam.modeling import fam_plan
 
 
 def fam_model(C, M, F, update="paper", family="llama"):
@@ -25,23 +25,24 @@ def fam_model(C, M, F, update="paper", family="llama"):
 
 def shapes_seen(model, ids, mask=None):
     seen = []
-    original = FAMRun._shapes
+    original = fam_plan.classify_blocks
 
-    def spy(self, tl_ok3):
-        seen.append(original(self, tl_ok3))
+    def spy(settings, timeline_ok3, blocks_before):
+        seen.append(original(settings, timeline_ok3, blocks_before))
         return seen[-1]
 
-    FAMRun._shapes = spy
+    fam_plan.classify_blocks = spy
     try:
         with torch.no_grad():
             model(ids, attention_mask=mask)
     finally:
-        FAMRun._shapes = original
+        fam_plan.classify_blocks = original
     return seen[0]
 
 
 def all_irregular(monkeypatch):
-    monkeypatch.setattr(FAMRun, "_shapes", lambda self, tl_ok3: [None] * self.num_blocks)
+    monkeypatch.setattr(fam_plan, "classify_blocks", lambda settings, timeline_ok3, blocks_before:
+                        [None] * (timeline_ok3.shape[1] - settings.memory_segments))
 
 
 def test_the_first_blocks_take_only_their_filled_memory_blocks():
