@@ -64,10 +64,10 @@ def chain_calls(first: dict, updates: int):
 
     def run():
         with torch.inference_mode():
-            for layer_idx, (fam_run, hidden, step) in first.items():
+            for layer_idx, (chain, hidden, step) in first.items():
                 for _ in range(per_layer):
                     again = fam_chain.FAMStep("update", step.inner, step.block_k, step.block_v, step.block_ok)
-                    fam_chain.FAMChain.call_layer(fam_run, layer_idx, hidden, again)
+                    fam_chain.FAMChain.call_layer(chain, layer_idx, hidden, again)
 
     return run
 

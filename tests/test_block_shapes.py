@@ -3,7 +3,7 @@
 A block whose memory blocks are complete or empty in every row (the first M blocks of a sequence have fewer
 than M memory blocks) takes only its filled memory blocks, and no FAM keys when no row reads the FAM (the
 zero-shot sink before the first block leaves the window). These tests pin the classification and compare
-the trimmed path with the one that masks every block row by row (`_shapes` forced to irregular).
+the trimmed path with the one that masks every block row by row (`fam_plan.classify_blocks` forced to irregular).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from conftest import assert_close, padding_mask, random_ids, tiny_model
 
 import hf_fam
-from hf_fam.modeling.fam_core import FAMRun
+from hf_fam.modeling import fam_plan
 
 
 def fam_model(C, M, F, update="paper", family="llama"):
@@ -25,23 +25,24 @@ def fam_model(C, M, F, update="paper", family="llama"):
 
 def shapes_seen(model, ids, mask=None):
     seen = []
-    original = FAMRun._shapes
+    original = fam_plan.classify_blocks
 
-    def spy(self, tl_ok3):
-        seen.append(original(self, tl_ok3))
+    def spy(settings, timeline_ok3, blocks_before):
+        seen.append(original(settings, timeline_ok3, blocks_before))
         return seen[-1]
 
-    FAMRun._shapes = spy
+    fam_plan.classify_blocks = spy
     try:
         with torch.no_grad():
             model(ids, attention_mask=mask)
     finally:
-        FAMRun._shapes = original
+        fam_plan.classify_blocks = original
     return seen[0]
 
 
 def all_irregular(monkeypatch):
-    monkeypatch.setattr(FAMRun, "_shapes", lambda self, tl_ok3: [None] * self.num_blocks)
+    monkeypatch.setattr(fam_plan, "classify_blocks", lambda settings, timeline_ok3, blocks_before:
+                        [None] * (timeline_ok3.shape[1] - settings.memory_segments))
 
 
 def test_the_first_blocks_take_only_their_filled_memory_blocks():
@@ -103,9 +104,9 @@ def test_streaming_chunks_keep_the_shapes_exact(monkeypatch):
 
 
 def _masked_only(monkeypatch):
-    from hf_fam.modeling import fam_core
+    from hf_fam.modeling import fam_block_attention
 
-    monkeypatch.setattr(fam_core, "split_attention_usable", lambda *a: False)
+    monkeypatch.setattr(fam_block_attention, "split_attention_usable", lambda *a: False)
 
 
 @pytest.mark.parametrize("update", ["paper", "sink"])
@@ -117,7 +118,7 @@ def test_split_attention_equals_the_masked_call(monkeypatch, family, update, C, 
 
     calls = []
     real = fam_split_attention.split_attention
-    monkeypatch.setattr("hf_fam.modeling.fam_core.split_attention", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr("hf_fam.modeling.fam_block_attention.split_attention", lambda *a: calls.append(1) or real(*a))
     model = fam_model(C, M, F, update, family)
     ids = random_ids(2, N, seed=7)
     mask = padding_mask([N, N - 6], N, "left")
@@ -133,7 +134,7 @@ def test_split_attention_equals_the_masked_call(monkeypatch, family, update, C, 
 
 def test_training_keeps_the_masked_call(monkeypatch):
     """The kernel's log-sum-exp carries no gradient: with autograd on, the split path must not run."""
-    monkeypatch.setattr("hf_fam.modeling.fam_core.split_attention",
+    monkeypatch.setattr("hf_fam.modeling.fam_block_attention.split_attention",
                         lambda *a: (_ for _ in ()).throw(AssertionError("split path under autograd")))
     model = fam_model(4, 2, 2).train()
     model(random_ids(1, 20), labels=random_ids(1, 20)).loss.backward()
@@ -146,15 +147,15 @@ def test_split_attention_in_bfloat16_is_within_its_rounding():
     ids = random_ids(1, 48, seed=8)
     with torch.no_grad():
         got = model(ids).logits.float()
-    from hf_fam.modeling import fam_core
+    from hf_fam.modeling import fam_block_attention
 
-    original = fam_core.split_attention_usable
-    fam_core.split_attention_usable = lambda *a: False
+    original = fam_block_attention.split_attention_usable
+    fam_block_attention.split_attention_usable = lambda *a: False
     try:
         with torch.no_grad():
             expected = model(ids).logits.float()
     finally:
-        fam_core.split_attention_usable = original
+        fam_block_attention.split_attention_usable = original
     assert (got - expected).abs().max().item() < 0.05 * expected.abs().max().item()
 
 

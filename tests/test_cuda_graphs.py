@@ -16,7 +16,7 @@ from conftest import assert_close, padding_mask, random_ids, tiny_model
 from test_families import build as build_family
 
 import hf_fam
-from hf_fam.modeling import fam_core, fam_graphs
+from hf_fam.modeling import fam_graphs, fam_plan
 
 
 class ReplayedEagerly(fam_graphs.ChainGraph):
@@ -36,7 +36,7 @@ class ReplayedEagerly(fam_graphs.ChainGraph):
 @pytest.fixture
 def graphs_on_cpu(monkeypatch):
     # as on CUDA: asked for and without autograd
-    monkeypatch.setattr(fam_core, "graphs_usable", lambda device, requested: requested and not torch.is_grad_enabled())
+    monkeypatch.setattr(fam_plan, "graphs_usable", lambda device, requested: requested and not torch.is_grad_enabled())
     monkeypatch.setattr(fam_graphs, "ChainGraph", ReplayedEagerly)
     ReplayedEagerly.replays = 0
     return ReplayedEagerly

@@ -4,14 +4,20 @@ Each update calls the layer's own decoder layer on the F FAM tokens (`FAMStep`):
 the previous FAM and the block, and the layer's MLP makes the new FAM, fed back to the same layer for the
 next block. The keys/values each FAM produces on the way are what the block attention reads. On CUDA
 without autograd, the update steps are replayed from a CUDA graph (`fam_graphs`).
+
+`FAMChain` holds one forward's chain: it reads the forward's `FAMPlan` (`fam_plan`) and calls the layers;
+the block attention (`fam_block_attention`) asks it for each layer's FAM keys/values, and `FAMRun.start`
+for the initial FAM of a fresh sequence.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .fam_adapters import DecoderAdapter
 from .fam_compat import call_inner_attention, plain_layer_call
 from .fam_graphs import MIN_GRAPH_STEPS, capture_chain_step
+from .fam_plan import FAMPlan
 from .fam_state import FAMLayerState
 
 
@@ -47,13 +53,25 @@ class FAMStep:
 
 
 class FAMChain:
-    """The chain's part of `FAMRun` (a mixin): runs on the attributes `FAMRun.start` lays out (settings,
-    layers, adapter, decoder, inner, the FAM positions, block counts, layouts, keep_state, use_graphs)."""
+    """The FAM chain of one forward: every layer's FAM, updated block after block (docs/design.md §1).
+
+    Reads the forward's plan (FAM positions, block counts, window layouts, keep_state, use_graphs) and
+    calls the decoder's own layers on the F FAM tokens. Its only state is a per-forward cache of the FAM
+    positions' rotary embeddings.
+    """
+
+    def __init__(self, plan: FAMPlan, adapter: DecoderAdapter, decoder: torch.nn.Module, inner: str):
+        self.plan = plan
+        self.adapter = adapter
+        self.decoder = decoder
+        self.layers = adapter.layers(decoder)
+        self.inner = inner
+        self._fam_position_embeddings: dict = {}  # layer kind -> (cos, sin) of the FAM positions
 
     def call_layer(self, layer_idx: int, hidden: torch.Tensor, step: FAMStep) -> torch.Tensor:
         """Run decoder layer `layer_idx` on FAM tokens `hidden` (B, F, D) with the given step."""
         layer = self.layers[layer_idx]
-        position_ids = self.fam_position_ids.expand(hidden.shape[0], -1)
+        position_ids = self.plan.fam_position_ids.expand(hidden.shape[0], -1)
         with plain_layer_call(layer):
             out = layer(
                 hidden,
@@ -69,13 +87,32 @@ class FAMChain:
         kind = self.adapter.layer_type(self.decoder, layer_idx)
         if kind not in self._fam_position_embeddings:
             self._fam_position_embeddings[kind] = self.adapter.position_embeddings(
-                self.decoder, self.fam_reference, self.fam_position_ids, layer_idx
+                self.decoder, self.plan.fam_reference, self.plan.fam_position_ids, layer_idx
             )
         return self._fam_position_embeddings[kind]
 
+    def initial_states(self, fam_init: torch.Tensor | None, fam_state: list | None) -> list[FAMLayerState]:
+        """The states of a fresh sequence: no keys yet, and each layer's initial FAM F_0^l, either given
+        (`fam_state`, each (B or 1, F, D)) or propagated from `fam_init` (B, F, D):
+        F_0^0 = fam_init, F_0^{l+1} = Layer_l(F_0^l) with the FAM attending only to itself."""
+        states = [FAMLayerState() for _ in self.layers]
+        if self.plan.settings.fam_length == 0:
+            return states
+        if fam_state is not None:
+            batch = self.plan.batch
+            for state, given in zip(states, fam_state):
+                if given is not None:
+                    state.fam = given.expand(batch, -1, -1) if given.shape[0] == 1 else given
+            return states
+        hidden = fam_init
+        for idx, state in enumerate(states):
+            state.fam = hidden
+            hidden = self.call_layer(idx, hidden, FAMStep("init", self.inner))
+        return states
+
     def _chain_graph(self, layer_idx: int, fam, block_k, block_v):
         """A CUDA graph of this layer's FAM update step (inputs: one step's), or None."""
-        if not self.use_graphs or self.min_complete < MIN_GRAPH_STEPS:
+        if not self.plan.use_graphs or self.plan.min_complete < MIN_GRAPH_STEPS:
             return None
         self._fam_embeddings(layer_idx)  # on the forward's stream, before the capture
 
@@ -86,21 +123,37 @@ class FAMChain:
         key = (id(self.layers[layer_idx]), self.inner)
         return capture_chain_step(self.decoder, update, fam, block_k, block_v, key)
 
-    def _fam_chain(self, layer_idx: int, state: FAMLayerState, tl_k, tl_v, tl_ok):
-        """Sequential over blocks, F tokens each: returns the FAM keys/values every block reads
-        (B, T, KVH, F, hd), the new FAM (B, F, D) and the keys/values of that new FAM per row."""
-        if self.settings.fam_update == "sink":
+    def run(self, layer_idx: int, state: FAMLayerState, tl_k: torch.Tensor, tl_v: torch.Tensor):
+        """This layer's chain over the chunk, sequential over blocks, F tokens each.
+
+        Args:
+            state: the layer's incoming state (its FAM (B, F, D), and the cached window when continuing).
+            tl_k, tl_v: (B, KVH, (M+T)*C, hd) the layer's keys/values on the timeline (`fam_block_attention`).
+        Returns:
+            fam_k, fam_v: (B, T, KVH, F, hd) the keys/values of the FAM each working block reads;
+            fam: (B, F, D) the FAM after this chunk's complete blocks (per row);
+            next_k, next_v: (B, KVH, F, hd) the keys/values of that FAM (what the next block reads), or None
+                when the plan keeps no state.
+        """
+        plan = self.plan
+        if plan.settings.fam_update == "sink":
             return self._sink_chain(layer_idx, state)
-        C, M = self.settings.block_size, self.settings.memory_segments
-        T = self.num_blocks
-        fam = state.fam
-        ks, vs = [], []
+        C, M = plan.settings.block_size, plan.settings.memory_segments
+        T = plan.num_blocks
+        tl_ok = plan.timeline_ok  # (B, (M+T)*C)
+        fam = state.fam  # (B, F, D)
+        ks, vs = [], []  # per step: (B, KVH, F, hd), the keys/values of the FAM block t reads
+
+        # 1. a CUDA graph of the update step, where the plan allows one (shapes of the first block's step)
         first = slice(M * C, (M + 1) * C)
         graph = self._chain_graph(layer_idx, fam, tl_k[:, :, first], tl_v[:, :, first])
-        for t in range(T + (1 if self.keep_state else 0)):
-            if t < self.max_complete:
+
+        # 2. block after block (one more step when keeping state: the FAM the next chunk's first block reads)
+        for t in range(T + (1 if plan.keep_state else 0)):
+            if t < plan.max_complete:
+                # 2a. some row completes block t: update the FAM with it (rows past their end keep theirs)
                 blk = slice((M + t) * C, (M + t + 1) * C)
-                all_complete = t < self.min_complete
+                all_complete = t < plan.min_complete
                 if graph is not None and all_complete:  # same computation, replayed
                     fam, k, v = graph.step(fam, tl_k[:, :, blk], tl_v[:, :, blk])
                     ks.append(k)
@@ -110,14 +163,15 @@ class FAMChain:
                     "update", self.inner, tl_k[:, :, blk], tl_v[:, :, blk], None if all_complete else tl_ok[:, blk]
                 )
                 new = self.call_layer(layer_idx, fam, step)
-                done = self.complete_blocks > t  # (B,)
+                done = plan.complete_blocks > t  # (B,)
                 fam = new if all_complete else torch.where(done[:, None, None], new, fam)
             elif t == 0 and state.win_k is not None:
+                # 2b. no update yet in this chunk: the first block reads the cached FAM's keys/values
                 step = FAMStep("cached", self.inner)
-                lay = self.layouts[layer_idx]
+                lay = plan.layouts[layer_idx]
                 step.fam_k, step.fam_v = state.win_k[:, :, lay.fam], state.win_v[:, :, lay.fam]
-            elif t < T or self.max_complete == T:
-                # keys of a FAM no update in this chunk has read yet (a trailing partial block, or the
+            elif t < T or plan.max_complete == T:
+                # 2c. keys of a FAM no update in this chunk has read yet (a trailing partial block, or the
                 # block after the chunk for the cache)
                 step = FAMStep("probe", self.inner)
                 self.call_layer(layer_idx, fam, step)
@@ -125,46 +179,28 @@ class FAMChain:
                 break
             ks.append(step.fam_k)
             vs.append(step.fam_v)
+
+        # 3. the FAM keys/values every working block reads
         fam_k = torch.stack(ks[:T], dim=1)  # (B, T, KVH, F, hd)
         fam_v = torch.stack(vs[:T], dim=1)
+
+        # 4. for the cache: the FAM each row's next block reads, after `complete_blocks` updates
         next_k = next_v = None
-        if self.keep_state:
-            # the FAM each row's next block reads: after `complete_blocks` updates
-            all_k = torch.stack(ks, dim=1)
+        if plan.keep_state:
+            all_k = torch.stack(ks, dim=1)  # (B, steps, KVH, F, hd)
             all_v = torch.stack(vs, dim=1)
-            pick = self.complete_blocks.clamp(max=all_k.shape[1] - 1)[:, None, None, None, None]
+            pick = plan.complete_blocks.clamp(max=all_k.shape[1] - 1)[:, None, None, None, None]
             next_k = all_k.gather(1, pick.expand(-1, 1, *all_k.shape[2:]))[:, 0]
             next_v = all_v.gather(1, pick.expand(-1, 1, *all_v.shape[2:]))[:, 0]
         return fam_k, fam_v, fam, next_k, next_v
 
     def _sink_chain(self, layer_idx: int, state: FAMLayerState):
         """fam_update "sink": no update; every block reads the keys/values of the initial FAM (the same in
-        every block's frame), computed once per forward. Same return values as `_fam_chain`."""
+        every block's frame), computed once per forward. Same return values as `run`."""
         step = FAMStep("probe", self.inner)
         self.call_layer(layer_idx, state.fam, step)
         k, v = step.fam_k, step.fam_v  # (B, KVH, F, hd)
-        T = self.num_blocks
+        T, keep = self.plan.num_blocks, self.plan.keep_state
         fam_k = k[:, None].expand(k.shape[0], T, *k.shape[1:])
         fam_v = v[:, None].expand(v.shape[0], T, *v.shape[1:])
-        return fam_k, fam_v, state.fam, (k if self.keep_state else None), (v if self.keep_state else None)
-
-    def fam_visible(self, fam_length: int, device) -> torch.Tensor:
-        """(F,) bool: which FAM slots block tokens read (all of them; only the first with fam_update "sink")."""
-        visible = torch.ones(fam_length, dtype=torch.bool, device=device)
-        if self.settings.fam_update == "sink":
-            visible[1:] = False
-        return visible
-
-    def sink_readable(self, t0: int, t1: int) -> torch.Tensor:
-        """(B, t1 - t0) bool: with fam_update "sink", whether blocks t0..t1-1 of this chunk read the sink: only
-        once the sequence's first block (with the real BOS) has left their window, as attention sinks are
-        kept in StreamingLLM. So a prompt within the window is computed exactly as by the base model."""
-        t = torch.arange(t0, t1, device=self.blocks_before.device)
-        return (self.blocks_before[:, None] + t[None, :]) > self.settings.memory_segments
-
-    def fam_visible_blocks(self, fam_length: int, t0: int, t1: int, device) -> torch.Tensor:
-        """(B, t1 - t0, F) bool: the FAM slots blocks t0..t1-1 of this chunk read."""
-        visible = self.fam_visible(fam_length, device)[None, None, :]
-        if self.settings.fam_update != "sink":
-            return visible.expand(self.batch, t1 - t0, fam_length)
-        return visible & self.sink_readable(t0, t1)[:, :, None]
+        return fam_k, fam_v, state.fam, (k if keep else None), (v if keep else None)

@@ -161,7 +161,7 @@ def fam_forward(
         outputs = base_forward(
             input_ids=input_ids,
             attention_mask=None,  # padding reaches FAM through the run
-            position_ids=run.position_ids,
+            position_ids=run.plan.position_ids,
             inputs_embeds=inputs_embeds,
             use_cache=False,
             fam_run=run,

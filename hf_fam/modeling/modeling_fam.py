@@ -23,12 +23,13 @@ from transformers.utils import logging
 
 from .configuration_fam import AUTO_MAP, FAMConfig
 from .fam_adapters import DecoderAdapter, get_adapter
-from .fam_cache import FAMCache
 
 # Every remote-code file must be a direct relative import of this module (the `noqa` ones are imported for
 # that alone): loading from a local folder, older transformers (5.5, for one) copy only the auto_map module's
 # own relative imports into their module cache. (`from .x import y` form: transformers finds them with a
 # regular expression that skips `from . import x`)
+from .fam_block_attention import BlockAttention  # noqa: F401
+from .fam_cache import FAMCache
 from .fam_chain import FAMChain  # noqa: F401
 from .fam_compat import (
     CACHE_KWARG,
@@ -41,6 +42,7 @@ from .fam_forward import fam_forward, select_fam_attention, with_fam_state
 from .fam_generation import FAMGenerationMixin
 from .fam_graphs import graphs_usable  # noqa: F401
 from .fam_packing import refuse_packed_inputs  # noqa: F401
+from .fam_plan import FAMPlan  # noqa: F401
 from .fam_settings import FAMSettings
 from .fam_state import FAMLayerState  # noqa: F401
 
