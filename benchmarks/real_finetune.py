@@ -43,7 +43,8 @@ def pydoc_text() -> str:
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="base checkpoint folder (e.g. SmolLM2-135M-Instruct)")
+    p.add_argument("--model", required=True, help="base checkpoint folder, or a GGUF file (e.g. "
+                   "SmolLM2-135M-Instruct.Q4_1.gguf), dequantised to float32")
     p.add_argument("--out", default="benchmarks/results/real_finetune", help="output path stem")
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--fam-length", type=int, default=16)
@@ -127,16 +128,22 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    result = {"model": Path(args.model).name, "settings": {k: v for k, v in vars(args).items() if k != "report"},
-              "machine": {"platform": platform.platform(), "threads": args.threads, "torch": torch.__version__,
-                          "device": "cpu"},
-              "train": {}, "eval": {}}
-    reach = {"block_size": args.block_size, "memory_segments": 0, "num_layers": None, "window": args.block_size}
     started = time.perf_counter()
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="real_finetune_"))
     work.mkdir(parents=True, exist_ok=True)
     try:
+        name = Path(args.model).name
+        if Path(args.model).suffix == ".gguf":  # a GGUF file: dequantised once into a plain checkpoint
+            from hf_fam.checkpoint_io.gguf_source import dequantise
+
+            (work / "base").mkdir(exist_ok=True)
+            args.model = str(dequantise(Path(args.model), torch.float32, work / "base"))
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        result = {"model": name, "settings": {k: v for k, v in vars(args).items() if k != "report"},
+                  "machine": {"platform": platform.platform(), "threads": args.threads, "torch": torch.__version__,
+                              "device": "cpu"},
+                  "train": {}, "eval": {}}
+        reach = {"block_size": args.block_size, "memory_segments": 0, "num_layers": None, "window": args.block_size}
         base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
         reach["num_layers"] = base.config.num_hidden_layers
         del base

@@ -1,0 +1,39 @@
+"""benchmarks/real_finetune.py, the one command behind docs/real_model.md §5, on a tiny checkpoint: it trains
+FAM and BSWA with the same data and steps, evaluates them and the base model, and writes JSON, table and plot."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from hf_fam.tiny import make_tiny_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("real_finetune", ROOT / "benchmarks" / "real_finetune.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="the report draws a plot")
+def test_one_command_trains_both_and_reports(tmp_path):
+    base = make_tiny_checkpoint(tmp_path / "tiny")
+    out = tmp_path / "results" / "rf"
+    assert _script().main(["--model", str(base), "--out", str(out), "--block-size", "64", "--fam-length", "4",
+                           "--steps", "2", "--batch-size", "1", "--seq-len", "320", "--min-seq-len", "300",
+                           "--window-multiples", "6", "--trials", "2", "--ppl-tokens", "700",
+                           "--base-max-tokens", "600", "--threads", "1"]) == 0
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert set(saved["train"]) == {"fam", "bswa"} and set(saved["eval"]) == {"fam", "bswa", "base"}
+    assert all(t["steps"] == 2 and len(t["log"]) >= 1 for t in saved["train"].values())
+    for name, e in saved["eval"].items():
+        assert [r["length"] for r in e["passkey"]] == [384] and e["passkey"][0]["trials"] == 2
+        assert e["perplexity"][0]["start"] == 0 and e["perplexity_all"] > 0
+    assert "| passkey, tokens (x window) |" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").stat().st_size > 0
