@@ -129,15 +129,14 @@ VOCAB = SyntheticPasskeyVocab()
 
 def build_base(config: DemoConfig):
     """The tiny Llama, deterministic for the seed (full attention, no FAM)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from ..tiny import tiny_model
 
-    torch.manual_seed(config.seed)
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=VOCAB.size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
-        num_key_value_heads=config.num_heads, max_position_embeddings=4096, tie_word_embeddings=True,
-        pad_token_id=None, bos_token_id=None, eos_token_id=None, attn_implementation="sdpa",
-    )).to(config.device)
+    return tiny_model(
+        "llama", config.seed, attn="sdpa", vocab_size=VOCAB.size, hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size, num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads, num_key_value_heads=config.num_heads, max_position_embeddings=4096,
+        tie_word_embeddings=True, pad_token_id=None, bos_token_id=None, eos_token_id=None,
+    ).to(config.device)
 
 
 def build_model(config: DemoConfig, fam_length: int, base=None):
