@@ -314,7 +314,7 @@ def finetune(config: FinetuneConfig, accelerator=None) -> FinetuneResult:
     if not accelerator.is_main_process:  # only the main process writes
         result = _train(config, accelerator, out, out)
     else:
-        from ..checkpoint_io.convert import staging_folder
+        from ..checkpoint_io.staging import staging_folder
 
         with staging_folder(out.absolute(), force=True) as work:  # force: check_output_dir has decided
             result = _train(config, accelerator, out, work)
