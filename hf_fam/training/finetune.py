@@ -43,7 +43,8 @@ import torch
 
 from ..tasks.passkey import SyntheticPasskeyVocab, passkey_dataset
 from .data import FAMDataCollator, check_seq_len, load_text_dataset, pack_dataset
-from .finetune_options import (  # noqa: F401  (DTYPES, DATA_SOURCES, SCHEDULERS: re-exported)
+from .lora import fam_lora_config, unwrap_fam_model
+from .options import (  # noqa: F401  (DTYPES, DATA_SOURCES, SCHEDULERS: re-exported)
     DATA_SOURCES,
     DTYPES,
     SCHEDULERS,
@@ -54,7 +55,6 @@ from .finetune_options import (  # noqa: F401  (DTYPES, DATA_SOURCES, SCHEDULERS
     ModelOptions,
     TrainOptions,
 )
-from .lora import fam_lora_config, unwrap_fam_model
 from .recipe import attach_recipe
 
 logger = logging.getLogger("hf_fam.training")
