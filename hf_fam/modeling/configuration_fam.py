@@ -13,8 +13,8 @@ from .fam_adapters import get_adapter
 from .fam_settings import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_FAM_LAYERS,
-    DEFAULT_FAM_UPDATE,
     DEFAULT_FAM_LENGTH,
+    DEFAULT_FAM_UPDATE,
     DEFAULT_MEMORY_SEGMENTS,
     FAMSettings,
     validate_fam_settings,
