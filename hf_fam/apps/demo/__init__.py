@@ -32,13 +32,27 @@ in processes), `report` (checkpoint, tables) and `run` (`run_demo`, end to end).
 
 from __future__ import annotations
 
-from .config import DemoConfig, full_config
-from .data import VOCAB, make_batch
-from .model import build_base, build_model
-from .report import format_table, require_matplotlib, save_checkpoint, summarize_seeds
-from .run import run_demo
-from .steps import evaluate, pretrain
-from .training import train
+import importlib
 
-__all__ = ["VOCAB", "DemoConfig", "build_base", "build_model", "evaluate", "format_table", "full_config", "make_batch",
-           "pretrain", "require_matplotlib", "run_demo", "save_checkpoint", "summarize_seeds", "train"]
+# name -> the module that defines it; loaded on first use (PEP 562), so that `hf-fam demo --help` reads the
+# defaults from `config` without importing torch
+_EXPORTS = {
+    "DemoConfig": ".config", "full_config": ".config", "VOCAB": ".data", "make_batch": ".data",
+    "build_base": ".model", "build_model": ".model", "format_table": ".report", "require_matplotlib": ".report",
+    "save_checkpoint": ".report", "summarize_seeds": ".report", "run_demo": ".run", "evaluate": ".steps",
+    "pretrain": ".steps", "train": ".training",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
