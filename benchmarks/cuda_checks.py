@@ -16,14 +16,13 @@ from pathlib import Path
 import torch
 import transformers
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from fam_layer_reference import reference_layer_fam_logits  # noqa: E402
-
-import hf_fam  # noqa: E402
+import hf_fam
+from hf_fam.testing.fam_layer_reference import reference_layer_fam_logits
+from hf_fam.tiny import tiny_model
 
 DEVICE = "cuda"
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            head_dim=16, vocab_size=101, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+# hf_fam.tiny's sizes, with the test suite's vocabulary and special tokens
+TINY = dict(vocab_size=101, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 FAMILIES = {
     "llama": ("llama", {}, "sdpa"),
     "mistral": ("mistral", {"sliding_window": None}, "sdpa"),
@@ -42,14 +41,7 @@ def check(name: str, value: float, bound: float):
 
 def build(family: str, attn: str | None = None):
     model_type, overrides, default_attn = FAMILIES[family]
-    torch.manual_seed(0)
-    config = transformers.AutoConfig.for_model(model_type, **{**TINY, **overrides})
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn or default_attn).eval()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(3.0)
-            layer.self_attn.k_proj.weight.mul_(3.0)
-    return model
+    return tiny_model(model_type, 0, attn=attn or default_attn, sharpen=3.0, **{**TINY, **overrides}).eval()
 
 
 def graph_checks():

@@ -1,6 +1,6 @@
 """Prefill benchmark of the FAM core issue: FAM vs BSWA (F = 0) vs the unmodified model (full attention).
 
-A preset of the suite (hf_fam/bench.py): Llama hidden 256, 4 layers, fp32; C = 256, M = 1, F = 16; N = 1k,
+A preset of the suite (hf_fam/apps/bench.py): Llama hidden 256, 4 layers, fp32; C = 256, M = 1, F = 16; N = 1k,
 4k, 16k, each read in one forward. Targets: FAM <= 1.10x BSWA time; FAM >= 3x faster than full attention
 at 16k.
 

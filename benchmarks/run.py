@@ -1,4 +1,4 @@
-"""The benchmark suite's entry point (same as `hf-fam bench`); see hf_fam/bench.py for what it measures.
+"""The benchmark suite's entry point (same as `hf-fam bench`); see hf_fam/apps/bench.py for what it measures.
 
     python benchmarks/run.py                          # everything, CPU defaults (about an hour on 2 cores)
     python benchmarks/run.py --parts prefill train --prefill-lengths 1024 4096 --rounds 2

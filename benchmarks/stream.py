@@ -1,6 +1,6 @@
 """Streaming benchmark of the streaming issue: memory and decode latency after long contexts.
 
-A preset of the suite (hf_fam/bench.py): Llama hidden 256, 4 layers, fp32; C = 256, M = 1, F = 16; decode
+A preset of the suite (hf_fam/apps/bench.py): Llama hidden 256, 4 layers, fp32; C = 256, M = 1, F = 16; decode
 ms/token after 1k, 32k, 256k and 1M tokens of context (FAM; the unmodified model up to 32k), and the peak
 RSS of reading a 1M-token stream against reading 32k. Targets: peak RSS at 1M <= 1.1x that at 32k; decode
 latency at 256k <= 1.1x that at 1k.

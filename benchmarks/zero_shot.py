@@ -12,7 +12,7 @@ Each model reads the text once, `--max-tokens` long; perplexity "at length N" is
 (every model here is causal, so it equals an N-token run). The per-position curve (mean NLL in bins of
 `--bin` tokens) goes to the plot. It also checks that an in-window chat prompt answers as the base model does.
 
-Usage (SmolLM2-135M-Instruct converted from its GGUF, README "A real model"):
+Usage (SmolLM2-135M-Instruct converted from its GGUF, docs/gguf.md):
     python benchmarks/zero_shot.py --model /work/models/smollm2-135m-instruct --max-tokens 32768 \
         --out benchmarks/results/zero_shot.json
 """

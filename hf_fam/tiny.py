@@ -1,12 +1,14 @@
-"""Tiny checkpoints made locally: a small random decoder plus a byte-level tokenizer, saved with
-`save_pretrained` in the same file layout the Hub serves.
+"""Tiny random decoders, the one builder behind the tests, the CPU demo, the benchmarks and the notebooks.
 
-They stand in for Hub models wherever no hub is reachable: the tests, the README examples, the notebooks'
-default path and the CPU demo.
+`tiny_config` and `tiny_model` build a small random causal LM of any supported family (hidden 64, 2 layers,
+GQA 4/2 heads by default; every size can be overridden), deterministic for a seed. `make_tiny_checkpoint` saves
+one with a byte-level tokenizer, with `save_pretrained`, in the same file layout the Hub serves: it stands in
+for Hub models wherever no hub is reachable (the tests, the README examples, the notebooks' default path).
 
 Example:
 ```python
->>> from hf_fam.tiny import make_tiny_checkpoint
+>>> from hf_fam.tiny import make_tiny_checkpoint, tiny_model
+>>> model = tiny_model("gemma", seed=1, num_hidden_layers=4).eval()
 >>> path = make_tiny_checkpoint("/tmp/tiny-llama", family="llama")
 >>> model = AutoModelForCausalLM.from_pretrained(path)
 ```
@@ -16,17 +18,61 @@ from __future__ import annotations
 
 from pathlib import Path
 
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
+
+# head_dim is not among them: it follows hidden_size / num_attention_heads, whatever sizes are given
 TINY_DEFAULTS = dict(
     hidden_size=64,
     intermediate_size=128,
     num_hidden_layers=2,
     num_attention_heads=4,
     num_key_value_heads=2,
-    head_dim=16,
     max_position_embeddings=4096,
+    vocab_size=len(SPECIAL_TOKENS) + 256,  # the byte-level tokenizer's
 )
 
-SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
+
+def tiny_config(family: str = "llama", **overrides):
+    """A tiny config of `family` (a transformers model_type): `TINY_DEFAULTS`, then `overrides`.
+
+    `head_dim` is hidden_size / num_attention_heads unless given (Gemma's own default, 256, would dwarf a tiny
+    model); Mistral gets no sliding window unless given.
+    """
+    from transformers import AutoConfig
+
+    kwargs = {**TINY_DEFAULTS, **overrides}
+    kwargs.setdefault("head_dim", kwargs["hidden_size"] // kwargs["num_attention_heads"])
+    if family == "mistral":
+        kwargs.setdefault("sliding_window", None)
+    return AutoConfig.for_model(family, **kwargs)
+
+
+def tiny_model(family: str = "llama", seed: int = 0, *, attn: str | None = None, sharpen: float = 1.0, **overrides):
+    """A tiny random causal LM of `family` in fp32 (training mode, as built), deterministic for `seed`.
+
+    Args:
+        family: a transformers model_type ("llama", "mistral", "gemma", ...).
+        seed: the weights are the same for the same seed and sizes.
+        attn: the attention implementation ("sdpa", "eager"); transformers' default when None.
+        sharpen: scales the query and key projections, so that attention is far from uniform (with random
+            weights, which keys are masked would otherwise barely change the output); 1 leaves them as drawn.
+        overrides: fields of the config (see `tiny_config`).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_config(family, **overrides)
+    if attn is not None:
+        config._attn_implementation = attn
+    model = AutoModelForCausalLM.from_config(config, **({"attn_implementation": attn} if attn else {}))
+    if sharpen != 1.0:
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for name in ("q_proj", "k_proj", "qkv_proj"):  # qkv_proj: Phi-3's fused projection (v scaled too)
+                    if hasattr(layer.self_attn, name):
+                        getattr(layer.self_attn, name).weight.mul_(sharpen)
+    return model
 
 
 def byte_tokenizer():
@@ -67,20 +113,13 @@ def make_tiny_checkpoint(
     Returns:
         The folder, as a Path.
     """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     path = Path(path)
     tokenizer = byte_tokenizer()
-    kwargs = {**TINY_DEFAULTS, "vocab_size": len(tokenizer), **config_overrides}
+    kwargs = {"vocab_size": len(tokenizer), **config_overrides}
     kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
     kwargs.setdefault("bos_token_id", tokenizer.bos_token_id)
     kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
-    if family == "mistral":
-        kwargs.setdefault("sliding_window", None)
-    config = AutoConfig.for_model(family, **kwargs)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    model = tiny_model(family, seed, **kwargs)
     save_kwargs = {}
     if safe_serialization_max_shard_size:
         save_kwargs["max_shard_size"] = safe_serialization_max_shard_size

@@ -24,8 +24,9 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPAT = ROOT / "hf_fam" / "modeling" / "fam_compat.py"

@@ -16,34 +16,24 @@ import transformers  # noqa: E402
 
 FAMILIES = ("llama", "mistral", "gemma")
 
-from hf_fam.tiny import TINY_DEFAULTS  # noqa: E402
+from hf_fam import tiny  # noqa: E402
 
-_TINY = {**TINY_DEFAULTS, "vocab_size": 101, "max_position_embeddings": 512}
+# the tests' sizes: hf_fam.tiny's, with a vocabulary of 101 and 512 positions
+TEST_SIZES = {"vocab_size": 101, "max_position_embeddings": 512}
 
 
 def tiny_config(family: str = "llama", **overrides) -> transformers.PretrainedConfig:
-    """A tiny config of `family` (hidden 64, 2 layers, GQA 4/2 heads, vocab 101)."""
-    kwargs = {**_TINY, **overrides}
-    if family == "mistral":
-        kwargs.setdefault("sliding_window", None)
-    return transformers.AutoConfig.for_model(family, **kwargs)
+    """A tiny config of `family` (hidden 64, 2 layers, GQA 4/2 heads, vocab 101): `hf_fam.tiny.tiny_config`."""
+    return tiny.tiny_config(family, **{**TEST_SIZES, **overrides})
 
 
 def tiny_model(family: str = "llama", seed: int = 0, attn: str = "sdpa", sharpen: float = 4.0, **overrides):
-    """A tiny causal LM in fp32 eval mode, deterministic for `seed`.
+    """A tiny causal LM in fp32 eval mode, deterministic for `seed` (`hf_fam.tiny.tiny_model`).
 
     `sharpen` scales the query/key projections so that attention is far from uniform: with random
     weights, which keys are masked would otherwise barely change the output.
     """
-    torch.manual_seed(seed)
-    config = tiny_config(family, **overrides)
-    config._attn_implementation = attn
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(sharpen)
-            layer.self_attn.k_proj.weight.mul_(sharpen)
-    return model
+    return tiny.tiny_model(family, seed, attn=attn, sharpen=sharpen, **{**TEST_SIZES, **overrides}).eval()
 
 
 def random_ids(batch: int, length: int, seed: int = 0, vocab: int = 101) -> torch.Tensor:

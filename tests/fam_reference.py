@@ -397,39 +397,18 @@ def reference_bswa_mask_logits(
 
 
 def _tiny_models() -> dict[str, nn.Module]:
-    """Tiny fp32 Llama, Mistral and Gemma models (2 layers, 4 heads, 2 KV heads), in eval mode."""
-    from transformers import (
-        GemmaConfig,
-        GemmaForCausalLM,
-        LlamaConfig,
-        LlamaForCausalLM,
-        MistralConfig,
-        MistralForCausalLM,
-    )
+    """Tiny fp32 Llama, Mistral and Gemma models (2 layers, 4 heads, 2 KV heads), in eval mode.
 
-    common = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=100,
-    )
-    models = {}
-    torch.manual_seed(0)
-    models["llama"] = LlamaForCausalLM(LlamaConfig(**common))
-    torch.manual_seed(1)
-    models["mistral"] = MistralForCausalLM(MistralConfig(**common, sliding_window=None))
-    torch.manual_seed(2)
-    models["gemma"] = GemmaForCausalLM(GemmaConfig(**{**common, "hidden_size": 64}, head_dim=16))
-    for model in models.values():
-        model.float().eval()
-        # Random init gives near-uniform attention; larger q/k weights make positions and masks matter more.
-        with torch.no_grad():
-            for layer in model.model.layers:
-                layer.self_attn.q_proj.weight.mul_(8.0)
-                layer.self_attn.k_proj.weight.mul_(8.0)
-    return models
+    Random init gives near-uniform attention; larger q/k weights (sharpen 8) make positions and masks matter more.
+    """
+    from hf_fam.tiny import tiny_model
+
+    sizes = dict(hidden_size=32, intermediate_size=64, vocab_size=100, sharpen=8.0)
+    return {
+        "llama": tiny_model("llama", 0, **sizes).eval(),
+        "mistral": tiny_model("mistral", 1, **sizes).eval(),
+        "gemma": tiny_model("gemma", 2, **{**sizes, "hidden_size": 64}).eval(),
+    }
 
 
 def _real_diff(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:

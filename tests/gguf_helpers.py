@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
@@ -27,14 +26,11 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def tiny_llama(seed: int = 0, vocab_size: int = 261):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from hf_fam.tiny import tiny_model
 
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         rms_norm_eps=1e-6, tie_word_embeddings=False, initializer_range=0.2,
-                         bos_token_id=258, eos_token_id=258)
-    return LlamaForCausalLM(config).eval()
+    return tiny_model("llama", seed, vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                      max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=False, initializer_range=0.2,
+                      bos_token_id=258, eos_token_id=258).eval()
 
 
 def write_tiny_gguf(path: Path, *, architecture: str = "llama", seed: int = 0, name: str = "tiny-llama"):

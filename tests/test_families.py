@@ -16,13 +16,14 @@ import pytest
 import torch
 import transformers
 from conftest import assert_close, padding_mask, random_ids
-from fam_layer_reference import reference_layer_fam_logits
 from fam_reference import reference_bswa_mask_logits
 
 import hf_fam
+from hf_fam.testing.fam_layer_reference import reference_layer_fam_logits
+from hf_fam.tiny import tiny_model
 
-BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            head_dim=16, vocab_size=101, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+# hf_fam.tiny's sizes, with the tests' vocabulary and special tokens
+BASE = dict(vocab_size=101, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 # name -> (model_type, config overrides, attention implementation)
 SPECS = {
@@ -44,16 +45,8 @@ INTERLEAVED = ("gemma2", "gemma3", "qwen2")
 
 def build(name: str, seed: int = 0):
     model_type, overrides, attn = SPECS[name]
-    config = transformers.AutoConfig.for_model(model_type, **{**BASE, **overrides})
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
-    with torch.no_grad():  # sharper attention, so that masks visibly matter
-        for layer in model.model.layers:
-            attn_mod = layer.self_attn
-            for proj in ("q_proj", "k_proj", "qkv_proj"):
-                if hasattr(attn_mod, proj):
-                    getattr(attn_mod, proj).weight.mul_(3.0)
-    return model
+    # sharper attention, so that masks visibly matter
+    return tiny_model(model_type, seed, attn=attn, sharpen=3.0, **{**BASE, **overrides}).eval()
 
 
 def fam(base, C, M, F, fam_layers="all"):
@@ -114,8 +107,7 @@ def test_fam_on_global_layers_only(name):
 def test_fam_layers_global_needs_a_global_layer():
     base = build("qwen3")  # no sliding layers at all: every layer is global, fine
     fam(base, 4, 1, 2, fam_layers="global")(random_ids(1, 9))
-    config = transformers.AutoConfig.for_model("mistral", **{**BASE, "sliding_window": 16})
-    mistral = transformers.AutoModelForCausalLM.from_config(config).eval()
+    mistral = tiny_model("mistral", **{**BASE, "sliding_window": 16}).eval()
     with pytest.raises(ValueError, match="no global"):
         fam(mistral, 4, 1, 2, fam_layers="global")(random_ids(1, 9))
     with pytest.raises(ValueError, match="fam_layers must be one of all, global"):

@@ -165,17 +165,13 @@ OTHER_FAMILIES = {
 
 @pytest.mark.parametrize("name", list(OTHER_FAMILIES))
 def test_lora_and_recipe_on_other_families(name):
-    import transformers
-
+    from hf_fam import tiny
     from hf_fam.modeling.fam_adapters import get_adapter
     from hf_fam.training import FAMRecipeConfig, attach_recipe
 
     model_type, overrides, attn, fam_layers = OTHER_FAMILIES[name]
-    config = transformers.AutoConfig.for_model(
-        model_type, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, vocab_size=101, pad_token_id=0, bos_token_id=1, eos_token_id=2, **overrides)
-    torch.manual_seed(0)
-    base = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+    base = tiny.tiny_model(model_type, 0, attn=attn, vocab_size=101, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                           **overrides)
     model = hf_fam.FAMForCausalLM.from_base_model(base, block_size=4, memory_segments=1, fam_length=2,
                                                   fam_layers=fam_layers)
     lora = fam_lora_config(model, r=4)

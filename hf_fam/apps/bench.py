@@ -64,17 +64,16 @@ class BenchConfig:
 def build(variant: str, config: BenchConfig):
     """The unmodified model ("full") or its FAM wrapper with F = 0 ("bswa") or F > 0 ("fam"); same weights."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from ..modeling.modeling_fam import FAMForCausalLM
+    from ..tiny import tiny_model
 
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(
-        hidden_size=config.hidden, intermediate_size=4 * config.hidden, num_hidden_layers=config.layers,
-        num_attention_heads=config.heads, num_key_value_heads=config.heads, vocab_size=config.vocab,
+    base = tiny_model(
+        "llama", 0, attn="sdpa", hidden_size=config.hidden, intermediate_size=4 * config.hidden,
+        num_hidden_layers=config.layers, num_attention_heads=config.heads, num_key_value_heads=config.heads,
+        vocab_size=config.vocab,
         max_position_embeddings=max(config.prefill_lengths + config.decode_contexts + [config.stream_tokens]) + 1,
-        attn_implementation="sdpa",
-    )).to(device=config.device, dtype=getattr(torch, config.dtype)).eval()
+    ).to(device=config.device, dtype=getattr(torch, config.dtype)).eval()
     if variant == "full":
         return base
     fam_length = config.fam_length if variant == "fam" else 0

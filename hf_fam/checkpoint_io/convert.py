@@ -1,4 +1,4 @@
-"""Convert a Llama / Mistral / Gemma checkpoint (a Hub id, a local folder or a GGUF file) into a FAM checkpoint.
+"""Convert a base checkpoint of a supported family (a Hub id, a local folder or a GGUF file) into a FAM checkpoint.
 
 A FAM checkpoint is the base checkpoint with its weights unchanged, under the same names, plus one tensor,
 `fam.fam_init` (F × hidden, in the weights' dtype); its `config.json` is a `FAMConfig` with `auto_map`, and
@@ -16,6 +16,10 @@ How the conversion stays safe and small:
 - the output is written into a hidden temporary folder next to OUT and moved into place at the end; a
   failure or an interrupt removes it, so OUT either is complete or does not exist. SRC is only read.
 
+This module writes the output (weights, config, carried files, code, card); the steps before it live beside
+it: `hub` resolves SRC (folder or Hub id), `gguf_source` turns a GGUF file into a folder, `source` opens and
+checks the folder, `fam_init` builds the initial memory, and `staging` makes the write all or nothing.
+
 Example:
 ```python
 >>> from hf_fam.checkpoint_io.convert import ConvertOptions, convert
@@ -26,17 +30,11 @@ Example:
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -52,21 +50,14 @@ from .checkpoint import (
     CONFIG_NAME,
     FAM_INIT_KEY,
     SAFE_INDEX_NAME,
-    ExpectedTensors,
-    WeightFiles,
-    compare_tensors,
-    expected_tensors,
-    find_weight_files,
-    read_config,
-    read_safetensors_tensors,
     remote_code_files,
 )
 from .fam_init import FamInitSpec, build_fam_init, sink_token_id
 from .gguf_source import check_gguf, gguf_as_checkpoint, locate_gguf
-from .safetensors_io import TensorEntry, TensorInfo, write_safetensors
-
-if TYPE_CHECKING:
-    from transformers import PretrainedConfig
+from .hub import HUB_IGNORE, HUB_PATTERNS, resolve_source  # noqa: F401  (HUB_*: re-exported)
+from .safetensors_io import TensorEntry, write_safetensors
+from .source import SourceCheckpoint, embedding_rows, load_pickle_weights, open_source
+from .staging import staging_folder
 
 # files carried over from SRC unchanged (top level only); README.md is regenerated as the model card
 CARRIED_PATTERNS = (
@@ -75,11 +66,6 @@ CARRIED_PATTERNS = (
     "*.tiktoken", "chat_template.*", "preprocessor_config.json", "processor_config.json",
     "LICENSE*", "LICENCE*", "license*", "NOTICE*", "USE_POLICY*", "COPYING*",
 )
-# what to fetch from the Hub: everything the conversion reads or carries, nothing else (no original/*.pth,
-# no consolidated.safetensors duplicates, no other frameworks' weights)
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.md", "*.jinja", "LICENSE*",
-                "LICENCE*", "NOTICE*", "USE_POLICY*", "COPYING*", "vocab.*", "merges.txt"]
-HUB_IGNORE = ["original/*", "consolidated*", "*/*"]
 
 
 @dataclass
@@ -135,179 +121,6 @@ class ConvertResult:
     dropped_tensors: list[str] = field(default_factory=list)
 
 
-# --- source -----------------------------------------------------------------------------------------------
-def resolve_source(src: str | Path, revision: str | None = None, token: str | None = None,
-                   allow_pickle: bool = False) -> tuple[Path, str | None]:
-    """A local folder as is, or a Hub repo id downloaded with `huggingface_hub.snapshot_download`.
-
-    Args:
-        src: a folder, or a Hub id such as "meta-llama/Llama-3.2-1B".
-        revision: Hub branch, tag or commit (Hub ids only).
-        token: Hub token for private or gated repos (default: the stored login / HF_TOKEN).
-        allow_pickle: also fetch `pytorch_model*.bin` when the repo has no safetensors weights.
-
-    Returns:
-        (the local folder, the Hub id or None).
-
-    Raises:
-        FileNotFoundError / ValueError: one line saying what is wrong and what to do.
-    """
-    path = Path(src).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise ValueError(f"SRC {src} is a file; pass the checkpoint's folder (with config.json) or a Hub id")
-        if revision:
-            raise ValueError(f"--revision applies to a Hub id; {src} is a local folder")
-        return path, None
-    if not _looks_like_repo_id(str(src)):
-        raise FileNotFoundError(f"SRC {src}: no such folder (and not a Hub repo id)")
-    folder = _download(str(src), revision, token, HUB_PATTERNS)
-    if allow_pickle and not any(folder.glob("*.safetensors")):
-        folder = _download(str(src), revision, token, HUB_PATTERNS + ["pytorch_model*.bin"])
-    return folder, str(src)
-
-
-def _looks_like_repo_id(src: str) -> bool:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    if src.startswith((".", "/", "~")) or src.count("/") > 1:
-        return False
-    try:
-        validate_repo_id(src)
-    except HFValidationError:
-        return False
-    return True
-
-
-def _download(repo_id: str, revision: str | None, token: str | None, patterns: list[str]) -> Path:
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    try:
-        return Path(snapshot_download(repo_id=repo_id, revision=revision, token=token,
-                                      allow_patterns=patterns, ignore_patterns=HUB_IGNORE))
-    except GatedRepoError:
-        raise ValueError(
-            f"{repo_id} is gated: accept its terms on the Hub, then pass --token (or set HF_TOKEN)"
-        ) from None
-    except RepositoryNotFoundError:
-        raise FileNotFoundError(
-            f"{repo_id} is neither a local folder nor a Hub repo you can access (private? pass --token)"
-        ) from None
-    except RevisionNotFoundError:
-        raise ValueError(f"{repo_id} has no revision {revision!r}") from None
-    except LocalEntryNotFoundError:
-        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
-        raise FileNotFoundError(
-            f"{repo_id} is not a local folder and is not in the Hub cache, and {why}; "
-            "pass a local checkpoint folder or retry with network access"
-        ) from None
-    except HfHubHTTPError as err:
-        raise ValueError(f"downloading {repo_id} failed: {' '.join(str(err).split())[:300]}") from None
-
-
-@dataclass
-class SourceCheckpoint:
-    """A base checkpoint, checked: supported family, all weights present, shapes match the config."""
-
-    folder: Path
-    hub_id: str | None
-    base_config: PretrainedConfig
-    weights: WeightFiles
-    shapes: dict[str, tuple[tuple[int, ...], torch.dtype | None]]
-    safetensors: dict[str, TensorInfo] | None
-    expected: ExpectedTensors
-    dropped: list[str]
-
-    @property
-    def embedding_dtype(self) -> torch.dtype:
-        return self.shapes[self.expected.embedding_key][1]
-
-
-def open_source(folder: Path, hub_id: str | None = None, allow_pickle: bool = False) -> SourceCheckpoint:
-    """Read and check a base checkpoint folder without loading its weights.
-
-    Raises:
-        FileNotFoundError: no config.json, no weights, a missing shard.
-        ValueError: unsupported architecture, an already converted checkpoint, pickle weights without
-            `allow_pickle`, a corrupt or truncated shard, tensors that do not match the config.
-    """
-    from transformers import AutoConfig
-
-    from ..modeling.fam_adapters import get_adapter
-
-    raw = read_config(folder)
-    if raw["model_type"] == "fam":
-        raise ValueError(f"{folder} is already a FAM checkpoint; load it directly or convert its base model")
-    adapter = get_adapter(raw["model_type"])  # unsupported family: names it and the supported ones
-    try:
-        base_config = AutoConfig.from_pretrained(str(folder))
-    except Exception as err:  # transformers raises many kinds for a bad config
-        raise ValueError(f"{folder / CONFIG_NAME} cannot be read as a {raw['model_type']} config: "
-                         f"{' '.join(str(err).split())[:300]}") from None
-    adapter.check_config(base_config)
-    base_config._name_or_path = hub_id or folder.name  # no local path leaks into the published config
-
-    weights = find_weight_files(folder)
-    if weights.kind == "pickle":
-        if not allow_pickle:
-            raise ValueError(
-                f"{folder} has only pickle weights ({weights.files[0].name}); pickle can run code when loaded. "
-                "Pass --allow-pickle to read them with torch.load(weights_only=True)"
-            )
-        safetensors = None
-        shapes = {}
-        for path in weights.files:
-            for name, tensor in _load_pickle(path).items():
-                shapes[name] = (tuple(tensor.shape), tensor.dtype)
-    else:
-        safetensors = read_safetensors_tensors(weights)
-        shapes = {name: (info.shape, info.torch_dtype) for name, info in safetensors.items()}
-
-    expected = expected_tensors(base_config)
-    problems = [p for p in compare_tensors(shapes, expected.tensors) if not p.startswith("unexpected")]
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise ValueError(f"the weights in {folder} do not match its config.json: {problems[0]}{more}")
-    dropped = sorted(name for name in shapes if name not in expected.tensors)
-    return SourceCheckpoint(folder, hub_id, base_config, weights, shapes, safetensors, expected, dropped)
-
-
-def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
-    """A .bin state dict, memory-mapped where the file format allows it; `weights_only=True` always."""
-    try:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{path.name} is corrupt or not a weights-only state dict ({type(err).__name__}); "
-                         "re-download it") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path.name} is not a state dict of tensors")
-    return state
-
-
-def embedding_rows(source: SourceCheckpoint, ids: list[int]) -> torch.Tensor:
-    """Rows `ids` of the source's token-embedding matrix, read without loading the rest: (len(ids), hidden)."""
-    key = source.expected.embedding_key
-    if source.safetensors is None:
-        path = source.weights.files[0] if not source.weights.sharded else source.folder / source.weights.index[key]
-        return _load_pickle(path)[key][ids].clone()
-    from safetensors import safe_open
-
-    with safe_open(str(source.safetensors[key].path), framework="pt") as f:
-        matrix = f.get_slice(key)
-        return torch.cat([matrix[i : i + 1] for i in ids]) if ids else torch.empty(0, source.shapes[key][0][1])
-
-
-# --- output ---------------------------------------------------------------------------------------------
 def convert(src: str | Path, out: str | Path, options: ConvertOptions | None = None) -> ConvertResult:
     """Write a FAM checkpoint at `out` from the base checkpoint `src`.
 
@@ -408,7 +221,7 @@ def _write_weights(source: SourceCheckpoint, fam_init: torch.Tensor, tmp: Path, 
                 infos = [info for info in source.safetensors.values() if info.path == path and info.name in expected]
                 entries = [TensorEntry.from_file(info) for info in infos]
             else:
-                state = _load_pickle(path)
+                state = load_pickle_weights(path)
                 entries = [TensorEntry.from_tensor(name, t) for name, t in state.items() if name in expected]
             if i == len(files) - 1:
                 entries.append(TensorEntry.from_tensor(FAM_INIT_KEY, fam_init))
@@ -492,46 +305,3 @@ def _as_list(value) -> list:
     if value is None:
         return []
     return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-@contextmanager
-def staging_folder(out: Path, force: bool = False) -> Iterator[Path]:
-    """A hidden temporary folder next to `out`, moved to `out` when the block succeeds, removed otherwise.
-
-    Parent folders it had to create are removed on failure too; an existing `out` is replaced only with
-    `force`, and only once the new one is complete.
-    """
-    created = [p for p in [out.parent, *out.parent.parents] if not p.exists()]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".fam-tmp", dir=out.parent))
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; OUT gets the usual permissions
-        _move_into_place(tmp, out, force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for path in created:  # innermost first
-            try:
-                path.rmdir()
-            except OSError:
-                break
-        raise
-
-
-def _move_into_place(tmp: Path, out: Path, force: bool) -> None:
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    if not force:
-        raise FileExistsError(f"{out} already exists; pass --force to replace it")
-    old = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.fam-old"
-    os.rename(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-

@@ -19,7 +19,7 @@ class FAMOverrides:
 
     @classmethod
     def from_args(cls, args) -> FAMOverrides:
-        """The settings given on a command line (see hf_fam/commands/fam_args.py); None where not given."""
+        """The settings given on a command line (see hf_fam/cli/fam_args.py); None where not given."""
         return cls(*(getattr(args, f, None) for f in ("block_size", "memory_segments", "fam_length", "fam_layers")))
 
     def settings(self):

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import IGNORE_INDEX
+from . import IGNORE_INDEX, PASSKEY_FORMS
 
 PASSKEY_INTRO = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -43,7 +43,6 @@ PASSKEY_FILLER = (" The grass is green.", " The sky is blue.", " The sun is yell
 PASSKEY_KEY = " The pass key is {key}. Remember it. {key} is the pass key."
 PASSKEY_QUESTION = " What is the pass key? The pass key is"
 PASSKEY_ANSWER = " {key}"
-PASSKEY_FORMS = ("text", "synthetic")
 
 
 @dataclass(frozen=True)

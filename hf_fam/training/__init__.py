@@ -2,36 +2,65 @@
 long-context data (packing; the passkey task is `hf_fam.tasks.passkey`) and the fine-tuning loop behind
 `hf-fam finetune`.
 
-accelerate and the Trainer are imported only inside the functions that use them.
+The modules: `options` (every training option, declared once for the API and the command line), `data`,
+`lora`, `recipe` and `finetune` (the loop). The names below load on first use (PEP 562): importing
+`hf_fam.training.options` for `hf-fam finetune --help` must not pull in torch and PEFT. accelerate and the
+Trainer are imported only inside the functions that use them.
 """
 
 from __future__ import annotations
 
-from ..tasks.passkey import PasskeyConfig, SyntheticPasskeyVocab, beyond_reach, passkey_dataset, passkey_exact_match
-from .data import FAMDataCollator, load_text_dataset, pack_dataset
-from .finetune import DataOptions, FinetuneConfig, LoraOptions, ModelOptions, TrainOptions, finetune
-from .lora import fam_lora_config, unwrap_fam_model
-from .recipe import FAMRecipeConfig, FAMTrainingRecipe, attach_recipe, max_rope_wavelength
+import importlib
+import sys
+import types
 
-__all__ = [
-    "DataOptions",
-    "FAMDataCollator",
-    "FAMRecipeConfig",
-    "FAMTrainingRecipe",
-    "FinetuneConfig",
-    "LoraOptions",
-    "ModelOptions",
-    "PasskeyConfig",
-    "SyntheticPasskeyVocab",
-    "TrainOptions",
-    "attach_recipe",
-    "beyond_reach",
-    "fam_lora_config",
-    "finetune",
-    "load_text_dataset",
-    "max_rope_wavelength",
-    "pack_dataset",
-    "passkey_dataset",
-    "passkey_exact_match",
-    "unwrap_fam_model",
-]
+# name -> the module that defines it
+_EXPORTS = {
+    "DataOptions": ".options",
+    "FAMDataCollator": ".data",
+    "FAMRecipeConfig": ".options",
+    "FAMTrainingRecipe": ".recipe",
+    "FinetuneConfig": ".options",
+    "LoraOptions": ".options",
+    "ModelOptions": ".options",
+    "PasskeyConfig": "hf_fam.tasks.passkey",
+    "SyntheticPasskeyVocab": "hf_fam.tasks.passkey",
+    "TrainOptions": ".options",
+    "attach_recipe": ".recipe",
+    "beyond_reach": "hf_fam.tasks.passkey",
+    "fam_lora_config": ".lora",
+    "finetune": ".finetune",
+    "load_text_dataset": ".data",
+    "max_rope_wavelength": ".recipe",
+    "pack_dataset": ".data",
+    "passkey_dataset": "hf_fam.tasks.passkey",
+    "passkey_exact_match": "hf_fam.tasks.passkey",
+    "unwrap_fam_model": ".lora",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class _TrainingPackage(types.ModuleType):
+    """`hf_fam.training.finetune` is the function, as it always was, also once the module of the same name
+    has been imported: importing a submodule binds it on its package, which here would hide the function."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "finetune" and isinstance(value, types.ModuleType):
+            return  # the module stays reachable as sys.modules["hf_fam.training.finetune"]
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _TrainingPackage

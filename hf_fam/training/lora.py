@@ -21,9 +21,8 @@ from peft import LoraConfig
 from torch import nn
 
 from ..modeling.fam_adapters import get_adapter
+from .options import DEFAULT_LORA_RANK
 
-# Paper §3.1: "The rank of LoRA was 64". Alpha and dropout are not stated; alpha = rank (scaling 1) here.
-DEFAULT_LORA_RANK = 64
 FAM_MODULE_NAME = "fam"
 
 

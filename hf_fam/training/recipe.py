@@ -38,57 +38,17 @@ Example:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .lora import unwrap_fam_model
-
-# Paper Appendix B / Table 4 defaults
-DEFAULT_STATE_PASSING_PROB = 0.8
-DEFAULT_POSITION_OFFSET_PROB = 0.5
-
-
-@dataclass
-class FAMRecipeConfig:
-    """Options of the paper's training recipe (Appendix B.2). Probabilities of 0 switch a trick off."""
-
-    state_passing_prob: float = field(
-        default=DEFAULT_STATE_PASSING_PROB,
-        metadata={"help": "Random State Passing: probability that a training forward starts from the previous "
-                          "forward's final FAM (row 0's, detached) instead of fam_init. Paper: 0.8; 0 = off."},
-    )
-    position_offset_prob: float = field(
-        default=DEFAULT_POSITION_OFFSET_PROB,
-        metadata={"help": "Random Position Offset: probability that a row gets a non-zero offset. Paper: 0.5 "
-                          "(zero half of the time); 0 = off."},
-    )
-    max_position_offset: int | None = field(
-        default=None,
-        metadata={"help": "Offsets are uniform integers in [0, max_position_offset). Default: the largest RoPE "
-                          "wavelength, 2*pi*rope_theta."},
-    )
-    seed: int = field(default=0, metadata={"help": "Seed of the recipe's own random generator."})
-
-    def __post_init__(self):
-        for name in ("state_passing_prob", "position_offset_prob"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
-        if self.max_position_offset is not None and (
-            isinstance(self.max_position_offset, bool) or not isinstance(self.max_position_offset, int)
-            or self.max_position_offset < 1
-        ):
-            raise ValueError(
-                f"max_position_offset must be a positive integer or None, got {self.max_position_offset!r}"
-            )
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
-
-    @property
-    def enabled(self) -> bool:
-        return self.state_passing_prob > 0 or self.position_offset_prob > 0
+from .options import (  # noqa: F401  (declared with the other training options; re-exported)
+    DEFAULT_POSITION_OFFSET_PROB,
+    DEFAULT_STATE_PASSING_PROB,
+    FAMRecipeConfig,
+)
 
 
 def max_rope_wavelength(model: nn.Module) -> int:

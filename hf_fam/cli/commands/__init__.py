@@ -1,1 +1,1 @@
-"""One module per `hf-fam` command; see hf_fam/cli.py."""
+"""One module per `hf-fam` command; see hf_fam/cli/main.py."""

@@ -6,6 +6,9 @@ from ..formatting import HelpFormatter
 
 
 def register(sub) -> None:
+    from ...apps.demo.config import DemoConfig, full_config  # no torch: the defaults, stated once
+
+    d, full = DemoConfig(), full_config()
     p = sub.add_parser(
         "demo",
         help="show the working memory: FAM vs block sliding window attention on passkey retrieval (CPU, ~15 min)",
@@ -20,13 +23,16 @@ def register(sub) -> None:
                    help="seed(s); several seeds run one after the other and add a mean/spread summary")
     p.add_argument("--full", action="store_true",
                    help="the long run (~35 min on 2 cores): fine-tunes up to 16x the window, for memory that far back")
-    p.add_argument("--steps", type=int, help="fine-tuning steps per model (default 750, --full: 1200)")
-    p.add_argument("--train-seconds", type=float, help="cap on fine-tuning time per model (default 660 s, --full: 2 h)")
-    p.add_argument("--fam-length", type=int, help="F, FAM tokens per layer (default 16)")
-    p.add_argument("--trials", type=int, default=200, help="evaluation examples per length")
-    p.add_argument("--pretrain-steps", type=int, help="at most this many short-context steps (default 3000)")
+    p.add_argument("--steps", type=int,
+                   help=f"fine-tuning steps per model (default {d.max_steps}, --full: {full.max_steps})")
+    p.add_argument("--train-seconds", type=float, help=f"cap on fine-tuning time per model (default "
+                   f"{d.train_seconds:g} s, --full: {full.train_seconds / 3600:g} h)")
+    p.add_argument("--fam-length", type=int, help=f"F, FAM tokens per layer (default {d.fam_length})")
+    p.add_argument("--trials", type=int, default=d.eval_trials, help="evaluation examples per length")
+    p.add_argument("--pretrain-steps", type=int,
+                   help=f"at most this many short-context steps (default {d.pretrain_steps})")
     p.add_argument("--eval-multiples", type=float, nargs="+", help="lengths to evaluate, in attention windows "
-                   "(default 1 2 4 8 16)")
+                   f"(default {' '.join(f'{m:g}' for m in d.eval_multiples)})")
     p.add_argument("--sequential", action="store_true", help="train the two models one after the other")
     p.add_argument("--no-plot", dest="plot", action="store_false",
                    help="skip passkey.png (it needs matplotlib: pip install 'hf-fam[demo]')")

@@ -1,7 +1,7 @@
 """A second, family-agnostic FAM reference: the model's own decoder layers, called block by block with
 explicit 4D masks and absolute positions.
 
-`fam_reference.py` rewrites a Llama-shaped layer by hand; families with other layer wiring (Gemma 2/3's
+`tests/fam_reference.py` rewrites a Llama-shaped layer by hand; families with other layer wiring (Gemma 2/3's
 extra norms, Phi-3's fused projections, Qwen 3's q/k norms) are checked here instead. For every layer l,
 row and block τ, the layer runs once on the sequence
 
