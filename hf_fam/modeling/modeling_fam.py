@@ -44,6 +44,7 @@ from .fam_graphs import graphs_usable  # noqa: F401
 from .fam_packing import refuse_packed_inputs  # noqa: F401
 from .fam_plan import FAMPlan  # noqa: F401
 from .fam_settings import FAMSettings
+from .fam_split_attention import split_attention  # noqa: F401
 from .fam_state import FAMLayerState  # noqa: F401
 
 register_attention(fam_attention_forward)
