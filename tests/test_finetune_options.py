@@ -59,3 +59,19 @@ def test_the_command_declares_no_option_of_its_own():
     source = (Path(__file__).resolve().parents[1] / "hf_fam" / "cli" / "commands" / "finetune.py").read_text()
     assert "default=" not in source.replace('kwargs["default"] = f.default', "")
     assert "add_argument(\"--" not in source
+
+
+def test_eval_options_are_the_passkey_evaluation_fields():
+    """hf-fam eval's passkey options are PasskeyEvalConfig's fields (hf_fam/evaluation/options.py): same defaults
+    as the API, and each flag reaches its field."""
+    from hf_fam.cli.fam_args import options_from_args
+    from hf_fam.evaluation.options import PasskeyEvalConfig
+
+    args = build_parser().parse_args(["eval", "m"])
+    assert options_from_args(PasskeyEvalConfig, args, lengths=[1024]) == PasskeyEvalConfig()
+    args = build_parser().parse_args(["eval", "m", "--trials", "9", "--form", "synthetic", "--depth", "0.5",
+                                      "--seed", "3", "--batch-size", "2", "--chunk-tokens", "64", "--vocab-offset", "4"])
+    assert options_from_args(PasskeyEvalConfig, args, lengths=[64]) == PasskeyEvalConfig(
+        lengths=[64], trials=9, form="synthetic", depth=0.5, seed=3, batch_size=2, chunk_tokens=64, vocab_offset=4)
+    source = (Path(__file__).resolve().parents[1] / "hf_fam" / "cli" / "commands" / "eval.py").read_text()
+    assert "--trials" not in source.split("add_options(p, PasskeyEvalConfig)")[0]

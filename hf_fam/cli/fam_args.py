@@ -1,4 +1,5 @@
-"""The four FAM settings as command-line options, declared once for every command that takes them.
+"""Shared command-line options: the four FAM settings, declared once for every command that takes them, and
+the options of an options dataclass (`add_options`, `options_from_args`).
 
 Defaults and validation come from `FAMSettings` (hf_fam/modeling/fam_settings.py), the one place they live.
 """
@@ -43,3 +44,45 @@ def settings_from_args(args: argparse.Namespace) -> FAMSettings:
     """The FAMSettings the parsed options name (defaults filled in)."""
     given = {field: getattr(args, field) for _, field, _, _ in FAM_OPTIONS if getattr(args, field, None) is not None}
     return FAMSettings(**given)
+
+
+def add_options(group, options, only: tuple[str, ...] | None = None, skip: tuple[str, ...] = ()) -> None:
+    """Add the flags of an options dataclass (hf_fam/training/options.py, hf_fam/evaluation/options.py) to
+    `group`: each field that declares a flag, with the field's default and its metadata's help, choices, metavar,
+    nargs and type. The dataclass is the one declaration of those options, for the API and the command line."""
+    import argparse
+    import dataclasses
+
+    kinds = {"int": int, "float": float, "str": str}
+    for f in dataclasses.fields(options):
+        meta = f.metadata
+        if "flag" not in meta or f.name in skip or (only is not None and f.name not in only):
+            continue
+        flags = meta["flag"] if isinstance(meta["flag"], tuple) else (meta["flag"],)
+        kwargs = {"dest": f.name, "help": meta["help"]}
+        annotation = str(f.type).replace(" | None", "")
+        if annotation == "bool":
+            kwargs["action"] = "store_false" if meta.get("negate") else "store_true"
+        else:
+            kwargs["type"] = meta.get("type", kinds.get(annotation, str))
+            kwargs["metavar"] = flags[0].lstrip("-").replace("-", "_").upper()  # --lr LR, not the field's name
+            for key in ("choices", "metavar", "nargs"):
+                if key in meta:
+                    kwargs[key] = meta[key]
+            if "choices" in meta and "metavar" not in meta:
+                del kwargs["metavar"]  # argparse shows the choices
+            if f.default is dataclasses.MISSING:
+                kwargs["required"] = True
+            else:
+                kwargs["default"] = f.default
+        if isinstance(group, argparse._ActionsContainer) and any(a.dest == f.name for a in group._actions):
+            raise ValueError(f"two options set {f.name}")  # the dataclasses' field names must not collide
+        group.add_argument(*flags, **kwargs)
+
+
+def options_from_args(options, args, **given):
+    """An options dataclass filled from the parsed arguments, field by field (missing ones keep their default)."""
+    import dataclasses
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(options) if hasattr(args, f.name)}
+    return options(**{**values, **given})

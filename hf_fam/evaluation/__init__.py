@@ -1,28 +1,34 @@
-"""Evaluation: passkey retrieval (overall and beyond reach) and perplexity over long text (evaluate), and the
-StreamingLLM attention-sink baseline FAM is compared against zero-shot (sink_baseline)."""
+"""Evaluation: passkey retrieval (overall and beyond reach) and perplexity over long text (evaluate), the
+StreamingLLM attention-sink baseline FAM is compared against zero-shot (sink_baseline), and the passkey
+evaluation's options (options, declared once for the API and `hf-fam eval`).
+
+The names below load on first use (PEP 562): importing `hf_fam.evaluation.options` for `hf-fam eval --help`
+must not pull in torch.
+"""
 
 from __future__ import annotations
 
-from .evaluate import (
-    PasskeyEvalConfig,
-    card_results,
-    compare_perplexity,
-    evaluate_passkey,
-    evaluate_perplexity,
-    plot_passkey,
-    plot_perplexity,
-    reach_of,
-    write_json,
-)
+import importlib
 
-__all__ = [
-    "PasskeyEvalConfig",
-    "card_results",
-    "compare_perplexity",
-    "evaluate_passkey",
-    "evaluate_perplexity",
-    "plot_passkey",
-    "plot_perplexity",
-    "reach_of",
-    "write_json",
-]
+# name -> the module that defines it
+_EXPORTS = {
+    "PasskeyEvalConfig": ".options",
+    "card_results": ".evaluate",
+    "compare_perplexity": ".evaluate",
+    "evaluate_passkey": ".evaluate",
+    "evaluate_perplexity": ".evaluate",
+    "plot_passkey": ".evaluate",
+    "plot_perplexity": ".evaluate",
+    "reach_of": ".evaluate",
+    "write_json": ".evaluate",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value

@@ -19,34 +19,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from ..tasks.passkey import PasskeyConfig, beyond_reach, passkey_exact_match, passkey_examples
-
-
-@dataclass
-class PasskeyEvalConfig:
-    """What passkey evaluation to run."""
-
-    lengths: list[int] = field(default_factory=lambda: [1024], metadata={"help": "Sequence lengths (tokens)."})
-    trials: int = field(default=200, metadata={"help": "Examples per length."})
-    depth: float | None = field(default=None, metadata={"help": "Key depth in [0, 1]; None = uniform at random."})
-    form: str = field(default="synthetic", metadata={"help": "'synthetic' (tiny vocabulary) or 'text' (tokenizer)."})
-    vocab_offset: int = field(default=0, metadata={"help": "Synthetic form: first token id used."})
-    key_digits: int = field(default=5, metadata={"help": "Digits of the pass key."})
-    seed: int = field(default=1234, metadata={"help": "Evaluation examples are a function of (seed, length, index)."})
-    batch_size: int = field(default=16, metadata={"help": "Examples per forward."})
-    chunk_tokens: int = field(default=8192, metadata={"help": "Longer examples are read in chunks with the cache."})
-
-    def __post_init__(self):
-        if not self.lengths or any(not isinstance(n, int) or n < 2 * self.key_digits + 3 for n in self.lengths):
-            raise ValueError(f"lengths must be integers >= {2 * self.key_digits + 3}, got {self.lengths!r}")
-        for name in ("trials", "batch_size", "chunk_tokens"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+from .options import PasskeyEvalConfig
 
 
 def reach_of(model) -> dict | None:

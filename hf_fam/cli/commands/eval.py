@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from ..fam_args import add_fam_arguments
+from ..fam_args import add_fam_arguments, add_options, options_from_args
 from ..formatting import HelpFormatter
 
 
 def register(sub) -> None:
+    from ...evaluation.options import PasskeyEvalConfig
+
     p = sub.add_parser(
         "eval",
         help="evaluate passkey retrieval or long-text perplexity; writes JSON (and a PNG plot)",
@@ -26,16 +28,9 @@ def register(sub) -> None:
     p.add_argument("--lengths", type=int, nargs="+", help="passkey: sequence lengths in tokens")
     p.add_argument("--window-multiples", type=float, nargs="+",
                    help="passkey: lengths as multiples of the attention window C*(M+1) (FAM models)")
-    p.add_argument("--trials", type=int, default=200, help="passkey: examples per length")
-    p.add_argument("--depth", type=float, help="passkey: key depth in [0, 1] (default: random per example)")
-    p.add_argument("--form", choices=("synthetic", "text"), default="text",
-                   help="passkey: 'text' uses the tokenizer (real models); 'synthetic' a 33-token vocabulary")
-    p.add_argument("--vocab-offset", type=int, default=0, help="passkey, synthetic form: first token id")
-    p.add_argument("--seed", type=int, default=1234, help="evaluation examples seed")
-    p.add_argument("--batch-size", type=int, default=8, help="examples per forward")
     p.add_argument("--text-file", help="perplexity: the text to read")
     p.add_argument("--max-tokens", type=int, help="perplexity: stop after this many tokens")
-    p.add_argument("--chunk-tokens", type=int, default=4096, help="tokens per forward when streaming")
+    add_options(p, PasskeyEvalConfig)  # --trials, --depth, --form, --vocab-offset, --seed, --batch-size, --chunk-tokens
     p.add_argument("--no-fam", action="store_true", help="evaluate a base checkpoint as is (full attention)")
     add_fam_arguments(p, base_only=True)
     p.add_argument("--label", help="name of this model in the JSON and the plot")
@@ -118,12 +113,10 @@ def run(args) -> int:
             raise CLIError("--window-multiples needs a FAM model (the window is C*(M+1)); use --lengths")
         lengths = [int(round(m * reach["window"])) for m in args.window_multiples]
     else:
-        lengths = args.lengths or [1024]
+        lengths = args.lengths or PasskeyEvalConfig().lengths
     if args.form == "text" and tokenizer is None:
         raise CLIError(f"{args.model} has no tokenizer: use --form synthetic")
-    config = PasskeyEvalConfig(lengths=lengths, trials=args.trials, depth=args.depth, form=args.form,
-                               vocab_offset=args.vocab_offset, seed=args.seed, batch_size=args.batch_size,
-                               chunk_tokens=args.chunk_tokens)
+    config = options_from_args(PasskeyEvalConfig, args, lengths=lengths)
     result = evaluate_passkey(model, config, tokenizer, progress=True, label=label)
     write_json(result, args.out)
     plot = args.plot or str(Path(args.out).with_suffix(".png"))

@@ -12,51 +12,10 @@ Examples:
 
 from __future__ import annotations
 
-from ..fam_args import add_fam_arguments
+from ..fam_args import add_fam_arguments, add_options, options_from_args
 from ..formatting import HelpFormatter
 
 HELP = "LoRA fine-tuning with the paper's recipe (PEFT adapter + trained fam_init); runs under accelerate launch."
-
-
-def add_options(group, options, only: tuple[str, ...] | None = None, skip: tuple[str, ...] = ()) -> None:
-    """Add the flags of an options dataclass (hf_fam/training/options.py) to `group`: each field that declares
-    a flag, with the field's default and its metadata's help, choices, metavar, nargs and type."""
-    import argparse
-    import dataclasses
-
-    kinds = {"int": int, "float": float, "str": str}
-    for f in dataclasses.fields(options):
-        meta = f.metadata
-        if "flag" not in meta or f.name in skip or (only is not None and f.name not in only):
-            continue
-        flags = meta["flag"] if isinstance(meta["flag"], tuple) else (meta["flag"],)
-        kwargs = {"dest": f.name, "help": meta["help"]}
-        annotation = str(f.type).replace(" | None", "")
-        if annotation == "bool":
-            kwargs["action"] = "store_false" if meta.get("negate") else "store_true"
-        else:
-            kwargs["type"] = meta.get("type", kinds.get(annotation, str))
-            kwargs["metavar"] = flags[0].lstrip("-").replace("-", "_").upper()  # --lr LR, not the field's name
-            for key in ("choices", "metavar", "nargs"):
-                if key in meta:
-                    kwargs[key] = meta[key]
-            if "choices" in meta and "metavar" not in meta:
-                del kwargs["metavar"]  # argparse shows the choices
-            if f.default is dataclasses.MISSING:
-                kwargs["required"] = True
-            else:
-                kwargs["default"] = f.default
-        if isinstance(group, argparse._ActionsContainer) and any(a.dest == f.name for a in group._actions):
-            raise ValueError(f"two options set {f.name}")  # the dataclasses' field names must not collide
-        group.add_argument(*flags, **kwargs)
-
-
-def _declared(options, args, **given):
-    """An options dataclass filled from the parsed arguments, field by field (missing ones keep their default)."""
-    import dataclasses
-
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(options) if hasattr(args, f.name)}
-    return options(**{**values, **given})
 
 
 def register(subparsers) -> None:
@@ -91,11 +50,11 @@ def config_from_args(args):
     )
 
     return FinetuneConfig(
-        model=_declared(ModelOptions, args),
-        data=_declared(DataOptions, args),
-        lora=_declared(LoraOptions, args),
-        recipe=_declared(FAMRecipeConfig, args),  # its seed is --seed, the run's
-        train=_declared(TrainOptions, args),
+        model=options_from_args(ModelOptions, args),
+        data=options_from_args(DataOptions, args),
+        lora=options_from_args(LoraOptions, args),
+        recipe=options_from_args(FAMRecipeConfig, args),  # its seed is --seed, the run's
+        train=options_from_args(TrainOptions, args),
     )
 
 
