@@ -248,7 +248,7 @@ def bench_decode(config: RealBenchConfig, models: dict, log=print) -> list[dict]
 
 
 def run(config: RealBenchConfig, out: str | Path, log=print) -> dict:
-    """Measure the selected parts; write `out`.json and `out`.md."""
+    """Measure the selected parts; write `out`.json, `out`.md and `out`_prefill.png (with matplotlib)."""
     import torch
 
     torch.set_num_threads(config.threads)
@@ -263,6 +263,7 @@ def run(config: RealBenchConfig, out: str | Path, log=print) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     out.with_suffix(".md").write_text(format_markdown(result))
+    plot(result, out)
     log(format_markdown(result))
     return result
 
@@ -329,3 +330,38 @@ def format_markdown(result: dict) -> str:
         lines += ["| target | measured | met |", "|---|---:|:---:|"]
         lines += [f"| {name} | {t['value']} | {'yes' if t['met'] else 'no'} |" for name, t in result["targets"].items()]
     return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, stem: Path) -> Path | None:
+    """Prefill seconds against N for each variant and batch size (skipped without matplotlib)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result.get("prefill") or []
+    if not rows:
+        return None
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 4), dpi=110, squeeze=False)
+    series = (("full_s", "o-", "full attention"), ("bswa_chunked_s", "s--", "BSWA (chunks)"),
+              ("fam_chunked_s", "^-", "FAM (chunks)"), ("bswa_one_s", "s:", "BSWA (one forward)"),
+              ("fam_one_s", "^:", "FAM (one forward)"))
+    for ax, batch in zip(axes[0], batches):
+        for key, style, label in series:
+            pts = [(r["n"], r[key]) for r in rows if r["batch"] == batch and key in r]
+            if pts:
+                ax.plot(*zip(*pts), style, label=label)
+        ax.set(xscale="log", yscale="log", xlabel="tokens read", ylabel="prefill time (s)", title=f"batch {batch}")
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    machine = result["machine"].get("gpu") or f"{result['machine']['cpus']} CPUs"
+    fig.suptitle(f"{result['config']['shape']} shape, {result['config']['dtype']}, {machine}")
+    fig.tight_layout()
+    path = stem.parent / f"{stem.name}_prefill.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
