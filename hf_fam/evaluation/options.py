@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..modeling.fam_settings import DEFAULT_CHUNK_TOKENS
 from ..tasks import PASSKEY_FORMS
 
 
@@ -30,7 +31,7 @@ class PasskeyEvalConfig:
     seed: int = field(default=1234, metadata={
         "help": "evaluation examples seed: example i of length n is a function of (seed, n, i)", "flag": "--seed"})
     batch_size: int = field(default=8, metadata={"help": "examples per forward", "flag": "--batch-size"})
-    chunk_tokens: int = field(default=4096, metadata={
+    chunk_tokens: int = field(default=DEFAULT_CHUNK_TOKENS, metadata={
         "help": "tokens per forward when streaming (longer passkey examples, perplexity text)",
         "flag": "--chunk-tokens"})
 

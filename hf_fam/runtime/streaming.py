@@ -21,6 +21,7 @@ import torch
 
 from ..modeling.fam_cache import FAMCache
 from ..modeling.fam_compat import CACHE_KWARG
+from ..modeling.fam_settings import DEFAULT_CHUNK_TOKENS
 
 
 @dataclass
@@ -107,7 +108,7 @@ def _copy_cache(cache: FAMCache | None) -> FAMCache | None:
     return None if cache is None else copy.deepcopy(cache)
 
 
-def iter_text_file_tokens(tokenizer, path: str | os.PathLike, *, chunk_tokens: int = 4096,
+def iter_text_file_tokens(tokenizer, path: str | os.PathLike, *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
                           read_chars: int = 1 << 20, add_bos: bool = True) -> Iterator[list[int]]:
     """Tokenize a text file of any size, piece by piece, yielding lists of at most `chunk_tokens` ids.
 
@@ -144,7 +145,7 @@ def count_text_file_tokens_estimate(path: str | os.PathLike, chars_per_token: fl
     return int(Path(path).stat().st_size / chars_per_token)
 
 
-def stream_text_file(model, tokenizer, path: str | os.PathLike, *, chunk_tokens: int = 4096,
+def stream_text_file(model, tokenizer, path: str | os.PathLike, *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
                      progress: bool = False) -> StreamState:
     """Stream a text file of any length through a FAM model (see `stream`)."""
     chunks = iter_text_file_tokens(tokenizer, path, chunk_tokens=chunk_tokens)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from ...modeling.fam_settings import DEFAULT_CHUNK_TOKENS
 from ..fam_args import add_fam_arguments
 from ..formatting import HelpFormatter
 
@@ -22,7 +23,8 @@ def register(sub) -> None:
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompt-file", help="text file holding the prompt; any size, read piece by piece")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (>= 1)")
-    p.add_argument("--chunk-tokens", type=int, default=4096, help="prompt tokens per forward while reading (>= 1)")
+    p.add_argument("--chunk-tokens", type=int, default=DEFAULT_CHUNK_TOKENS,
+                   help="prompt tokens per forward while reading (>= 1)")
     add_fam_arguments(p, base_only=True)
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
