@@ -8,7 +8,7 @@ must not pull in torch.
 
 from __future__ import annotations
 
-import importlib
+from .._lazy import lazy_exports
 
 # name -> the module that defines it
 _EXPORTS = {
@@ -26,9 +26,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -32,7 +32,7 @@ in processes), `report` (checkpoint, tables) and `run` (`run_demo`, end to end).
 
 from __future__ import annotations
 
-import importlib
+from ..._lazy import lazy_exports
 
 # name -> the module that defines it; loaded on first use (PEP 562), so that `hf-fam demo --help` reads the
 # defaults from `config` without importing torch
@@ -46,13 +46,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
