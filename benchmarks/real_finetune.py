@@ -7,7 +7,8 @@ One command, on SmolLM2-135M-Instruct (README "A real model, end to end" says ho
 
 For each of FAM and BSWA (the same C and M = 0, F = 0 for BSWA), it converts the base checkpoint with the
 paper's update, runs `hf_fam.training.finetune` (LoRA + fam_init, passkey in the paper's text form with
-natural-language filler, key at a random depth), then evaluates both:
+natural-language filler, key at a random depth; with `--data mix`, the default, half the sequences are Python's
+standard-library sources instead, so that the model stays a language model), then evaluates both:
 
 - passkey retrieval at multiples of the attention window (default 4x, 8x, 16x), overall and for keys beyond
   BSWA's reach (with M = 0 a block sees nothing before itself, so every key in an earlier block is beyond
@@ -41,6 +42,22 @@ def pydoc_text() -> str:
     return "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
 
 
+def stdlib_sources(folder: Path, max_chars: int) -> Path:
+    """Python's standard-library sources (sorted by name, up to `max_chars` characters) as .txt documents in
+    `folder`: real text available offline, and not the pydoc topics the perplexity is measured on."""
+    import sysconfig
+
+    folder.mkdir(parents=True, exist_ok=True)
+    total = 0
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if total + len(text) > max_chars:
+            break
+        (folder / f"{path.stem}.txt").write_text(text)
+        total += len(text)
+    return folder
+
+
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="base checkpoint folder, or a GGUF file (e.g. "
@@ -56,6 +73,10 @@ def parse(argv=None):
     p.add_argument("--lora-rank", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=160, help="longest training example (tokens)")
     p.add_argument("--min-seq-len", type=int, default=80, help="shortest training example (tokens)")
+    p.add_argument("--data", choices=("passkey", "mix"), default="mix",
+                   help="passkey only, or passkey mixed with Python's standard-library sources")
+    p.add_argument("--text-fraction", type=float, default=0.5, help="with --data mix: share of text sequences")
+    p.add_argument("--text-chars", type=int, default=2_000_000, help="with --data mix: characters of source text")
     p.add_argument("--state-passing-prob", type=float, default=0.0)
     p.add_argument("--position-offset-prob", type=float, default=0.0)
     p.add_argument("--window-multiples", type=int, nargs="+", default=[4, 8, 16])
@@ -77,14 +98,20 @@ def train_variant(args, variant: str, work: Path) -> dict:
     from hf_fam.training.recipe import FAMRecipeConfig
 
     F = args.fam_length if variant == "fam" else 0
+    text, passkey_share = {}, 1.0
+    if args.data == "mix":
+        text = {"text_files": (str(stdlib_sources(work / "text", args.text_chars)),),
+                "text_fraction": args.text_fraction}
+        passkey_share = 1 - args.text_fraction
     converted = work / f"{variant}_converted"
     convert(args.model, converted, ConvertOptions(block_size=args.block_size, memory_segments=0, fam_length=F,
                                                   fam_init=args.fam_init if F else "bos", fam_update="paper",
                                                   seed=args.seed, progress=False))
     config = FinetuneConfig(
         model=ModelOptions(path=str(converted)),
-        data=DataOptions(source="passkey", seq_len=args.seq_len, passkey_min_seq_len=args.min_seq_len,
-                         passkey_examples=args.steps * args.batch_size, passkey_form="text"),
+        data=DataOptions(source=args.data, seq_len=args.seq_len, passkey_min_seq_len=args.min_seq_len,
+                         passkey_examples=round(args.steps * args.batch_size * passkey_share), passkey_form="text",
+                         **text),
         lora=LoraOptions(r=args.lora_rank),
         recipe=FAMRecipeConfig(state_passing_prob=args.state_passing_prob if F else 0.0,
                                position_offset_prob=args.position_offset_prob, seed=args.seed),
@@ -132,14 +159,15 @@ def main(argv=None) -> int:
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="real_finetune_"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        name = Path(args.model).name
+        name, source = Path(args.model).name, args.model
         if Path(args.model).suffix == ".gguf":  # a GGUF file: dequantised once into a plain checkpoint
             from hf_fam.checkpoint_io.gguf_source import dequantise
 
             (work / "base").mkdir(exist_ok=True)
             args.model = str(dequantise(Path(args.model), torch.float32, work / "base"))
         tokenizer = AutoTokenizer.from_pretrained(args.model)
-        result = {"model": name, "settings": {k: v for k, v in vars(args).items() if k != "report"},
+        settings = {k: v for k, v in vars(args).items() if k != "report"} | {"model": source}
+        result = {"model": name, "settings": settings,
                   "machine": {"platform": platform.platform(), "threads": args.threads, "torch": torch.__version__,
                               "device": "cpu"},
                   "train": {}, "eval": {}}
@@ -176,8 +204,10 @@ LABELS = {"fam": "FAM", "bswa": "BSWA", "base": "base (full attention)"}
 
 def markdown(result: dict) -> str:
     s = result["settings"]
+    mix = (f" mixed with standard-library sources ({100 * s['text_fraction']:.0f} % of the sequences)"
+           if s.get("data", "passkey") == "mix" else "")
     lines = [f"{result['model']}, C={s['block_size']}, M=0, F={s['fam_length']} (BSWA: F=0); {s['steps']} steps of "
-             f"batch {s['batch_size']}, passkey {s['min_seq_len']}-{s['seq_len']} tokens, LoRA r={s['lora_rank']}, "
+             f"batch {s['batch_size']}, passkey {s['min_seq_len']}-{s['seq_len']} tokens{mix}, LoRA r={s['lora_rank']}, "
              f"lr {s['lr']}; {s['threads']} CPU threads; total {result.get('total_seconds', 0) / 60:.1f} min", ""]
     names = [n for n in ("fam", "bswa", "base") if n in result["eval"]]
     lines += ["| passkey, tokens (x window) | " + " | ".join(

@@ -102,3 +102,26 @@ def test_collator_pads_right_with_ignored_labels():
     assert left["input_ids"].tolist() == [[1, 2], [0, 3]] and left["attention_mask"].dtype == torch.long
     with pytest.raises(ValueError, match="padding_side must be 'right' or 'left'"):
         FAMDataCollator(padding_side="middle")
+
+
+def test_mix_keeps_every_task_example_and_adds_text_to_the_fraction(corpus, tokenizer, tmp_path):
+    from hf_fam.tasks.passkey import PasskeyConfig, passkey_dataset
+    from hf_fam.training import mix_datasets
+
+    folder, jsonl = corpus
+    docs = load_text_dataset([folder, jsonl], text_column="body", cache_dir=str(tmp_path / "cache"))
+    text = pack_dataset(docs, tokenizer, seq_len=32, text_column="body", block_size=8, seed=1)
+    task = passkey_dataset(PasskeyConfig(num_examples=3 * len(text), seq_len=40, form="synthetic"))
+    mixed = mix_datasets(task, text, 0.25, seed=0)
+    assert mixed.column_names == ["input_ids", "labels"]
+    assert len(mixed) == 4 * len(text)  # 3n task rows and n text rows: a quarter text
+    rows = sorted(zip(mixed["input_ids"], mixed["labels"]))
+    expected = sorted(list(zip(task["input_ids"], task["labels"])) + list(zip(text["input_ids"], text["labels"])))
+    assert rows == expected  # nothing lost or duplicated; the task keeps its answer-only labels
+    assert mixed["input_ids"][: len(task)] != task["input_ids"]  # shuffled together
+    assert mix_datasets(task, text, 0.25, seed=0)["input_ids"] == mixed["input_ids"]
+    more = mix_datasets(task, text, 0.75, seed=0)  # more text than there is: repeated from the start
+    assert len(more) == 4 * len(task) and sum(row in text["input_ids"] for row in more["input_ids"]) == 3 * len(task)
+    for bad in (0, 1, 1.5, True):
+        with pytest.raises(ValueError, match="text_fraction must be in"):
+            mix_datasets(task, text, bad)

@@ -87,6 +87,30 @@ def test_finetune_on_text_saves_adapter_base_and_merged(base_ckpt, text_files, t
     assert (trained_fam - base.fam.fam_init).abs().max() > 0, "fam_init was not trained"
 
 
+def test_mix_trains_on_passkey_and_text_together(base_ckpt, text_files, tmp_path, capsys):
+    """--data mix: every passkey example (answer-only labels) and packed text (every token labelled), shuffled."""
+    from hf_fam.training.finetune import build_train_dataset, load_fam_model
+
+    options = DataOptions(source="mix", text_files=(str(text_files[0]),), seq_len=64, passkey_form="synthetic",
+                          passkey_examples=6, text_fraction=0.5)
+    model, tokenizer, _ = load_fam_model(ModelOptions(path=str(base_ckpt), block_size=16, memory_segments=1,
+                                                      fam_length=4))
+    data = build_train_dataset(options, model, tokenizer)
+    answer_only = [row for row in data["labels"] if -100 in row]
+    assert len(data) == 12 and len(answer_only) == 6
+    assert sum(row == ids for row, ids in zip(data["labels"], data["input_ids"])) == 6
+    out = tmp_path / "mix"
+    try:
+        code, _, everything = _cli(["finetune", str(base_ckpt), "--output", str(out), *SMALL, "--steps", "2",
+                                    "--data", "mix", "--text-files", str(text_files[0]), "--seq-len", "64",
+                                    "--passkey-form", "synthetic", "--passkey-examples", "6", "--batch-size", "2"],
+                                   capsys)
+    finally:
+        _reset_accelerate()
+    assert code == 0, everything
+    assert json.loads((out / "finetune_config.json").read_text())["data"]["source"] == "mix"
+
+
 def _cli(argv, capsys):
     code = main(argv)
     err = capsys.readouterr().err.strip().splitlines()
@@ -104,6 +128,9 @@ def test_bad_input_gives_one_line_errors(base_ckpt, text_files, tmp_path, capsys
         (["--data", "text", "--text-files", str(rows), "--seq-len", "64"],
          "has no text column 'text' (its columns: body); name the column that holds the text with --text-column"),
         (["--data", "text", "--seq-len", "64"], "data source 'text' needs text files (--text-files FILE ...)"),
+        (["--data", "mix", "--seq-len", "64"], "data source 'mix' needs text files (--text-files FILE ...)"),
+        (["--data", "mix", "--text-files", str(folder), "--text-fraction", "1"],
+         "text_fraction must be in (0, 1), got 1.0; use --data text or --data passkey for one source only"),
         (["--state-passing-prob", "2"], "state_passing_prob must be a probability in [0, 1], got 2.0"),
     ]
     try:

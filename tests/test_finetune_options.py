@@ -53,6 +53,9 @@ def test_every_declared_flag_sets_its_field():
     assert config.data.source == "text" and config.data.text_files == ("a.txt", "b.txt")
     assert config.recipe.state_passing_prob == 0.25 and config.recipe.seed == 5
     assert config.model.dtype == "bfloat16" and config.model.block_size == 16
+    mixed = config_from_args(build_parser().parse_args(["finetune", "m", "-o", "o", "--data", "mix", "--text-files",
+                                                        "a.txt", "--text-fraction", "0.25"]))
+    assert (mixed.data.source, mixed.data.text_files, mixed.data.text_fraction) == ("mix", ("a.txt",), 0.25)
 
 
 def test_the_command_declares_no_option_of_its_own():

@@ -33,6 +33,7 @@ _EXPORTS = {
     "finetune": ".finetune",
     "load_text_dataset": ".data",
     "max_rope_wavelength": ".recipe",
+    "mix_datasets": ".data",
     "pack_dataset": ".data",
     "passkey_dataset": "hf_fam.tasks.passkey",
     "passkey_exact_match": "hf_fam.tasks.passkey",

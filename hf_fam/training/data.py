@@ -196,6 +196,43 @@ def pack_dataset(
     return packed
 
 
+def mix_datasets(task, text, text_fraction: float, *, seed: int = 0):
+    """Shuffle a task's examples (e.g. passkey) together with packed text sequences.
+
+    Every task example is kept; text sequences are added so that they make `text_fraction` of the result
+    (taken in order, and repeated from the start when the text holds fewer). Fine-tuning on a task alone
+    teaches it at the cost of language modelling (measured on SmolLM2-135M with passkey-only LoRA: perplexity
+    of held-out text in the millions); the text keeps the model a language model while it learns the task.
+
+    Args:
+        task: a `datasets.Dataset` with `input_ids` and `labels` (other columns are dropped).
+        text: a `datasets.Dataset` from `pack_dataset`.
+        text_fraction: share of text sequences in the result, in (0, 1).
+        seed: order of the shuffled result.
+
+    Returns:
+        A `datasets.Dataset` with `input_ids` and `labels`, `len(task) / (1 - text_fraction)` rows (rounded).
+
+    Example:
+    ```python
+    >>> train = mix_datasets(passkey_dataset(PasskeyConfig(num_examples=300), tokenizer), packed, 0.5)
+    >>> len(train)
+    600
+    ```
+    """
+    import datasets
+
+    if isinstance(text_fraction, bool) or not isinstance(text_fraction, (int, float)) or not 0 < text_fraction < 1:
+        raise ValueError(f"text_fraction must be in (0, 1), got {text_fraction!r}")
+    if len(task) == 0 or len(text) == 0:
+        raise ValueError(f"cannot mix an empty dataset ({len(task)} task examples, {len(text)} text sequences).")
+    n_text = max(1, round(len(task) * text_fraction / (1 - text_fraction)))
+    columns = ["input_ids", "labels"]
+    text = text.select_columns(columns).select([i % len(text) for i in range(n_text)])
+    task = task.select_columns(columns).cast(text.features)
+    return datasets.concatenate_datasets([task, text]).shuffle(seed=seed).flatten_indices()
+
+
 @dataclass
 class FAMDataCollator:
     """Stack examples into a batch, padding to the longest (real tokens first, `padding_side="right"`).
@@ -236,4 +273,5 @@ class FAMDataCollator:
         return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
 
 
-__all__ = ["IGNORE_INDEX", "FAMDataCollator", "check_seq_len", "check_text_column", "load_text_dataset", "pack_dataset"]
+__all__ = ["IGNORE_INDEX", "FAMDataCollator", "check_seq_len", "check_text_column", "load_text_dataset", "mix_datasets",
+           "pack_dataset"]

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from ..tasks.passkey import SyntheticPasskeyVocab, passkey_dataset
-from .data import FAMDataCollator, check_seq_len, load_text_dataset, pack_dataset
+from .data import FAMDataCollator, check_seq_len, load_text_dataset, mix_datasets, pack_dataset
 from .lora import fam_lora_config, unwrap_fam_model
 from .options import (  # noqa: F401  (DTYPES, DATA_SOURCES, SCHEDULERS: re-exported)
     DATA_SOURCES,
@@ -86,16 +86,27 @@ def load_fam_model(options: ModelOptions):
 
 
 def build_train_dataset(options: DataOptions, model, tokenizer, seed: int = 0):
-    """The training dataset for `options` (packed text or passkey), checked against the model."""
-    settings = unwrap_fam_model(model).fam_settings
-    vocab_size = model.get_input_embeddings().weight.shape[0]
+    """The training dataset for `options` (packed text, passkey, or both mixed), checked against the model."""
     if options.source == "text":
-        if tokenizer is None:
-            raise ValueError(f"{options.text_files[0]}: text data needs a tokenizer, and the checkpoint has none.")
-        check_seq_len(options.seq_len, settings.block_size)
-        docs = load_text_dataset(options.text_files, text_column=options.text_column)
-        return pack_dataset(docs, tokenizer, options.seq_len, text_column=options.text_column,
-                            block_size=settings.block_size, seed=seed)
+        return _text_dataset(options, model, tokenizer, seed)
+    passkey = _passkey_dataset(options, model, tokenizer, seed)
+    if options.source == "passkey":
+        return passkey
+    return mix_datasets(passkey, _text_dataset(options, model, tokenizer, seed), options.text_fraction, seed=seed)
+
+
+def _text_dataset(options: DataOptions, model, tokenizer, seed: int):
+    settings = unwrap_fam_model(model).fam_settings
+    if tokenizer is None:
+        raise ValueError(f"{options.text_files[0]}: text data needs a tokenizer, and the checkpoint has none.")
+    check_seq_len(options.seq_len, settings.block_size)
+    docs = load_text_dataset(options.text_files, text_column=options.text_column)
+    return pack_dataset(docs, tokenizer, options.seq_len, text_column=options.text_column,
+                        block_size=settings.block_size, seed=seed)
+
+
+def _passkey_dataset(options: DataOptions, model, tokenizer, seed: int):
+    vocab_size = model.get_input_embeddings().weight.shape[0]
     passkey = options.passkey_config(seed=seed)
     if passkey.form == "synthetic":
         needed = SyntheticPasskeyVocab(passkey.vocab_offset).size

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from ..tasks.passkey import PasskeyConfig
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
-DATA_SOURCES = ("passkey", "text")
+DATA_SOURCES = ("passkey", "text", "mix")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 
 # Paper §3.1: "The rank of LoRA was 64". Alpha and dropout are not stated; alpha = rank (scaling 1) here.
@@ -154,14 +154,18 @@ class LoraOptions:
 
 @dataclass
 class DataOptions:
-    """Training data: packed text files, or the passkey task."""
+    """Training data: packed text files, the passkey task, or both mixed (`mix`: passkey examples and packed text
+    sequences shuffled together, so the task is learnt while language modelling stays trained)."""
 
-    source: str = option("passkey", "training data", "--data", choices=DATA_SOURCES)
+    source: str = option("passkey", "training data: passkey, text files, or mix (both, --text-fraction of the "
+                                    "sequences from the text)", "--data", choices=DATA_SOURCES)
     text_files: tuple[str, ...] = option(
         (), "text data: .txt/.md (one document per file), .json/.jsonl/.csv/.parquet rows, folders of those, or a "
             "folder saved with Dataset.save_to_disk", "--text-files", nargs="+", metavar="PATH",
     )
     text_column: str = option("text", "column holding the text (json/csv/parquet/saved datasets)", "--text-column")
+    text_fraction: float = option(0.5, "with --data mix: share of the training sequences taken from the text (the "
+                                       "rest are the --passkey-examples)", "--text-fraction")
     seq_len: int = option(2048, "tokens per training sequence; for text data a multiple of the block size",
                           "--seq-len")
     passkey_form: str = option("text", "passkey in words for any tokenizer, or the 33-token synthetic form for tiny "
@@ -177,12 +181,17 @@ class DataOptions:
         if self.source not in DATA_SOURCES:
             raise ValueError(f"data source must be one of {', '.join(DATA_SOURCES)}, got {self.source!r}")
         self.text_files = tuple(str(p) for p in self.text_files)
-        if self.source == "text" and not self.text_files:
-            raise ValueError("data source 'text' needs text files (--text-files FILE ...).")
+        if self.source in ("text", "mix") and not self.text_files:
+            raise ValueError(f"data source {self.source!r} needs text files (--text-files FILE ...).")
+        if isinstance(self.text_fraction, bool) or not isinstance(self.text_fraction, (int, float)) or not (
+            0.0 < self.text_fraction < 1.0
+        ):
+            raise ValueError(f"text_fraction must be in (0, 1), got {self.text_fraction!r}; use --data text or "
+                             "--data passkey for one source only.")
         from .data import check_seq_len
 
         check_seq_len(self.seq_len, None)
-        if self.source == "passkey":
+        if self.source in ("passkey", "mix"):
             self.passkey_config()  # validates the passkey fields
 
     def passkey_config(self, seed: int = 0) -> PasskeyConfig:
