@@ -64,6 +64,29 @@ def test_cli_generate_streams_a_continuation(checkpoint, prompt_file, capsys):
     assert out.out.endswith("\n")
 
 
+def test_cli_sampling_follows_the_checkpoint_generation_config_unless_told(checkpoint, tmp_path, capsys):
+    """--do-sample without --top-k etc. uses the checkpoint's generation_config (here top_k=1: sampling is then
+    greedy whatever the seed), and a flag overrides it."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    folder = tmp_path / "topk1"
+    shutil.copytree(checkpoint, folder)
+    GenerationConfig(do_sample=True, top_k=1, pad_token_id=0).save_pretrained(folder)
+    args = ["generate", str(folder), "--prompt", "the quick brown fox", "--max-new-tokens", "12", "--block-size",
+            "16", "--memory-segments", "1", "--fam-length", "4", "--no-progress"]
+
+    def text(*extra):
+        assert main(args + list(extra)) == 0
+        return capsys.readouterr().out
+
+    greedy = text()
+    assert [text("--do-sample", "--seed", str(s)) for s in (1, 2)] == [greedy, greedy]
+    sampled = {text("--do-sample", "--top-k", "0", "--seed", str(s)) for s in (1, 2, 3)}
+    assert sampled != {greedy}
+
+
 def test_cli_generate_errors_are_one_line(checkpoint, tmp_path, capsys):
     assert main(["generate", str(checkpoint), "--prompt-file", str(tmp_path / "missing.txt")]) == 2
     assert main(["generate", str(tmp_path / "nowhere"), "--prompt", "hi"]) == 2

@@ -339,6 +339,8 @@ class FAMForCausalLM(FAMPreTrainedModel, FAMGenerationMixin, GenerationMixin):
         if fam_init is not None:
             with torch.no_grad():
                 model.fam.fam_init.copy_(fam_init)
+        if getattr(base_model, "generation_config", None) is not None:  # the checkpoint's decoding defaults
+            model.generation_config = copy.deepcopy(base_model.generation_config)
         return model
 
     # --- weights -------------------------------------------------------------------------------------

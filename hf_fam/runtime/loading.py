@@ -88,7 +88,9 @@ def load_fam_model(source: str, *, overrides: FAMOverrides | None = None, dtype:
 
     A FAM checkpoint (model_type "fam") loads with its own settings, which `overrides` may not change.
     A base checkpoint is loaded and wrapped with `FAMForCausalLM.from_base_model`; settings not given in
-    `overrides` take the paper's defaults (`FAMSettings()`: C=1024, M=3, F=64, all layers).
+    `overrides` take the paper's defaults (`FAMSettings()`: C=1024, M=3, F=64, all layers), and the memory
+    takes the zero-shot start that `hf-fam convert` and `hf_fam.patch` give it (docs/zero_shot.md): the BOS
+    embedding in every slot, `fam_update="sink"` (so the same command gives the same output every time).
 
     Returns:
         (model, tokenizer or None); `model.config.model_type != "fam"` never happens: a base checkpoint comes
@@ -131,8 +133,15 @@ def load_fam_model(source: str, *, overrides: FAMOverrides | None = None, dtype:
         from ..modeling.fam_adapters import get_adapter
 
         get_adapter(config.model_type)  # unsupported family: one error naming the supported ones
+        from ..checkpoint_io.fam_init import bos_fam_init
+        from ..modeling.fam_settings import ZERO_SHOT_FAM_UPDATE
+
         base = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-        model = FAMForCausalLM.from_base_model(base, **overrides.settings().as_kwargs())
+        settings = overrides.settings()
+        model = FAMForCausalLM.from_base_model(
+            base, **{**settings.as_kwargs(), "fam_update": ZERO_SHOT_FAM_UPDATE},
+            fam_init=bos_fam_init(base, settings.fam_length) if settings.fam_length else None,
+        )
     model.to(device).eval()
     tokenizer = None
     folder = os.path.expanduser(source)

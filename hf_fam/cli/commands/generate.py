@@ -27,10 +27,13 @@ def register(sub) -> None:
                    help="prompt tokens per forward while reading (>= 1)")
     add_fam_arguments(p, base_only=True)
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    p.add_argument("--top-k", type=int, default=50, help="top-k sampling")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="penalty for repeated tokens")
+    # None: the checkpoint's generation_config decides (and transformers' defaults where it is silent)
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the "
+                   "checkpoint's generation config)")
+    p.add_argument("--top-k", type=int, default=None, help="top-k sampling (default: the checkpoint's)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling (default: the checkpoint's)")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="penalty for repeated tokens (default: "
+                   "the checkpoint's)")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -95,9 +98,10 @@ def run(args) -> int:
     if state.pending is None:
         raise CLIError("the prompt is empty")
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    given = {name: getattr(args, name) for name in ("temperature", "top_k", "top_p", "repetition_penalty")
+             if getattr(args, name) is not None}
     continue_stream(
         model, state, max_new_tokens=args.max_new_tokens, streamer=streamer, do_sample=args.do_sample,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty, pad_token_id=tokenizer.pad_token_id,
+        pad_token_id=tokenizer.pad_token_id, **given,
     )
     return 0
