@@ -62,7 +62,7 @@ def test_a_tiny_shape_runs_every_part(tmp_path, monkeypatch):
     monkeypatch.setitem(PRESETS, "tiny-cpu", bench_real.RealBenchConfig(
         shape="tiny", dtype="float32", device="cpu", block_size=8, memory_segments=1, fam_length=2,
         prefill_lengths=[64], batches=[1, 2], chunk=64, train_lengths=[32], lora_rank=4, decode_contexts=[16, 64],
-        decode_steps=2, rounds=1, threads=1))
+        decode_steps=2, rounds=1, threads=1, cpu_warmup_tokens=16))  # 64-token reads warm up on 16 tokens
     assert main(["bench", "--preset", "tiny-cpu", "--out", str(tmp_path / "r"), "--batches", "2"]) == 0
     saved = json.loads((tmp_path / "r.json").read_text())
     assert [(r["batch"], r["n"]) for r in saved["prefill"]] == [(2, 64)]
@@ -72,6 +72,18 @@ def test_a_tiny_shape_runs_every_part(tmp_path, monkeypatch):
     assert {(r["variant"], r["context"]) for r in saved["decode"]} == {
         (v, n) for v in ("full", "bswa", "fam") for n in (16, 64)}
     assert "| batch | N | full s |" in (tmp_path / "r.md").read_text()
+
+
+def test_a_warm_up_replaces_the_first_untimed_call():
+    from hf_fam.apps.bench import interleaved
+
+    calls = []
+    times = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 2, "cpu",
+                        warmup={"a": lambda: calls.append("warm a"), "b": lambda: calls.append("warm b")})
+    assert calls == ["warm a", "warm b", "a", "b", "a", "b"] and [len(t) for t in times.values()] == [2, 2]
+    calls.clear()
+    interleaved({"a": lambda: calls.append("a")}, 1, "cpu")
+    assert calls == ["a", "a"]  # without one, each function warms itself up
 
 
 def test_the_stream_part_is_refused_with_a_preset(capsys):

@@ -119,15 +119,32 @@ def timed(fn, device: str) -> float:
     return time.perf_counter() - t0
 
 
-def interleaved(fns: dict, rounds: int, device: str) -> dict[str, list[float]]:
-    """Warm each function up once, then time all of them in turn, `rounds` times."""
-    for fn in fns.values():
+def interleaved(fns: dict, rounds: int, device: str, warmup: dict | None = None) -> dict[str, list[float]]:
+    """Warm each function up once (or run `warmup`'s functions instead, e.g. the same work on fewer tokens),
+    then time all of them in turn, `rounds` times."""
+    for fn in (warmup or fns).values():
         fn()
     times = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
             times[name].append(timed(fn, device))
     return times
+
+
+def time_decode(models: dict, caches: dict, steps: int, rounds: int, device: str) -> dict[tuple, list[float]]:
+    """Seconds to decode `steps` tokens one at a time from each cache (`caches[(variant, context)]`, copied for
+    every run so that each starts from the same context), interleaved over `rounds`."""
+    import torch
+
+    token = torch.tensor([[7]], device=device)
+
+    def decode(v, n):
+        cache = copy.deepcopy(caches[(v, n)])
+        with torch.inference_mode():
+            for _ in range(steps):
+                cache = models[v](token, cache=cache, use_cache=True).cache
+
+    return interleaved({key: (lambda key=key: decode(*key)) for key in caches}, rounds, device)
 
 
 def median_ratio(a: list[float], b: list[float]) -> float:
@@ -237,7 +254,6 @@ def bench_train(config: BenchConfig, log=print) -> dict:
 def bench_decode(config: BenchConfig, log=print) -> list[dict]:
     """ms/token after each context length: FAM (and BSWA) continue a constant-size cache; full attention a
     DynamicCache that grows (only up to `full_max_length`)."""
-    import torch
 
     models = _models(config)
     caches = {}
@@ -246,15 +262,7 @@ def bench_decode(config: BenchConfig, log=print) -> list[dict]:
             if v == "full" and n > config.full_max_length:
                 continue
             caches[(v, n)] = read(models[v], n, config, chunked=True)
-    token = torch.tensor([[7]], device=config.device)
-
-    def decode(v, n):
-        cache = copy.deepcopy(caches[(v, n)])
-        with torch.inference_mode():
-            for _ in range(config.decode_steps):
-                cache = models[v](token, cache=cache, use_cache=True).cache
-
-    times = interleaved({key: (lambda key=key: decode(*key)) for key in caches}, config.rounds, config.device)
+    times = time_decode(models, caches, config.decode_steps, config.rounds, config.device)
     rows = []
     shortest = min(config.decode_contexts)
     for v in VARIANTS:

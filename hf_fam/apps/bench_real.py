@@ -28,7 +28,7 @@ import statistics
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .bench import interleaved, machine_info, median_ratio
+from .bench import interleaved, machine_info, median_ratio, time_decode
 
 PAPER_SETTINGS = dict(block_size=1024, memory_segments=3, fam_length=64)
 SHAPES = {
@@ -58,6 +58,9 @@ class RealBenchConfig:
     decode_contexts: list[int] = field(default_factory=lambda: [1024, 8192, 65536])
     decode_steps: int = 32
     rounds: int = 3
+    # on the CPU, longer prefills warm up on this many tokens (nothing is captured or tuned per size there, and a
+    # full-length warm-up of full attention at 64k would take as long as a timed round)
+    cpu_warmup_tokens: int = 16384
     threads: int = 2
     parts: list[str] = field(default_factory=lambda: ["prefill", "train", "decode"])
 
@@ -155,6 +158,18 @@ def read(model, ids, chunk: int):
 # ----------------------------------------------------------------------------------------------------------
 # the parts
 # ----------------------------------------------------------------------------------------------------------
+def _prefill_fns(config: RealBenchConfig, models: dict, ids) -> dict:
+    """The timed reads of `ids`: full attention (within `full_max_length`), BSWA and FAM in chunks and in one forward."""
+    fns = {}
+    if ids.shape[1] <= config.full_max_length:
+        fns["full"] = lambda: read(models["full"], ids, 0)
+    for v in ("bswa", "fam"):
+        fns[f"{v}_chunked"] = lambda v=v: read(models[v], ids, config.chunk)
+        if config.one_forward:
+            fns[f"{v}_one"] = lambda v=v: read(models[v], ids, 0)
+    return fns
+
+
 def bench_prefill(config: RealBenchConfig, models: dict, log=print) -> list[dict]:
     rows = []
     for batch in config.batches:
@@ -162,14 +177,10 @@ def bench_prefill(config: RealBenchConfig, models: dict, log=print) -> list[dict
             if batch * n > config.batch_max_tokens:
                 continue
             ids = _ids(config, batch, n)
-            fns = {}
-            if n <= config.full_max_length:
-                fns["full"] = lambda: read(models["full"], ids, 0)
-            for v in ("bswa", "fam"):
-                fns[f"{v}_chunked"] = lambda v=v: read(models[v], ids, config.chunk)
-                if config.one_forward:
-                    fns[f"{v}_one"] = lambda v=v: read(models[v], ids, 0)
-            times = interleaved(fns, config.rounds, config.device)
+            warm = None
+            if not config.device.startswith("cuda") and n > config.cpu_warmup_tokens:
+                warm = _prefill_fns(config, models, ids[:, : config.cpu_warmup_tokens])
+            times = interleaved(_prefill_fns(config, models, ids), config.rounds, config.device, warmup=warm)
             row = {"batch": batch, "n": n, **{f"{k}_s": statistics.median(t) for k, t in times.items()},
                    "fam_over_bswa": median_ratio(times["fam_chunked"], times["bswa_chunked"])}
             if config.one_forward:
@@ -203,11 +214,16 @@ def bench_train(config: RealBenchConfig, log=print) -> list[dict]:
     for n in config.train_lengths:
         ids = _ids(config, 1, n)
 
-        def step(model):
+        def step(model, ids):
             model.zero_grad(set_to_none=True)
             model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
 
-        times = interleaved({v: (lambda m=m: step(m)) for v, m in models.items()}, config.rounds, config.device)
+        warm = None
+        if not config.device.startswith("cuda") and n > config.cpu_warmup_tokens:
+            short = ids[:, : config.cpu_warmup_tokens]
+            warm = {v: (lambda m=m: step(m, short)) for v, m in models.items()}
+        times = interleaved({v: (lambda m=m: step(m, ids)) for v, m in models.items()}, config.rounds, config.device,
+                            warmup=warm)
         row = {"n": n, "lora_rank": config.lora_rank, **{f"{v}_s": statistics.median(t) for v, t in times.items()},
                "fam_over_bswa": median_ratio(times["fam"], times["bswa"])}
         rows.append(row)
@@ -216,8 +232,6 @@ def bench_train(config: RealBenchConfig, log=print) -> list[dict]:
 
 
 def bench_decode(config: RealBenchConfig, models: dict, log=print) -> list[dict]:
-    import copy
-
     import torch
 
     caches = {}
@@ -229,15 +243,7 @@ def bench_decode(config: RealBenchConfig, models: dict, log=print) -> list[dict]
             elif n <= config.full_max_length:
                 with torch.inference_mode():
                     caches[(v, n)] = models[v](ids, use_cache=True, logits_to_keep=1).cache
-    token = torch.tensor([[7]], device=config.device)
-
-    def decode(v, n):
-        cache = copy.deepcopy(caches[(v, n)])
-        with torch.inference_mode():
-            for _ in range(config.decode_steps):
-                cache = models[v](token, cache=cache, use_cache=True).cache
-
-    times = interleaved({key: (lambda key=key: decode(*key)) for key in caches}, config.rounds, config.device)
+    times = time_decode(models, caches, config.decode_steps, config.rounds, config.device)
     rows, shortest = [], min(config.decode_contexts)
     for (v, n), t in times.items():
         row = {"variant": v, "context": n, "ms_per_token": 1e3 * statistics.median(t) / config.decode_steps,
