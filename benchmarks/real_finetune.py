@@ -66,10 +66,10 @@ def parse(argv=None):
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--fam-length", type=int, default=16)
     p.add_argument("--fam-init", default="bos", help="fam_init of the FAM model: bos, random, text:TEXT")
-    p.add_argument("--steps", type=int, default=120)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--warmup-steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup-steps", type=int, default=20)
     p.add_argument("--lora-rank", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=160, help="longest training example (tokens)")
     p.add_argument("--min-seq-len", type=int, default=80, help="shortest training example (tokens)")
@@ -77,15 +77,18 @@ def parse(argv=None):
                    help="passkey only, or passkey mixed with Python's standard-library sources")
     p.add_argument("--text-fraction", type=float, default=0.5, help="with --data mix: share of text sequences")
     p.add_argument("--text-chars", type=int, default=2_000_000, help="with --data mix: characters of source text")
-    p.add_argument("--state-passing-prob", type=float, default=0.0)
+    p.add_argument("--state-passing-prob", type=float, default=0.99,
+                   help="Random State Passing: training sequences are 5 blocks, the text read later 512; a memory passed on\n                   from forward to forward (about 100 in a row at 0.99) is trained for that horizon")
     p.add_argument("--position-offset-prob", type=float, default=0.0)
     p.add_argument("--window-multiples", type=int, nargs="+", default=[4, 8, 16])
-    p.add_argument("--trials", type=int, default=50)
+    p.add_argument("--trials", type=int, default=40)
     p.add_argument("--ppl-tokens", type=int, default=16384)
     p.add_argument("--base-max-tokens", type=int, default=8192, help="full attention only within its context")
-    p.add_argument("--variants", default="fam,bswa")
+    p.add_argument("--variants", default="fam,bswa,base", help="comma-separated: fam and bswa (fine-tuned), base "
+                   "(full attention), zero_shot (FAM converted with hf-fam convert's defaults, not trained)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu, or cuda for a longer run on a GPU (report it labelled)")
     p.add_argument("--keep", metavar="DIR", help="keep the converted and fine-tuned checkpoints here")
     p.add_argument("--report", metavar="JSON", help="only write the table and plot of an existing result")
     return p.parse_args(argv)
@@ -117,12 +120,23 @@ def train_variant(args, variant: str, work: Path) -> dict:
                                position_offset_prob=args.position_offset_prob, seed=args.seed),
         train=TrainOptions(output_dir=str(work / f"{variant}_tuned"), max_steps=args.steps, batch_size=args.batch_size,
                            learning_rate=args.lr, warmup_steps=args.warmup_steps, seed=args.seed, log_every=10,
-                           merge=True, cpu=True),
+                           merge=True, cpu=args.device == "cpu"),
     )
     result = finetune(config)
     log = [json.loads(line) for line in (Path(config.train.output_dir) / "train_log.jsonl").read_text().splitlines()]
     return {"steps": result.steps, "final_loss": result.final_loss, "seconds": round(result.seconds, 1),
             "log": log}, result.model
+
+
+def zero_shot_model(args, work: Path):
+    """The FAM model a user gets from `hf-fam convert` with only C, M = 0 and F given (the zero-shot start)."""
+    from hf_fam.checkpoint_io.convert import ConvertOptions, convert
+    from hf_fam.runtime.loading import load_fam_model
+
+    folder = work / "zero_shot_converted"
+    convert(args.model, folder, ConvertOptions(block_size=args.block_size, memory_segments=0,
+                                               fam_length=args.fam_length, seed=args.seed, progress=False))
+    return load_fam_model(str(folder), dtype="float32")[0]
 
 
 def evaluate(args, name: str, model, tokenizer, reach: dict) -> dict:
@@ -169,28 +183,37 @@ def main(argv=None) -> int:
         settings = {k: v for k, v in vars(args).items() if k != "report"} | {"model": source}
         result = {"model": name, "settings": settings,
                   "machine": {"platform": platform.platform(), "threads": args.threads, "torch": torch.__version__,
-                              "device": "cpu"},
+                              "device": device_name(args.device)},
                   "train": {}, "eval": {}}
         reach = {"block_size": args.block_size, "memory_segments": 0, "num_layers": None, "window": args.block_size}
         base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
         reach["num_layers"] = base.config.num_hidden_layers
         del base
         for variant in args.variants.split(","):
-            print(f"== {variant}: convert and fine-tune", flush=True)
-            result["train"][variant], model = train_variant(args, variant, work)
-            print(f"== {variant}: evaluate", flush=True)
-            result["eval"][variant] = evaluate(args, variant, model.eval(), tokenizer, reach)
+            if variant == "base":
+                print("== base (full attention): evaluate", flush=True)
+                model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+            elif variant == "zero_shot":
+                print("== zero_shot: convert (hf-fam convert's defaults), no training", flush=True)
+                model = zero_shot_model(args, work)
+            else:
+                print(f"== {variant}: convert and fine-tune", flush=True)
+                result["train"][variant], model = train_variant(args, variant, work)
+                print(f"== {variant}: evaluate", flush=True)
+            result["eval"][variant] = evaluate(args, variant, model.to(args.device).eval(), tokenizer, reach)
             del model
             save(result, out, started)
-        print("== base (full attention): evaluate", flush=True)
-        base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-        result["eval"]["base"] = evaluate(args, "base", base, tokenizer, reach)
-        save(result, out, started)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     write_report(result, out)
     return 0
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return device
 
 
 def save(result: dict, out: Path, started: float) -> None:
@@ -199,17 +222,23 @@ def save(result: dict, out: Path, started: float) -> None:
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
 
 
-LABELS = {"fam": "FAM", "bswa": "BSWA", "base": "base (full attention)"}
+LABELS = {"fam": "FAM", "bswa": "BSWA", "base": "base (full attention)", "zero_shot": "FAM, zero-shot"}
 
 
 def markdown(result: dict) -> str:
     s = result["settings"]
+    where = (f"{s['threads']} CPU threads" if s.get("device", "cpu") == "cpu"
+             else result["machine"]["device"])
+    passing = (f", Random State Passing p={s['state_passing_prob']:g} (FAM)" if s.get("state_passing_prob") else "")
     mix = (f" mixed with standard-library sources ({100 * s['text_fraction']:.0f} % of the sequences)"
            if s.get("data", "passkey") == "mix" else "")
     lines = [f"{result['model']}, C={s['block_size']}, M=0, F={s['fam_length']} (BSWA: F=0); {s['steps']} steps of "
              f"batch {s['batch_size']}, passkey {s['min_seq_len']}-{s['seq_len']} tokens{mix}, LoRA r={s['lora_rank']}, "
-             f"lr {s['lr']}; {s['threads']} CPU threads; total {result.get('total_seconds', 0) / 60:.1f} min", ""]
-    names = [n for n in ("fam", "bswa", "base") if n in result["eval"]]
+             f"lr {s['lr']}{passing}; {where}; total {result.get('total_seconds', 0) / 60:.1f} min", ""]
+    if not result["train"]:  # nothing fine-tuned: the training settings above do not apply
+        lines[0] = (f"{result['model']}, C={s['block_size']}, M=0, F={s['fam_length']}; not fine-tuned; {where}; "
+                    f"total {result.get('total_seconds', 0) / 60:.1f} min")
+    names = [n for n in LABELS if n in result["eval"]]
     lines += ["| passkey, tokens (x window) | " + " | ".join(
         f"{LABELS[n]} all | {LABELS[n]} beyond reach" for n in names) + " |",
         "|---|" + "---:|---:|" * len(names)]
@@ -245,7 +274,7 @@ def write_report(result: dict, out: Path) -> None:
 
     out.with_suffix(".md").write_text(markdown(result))
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
-    for n, style in (("fam", "^-"), ("bswa", "s--"), ("base", "o:")):
+    for n, style in (("fam", "^-"), ("bswa", "s--"), ("base", "o:"), ("zero_shot", "v-.")):
         if n not in result["eval"]:
             continue
         e = result["eval"][n]

@@ -28,9 +28,10 @@ def test_one_command_trains_both_and_reports(tmp_path):
     assert _script().main(["--model", str(base), "--out", str(out), "--block-size", "64", "--fam-length", "4",
                            "--steps", "2", "--batch-size", "1", "--seq-len", "320", "--min-seq-len", "300",
                            "--window-multiples", "6", "--trials", "2", "--ppl-tokens", "700",
-                           "--base-max-tokens", "600", "--threads", "1", "--text-chars", "20000"]) == 0
+                           "--base-max-tokens", "600", "--threads", "1", "--text-chars", "20000",
+                           "--variants", "fam,bswa,base,zero_shot"]) == 0
     saved = json.loads(out.with_suffix(".json").read_text())
-    assert set(saved["train"]) == {"fam", "bswa"} and set(saved["eval"]) == {"fam", "bswa", "base"}
+    assert set(saved["train"]) == {"fam", "bswa"} and set(saved["eval"]) == {"fam", "bswa", "base", "zero_shot"}
     assert all(t["steps"] == 2 and len(t["log"]) >= 1 for t in saved["train"].values())
     for name, e in saved["eval"].items():
         assert [r["length"] for r in e["passkey"]] == [384] and e["passkey"][0]["trials"] == 2
