@@ -78,7 +78,8 @@ def parse(argv=None):
     p.add_argument("--text-fraction", type=float, default=0.5, help="with --data mix: share of text sequences")
     p.add_argument("--text-chars", type=int, default=2_000_000, help="with --data mix: characters of source text")
     p.add_argument("--state-passing-prob", type=float, default=0.99,
-                   help="Random State Passing: training sequences are 5 blocks, the text read later 512; a memory passed on\n                   from forward to forward (about 100 in a row at 0.99) is trained for that horizon")
+                   help="Random State Passing for FAM: training sequences are 5 blocks, the text read later 512; a "
+                   "memory passed on from forward to forward (about 100 in a row at 0.99) is trained for that horizon")
     p.add_argument("--position-offset-prob", type=float, default=0.0)
     p.add_argument("--window-multiples", type=int, nargs="+", default=[4, 8, 16])
     p.add_argument("--trials", type=int, default=40)
@@ -102,9 +103,8 @@ def train_variant(args, variant: str, work: Path) -> dict:
 
     F = args.fam_length if variant == "fam" else 0
     text, passkey_share = {}, 1.0
-    if args.data == "mix":
-        text = {"text_files": (str(stdlib_sources(work / "text", args.text_chars)),),
-                "text_fraction": args.text_fraction}
+    if args.data == "mix":  # the sources are written once, by main()
+        text = {"text_files": (str(work / "text"),), "text_fraction": args.text_fraction}
         passkey_share = 1 - args.text_fraction
     converted = work / f"{variant}_converted"
     convert(args.model, converted, ConvertOptions(block_size=args.block_size, memory_segments=0, fam_length=F,
@@ -180,6 +180,8 @@ def main(argv=None) -> int:
             (work / "base").mkdir(exist_ok=True)
             args.model = str(dequantise(Path(args.model), torch.float32, work / "base"))
         tokenizer = AutoTokenizer.from_pretrained(args.model)
+        if args.data == "mix":
+            stdlib_sources(work / "text", args.text_chars)
         settings = {k: v for k, v in vars(args).items() if k != "report"} | {"model": source}
         result = {"model": name, "settings": settings,
                   "machine": {"platform": platform.platform(), "threads": args.threads, "torch": torch.__version__,

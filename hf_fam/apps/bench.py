@@ -254,7 +254,6 @@ def bench_train(config: BenchConfig, log=print) -> dict:
 def bench_decode(config: BenchConfig, log=print) -> list[dict]:
     """ms/token after each context length: FAM (and BSWA) continue a constant-size cache; full attention a
     DynamicCache that grows (only up to `full_max_length`)."""
-
     models = _models(config)
     caches = {}
     for v in VARIANTS:

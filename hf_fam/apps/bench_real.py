@@ -158,6 +158,13 @@ def read(model, ids, chunk: int):
 # ----------------------------------------------------------------------------------------------------------
 # the parts
 # ----------------------------------------------------------------------------------------------------------
+def _warmup_ids(config: RealBenchConfig, ids):
+    """The first `cpu_warmup_tokens` of `ids` to warm up on, or None: warm up on `ids` itself (CUDA, or short)."""
+    if config.device.startswith("cuda") or ids.shape[1] <= config.cpu_warmup_tokens:
+        return None
+    return ids[:, : config.cpu_warmup_tokens]
+
+
 def _prefill_fns(config: RealBenchConfig, models: dict, ids) -> dict:
     """The timed reads of `ids`: full attention (within `full_max_length`), BSWA and FAM in chunks and in one forward."""
     fns = {}
@@ -177,9 +184,8 @@ def bench_prefill(config: RealBenchConfig, models: dict, log=print) -> list[dict
             if batch * n > config.batch_max_tokens:
                 continue
             ids = _ids(config, batch, n)
-            warm = None
-            if not config.device.startswith("cuda") and n > config.cpu_warmup_tokens:
-                warm = _prefill_fns(config, models, ids[:, : config.cpu_warmup_tokens])
+            short = _warmup_ids(config, ids)
+            warm = None if short is None else _prefill_fns(config, models, short)
             times = interleaved(_prefill_fns(config, models, ids), config.rounds, config.device, warmup=warm)
             row = {"batch": batch, "n": n, **{f"{k}_s": statistics.median(t) for k, t in times.items()},
                    "fam_over_bswa": median_ratio(times["fam_chunked"], times["bswa_chunked"])}
@@ -218,10 +224,8 @@ def bench_train(config: RealBenchConfig, log=print) -> list[dict]:
             model.zero_grad(set_to_none=True)
             model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
 
-        warm = None
-        if not config.device.startswith("cuda") and n > config.cpu_warmup_tokens:
-            short = ids[:, : config.cpu_warmup_tokens]
-            warm = {v: (lambda m=m: step(m, short)) for v, m in models.items()}
+        short = _warmup_ids(config, ids)
+        warm = None if short is None else {v: (lambda m=m: step(m, short)) for v, m in models.items()}
         times = interleaved({v: (lambda m=m: step(m, ids)) for v, m in models.items()}, config.rounds, config.device,
                             warmup=warm)
         row = {"n": n, "lora_rank": config.lora_rank, **{f"{v}_s": statistics.median(t) for v, t in times.items()},
