@@ -51,7 +51,9 @@ def _reset_accelerate():
 
 def test_finetune_on_text_saves_adapter_base_and_merged(base_ckpt, text_files, tmp_path):
     from peft import AutoPeftModelForCausalLM
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_fam.training.options import DEFAULT_MEMORY_START_TEXT
 
     out = tmp_path / "run"
     config = FinetuneConfig(
@@ -85,6 +87,30 @@ def test_finetune_on_text_saves_adapter_base_and_merged(base_ckpt, text_files, t
         assert (base(ids).logits - got).abs().max() > 1e-4, "training changed nothing"
     trained_fam = adapter.base_model.model.fam.modules_to_save.default.fam_init
     assert (trained_fam - base.fam.fam_init).abs().max() > 0, "fam_init was not trained"
+    assert {"input_layernorm", "post_attention_layernorm", "norm"} <= set(adapter_config["modules_to_save"])
+    # the BOS start of the converted memory: slot 0 keeps the sink, the others start as the start text's tokens
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    embedding = base.get_input_embeddings().weight
+    ids = tokenizer(DEFAULT_MEMORY_START_TEXT, add_special_tokens=False)["input_ids"]
+    assert_close(base.fam.fam_init[0], embedding[base.config.bos_token_id], atol=0.0, msg="sink slot")
+    assert_close(base.fam.fam_init[1:], embedding[[ids[i % len(ids)] for i in range(3)]], atol=0.0, msg="slots")
+
+
+def test_memory_start_text_empty_keeps_the_bos_memory_and_a_chosen_memory_is_kept():
+    from hf_fam.checkpoint_io.fam_init import training_fam_init
+
+    class Tok:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) % 10 for c in text]}
+
+    embedding = torch.randn(10, 6)
+    bos = embedding[1].expand(4, 6).clone()
+    start = training_fam_init(bos, Tok(), embedding, "abc")
+    assert_close(start[0], embedding[1], atol=0.0)
+    assert_close(start[1:], embedding[[ord("a") % 10, ord("b") % 10, ord("c") % 10]], atol=0.0)
+    assert training_fam_init(bos, Tok(), embedding, "") is None  # --memory-start-text '': the BOS memory stays
+    assert training_fam_init(torch.randn(4, 6), Tok(), embedding, "abc") is None  # not the BOS start: kept
+    assert training_fam_init(bos[:1], Tok(), embedding, "abc") is None  # F = 1: the sink slot only
 
 
 def test_mix_trains_on_passkey_and_text_together(base_ckpt, text_files, tmp_path, capsys):

@@ -13,7 +13,7 @@ from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 import hf_fam
-from hf_fam.training import fam_lora_config, unwrap_fam_model
+from hf_fam.training import fam_lora_config, norm_module_names, unwrap_fam_model
 
 PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
@@ -42,15 +42,30 @@ def test_config_defaults_follow_the_paper(family):
     config = fam_lora_config(model)
     assert config.r == 64 and config.lora_alpha == 64
     assert set(config.target_modules) == PROJECTIONS
-    assert config.modules_to_save == ["fam"]
+    norms = norm_module_names(model)
+    assert config.modules_to_save == ["fam", *norms]
     assert config.task_type == "CAUSAL_LM"
     config = fam_lora_config(model, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], train_fam_init=False)
     assert (config.r, config.lora_alpha, set(config.target_modules), config.modules_to_save) == (
-        8, 16, {"q_proj", "v_proj"}, None)
+        8, 16, {"q_proj", "v_proj"}, norms)
+    assert fam_lora_config(model, train_fam_init=False, train_norms=False).modules_to_save is None
+    assert fam_lora_config(model, train_norms=False).modules_to_save == ["fam"]
+
+
+def test_norm_module_names_are_every_normalization_layer(family):
+    model = _fam(family)
+    names = norm_module_names(model)
+    assert "norm" in names and "input_layernorm" in names  # every family here: the final norm, the layers' first
+    found = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if "Norm" in type(m).__name__}
+    assert set(names) == found
+    if family == "llama":
+        assert names == ["input_layernorm", "post_attention_layernorm", "norm"]
 
 
 def test_no_memory_module_to_save_without_memory():
-    assert fam_lora_config(_fam(fam_length=0)).modules_to_save is None
+    model = _fam(fam_length=0)
+    assert fam_lora_config(model).modules_to_save == norm_module_names(model)
+    assert fam_lora_config(model, train_norms=False).modules_to_save is None
 
 
 @pytest.mark.parametrize("kind", ["FAMForCausalLM", "patched"])
@@ -62,13 +77,20 @@ def test_get_peft_model_trains_lora_and_fam_init(family, kind):
     assert any("fam.modules_to_save.default.fam_init" in n for n in trainable)
     adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable if ".lora_" in n}
     assert adapted == PROJECTIONS
-    assert all("lora_" in n or "fam" in n for n in trainable)
+    norms = set(norm_module_names(model))
+    saved = {n.split(".modules_to_save.")[0].rsplit(".", 1)[-1] for n in trainable if ".modules_to_save." in n}
+    assert saved == {"fam"} | norms
+    assert all("lora_" in n or ".modules_to_save." in n for n in trainable)
     assert unwrap_fam_model(peft_model) is model
+    layer_norm = peft_model.base_model.model.model.layers[0].input_layernorm
+    norm_before = layer_norm.original_module.weight.detach().clone()
 
     _train_a_little(peft_model)
     trained = peft_model.base_model.model.fam.modules_to_save.default.fam_init
     assert (trained - fam_init).abs().max() > 1e-3, "fam_init did not train"
     assert_close(peft_model.base_model.model.fam.original_module.fam_init, fam_init, atol=0.0)
+    assert (layer_norm.modules_to_save.default.weight - norm_before).abs().max() > 1e-3, "the norms did not train"
+    assert_close(layer_norm.original_module.weight, norm_before, atol=0.0)
 
 
 def test_adapter_round_trip_and_merge(family, tmp_path):

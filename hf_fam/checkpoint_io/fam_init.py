@@ -182,3 +182,34 @@ def bos_fam_init(model, fam_length: int) -> torch.Tensor:
     weight = model.get_input_embeddings().weight
     return build_fam_init(FamInitSpec("bos"), fam_length=fam_length, hidden_size=weight.shape[1], dtype=weight.dtype,
                           embedding_rows=lambda ids: weight.detach()[ids], bos_token_id=token)
+
+
+def training_fam_init(fam_init: torch.Tensor, tokenizer, embedding: torch.Tensor, text: str) -> torch.Tensor | None:
+    """The memory training starts from when it begins at the `bos` start: slot 0 keeps the sink, slots 1..F-1
+    take the token embeddings of `text` (repeated to fill them), so that they can carry content.
+
+    Why: propagated through the layers, the BOS row becomes the attention sink, whose hidden state carries
+    massive activations (SmolLM2-135M: norm about 25,000 at layer 15 against about 150 for other tokens).
+    After each layer's normalisation, whatever an update writes into such a slot is lost in them, so a memory
+    of F sink slots cannot learn to carry anything (docs/training.md, "Where training starts the memory").
+
+    Args:
+        fam_init: the current (F, D) initial memory.
+        tokenizer: the checkpoint's tokenizer.
+        embedding: the (V, D) token embedding matrix (rows as stored, unscaled, as `fam_init` is).
+        text: the text whose tokens fill slots 1..F-1.
+
+    Returns:
+        The new (F, D) `fam_init`, or None when `fam_init` is not the `bos` start (its rows are not one repeated
+        row: a trained or chosen memory is kept as it is), F < 2, or `text` has no tokens.
+    """
+    rows = fam_init.shape[0]
+    if rows < 2 or not bool((fam_init == fam_init[:1]).all()):
+        return None
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+    if not ids:
+        return None
+    new = fam_init.detach().clone()
+    new[1:] = embedding.detach()[[ids[i % len(ids)] for i in range(rows - 1)]].to(new.dtype)
+    return new
+

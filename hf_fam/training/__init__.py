@@ -34,6 +34,7 @@ _EXPORTS = {
     "load_text_dataset": ".data",
     "max_rope_wavelength": ".recipe",
     "mix_datasets": ".data",
+    "norm_module_names": ".lora",
     "pack_dataset": ".data",
     "passkey_dataset": "hf_fam.tasks.passkey",
     "passkey_exact_match": "hf_fam.tasks.passkey",

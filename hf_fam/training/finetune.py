@@ -120,6 +120,24 @@ def _passkey_dataset(options: DataOptions, model, tokenizer, seed: int):
     return passkey_dataset(passkey, tokenizer)
 
 
+def _content_slots(model, tokenizer, text: str) -> bool:
+    """Give a BOS-start memory content slots before training (`training_fam_init`); anything else is kept.
+    Returns whether the memory changed."""
+    from ..checkpoint_io.fam_init import training_fam_init
+
+    memory = unwrap_fam_model(model).fam
+    start = None
+    if tokenizer is not None and memory.fam_init.shape[0] > 1:
+        start = training_fam_init(memory.fam_init, tokenizer, model.get_input_embeddings().weight, text)
+    if start is None:
+        return False
+    with torch.no_grad():
+        memory.fam_init.copy_(start)
+    logger.info("memory slots 1..%d start as the token embeddings of %r; slot 0 keeps the sink",
+                start.shape[0] - 1, text)
+    return True
+
+
 def enable_checkpointing(model) -> None:
     """Turn on non-reentrant activation (gradient) checkpointing of the decoder layers.
 
@@ -223,6 +241,8 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path) -> Finetu
         logger.info("switching fam_update from the zero-shot 'sink' start to 'paper' for training")
         model.config.fam_update = "paper"
         converted = True
+    if _content_slots(model, tokenizer, config.model.memory_start_text):
+        converted = True  # the adapter applies to a copy with this memory
     fam_base_dir = None
     if converted:
         fam_base_dir = out / "fam_base"
@@ -248,6 +268,7 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path) -> Finetu
     peft_model = get_peft_model(model, fam_lora_config(
         model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules) if lora.target_modules else None, train_fam_init=lora.train_fam_init,
+        train_norms=lora.train_norms,
     ))
     peft_model.peft_config["default"].base_model_name_or_path = str(base_path)
     recipe = attach_recipe(peft_model, config.recipe)
@@ -268,7 +289,8 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path) -> Finetu
     n_trainable = sum(p.numel() for p in params)
     logger.info("%d trainable parameters (LoRA r=%d on %s%s); %d training sequences; %d process(es)", n_trainable,
                 lora.r, ", ".join(peft_model.peft_config["default"].target_modules),
-                " + fam_init" if lora.train_fam_init and settings.fam_length else "", len(dataset),
+                (" + fam_init" if lora.train_fam_init and settings.fam_length else "") + (" + norms" if lora.train_norms else ""),
+                len(dataset),
                 accelerator.num_processes)
     if accelerator.is_main_process:
         (work / "finetune_config.json").write_text(json.dumps(asdict(config), indent=2, default=str))

@@ -32,6 +32,11 @@ SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 # Paper §3.1: "The rank of LoRA was 64". Alpha and dropout are not stated; alpha = rank (scaling 1) here.
 DEFAULT_LORA_RANK = 64
 
+# Where `hf-fam finetune` starts the memory's slots 1..F-1 when it trains from the zero-shot BOS start
+# (`hf_fam.checkpoint_io.fam_init.training_fam_init`; docs/training.md, "Where training starts the memory")
+# (the passkey filler's plain sentences; measured to learn, where "Summary of the text so far:" did not in 50 steps)
+DEFAULT_MEMORY_START_TEXT = " The grass is green. The sky is blue. The sun is yellow. Here we go."
+
 # Paper Appendix B / Table 4 defaults
 DEFAULT_STATE_PASSING_PROB = 0.8
 DEFAULT_POSITION_OFFSET_PROB = 0.5
@@ -119,6 +124,12 @@ class ModelOptions:
     fam_length: int | None = option(None, "F, for a base checkpoint")
     fam_layers: str | None = option(None, "all or global, for a base checkpoint")
     dtype: str = option("float32", "weights dtype", "--dtype", choices=DTYPES)
+    memory_start_text: str = option(
+        DEFAULT_MEMORY_START_TEXT,
+        "a memory at the BOS start (hf-fam convert's default: one repeated row) is trained from slot 0 as the sink "
+        "and the other slots as this text's token embeddings; '' keeps the BOS memory",
+        "--memory-start-text", metavar="TEXT",
+    )
 
     def __post_init__(self):
         self.path = str(self.path)
@@ -143,6 +154,10 @@ class LoraOptions:
         "--lora-targets", type=comma_separated,
     )
     train_fam_init: bool = option(True, "do not train the initial memory fam_init", "--freeze-fam-init", negate=True)
+    train_norms: bool = option(
+        True, "do not train the normalization layers' weights (trained in full by default: with LoRA alone the "
+              "memory of a pretrained model does not learn, docs/training.md)", "--freeze-norms", negate=True,
+    )
 
     def __post_init__(self):
         _check_int("lora rank", self.r, 1)
