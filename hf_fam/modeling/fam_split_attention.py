@@ -48,13 +48,18 @@ def split_attention(module, query, key, value, visible: int, kwargs: dict) -> to
             (FAM slots the block does not read), own block (the last L, causal)].
         visible: how many leading keys every query sees.
     """
-    heads, length = query.shape[1], query.shape[2]
+    batch, heads, length, head_dim = query.shape
+    kv_heads = key.shape[1]
     scale = kwargs.get("scaling", getattr(module, "scaling", None))
-    key, value = _repeat_kv(key, heads), _repeat_kv(value, heads)
-    own_k, own_v = key[:, :, -length:], value[:, :, -length:]
+    own_k, own_v = _repeat_kv(key[:, :, -length:], heads), _repeat_kv(value[:, :, -length:], heads)
     out, lse = _KERNEL(query, own_k, own_v, 0.0, True, scale=scale)
     if visible > 0:
-        out_seen, lse_seen = _KERNEL(query, key[:, :, :visible], value[:, :, :visible], 0.0, False, scale=scale)
+        # every query sees these keys, so the query heads that share a key/value head are stacked into one
+        # longer query sequence of that head: no copies of the (long) shared keys and values
+        stacked = query.reshape(batch, kv_heads, heads // kv_heads * length, head_dim)
+        out_seen, lse_seen = _KERNEL(stacked, key[:, :, :visible], value[:, :, :visible], 0.0, False, scale=scale)
+        out_seen = out_seen.reshape(batch, heads, length, -1)
+        lse_seen = lse_seen.reshape(batch, heads, length)
         top = torch.maximum(lse, lse_seen)
         w_own, w_seen = (lse - top).exp()[..., None], (lse_seen - top).exp()[..., None]
         out = ((out.float() * w_own + out_seen.float() * w_seen) / (w_own + w_seen)).to(query.dtype)
