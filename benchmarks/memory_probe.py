@@ -103,6 +103,9 @@ def examples(args, tokenizer, seed: int, n: int) -> list[dict]:
 
 
 def answer_loss(model, tokenizer, rows):
+    """(answer loss, share of answers exactly right, share of answer tokens right) on a padded batch of rows."""
+    from hf_fam.tasks.passkey import passkey_exact_match
+
     width = max(len(r["input_ids"]) for r in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
@@ -111,11 +114,12 @@ def answer_loss(model, tokenizer, rows):
 
     ids, labels = padded("input_ids", pad), padded("labels", -100)
     mask = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in rows])
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    logits = model(input_ids=ids, attention_mask=mask).logits.float()
     target = labels[:, 1:]
-    loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100)
-    scored, right = target != -100, logits.argmax(-1) == target
-    return loss, (right | ~scored).all(1).float().mean().item(), ((right & scored).sum() / scored.sum()).item()
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), target, ignore_index=-100)
+    scored, right = target != -100, logits[:, :-1].argmax(-1) == target
+    exact = passkey_exact_match(logits, labels).float().mean().item()
+    return loss, exact, ((right & scored).sum() / scored.sum()).item()
 
 
 def evaluate(model, tokenizer, test) -> dict:
