@@ -212,4 +212,3 @@ def training_fam_init(fam_init: torch.Tensor, tokenizer, embedding: torch.Tensor
     new = fam_init.detach().clone()
     new[1:] = embedding.detach()[[ids[i % len(ids)] for i in range(rows - 1)]].to(new.dtype)
     return new
-

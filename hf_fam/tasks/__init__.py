@@ -8,3 +8,7 @@ skips (the prompt; padding, in the training collator). This module imports nothi
 IGNORE_INDEX = -100
 # the passkey task's forms: in words for any tokenizer, or the synthetic 33-token form for tiny models
 PASSKEY_FORMS = ("text", "synthetic")
+# Landmark Attention's filler (epfml/landmark-attention, llama/run_test.py), one sentence per entry; also the
+# plain sentences `hf-fam finetune` starts the memory's content slots from (training/options.py)
+PASSKEY_FILLER = (" The grass is green.", " The sky is blue.", " The sun is yellow.", " Here we go.",
+                  " There and back again.")

@@ -31,15 +31,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import IGNORE_INDEX, PASSKEY_FORMS
+from . import IGNORE_INDEX, PASSKEY_FILLER, PASSKEY_FORMS
 
 PASSKEY_INTRO = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
     "I will quiz you about the important information there."
 )
-# Landmark Attention's filler (epfml/landmark-attention, llama/run_test.py), one sentence per entry
-PASSKEY_FILLER = (" The grass is green.", " The sky is blue.", " The sun is yellow.", " Here we go.",
-                  " There and back again.")
 PASSKEY_KEY = " The pass key is {key}. Remember it. {key} is the pass key."
 PASSKEY_QUESTION = " What is the pass key? The pass key is"
 PASSKEY_ANSWER = " {key}"

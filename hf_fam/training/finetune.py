@@ -125,10 +125,10 @@ def _content_slots(model, tokenizer, text: str) -> bool:
     Returns whether the memory changed."""
     from ..checkpoint_io.fam_init import training_fam_init
 
+    if tokenizer is None:
+        return False
     memory = unwrap_fam_model(model).fam
-    start = None
-    if tokenizer is not None and memory.fam_init.shape[0] > 1:
-        start = training_fam_init(memory.fam_init, tokenizer, model.get_input_embeddings().weight, text)
+    start = training_fam_init(memory.fam_init, tokenizer, model.get_input_embeddings().weight, text)
     if start is None:
         return False
     with torch.no_grad():

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..modeling.fam_settings import FAM_LAYER_CHOICES
-from ..tasks import PASSKEY_FORMS
+from ..tasks import PASSKEY_FILLER, PASSKEY_FORMS
 
 if TYPE_CHECKING:
     from ..tasks.passkey import PasskeyConfig
@@ -35,7 +35,7 @@ DEFAULT_LORA_RANK = 64
 # Where `hf-fam finetune` starts the memory's slots 1..F-1 when it trains from the zero-shot BOS start
 # (`hf_fam.checkpoint_io.fam_init.training_fam_init`; docs/training.md, "Where training starts the memory")
 # (the passkey filler's plain sentences; measured to learn, where "Summary of the text so far:" did not in 50 steps)
-DEFAULT_MEMORY_START_TEXT = " The grass is green. The sky is blue. The sun is yellow. Here we go."
+DEFAULT_MEMORY_START_TEXT = "".join(PASSKEY_FILLER[:4])
 
 # Paper Appendix B / Table 4 defaults
 DEFAULT_STATE_PASSING_PROB = 0.8
