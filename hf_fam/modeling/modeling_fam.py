@@ -22,7 +22,7 @@ from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTr
 from transformers.utils import logging
 
 from .configuration_fam import AUTO_MAP, FAMConfig
-from .fam_adapters import DecoderAdapter, get_adapter
+from .fam_adapters import get_adapter
 
 # Every remote-code file must be a direct relative import of this module (the `noqa` ones are imported for
 # that alone): loading from a local folder, older transformers (5.5, for one) copy only the auto_map module's
@@ -35,10 +35,9 @@ from .fam_compat import (
     CACHE_KWARG,
     needs_eager_attention,
     register_attention,
-    set_output_cache,
 )
 from .fam_core import SHARED_BASE_FLAG, fam_attention_forward
-from .fam_forward import fam_forward, select_fam_attention, with_fam_state
+from .fam_forward import fam_forward, select_fam_attention
 from .fam_generation import FAMGenerationMixin
 from .fam_graphs import graphs_usable  # noqa: F401
 from .fam_packing import refuse_packed_inputs  # noqa: F401
@@ -46,6 +45,7 @@ from .fam_plan import FAMPlan  # noqa: F401
 from .fam_settings import FAMSettings
 from .fam_split_attention import split_attention  # noqa: F401
 from .fam_state import FAMLayerState  # noqa: F401
+from .fam_wrapping import child_name, decoder_slot, detached_copy, fam_lm_forward
 
 register_attention(fam_attention_forward)
 logger = logging.get_logger(__name__)
@@ -91,6 +91,21 @@ class FAMPreTrainedModel(PreTrainedModel):
         checkpoint loads either way with `trust_remote_code=True`."""
         self.config.auto_map = dict(AUTO_MAP)
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def _fam_base(self) -> nn.Module:
+        """The base module this model wraps (its decoder, or its causal LM): the owner of every weight but
+        `fam_init`."""
+        raise NotImplementedError
+
+    def _init_weights(self, module):
+        """`fam_init` is drawn like any new weight; every other module is initialised by the base model's rule."""
+        if isinstance(module, FAMMemory):
+            nn.init.normal_(module.fam_init, mean=0.0, std=getattr(self.config.base_config, "initializer_range", 0.02))
+        elif module is not self:
+            self._fam_base()._init_weights(module)
+
+    def get_input_embeddings(self):
+        return self._fam_base().get_input_embeddings()
 
     def _adopt(self, base: nn.Module, skip: tuple[str, ...] = ()) -> None:
         """Make `base`'s child modules ours under the same names (weight names stay the checkpoint's),
@@ -167,18 +182,12 @@ class FAMModel(FAMPreTrainedModel):
         """The module holding `fam_init` (read at every forward: PEFT may have wrapped it since)."""
         return self._fam_owner.fam if self._fam_owner is not None else self.fam
 
-    def _init_weights(self, module):
-        if isinstance(module, FAMMemory):
-            nn.init.normal_(module.fam_init, mean=0.0, std=getattr(self.config.base_config, "initializer_range", 0.02))
-        elif module is not self:
-            self._fam_decoder._init_weights(module)
-
-    def get_input_embeddings(self):
-        return self._fam_decoder.get_input_embeddings()
+    def _fam_base(self) -> nn.Module:
+        return self._fam_decoder
 
     def set_input_embeddings(self, value):
         self._fam_decoder.set_input_embeddings(value)
-        self.add_module(_child_name(self._fam_decoder, value), value)
+        self.add_module(child_name(self._fam_decoder, value), value)
 
     def forward(
         self,
@@ -223,46 +232,6 @@ class FAMModel(FAMPreTrainedModel):
         )
 
 
-def _child_name(parent: nn.Module, child: nn.Module) -> str:
-    for name, module in parent.named_children():
-        if module is child:
-            return name
-    raise ValueError(f"{type(child).__name__} is not a child of {type(parent).__name__}")
-
-
-def decoder_slot(model: nn.Module, adapter: DecoderAdapter) -> tuple[str, nn.Module]:
-    """(attribute name, decoder stack) of a causal LM; a FAM backbone found there is unwrapped."""
-    decoder = adapter.decoder(model)
-    if decoder is model:
-        raise TypeError(f"{type(model).__name__} has no decoder stack under a child module.")
-    name = _child_name(model, decoder)
-    return name, getattr(decoder, "_fam_decoder", decoder)
-
-
-def _detached_copy(model: nn.Module) -> nn.Module:
-    """A shallow copy of `model` with its own child/parameter/buffer tables: replacing a child of the copy
-    leaves `model` as it was (the children themselves are shared)."""
-    head = copy.copy(model)
-    for table in ("_modules", "_parameters", "_buffers"):
-        object.__setattr__(head, table, dict(getattr(model, table)))
-    return head
-
-
-def fam_lm_forward(head_forward, **kwargs):
-    """Run a causal LM's own forward (`head_forward`) whose decoder is a FAMModel, and attach the final FAM.
-
-    The one forward path of converted (FAMForCausalLM) and patched models: the head's forward computes
-    logits, loss and soft-capping exactly as the family does; FAM runs inside its decoder call.
-    """
-    sink: dict = {}
-    outputs = head_forward(fam_output=sink, **kwargs)
-    if sink.get("fam_state") is not None:
-        outputs = with_fam_state(outputs, sink["fam_state"])
-    if sink.get("cache") is not None:
-        set_output_cache(outputs, sink["cache"])  # `.cache` on every supported release
-    return outputs
-
-
 class FAMForCausalLM(FAMPreTrainedModel, FAMGenerationMixin, GenerationMixin):
     """A causal LM with Feedback Attention Memory: a FAMModel backbone and the base model's head.
 
@@ -298,7 +267,7 @@ class FAMForCausalLM(FAMPreTrainedModel, FAMGenerationMixin, GenerationMixin):
         # the head: the base causal LM with a FAMModel in its decoder's place. It is a copy with its own
         # child table, so a base model given by the caller keeps its own decoder and stays usable.
         name, decoder = decoder_slot(base_model, self.fam_adapter)
-        head = _detached_copy(base_model)
+        head = detached_copy(base_model)
         setattr(head, name, FAMModel(config, decoder=decoder, fam_owner=self, keep_weights=given))
         self._adopt(head, skip=("fam",))
         object.__setattr__(self, "_fam_head", head)
@@ -344,14 +313,8 @@ class FAMForCausalLM(FAMPreTrainedModel, FAMGenerationMixin, GenerationMixin):
         return model
 
     # --- weights -------------------------------------------------------------------------------------
-    def _init_weights(self, module):
-        if isinstance(module, FAMMemory):
-            nn.init.normal_(module.fam_init, mean=0.0, std=getattr(self.config.base_config, "initializer_range", 0.02))
-        elif module is not self:
-            self._fam_head._init_weights(module)
-
-    def get_input_embeddings(self):
-        return self._fam_head.get_input_embeddings()
+    def _fam_base(self) -> nn.Module:
+        return self._fam_head
 
     def set_input_embeddings(self, value):
         self._fam_head.set_input_embeddings(value)
@@ -361,7 +324,7 @@ class FAMForCausalLM(FAMPreTrainedModel, FAMGenerationMixin, GenerationMixin):
 
     def set_output_embeddings(self, new_embeddings):
         self._fam_head.set_output_embeddings(new_embeddings)
-        self.add_module(_child_name(self._fam_head, new_embeddings), new_embeddings)
+        self.add_module(child_name(self._fam_head, new_embeddings), new_embeddings)
 
     def get_decoder(self):
         """The FAMModel backbone: calling it runs FAM."""

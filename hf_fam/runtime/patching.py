@@ -25,7 +25,8 @@ from ..modeling.fam_settings import (
     ZERO_SHOT_FAM_UPDATE,
     FAMSettings,
 )
-from ..modeling.modeling_fam import FAMForCausalLM, FAMMemory, FAMModel, decoder_slot, fam_lm_forward
+from ..modeling.fam_wrapping import decoder_slot, fam_lm_forward
+from ..modeling.modeling_fam import FAMForCausalLM, FAMMemory, FAMModel
 
 _PATCHED_CLASSES: dict[type, type] = {}
 
