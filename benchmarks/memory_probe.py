@@ -2,7 +2,8 @@
 
 The easiest form of the passkey task for a memory: C = 32, M = 0 (a block sees nothing before itself but the
 FAM), and only examples whose whole key sentence sits in the block right before the question's block, so one
-memory update has to carry it. The loss is on the answer (a space and five digits: guessing gives about 1.92).
+memory update has to carry it (`--back K`: K blocks before it, so the memory must keep the key through K - 1
+more updates). The loss is on the answer (a space and five digits: guessing gives about 1.92).
 Prints JSON lines (held-out answer loss, exact match, share of answer tokens right) every `--eval-every` steps.
 
     python benchmarks/memory_probe.py --model /work/models/smollm2-135m-instruct --start sink+text --train lora+norms
@@ -39,6 +40,7 @@ def main(argv=None) -> None:
     p.add_argument("--lora-rank", type=int, default=32)
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--back", type=int, default=1, help="blocks between the key sentence's block and the question's")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -87,15 +89,17 @@ def build(args):
 
 
 def examples(args, tokenizer, seed: int, n: int) -> list[dict]:
-    """Text passkey examples whose key sentence lies whole in the block before the question's block."""
+    """Text passkey examples whose key sentence lies whole in the block `--back` blocks before the question's."""
     from hf_fam.tasks.passkey import PasskeyConfig, passkey_examples
 
     C = args.block_size
-    config = PasskeyConfig(num_examples=40 * n, seq_len=4 * C, min_seq_len=max(2 * C, 80), seed=seed)
+    back = args.back
+    config = PasskeyConfig(num_examples=40 * back * n, seq_len=(back + 3) * C, min_seq_len=max((back + 1) * C, 80),
+                           seed=seed)
     out = []
     for row in passkey_examples(config, tokenizer):
         question_block = (row["prompt_length"] - 1) // C
-        if row["key_position"] // C == question_block - 1 == (row["key_end"] - 1) // C:
+        if row["key_position"] // C == question_block - back == (row["key_end"] - 1) // C:
             out.append(row)
             if len(out) == n:
                 break
