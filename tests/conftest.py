@@ -10,6 +10,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# commands run in this process (and the CLIs the tests start) leave the allocator as it is: tests/test_cpu_memory.py
+os.environ.setdefault("HF_FAM_SYSTEM_MALLOC", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 import transformers  # noqa: E402

@@ -312,6 +312,8 @@ def format_markdown(result: dict) -> str:
     cfg, machine = result["config"], result["machine"]
     s = SHAPES[cfg["shape"]]
     where = machine.get("gpu") or f"{machine['cpus']} CPUs, {cfg['threads']} threads"
+    if machine.get("freed_memory_kept") is not None:  # results written before it was recorded have no entry
+        where += ", freed memory kept" if machine["freed_memory_kept"] else ", system malloc"
     lines = [f"{cfg['shape']} shape (hidden {s['hidden']}, {s['layers']} layers, {s['heads']}/{s['kv_heads']} heads), "
              f"{cfg['dtype']}, {where}; C={cfg['block_size']}, M={cfg['memory_segments']}, F={cfg['fam_length']}; "
              f"medians of {cfg['rounds']} interleaved rounds", ""]

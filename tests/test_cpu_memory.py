@@ -1,0 +1,67 @@
+"""`hf_fam.runtime.cpu_memory`: with freed memory kept, a large tensor allocated again faults no pages in; the
+command line applies it before a command unless HF_FAM_SYSTEM_MALLOC=1. The allocator is process-wide, so the
+measurements run in a child process and leave this one as it is."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from hf_fam.runtime import cpu_memory
+
+glibc_only = pytest.mark.skipif(cpu_memory._glibc() is None, reason="mallopt is glibc's")
+
+# allocate, fill and free a 64 MiB tensor round after round (the heap settles within a few rounds, as in a
+# model's forwards); print whether the setting took and the last round's minor faults
+CHILD = """
+import resource, sys, torch
+from hf_fam.runtime.cpu_memory import keep_freed_memory
+kept = keep_freed_memory() if sys.argv[1] == "keep" else False
+for _ in range(4):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    x = torch.ones(16 * 2**20)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    del x
+print(kept, faults)
+"""
+
+
+def _last_round_faults(mode: str) -> tuple[str, int]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", CHILD, mode], capture_output=True, text=True, env=env, check=True)
+    kept, faults = out.stdout.split()
+    return kept, int(faults)
+
+
+@glibc_only
+def test_kept_memory_is_reused_without_page_faults():
+    kept, faults = _last_round_faults("keep")
+    assert kept == "True"
+    assert faults < 1000, faults  # 64 MiB is 16,384 pages of 4 KiB
+    kept, faults = _last_round_faults("system")  # the control: glibc maps the tensor afresh
+    assert kept == "False"
+    assert faults > 8000, faults
+
+
+def test_keep_freed_memory_is_false_without_glibc(monkeypatch):
+    monkeypatch.setattr(cpu_memory, "_applied", False)
+    monkeypatch.setattr(cpu_memory, "_glibc", lambda: None)
+    assert cpu_memory.keep_freed_memory() is False
+    assert cpu_memory.freed_memory_kept() is False
+
+
+@pytest.mark.parametrize("value, applied", [(None, True), ("1", False), ("true", False), ("0", True)])
+def test_command_line_applies_it_unless_opted_out(monkeypatch, value, applied):
+    from hf_fam.cli import main
+
+    calls = []
+    monkeypatch.setattr(cpu_memory, "keep_freed_memory", lambda: calls.append(1) or True)
+    if value is None:
+        monkeypatch.delenv(cpu_memory.OPT_OUT_ENV, raising=False)
+    else:
+        monkeypatch.setenv(cpu_memory.OPT_OUT_ENV, value)
+    assert main(["generate", "nowhere", "--prompt", "hi"]) == 2  # fails after the setup: no such model
+    assert calls == ([1] if applied else [])
