@@ -13,7 +13,8 @@ Parts, for full attention (the unmodified model, sdpa), BSWA (F = 0) and FAM, sa
 - **prefill**: N tokens at each batch size, FAM and BSWA in chunks of `chunk` tokens through their cache (at
   least 8 blocks per chunk) and in one forward; full attention in one forward, up to `full_max_length`.
 - **train**: one training step (forward + backward, non-reentrant gradient checkpointing) with LoRA of rank
-  `lora_rank` on the family's projections, FAM vs BSWA, at each of `train_lengths`.
+  `lora_rank` on the family's projections, FAM vs BSWA, at each of `train_lengths`; the loss summed
+  `loss_chunk` tokens at a time (`fam_loss_chunk`), so the head keeps no (tokens x vocabulary) logits.
 - **decode**: ms per generated token after each context length.
 
 Every figure is the median over `rounds` interleaved rounds (variants run in turn within a round, after one
@@ -28,6 +29,7 @@ import statistics
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from ..modeling.fam_settings import DEFAULT_LOSS_CHUNK_TOKENS
 from .bench import interleaved, machine_info, median_ratio, time_decode
 
 PAPER_SETTINGS = dict(block_size=1024, memory_segments=3, fam_length=64)
@@ -55,6 +57,9 @@ class RealBenchConfig:
     full_max_length: int = 65536
     train_lengths: list[int] = field(default_factory=lambda: [8192, 16384, 32768, 65536])
     lora_rank: int = 64
+    # the LoRA step's loss summed this many tokens at a time (`fam_loss_chunk`): no (tokens x vocabulary) logits,
+    # which at 64k tokens and SmolLM2's 49k vocabulary would need ~40 GB with their backward
+    loss_chunk: int = DEFAULT_LOSS_CHUNK_TOKENS
     decode_contexts: list[int] = field(default_factory=lambda: [1024, 8192, 65536])
     decode_steps: int = 32
     rounds: int = 3
@@ -67,6 +72,9 @@ class RealBenchConfig:
     def __post_init__(self):
         if self.shape not in SHAPES:
             raise ValueError(f"unknown shape {self.shape!r}; one of {', '.join(SHAPES)}")
+        for name in ("cpu_warmup_tokens", "loss_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.chunk < 8 * self.block_size:
             raise ValueError(f"chunk must hold at least 8 blocks ({8 * self.block_size} tokens), got {self.chunk}")
 
@@ -222,7 +230,7 @@ def bench_train(config: RealBenchConfig, log=print) -> list[dict]:
 
         def step(model, ids):
             model.zero_grad(set_to_none=True)
-            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+            model(input_ids=ids, labels=ids, use_cache=False, fam_loss_chunk=config.loss_chunk).loss.backward()
 
         short = _warmup_ids(config, ids)
         warm = None if short is None else {v: (lambda m=m: step(m, short)) for v, m in models.items()}

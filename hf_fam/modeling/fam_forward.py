@@ -87,8 +87,8 @@ def fam_forward(
         fam_state: list of per-layer initial FAM tensors (B or 1, F, D) for a fresh sequence, instead
             of forward-propagating `fam_init` (Random State Passing, see hf_fam.training).
         fam_position_offset: (B,) integer offsets added to all positions (Random Position Offset).
-        fam_output: a dict that receives `fam_state` and the cache too (how `fam_lm_forward` passes them
-            past the head).
+        fam_output: a dict that receives `fam_state`, the cache and `last_hidden_state` too (how
+            `fam_lm_forward` passes them past the head).
     The output gains `fam_state`: the final FAM of every layer, (B, F, D) each (F > 0 only).
     """
     sink = kwargs.pop("fam_output", None)
@@ -168,6 +168,8 @@ def fam_forward(
             **{CACHE_KWARG: None},
             **kwargs,
         )
+    if sink is not None:
+        sink["last_hidden_state"] = outputs.last_hidden_state  # fam_loss_chunk's loss reads it
     if settings.fam_length > 0:
         # the final FAM of every layer (Random State Passing starts the next sequence from it)
         outputs = with_fam_state(outputs, run.final_fam)

@@ -18,6 +18,8 @@ DEFAULT_FAM_UPDATE = "paper"  # what a config without the field means
 ZERO_SHOT_FAM_UPDATE = "sink"  # where `hf-fam convert` and `hf_fam.patch` start an untrained memory
 # tokens per forward where hf_fam reads a long input through the cache (streaming, generate, eval)
 DEFAULT_CHUNK_TOKENS = 4096
+# tokens per logits computation where a training loss is summed in chunks (`fam_loss_chunk`, `--loss-chunk`)
+DEFAULT_LOSS_CHUNK_TOKENS = 1024
 
 
 @dataclass(frozen=True)

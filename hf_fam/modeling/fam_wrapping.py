@@ -13,6 +13,7 @@ from torch import nn
 from .fam_adapters import DecoderAdapter
 from .fam_compat import set_output_cache
 from .fam_forward import with_fam_state
+from .fam_loss import check_head_loss, check_loss_chunk, chunked_lm_loss, no_logits_index
 
 
 def child_name(parent: nn.Module, child: nn.Module) -> str:
@@ -45,9 +46,23 @@ def fam_lm_forward(head_forward, **kwargs):
 
     The one forward path of converted (FAMForCausalLM) and patched models: the head's forward computes
     logits, loss and soft-capping exactly as the family does; FAM runs inside its decoder call.
+    `fam_loss_chunk=K` with labels: no logits are kept and the loss is summed K tokens at a time (`fam_loss`).
     """
     sink: dict = {}
-    outputs = head_forward(fam_output=sink, **kwargs)
+    loss_chunk = check_loss_chunk(kwargs.pop("fam_loss_chunk", None), kwargs.get("logits_to_keep", 0))
+    labels = kwargs.get("labels")
+    if loss_chunk and (labels is not None or kwargs.get("shift_labels") is not None):
+        head = head_forward.__self__
+        check_head_loss(head)
+        ref = kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
+        kwargs.update(labels=None, logits_to_keep=no_logits_index(ref.device))
+        shift_labels = kwargs.pop("shift_labels", None)
+        outputs = head_forward(fam_output=sink, **kwargs)
+        loss = chunked_lm_loss(head, sink["last_hidden_state"], labels, loss_chunk,
+                               kwargs.get("num_items_in_batch"), shift_labels)
+        outputs = type(outputs)(loss=loss, **dict(outputs))  # loss first, as the family returns it
+    else:
+        outputs = head_forward(fam_output=sink, **kwargs)
     if sink.get("fam_state") is not None:
         outputs = with_fam_state(outputs, sink["fam_state"])
     if sink.get("cache") is not None:

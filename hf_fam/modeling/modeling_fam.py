@@ -40,6 +40,7 @@ from .fam_core import SHARED_BASE_FLAG, fam_attention_forward
 from .fam_forward import fam_forward, select_fam_attention
 from .fam_generation import FAMGenerationMixin
 from .fam_graphs import graphs_usable  # noqa: F401
+from .fam_loss import chunked_lm_loss  # noqa: F401
 from .fam_packing import refuse_packed_inputs  # noqa: F401
 from .fam_plan import FAMPlan  # noqa: F401
 from .fam_settings import FAMSettings

@@ -305,7 +305,8 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path) -> Finetu
             loader.set_epoch(epoch)
         for batch in loader:
             with accelerator.accumulate(train_model):
-                outputs = train_model(**batch, use_cache=False)
+                outputs = train_model(**batch, use_cache=False,
+                                      **({"fam_loss_chunk": t_opt.loss_chunk} if t_opt.loss_chunk else {}))
                 accelerator.backward(outputs.loss)
                 if accelerator.sync_gradients and t_opt.max_grad_norm is not None:
                     accelerator.clip_grad_norm_(params, t_opt.max_grad_norm)

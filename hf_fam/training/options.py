@@ -19,7 +19,7 @@ from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..modeling.fam_settings import FAM_LAYER_CHOICES
+from ..modeling.fam_settings import DEFAULT_LOSS_CHUNK_TOKENS, FAM_LAYER_CHOICES
 from ..tasks import PASSKEY_FILLER, PASSKEY_FORMS
 
 if TYPE_CHECKING:
@@ -233,6 +233,9 @@ class TrainOptions:
     weight_decay: float = option(0.0, "AdamW weight decay", "--weight-decay")
     max_grad_norm: float | None = option(1.0, "gradient clipping norm (None in the API: off)", "--max-grad-norm")
     gradient_checkpointing: bool = option(False, "recompute activations (saves memory)", "--gradient-checkpointing")
+    loss_chunk: int = option(0, "sum the loss over this many tokens at a time, keeping no (tokens x vocabulary) "
+                                f"logits (saves memory on long sequences, e.g. {DEFAULT_LOSS_CHUNK_TOKENS}; same loss "
+                                "within rounding); 0: the model's own loss", "--loss-chunk")
     seed: int = option(0, "seed for weights, data order and the recipe", "--seed")
     log_every: int = option(10, "log every N steps", "--log-every")
     merge: bool = option(False, "also save the LoRA-merged model to OUTPUT/merged", "--merge")
@@ -247,6 +250,7 @@ class TrainOptions:
         _check_int("gradient_accumulation_steps", self.gradient_accumulation_steps, 1)
         _check_int("warmup_steps", self.warmup_steps, 0)
         _check_int("log_every", self.log_every, 1)
+        _check_int("loss_chunk", self.loss_chunk, 0)
         _check_int("seed", self.seed, 0)
         if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")

@@ -30,6 +30,9 @@ def register(sub) -> None:
     p.add_argument("--train-lengths", type=int, nargs="+", default=None, metavar="N",
                    help="preset train: tokens per LoRA training step (default: the preset's, 8k to 64k)")
     p.add_argument("--lora-rank", type=int, default=None, help="preset train: LoRA rank (default: the preset's, 64)")
+    p.add_argument("--warmup-tokens", type=int, default=None, metavar="N",
+                   help="preset on the CPU: longer inputs warm up on their first N tokens (default: the preset's, "
+                        "16384)")
     p.add_argument("--parts", nargs="+", default=d.parts, choices=["prefill", "train", "decode", "stream"],
                    help="what to measure")
     p.add_argument("--prefill-lengths", type=int, nargs="+", default=d.prefill_lengths, metavar="N",
@@ -102,7 +105,7 @@ def run_preset(args) -> int:
                        "(hf-fam bench --parts stream)")
     try:
         config = preset(args.preset, batches=args.batches, train_lengths=args.train_lengths, lora_rank=args.lora_rank,
-                        **given)
+                        cpu_warmup_tokens=args.warmup_tokens, **given)
     except ValueError as e:
         raise CLIError(str(e)) from None
     run_real(config, args.out or f"benchmarks/results/{args.preset}")
