@@ -67,3 +67,25 @@ def test_memory_carries_gradients_across_all_blocks_with_checkpointing(family):
     per_block = embeds.grad[0].abs().sum(-1).view(N // C, C).sum(-1)
     assert (per_block > 0).all(), f"blocks without gradient: {per_block.tolist()}"
     assert hf_fam.training.unwrap_fam_model(model).fam.modules_to_save.default.fam_init.grad.abs().sum() > 0
+
+
+def test_recompute_leaves_the_forward_results_and_frees_each_layer(family):
+    """The backward's recompute runs each layer again; the forward's final FAM stays in `fam_state` (a
+    recomputed one would carry the recomputed layer's graph, holding its activations until the backward ends:
+    the retained memory grew with every layer), and each layer's recomputed activations are freed as soon as
+    its backward is done."""
+    import weakref
+
+    model = _model(family, with_lora=True, checkpointing=True)
+    ids = random_ids(2, N, seed=13)
+    out = model(input_ids=ids, labels=ids, use_cache=False)
+    forward_fam = list(out.fam_state)
+    recomputed = []  # weak references to the tensors every layer's MLP makes while recomputed in backward
+    for layer in hf_fam.training.unwrap_fam_model(model).get_decoder().layers:
+        layer.mlp.register_forward_hook(
+            lambda mod, args, y: recomputed.append(weakref.ref(y)) if not torch.is_grad_enabled() or
+            torch._C._current_graph_task_id() >= 0 else None)
+    out.loss.backward()
+    assert all(a is b for a, b in zip(out.fam_state, forward_fam)), "fam_state was replaced by a recompute"
+    assert recomputed, "nothing was recomputed"
+    assert all(r() is None for r in recomputed), "recomputed activations outlived the backward"

@@ -98,6 +98,7 @@ class FAMRun:
         self.blocks = blocks
         self.states = states
         self.final_fam: list[torch.Tensor | None] = [None] * len(chain.layers)
+        self._incoming: dict[int, FAMLayerState] = {}  # the state each layer started from, once it ran
 
     @classmethod
     def start(
@@ -147,6 +148,13 @@ class FAMRun:
     def block_attention(self, module: nn.Module, query, key, value, kwargs) -> torch.Tensor:
         """Block attention of one layer for the whole chunk, FAM chain included. Returns (B, n, H, hd)."""
         layer_idx = module.layer_idx
+        if layer_idx in self._incoming:
+            # gradient checkpointing runs the layer again in backward: same input state, same values; the
+            # forward's results stay (the recomputed FAM would pin the recomputed layer's graph to the run,
+            # and with it to `fam_state`, keeping every layer's activations until the backward ends)
+            out, _, _ = self.blocks(module, self._incoming[layer_idx], query, key, value, kwargs)
+            return out
+        self._incoming[layer_idx] = self.states[layer_idx]
         out, new_state, fam = self.blocks(module, self.states[layer_idx], query, key, value, kwargs)
         self.final_fam[layer_idx] = fam
         if new_state is not None:
