@@ -65,3 +65,22 @@ def test_command_line_applies_it_unless_opted_out(monkeypatch, value, applied):
         monkeypatch.setenv(cpu_memory.OPT_OUT_ENV, value)
     assert main(["generate", "nowhere", "--prompt", "hi"]) == 2  # fails after the setup: no such model
     assert calls == ([1] if applied else [])
+
+
+@pytest.mark.parametrize("argv, applied", [
+    (["finetune", "nowhere", "--output", "out"], False),  # training fragments a kept heap
+    (["bench", "--parts", "train", "--out", "nowhere/x"], False),
+    (["bench", "--parts", "decode", "--out", "nowhere/x"], True),
+])
+def test_training_commands_leave_the_allocator_alone(monkeypatch, argv, applied):
+    from hf_fam.cli import main
+    from hf_fam.cli.main import build_parser
+
+    args = build_parser().parse_args(argv)
+    assert cpu_memory.suits(args) is applied
+    calls = []
+    monkeypatch.setattr(cpu_memory, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.delenv(cpu_memory.OPT_OUT_ENV, raising=False)
+    if argv[0] == "finetune":
+        main(argv)  # fails after the setup: no such model
+        assert calls == []

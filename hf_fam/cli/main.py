@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             args.check(args)  # the command's own checks of its arguments, before the heavy imports
         from ..runtime import cpu_memory
 
-        if not cpu_memory.opted_out():
+        if not cpu_memory.opted_out() and cpu_memory.suits(args):
             cpu_memory.keep_freed_memory()  # before torch allocates: large CPU tensors reuse memory, no page faults
         import hf_fam
 

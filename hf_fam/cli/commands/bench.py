@@ -64,7 +64,9 @@ def register(sub) -> None:
                    help="run the FAM chain eagerly on CUDA (default: replayed from CUDA graphs)")
     shared = ("parts", "prefill_lengths", "full_max_length", "decode_contexts", "decode_steps", "rounds", "chunk",
               "device", "threads")
-    p.set_defaults(func=run, check=check, preset_shared={f: p.get_default(f) for f in shared})
+    # a training step fragments a heap that never shrinks (hf_fam.runtime.cpu_memory): the system allocator then
+    p.set_defaults(func=run, check=check, preset_shared={f: p.get_default(f) for f in shared},
+                   keep_freed_memory=lambda args: "train" not in args.parts)
 
 
 def check(args) -> None:

@@ -35,7 +35,7 @@ def register(subparsers) -> None:
     add_options(p.add_argument_group("LoRA"), LoraOptions)
     add_options(p.add_argument_group("recipe (paper Appendix B.2; 0 switches a trick off)"), FAMRecipeConfig)
     add_options(p.add_argument_group("optimisation"), TrainOptions, skip=("output_dir", "overwrite"))
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, keep_freed_memory=False)  # training fragments a heap that never shrinks
 
 
 def config_from_args(args):
