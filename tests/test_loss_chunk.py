@@ -89,6 +89,8 @@ def test_outputs_keep_no_logits_and_put_the_loss_first():
     assert out[0] is out.loss and out["loss"] is out.loss and out.fam_state is not None
     # without labels there is no loss to chunk: the forward is the plain one
     assert_close(model(input_ids=ids, fam_loss_chunk=8).logits, model(input_ids=ids).logits)
+    last = model(input_ids=ids, fam_loss_chunk=8, logits_to_keep=1).logits  # as generate() calls it
+    assert_close(last, model(input_ids=ids).logits[:, -1:])
 
 
 def test_backward_keeps_no_full_logits():

@@ -49,9 +49,11 @@ def fam_lm_forward(head_forward, **kwargs):
     `fam_loss_chunk=K` with labels: no logits are kept and the loss is summed K tokens at a time (`fam_loss`).
     """
     sink: dict = {}
-    loss_chunk = check_loss_chunk(kwargs.pop("fam_loss_chunk", None), kwargs.get("logits_to_keep", 0))
     labels = kwargs.get("labels")
-    if loss_chunk and (labels is not None or kwargs.get("shift_labels") is not None):
+    with_labels = labels is not None or kwargs.get("shift_labels") is not None
+    keep = kwargs.get("logits_to_keep", 0) if with_labels else 0  # without labels the forward is the plain one
+    loss_chunk = check_loss_chunk(kwargs.pop("fam_loss_chunk", None), keep)
+    if loss_chunk and with_labels:
         head = head_forward.__self__
         check_head_loss(head)
         ref = kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
