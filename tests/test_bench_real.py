@@ -58,6 +58,7 @@ def test_targets_follow_the_device():
 
 
 def test_a_tiny_shape_runs_every_part(tmp_path, monkeypatch):
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")  # recorded with the results, as MALLOC_MMAP_THRESHOLD_ would be
     monkeypatch.setitem(SHAPES, "tiny", dict(hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64, vocab=101))
     monkeypatch.setitem(PRESETS, "tiny-cpu", bench_real.RealBenchConfig(
         shape="tiny", dtype="float32", device="cpu", block_size=8, memory_segments=1, fam_length=2,
@@ -71,7 +72,10 @@ def test_a_tiny_shape_runs_every_part(tmp_path, monkeypatch):
     assert saved["train"][0]["lora_rank"] == 4 and saved["train"][0]["fam_s"] > 0
     assert {(r["variant"], r["context"]) for r in saved["decode"]} == {
         (v, n) for v in ("full", "bswa", "fam") for n in (16, 64)}
-    assert "| batch | N | full s |" in (tmp_path / "r.md").read_text()
+    report = (tmp_path / "r.md").read_text()
+    assert "| batch | N | full s |" in report
+    assert saved["machine"]["allocator_env"] == {"MALLOC_ARENA_MAX": "2"} and "MALLOC_ARENA_MAX=2" in report
+    assert saved["machine"]["peak_rss_mib"] > 0 and "peak RSS" in report.splitlines()[0]
 
 
 def test_a_warm_up_replaces_the_first_untimed_call():
@@ -84,6 +88,12 @@ def test_a_warm_up_replaces_the_first_untimed_call():
     calls.clear()
     interleaved({"a": lambda: calls.append("a")}, 1, "cpu")
     assert calls == ["a", "a"]  # without one, each function warms itself up
+
+
+@pytest.mark.parametrize("flag", ["--warmup-tokens", "--lora-rank"])
+def test_a_bad_count_names_its_flag(flag, capsys):
+    assert main(["bench", "--preset", "smollm2-135m-cpu", flag, "0"]) != 0
+    assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_the_stream_part_is_refused_with_a_preset(capsys):

@@ -309,11 +309,13 @@ def run(config: BenchConfig, out: str | Path, log=print) -> dict:
 def machine_info(config: BenchConfig) -> dict:
     import torch
 
-    from ..runtime.cpu_memory import freed_memory_kept
+    from ..runtime.cpu_memory import allocator_environment, freed_memory_kept
 
     info = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
             "threads": config.threads, "device": config.device,
             "freed_memory_kept": freed_memory_kept()}  # hf_fam.runtime.cpu_memory: no page faults per tensor
+    if allocator_environment():
+        info["allocator_env"] = allocator_environment()
     if config.device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

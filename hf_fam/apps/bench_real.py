@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ..modeling.fam_settings import DEFAULT_LOSS_CHUNK_TOKENS
-from .bench import interleaved, machine_info, median_ratio, time_decode
+from .bench import interleaved, machine_info, median_ratio, proc_status_mib, time_decode
 
 PAPER_SETTINGS = dict(block_size=1024, memory_segments=3, fam_length=64)
 SHAPES = {
@@ -277,6 +277,8 @@ def run(config: RealBenchConfig, out: str | Path, log=print) -> dict:
         log(f"== {part}")
         result[part] = bench_train(config, log) if part == "train" else globals()[f"bench_{part}"](config, models, log)
     result["targets"] = check_targets(result, config)
+    if not config.device.startswith("cuda") and proc_status_mib("VmHWM") is not None:
+        result["machine"]["peak_rss_mib"] = round(proc_status_mib("VmHWM"))  # the whole run's, every part
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
@@ -322,6 +324,9 @@ def format_markdown(result: dict) -> str:
     where = machine.get("gpu") or f"{machine['cpus']} CPUs, {cfg['threads']} threads"
     if machine.get("freed_memory_kept") is not None:  # results written before it was recorded have no entry
         where += ", freed memory kept" if machine["freed_memory_kept"] else ", system malloc"
+    where += "".join(f" {k}={v}" for k, v in machine.get("allocator_env", {}).items())
+    if machine.get("peak_rss_mib"):
+        where += f"; peak RSS {machine['peak_rss_mib'] / 1024:.1f} GiB"
     lines = [f"{cfg['shape']} shape (hidden {s['hidden']}, {s['layers']} layers, {s['heads']}/{s['kv_heads']} heads), "
              f"{cfg['dtype']}, {where}; C={cfg['block_size']}, M={cfg['memory_segments']}, F={cfg['fam_length']}; "
              f"medians of {cfg['rounds']} interleaved rounds", ""]

@@ -75,6 +75,13 @@ def freed_memory_kept() -> bool:
     return _applied
 
 
+def allocator_environment() -> dict:
+    """glibc's allocator settings taken from the environment (`MALLOC_*_`, `GLIBC_TUNABLES`), recorded with
+    benchmark results: e.g. `MALLOC_MMAP_THRESHOLD_=4194304` serves every block above 4 MiB with its own mapping,
+    which keeps a long training step's resident memory near its live memory."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"}
+
+
 def suits(args) -> bool:
     """Whether a parsed command keeps freed memory: its `keep_freed_memory` default (a bool, or a function of the
     arguments), True where it declares none."""

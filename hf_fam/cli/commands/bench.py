@@ -64,7 +64,8 @@ def register(sub) -> None:
                    help="run the FAM chain eagerly on CUDA (default: replayed from CUDA graphs)")
     shared = ("parts", "prefill_lengths", "full_max_length", "decode_contexts", "decode_steps", "rounds", "chunk",
               "device", "threads")
-    # a training step fragments a heap that never shrinks (hf_fam.runtime.cpu_memory): the system allocator then
+    # a training step fragments a heap that never shrinks (hf_fam.runtime.cpu_memory): measuring one, the command
+    # leaves the system allocator as it is
     p.set_defaults(func=run, check=check, preset_shared={f: p.get_default(f) for f in shared},
                    keep_freed_memory=lambda args: "train" not in args.parts)
 
@@ -102,6 +103,9 @@ def run_preset(args) -> int:
     from ..errors import CLIError
 
     given = {f: getattr(args, f) for f, default in args.preset_shared.items() if getattr(args, f) != default}
+    for flag, value in (("--warmup-tokens", args.warmup_tokens), ("--lora-rank", args.lora_rank)):
+        if value is not None and value < 1:
+            raise CLIError(f"{flag} must be >= 1, got {value}")
     if "stream" in given.get("parts", []):
         raise CLIError("--preset measures prefill, train and decode; the 1M-token stream is the small suite's "
                        "(hf-fam bench --parts stream)")
