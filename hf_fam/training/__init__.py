@@ -3,9 +3,9 @@ long-context data (packing; the passkey task is `hf_fam.tasks.passkey`) and the 
 `hf-fam finetune`.
 
 The modules: `options` (every training option, declared once for the API and the command line), `data`,
-`lora`, `recipe` and `finetune` (the loop). The names below load on first use (PEP 562): importing
-`hf_fam.training.options` for `hf-fam finetune --help` must not pull in torch and PEFT. accelerate and the
-Trainer are imported only inside the functions that use them.
+`lora`, `recipe`, `loss_chunk` (the chunked loss under loops such as `Trainer`) and `finetune` (the loop). The
+names below load on first use (PEP 562): importing `hf_fam.training.options` for `hf-fam finetune --help` must
+not pull in torch and PEFT. accelerate and the Trainer are imported only inside the functions that use them.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ _EXPORTS = {
     "SyntheticPasskeyVocab": "hf_fam.tasks.passkey",
     "TrainOptions": ".options",
     "attach_recipe": ".recipe",
+    "enable_loss_chunk": ".loss_chunk",
     "beyond_reach": "hf_fam.tasks.passkey",
     "fam_lora_config": ".lora",
     "finetune": ".finetune",
