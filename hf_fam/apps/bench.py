@@ -314,8 +314,9 @@ def machine_info(config: BenchConfig) -> dict:
     info = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
             "threads": config.threads, "device": config.device,
             "freed_memory_kept": freed_memory_kept()}  # hf_fam.runtime.cpu_memory: no page faults per tensor
-    if allocator_environment():
-        info["allocator_env"] = allocator_environment()
+    env = allocator_environment()
+    if env:
+        info["allocator_env"] = env
     if config.device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

@@ -277,8 +277,9 @@ def run(config: RealBenchConfig, out: str | Path, log=print) -> dict:
         log(f"== {part}")
         result[part] = bench_train(config, log) if part == "train" else globals()[f"bench_{part}"](config, models, log)
     result["targets"] = check_targets(result, config)
-    if not config.device.startswith("cuda") and proc_status_mib("VmHWM") is not None:
-        result["machine"]["peak_rss_mib"] = round(proc_status_mib("VmHWM"))  # the whole run's, every part
+    peak = None if config.device.startswith("cuda") else proc_status_mib("VmHWM")
+    if peak is not None:
+        result["machine"]["peak_rss_mib"] = round(peak)  # the whole run's, every part
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
