@@ -14,36 +14,41 @@ from hf_fam.runtime import cpu_memory
 
 glibc_only = pytest.mark.skipif(cpu_memory._glibc() is None, reason="mallopt is glibc's")
 
-# allocate, fill and free a 64 MiB tensor round after round (the heap settles within a few rounds, as in a
-# model's forwards); print whether the setting took and the last round's minor faults
+# allocate, fill and free a 64 MiB tensor round after round, as a model's forwards do; print whether the setting
+# took and each round's minor faults
 CHILD = """
 import resource, sys, torch
 from hf_fam.runtime.cpu_memory import keep_freed_memory
 kept = keep_freed_memory() if sys.argv[1] == "keep" else False
-for _ in range(4):
+faults = []
+for _ in range(8):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     x = torch.ones(16 * 2**20)
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     del x
-print(kept, faults)
+print(kept, *faults)
 """
 
 
-def _last_round_faults(mode: str) -> tuple[str, int]:
+def _faults(mode: str) -> tuple[str, list[int]]:
+    """(whether the setting took, minor faults of each round after the first) in a fresh child process."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     out = subprocess.run([sys.executable, "-c", CHILD, mode], capture_output=True, text=True, env=env, check=True)
-    kept, faults = out.stdout.split()
-    return kept, int(faults)
+    kept, _, *faults = out.stdout.split()
+    return kept, [int(f) for f in faults]
 
 
 @glibc_only
 def test_kept_memory_is_reused_without_page_faults():
-    kept, faults = _last_round_faults("keep")
+    # 64 MiB is 16,384 pages of 4 KiB. With the heap kept, a round can still miss the freed block (the heap settles
+    # over a few rounds: in 50 children, at most 2 rounds after the first faulted); the system allocator maps the
+    # tensor afresh every round
+    kept, faults = _faults("keep")
     assert kept == "True"
-    assert faults < 1000, faults  # 64 MiB is 16,384 pages of 4 KiB
-    kept, faults = _last_round_faults("system")  # the control: glibc maps the tensor afresh
+    assert sum(f > 8000 for f in faults) <= 3 and min(faults) < 1000, faults
+    kept, faults = _faults("system")
     assert kept == "False"
-    assert faults > 8000, faults
+    assert all(f > 8000 for f in faults), faults
 
 
 def test_keep_freed_memory_is_false_without_glibc(monkeypatch):
