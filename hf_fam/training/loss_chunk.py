@@ -19,6 +19,7 @@ from __future__ import annotations
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from ..modeling.fam_loss import check_loss_chunk
 from ..modeling.fam_settings import DEFAULT_LOSS_CHUNK_TOKENS
 from .lora import unwrap_fam_model
 
@@ -42,7 +43,7 @@ def enable_loss_chunk(model: nn.Module, tokens: int = DEFAULT_LOSS_CHUNK_TOKENS)
     ```
     """
     unwrap_fam_model(model)  # a ValueError naming the fix for a model that is not FAM
-    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+    if not check_loss_chunk(tokens, 0):  # the forward keyword's own check; 0 (off) has nothing to enable
         raise ValueError(f"enable_loss_chunk needs a positive number of tokens, got {tokens!r}.")
 
     def add_loss_chunk(module, args, kwargs):
