@@ -309,11 +309,11 @@ def run(config: BenchConfig, out: str | Path, log=print) -> dict:
 def machine_info(config: BenchConfig) -> dict:
     import torch
 
-    from ..runtime.cpu_memory import allocator_environment, freed_memory_kept
+    from ..runtime.cpu_memory import allocator_environment, freed_memory_kept, huge_pages_used
 
     info = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-            "threads": config.threads, "device": config.device,
-            "freed_memory_kept": freed_memory_kept()}  # hf_fam.runtime.cpu_memory: no page faults per tensor
+            "threads": config.threads, "device": config.device,  # hf_fam.runtime.cpu_memory's two settings:
+            "freed_memory_kept": freed_memory_kept(), "huge_pages": huge_pages_used()}
     env = allocator_environment()
     if env:
         info["allocator_env"] = env

@@ -323,7 +323,9 @@ def format_markdown(result: dict) -> str:
     cfg, machine = result["config"], result["machine"]
     s = SHAPES[cfg["shape"]]
     where = machine.get("gpu") or f"{machine['cpus']} CPUs, {cfg['threads']} threads"
-    if machine.get("freed_memory_kept") is not None:  # results written before it was recorded have no entry
+    if machine.get("huge_pages"):
+        where += ", huge pages"
+    elif machine.get("freed_memory_kept") is not None:  # results written before it was recorded have no entry
         where += ", freed memory kept" if machine["freed_memory_kept"] else ", system malloc"
     where += "".join(f" {k}={v}" for k, v in machine.get("allocator_env", {}).items())
     if machine.get("peak_rss_mib"):

@@ -8,8 +8,9 @@ this module, so that no command imports back into it: `errors.CLIError`, `format
 Heavy imports (torch, transformers) happen only once the arguments are parsed (`hf_fam.load()`, then inside
 the commands), so `--help` and argument errors are instant. Errors a user can fix are printed as one line,
 without a traceback, with exit status 2 (set HF_FAM_DEBUG=1 to see the traceback).
-Before a command runs, the process keeps freed memory for reuse (`hf_fam.runtime.cpu_memory`: large CPU tensors
-no longer pay a page fault per 4 KiB page; HF_FAM_SYSTEM_MALLOC=1 leaves the C library's allocator as it is).
+Before a command runs, the process sets how large CPU tensors get their memory (`hf_fam.runtime.cpu_memory`): a
+command that reads keeps freed memory for reuse, one that trains backs large tensors with huge pages; either way
+they no longer pay a page fault per 4 KiB page. HF_FAM_SYSTEM_MALLOC=1 leaves the C library's allocator as it is.
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
             args.check(args)  # the command's own checks of its arguments, before the heavy imports
         from ..runtime import cpu_memory
 
-        if not cpu_memory.opted_out() and cpu_memory.suits(args):
-            cpu_memory.keep_freed_memory()  # before torch allocates: large CPU tensors reuse memory, no page faults
+        if not cpu_memory.opted_out():
+            cpu_memory.apply(cpu_memory.mode(args))  # before torch allocates: it reads its huge page switch once
         import hf_fam
 
         hf_fam.load()  # torch, transformers and the `fam` model type, now that the arguments are valid

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ...runtime import cpu_memory
 from ..formatting import HelpFormatter
 
 
@@ -65,9 +66,9 @@ def register(sub) -> None:
     shared = ("parts", "prefill_lengths", "full_max_length", "decode_contexts", "decode_steps", "rounds", "chunk",
               "device", "threads")
     # a training step fragments a heap that never shrinks (hf_fam.runtime.cpu_memory): measuring one, the command
-    # leaves the system allocator as it is
+    # uses huge pages instead of keeping freed memory
     p.set_defaults(func=run, check=check, preset_shared={f: p.get_default(f) for f in shared},
-                   keep_freed_memory=lambda args: "train" not in args.parts)
+                   allocator=lambda args: cpu_memory.HUGE_PAGES if "train" in args.parts else cpu_memory.KEEP)
 
 
 def check(args) -> None:

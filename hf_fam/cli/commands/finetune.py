@@ -12,6 +12,7 @@ Examples:
 
 from __future__ import annotations
 
+from ...runtime import cpu_memory
 from ..fam_args import add_fam_arguments, add_options, options_from_args
 from ..formatting import HelpFormatter
 
@@ -35,7 +36,7 @@ def register(subparsers) -> None:
     add_options(p.add_argument_group("LoRA"), LoraOptions)
     add_options(p.add_argument_group("recipe (paper Appendix B.2; 0 switches a trick off)"), FAMRecipeConfig)
     add_options(p.add_argument_group("optimisation"), TrainOptions, skip=("output_dir", "overwrite"))
-    p.set_defaults(func=run, keep_freed_memory=False)  # training fragments a heap that never shrinks
+    p.set_defaults(func=run, allocator=cpu_memory.HUGE_PAGES)  # training fragments a heap that never shrinks
 
 
 def config_from_args(args):
