@@ -19,11 +19,12 @@ glibc_only = pytest.mark.skipif(cpu_memory._glibc() is None, reason="mallopt is 
 # do; print whether the setting took, whether the tensor's mapping is advised for huge pages, and each round's
 # minor faults
 CHILD = """
-import resource, sys, torch
+import os, resource, sys, torch
 from hf_fam.runtime import cpu_memory
 if sys.argv[1] == "late":  # PyTorch allocates first: it has read its huge page switch
     torch.ones(1)
 took = cpu_memory.apply({"late": "huge_pages"}.get(sys.argv[1], sys.argv[1]))
+assert not (sys.argv[1] == "late" and cpu_memory.THP_ENV in os.environ)  # a setting that did not take is undone
 faults, advised = [], []
 for _ in range(8):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -150,6 +150,7 @@ def use_huge_pages() -> bool:
     libc = _glibc()
     if libc is None or _applied or not transparent_huge_pages():
         return False
+    ours = THP_ENV not in os.environ
     if os.environ.setdefault(THP_ENV, "1") != "1":
         return False
     import torch
@@ -158,6 +159,8 @@ def use_huge_pages() -> bool:
     advised = _advised_huge(probe.data_ptr())
     del probe
     if not advised:  # PyTorch read its switch before this call
+        if ours:
+            del os.environ[THP_ENV]
         return False
     _huge_pages = bool(libc.mallopt(_M_MMAP_THRESHOLD, HUGE_PAGE_BYTES)) and bool(
         libc.mallopt(_M_TRIM_THRESHOLD, HUGE_PAGES_TRIM_BYTES)
