@@ -86,9 +86,20 @@ def test_settings_are_false_without_glibc_or_huge_pages(monkeypatch, tmp_path):
 
 
 def test_a_command_asks_for_one_setting():
-    with pytest.raises(ValueError, match="unknown allocator setting 'heap'; one of keep, huge_pages, system"):
+    with pytest.raises(ValueError, match="unknown allocator setting 'heap'; use one of keep, huge_pages, system"):
         cpu_memory.mode(type("Args", (), {"allocator": "heap"})())
     assert cpu_memory.mode(object()) == cpu_memory.KEEP  # a command that declares none reads
+
+
+def test_the_environment_chooses_for_any_command(monkeypatch):
+    from hf_fam.cli.main import build_parser
+
+    args = build_parser().parse_args(["finetune", "nowhere", "--output", "out"])
+    monkeypatch.setenv(cpu_memory.ALLOCATOR_ENV, "huge_pages")
+    assert cpu_memory.mode(args) == cpu_memory.HUGE_PAGES
+    monkeypatch.setenv(cpu_memory.ALLOCATOR_ENV, "hugepages")
+    with pytest.raises(ValueError, match="unknown HF_FAM_ALLOCATOR 'hugepages'; use one of keep, huge_pages, system"):
+        cpu_memory.mode(args)
 
 
 @pytest.mark.parametrize("value, applied", [(None, ["keep"]), ("1", []), ("true", []), ("0", ["keep"])])
@@ -99,6 +110,7 @@ def test_command_line_applies_it_unless_opted_out(monkeypatch, value, applied):
     monkeypatch.setattr(cpu_memory, "apply", lambda setting: calls.append(setting) or True)
     if value is None:
         monkeypatch.delenv(cpu_memory.OPT_OUT_ENV, raising=False)
+        monkeypatch.delenv(cpu_memory.ALLOCATOR_ENV, raising=False)
     else:
         monkeypatch.setenv(cpu_memory.OPT_OUT_ENV, value)
     assert main(["generate", "nowhere", "--prompt", "hi"]) == 2  # fails after the setup: no such model
@@ -106,13 +118,13 @@ def test_command_line_applies_it_unless_opted_out(monkeypatch, value, applied):
 
 
 @pytest.mark.parametrize("argv, setting", [
-    (["finetune", "nowhere", "--output", "out"], "huge_pages"),  # training fragments a kept heap
+    (["finetune", "nowhere", "--output", "out"], "system"),  # training fragments a kept heap
     (["bench", "--parts", "train", "--out", "nowhere/x"], "huge_pages"),
     (["bench", "--parts", "prefill", "train", "--out", "nowhere/x"], "huge_pages"),
     (["bench", "--parts", "decode", "--out", "nowhere/x"], "keep"),
     (["eval", "nowhere"], "keep"),
 ])
-def test_training_commands_use_huge_pages(monkeypatch, argv, setting):
+def test_each_command_asks_for_its_setting(monkeypatch, argv, setting):
     from hf_fam.cli import main
     from hf_fam.cli.main import build_parser
 
@@ -125,5 +137,6 @@ def test_training_commands_use_huge_pages(monkeypatch, argv, setting):
 
     monkeypatch.setattr(cpu_memory, "apply", apply)
     monkeypatch.delenv(cpu_memory.OPT_OUT_ENV, raising=False)
+    monkeypatch.delenv(cpu_memory.ALLOCATOR_ENV, raising=False)
     assert main(argv) == 2
     assert calls == [setting]

@@ -9,8 +9,9 @@ Heavy imports (torch, transformers) happen only once the arguments are parsed (`
 the commands), so `--help` and argument errors are instant. Errors a user can fix are printed as one line,
 without a traceback, with exit status 2 (set HF_FAM_DEBUG=1 to see the traceback).
 Before a command runs, the process sets how large CPU tensors get their memory (`hf_fam.runtime.cpu_memory`): a
-command that reads keeps freed memory for reuse, one that trains backs large tensors with huge pages; either way
-they no longer pay a page fault per 4 KiB page. HF_FAM_SYSTEM_MALLOC=1 leaves the C library's allocator as it is.
+command that reads keeps freed memory for reuse (no page fault per 4 KiB page), `finetune` leaves the allocator
+alone, `bench` measuring a training step backs large tensors with huge pages. HF_FAM_ALLOCATOR=keep|huge_pages|system
+chooses for any command; HF_FAM_SYSTEM_MALLOC=1 leaves the C library's allocator as it is.
 """
 
 from __future__ import annotations

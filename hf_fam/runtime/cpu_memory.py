@@ -18,8 +18,8 @@ hf_fam never calls it. The `hf-fam` command line calls it before every command t
 Not for training: a LoRA step with gradient checkpointing frees and allocates blocks of many sizes, which
 fragment a heap that is never given back. On the SmolLM2-135M shape cut to 4 layers, one step at 32k tokens
 peaked at 12.0 GB resident with the heap kept against 4.2 GB with the system allocator (11.0 against 3.0 GB
-after the forward alone), so `hf-fam finetune`, and `hf-fam bench` when it measures a training step, use huge
-pages instead (below). Elsewhere (musl, macOS, Windows) both settings do nothing and return False; jemalloc or
+after the forward alone), so the training commands do not keep freed memory: `hf-fam finetune` leaves the
+allocator alone, `hf-fam bench` uses huge pages when it measures a training step (below). Elsewhere (musl, macOS, Windows) both settings do nothing and return False; jemalloc or
 tcmalloc preloaded with LD_PRELOAD do the same job their own way.
 
 The system allocator fragments under training too, less: glibc raises its mmap threshold up to 32 MiB as large
@@ -29,7 +29,8 @@ resident. A fixed threshold keeps resident memory near live memory at the price 
 `MALLOC_MMAP_THRESHOLD_=4194304` (4 MiB) peaked at 2.8 GB, one step 13 % slower; 1 MiB at 2.3 GB, 27 % slower
 (single runs). Benchmark results record such variables (`allocator_environment`).
 
-`use_huge_pages()` is the training setting, and what `hf-fam finetune` and `hf-fam bench --parts train` apply: PyTorch
+`use_huge_pages()` trades speed for memory in training; `hf-fam bench --parts train` applies it, `hf-fam finetune`
+with `HF_FAM_ALLOCATOR=huge_pages`. PyTorch
 advises the kernel to back every tensor of 2 MiB and more with transparent huge pages (`THP_MEM_ALLOC_ENABLE=1`, read
 by PyTorch at its first CPU allocation), and glibc serves every block from 2 MiB up with its own mapping, given back
 when freed (`M_MMAP_THRESHOLD` fixed at 2 MiB; `M_TRIM_THRESHOLD` 128 MiB, so the heap of smaller blocks keeps some
@@ -45,7 +46,10 @@ threads, single processes run one after another on a noisy machine:
 | 16k | system (default) | 318.8 | 53.8 M | 6.3 GiB |
 | 16k | huge pages | 292.0 | 4.3 M | 4.8 GiB |
 
-At 4k each figure is the second step of a process.
+At 4k each figure is the second step of a process. It is not always faster: `hf-fam finetune` of the real
+SmolLM2-135M converted with C=256, M=1, F=16 (LoRA r=16, 3 steps of 2k tokens, three pairs of processes) took 58.1,
+66.3, 74.2 s with huge pages against 46.9, 55.5, 60.0 s with the system allocator, the same losses, peaking at 6.7-6.8
+against 9.5-9.6 GiB. So `hf-fam finetune` leaves the allocator alone unless asked.
 
 It needs the kernel's transparent huge pages (`/sys/kernel/mm/transparent_hugepage/enabled` `always` or `madvise`)
 and must come before PyTorch's first CPU allocation: called later, it checks that a fresh 4 MiB tensor's mapping is
@@ -59,6 +63,7 @@ import os
 import sys
 
 OPT_OUT_ENV = "HF_FAM_SYSTEM_MALLOC"  # set to 1: the command line leaves the C library's allocator as it is
+ALLOCATOR_ENV = "HF_FAM_ALLOCATOR"  # keep, huge_pages or system: the command line's setting, whatever the command
 
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
 _M_MMAP_THRESHOLD = -3
@@ -187,12 +192,16 @@ def allocator_environment() -> dict:
 
 
 def mode(args) -> str:
-    """The setting a parsed command asks for: its `allocator` default (KEEP, HUGE_PAGES or SYSTEM, or a function of
-    the arguments that returns one), KEEP where it declares none."""
-    asked = getattr(args, "allocator", KEEP)
-    asked = asked(args) if callable(asked) else asked
+    """The setting for a parsed command: HF_FAM_ALLOCATOR where the environment sets it, else the command's
+    `allocator` default (KEEP, HUGE_PAGES or SYSTEM, or a function of the arguments that returns one), KEEP where
+    it declares none."""
+    asked = os.environ.get(ALLOCATOR_ENV, "").strip()
+    where = ALLOCATOR_ENV
+    if not asked:
+        asked, where = getattr(args, "allocator", KEEP), "allocator setting"
+        asked = asked(args) if callable(asked) else asked
     if asked not in (KEEP, HUGE_PAGES, SYSTEM):
-        raise ValueError(f"unknown allocator setting {asked!r}; one of {KEEP}, {HUGE_PAGES}, {SYSTEM}")
+        raise ValueError(f"unknown {where} {asked!r}; use one of {KEEP}, {HUGE_PAGES}, {SYSTEM}")
     return asked
 
 

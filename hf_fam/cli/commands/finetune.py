@@ -36,7 +36,9 @@ def register(subparsers) -> None:
     add_options(p.add_argument_group("LoRA"), LoraOptions)
     add_options(p.add_argument_group("recipe (paper Appendix B.2; 0 switches a trick off)"), FAMRecipeConfig)
     add_options(p.add_argument_group("optimisation"), TrainOptions, skip=("output_dir", "overwrite"))
-    p.set_defaults(func=run, allocator=cpu_memory.HUGE_PAGES)  # training fragments a heap that never shrinks
+    # training fragments a kept heap; huge pages (HF_FAM_ALLOCATOR=huge_pages) halve memory but were slower on short
+    # steps (hf_fam.runtime.cpu_memory)
+    p.set_defaults(func=run, allocator=cpu_memory.SYSTEM)
 
 
 def config_from_args(args):
