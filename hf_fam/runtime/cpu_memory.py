@@ -1,4 +1,4 @@
-"""How large CPU tensors get their memory: freed memory kept for reading, huge pages for training.
+"""How large CPU tensors get their memory: freed memory kept for reading, huge pages to save memory in training.
 
 PyTorch's CPU tensors come from the C library's `malloc`. glibc serves every block above its mmap threshold
 (at most 32 MiB) with a fresh `mmap` and gives it back with `munmap` when the tensor is freed, so each large
@@ -19,8 +19,9 @@ Not for training: a LoRA step with gradient checkpointing frees and allocates bl
 fragment a heap that is never given back. On the SmolLM2-135M shape cut to 4 layers, one step at 32k tokens
 peaked at 12.0 GB resident with the heap kept against 4.2 GB with the system allocator (11.0 against 3.0 GB
 after the forward alone), so the training commands do not keep freed memory: `hf-fam finetune` leaves the
-allocator alone, `hf-fam bench` uses huge pages when it measures a training step (below). Elsewhere (musl, macOS, Windows) both settings do nothing and return False; jemalloc or
-tcmalloc preloaded with LD_PRELOAD do the same job their own way.
+allocator alone, `hf-fam bench` uses huge pages when it measures a training step (below). Elsewhere (musl,
+macOS, Windows) both settings do nothing and return False; jemalloc or tcmalloc preloaded with LD_PRELOAD do the
+same job their own way.
 
 The system allocator fragments under training too, less: glibc raises its mmap threshold up to 32 MiB as large
 blocks are freed, so mid-sized activations come from a heap that cannot shrink past live blocks. One LoRA step of
@@ -30,8 +31,7 @@ resident. A fixed threshold keeps resident memory near live memory at the price 
 (single runs). Benchmark results record such variables (`allocator_environment`).
 
 `use_huge_pages()` trades speed for memory in training; `hf-fam bench --parts train` applies it, `hf-fam finetune`
-with `HF_FAM_ALLOCATOR=huge_pages`. PyTorch
-advises the kernel to back every tensor of 2 MiB and more with transparent huge pages (`THP_MEM_ALLOC_ENABLE=1`, read
+with `HF_FAM_ALLOCATOR=huge_pages`. PyTorch advises the kernel to back every tensor of 2 MiB and more with transparent huge pages (`THP_MEM_ALLOC_ENABLE=1`, read
 by PyTorch at its first CPU allocation), and glibc serves every block from 2 MiB up with its own mapping, given back
 when freed (`M_MMAP_THRESHOLD` fixed at 2 MiB; `M_TRIM_THRESHOLD` 128 MiB, so the heap of smaller blocks keeps some
 freed memory). A large tensor then faults once per 2 MiB instead of once per 4 KiB, and resident memory stays near
@@ -142,8 +142,8 @@ def _advised_huge(address: int) -> bool:
 
 
 def use_huge_pages() -> bool:
-    """Back large CPU tensors with transparent huge pages and give large blocks back when freed (the module's
-    docstring: the training setting).
+    """Back large CPU tensors with transparent huge pages and give large blocks back when freed (see the module's
+    docstring).
 
     Returns True when the setting is in effect (now or from an earlier call); False, changing nothing, where the
     C library is not glibc, the kernel's transparent huge pages are off, `THP_MEM_ALLOC_ENABLE` is set to something
