@@ -32,9 +32,9 @@ resident. A fixed threshold keeps resident memory near live memory at the price 
 
 `use_huge_pages()` trades speed for memory in training; `hf-fam bench --parts train` applies it, `hf-fam finetune`
 with `HF_FAM_ALLOCATOR=huge_pages`. PyTorch advises the kernel to back every tensor of 2 MiB and more with
-transparent huge pages (`THP_MEM_ALLOC_ENABLE=1`, read by PyTorch at its first CPU allocation), and glibc serves every block from 2 MiB up with its own mapping, given back
-when freed (`M_MMAP_THRESHOLD` fixed at 2 MiB; `M_TRIM_THRESHOLD` 128 MiB, so the heap of smaller blocks keeps some
-freed memory). A large tensor then faults once per 2 MiB instead of once per 4 KiB, and resident memory stays near
+transparent huge pages (`THP_MEM_ALLOC_ENABLE=1`, read by PyTorch at its first CPU allocation), and glibc
+serves every block from 2 MiB up with its own mapping, given back when freed (`M_MMAP_THRESHOLD` fixed at 2 MiB;
+`M_TRIM_THRESHOLD` 128 MiB, so the heap of smaller blocks keeps some freed memory). A large tensor then faults once per 2 MiB instead of once per 4 KiB, and resident memory stays near
 live memory. One LoRA step of the full SmolLM2-135M shape with FAM (C=1024, M=3, F=64, loss in chunks), fp32, 2
 threads, single processes run one after another on a noisy machine:
 
@@ -75,7 +75,8 @@ HUGE_PAGES_TRIM_BYTES = 128 * 2**20  # with huge pages: freed memory the heap of
 THP_ENV = "THP_MEM_ALLOC_ENABLE"  # PyTorch's switch, read once, at its first CPU allocation
 THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 
-KEEP, HUGE_PAGES, SYSTEM = "keep", "huge_pages", "system"  # the settings a command can ask for (`mode`)
+KEEP, HUGE_PAGES, SYSTEM = "keep", "huge_pages", "system"
+SETTINGS = (KEEP, HUGE_PAGES, SYSTEM)  # what a command (or HF_FAM_ALLOCATOR) can ask for (`mode`)
 
 _applied = False  # keep_freed_memory() is in effect
 _huge_pages = False  # use_huge_pages() is in effect
@@ -200,8 +201,8 @@ def mode(args) -> str:
     if not asked:
         asked, where = getattr(args, "allocator", KEEP), "allocator setting"
         asked = asked(args) if callable(asked) else asked
-    if asked not in (KEEP, HUGE_PAGES, SYSTEM):
-        raise ValueError(f"unknown {where} {asked!r}; use one of {KEEP}, {HUGE_PAGES}, {SYSTEM}")
+    if asked not in SETTINGS:
+        raise ValueError(f"unknown {where} {asked!r}; use one of {', '.join(SETTINGS)}")
     return asked
 
 
