@@ -33,11 +33,19 @@ def tree_hashes(folder: Path) -> dict[str, str]:
 
 
 def run_without_hf_fam(script: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run `script` in a fresh interpreter where `import hf_fam` fails; remote code is cached under cwd."""
+    """Run `script` in a fresh interpreter where `import hf_fam` fails; remote code is cached under cwd.
+
+    A call that would stop at transformers' "run the custom code? [y/N]" prompt ends the script with an error.
+    """
     prelude = textwrap.dedent(
         """
-        import sys
+        import builtins, sys
         sys.modules["hf_fam"] = None  # `import hf_fam` fails in this process
+
+        def _no_prompt(message=""):  # transformers asks "Do you wish to run the custom code?" when a
+            raise SystemExit("interactive prompt: " + str(message)[-300:])  # call lacks trust_remote_code=True
+
+        builtins.input = _no_prompt
         try:
             import hf_fam
             raise SystemExit("hf_fam importable")

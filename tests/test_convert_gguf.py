@@ -173,7 +173,7 @@ def test_real_model_answers_without_hf_fam(real_converted, tmp_path):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
         path = {str(real_converted)!r}
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
         model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32).eval()
         assert type(model).__name__ == "FAMForCausalLM"
         chat = [{{"role": "user", "content": "What is the capital of France?"}}]

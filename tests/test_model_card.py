@@ -171,3 +171,19 @@ def test_usage_snippet_runs_where_hf_fam_is_not_installed(tmp_path):
     result = run_without_hf_fam(snippet + "\nprint('snippet ran')\n", cwd=tmp_path)
     assert result.returncode == 0 and "snippet ran" in result.stdout, result.stderr[-3000:]
     assert "run the custom code" not in result.stdout + result.stderr  # the prompt a reader would be stuck at
+
+
+def test_the_prompt_guard_catches_a_call_without_trust_remote_code(tmp_path):
+    """Guards the test above: where hf_fam cannot be imported, a tokenizer loaded from a FAM checkpoint without
+    trust_remote_code reaches transformers' prompt, and the helper turns that into a failed script."""
+    from convert_helpers import run_without_hf_fam
+
+    from hf_fam.tiny import make_tiny_checkpoint
+
+    src = make_tiny_checkpoint(tmp_path / "tiny-llama", "llama")
+    out = tmp_path / "tiny-llama-fam"
+    convert(src, out, ConvertOptions(block_size=4, memory_segments=1, fam_length=2, progress=False))
+    script = f"from transformers import AutoTokenizer\nAutoTokenizer.from_pretrained({str(out)!r})\nprint('loaded')\n"
+    result = run_without_hf_fam(script, cwd=tmp_path)
+    assert result.returncode != 0 and "loaded" not in result.stdout, result.stdout[-2000:]
+    assert "interactive prompt" in result.stderr and "trust_remote_code=True" in result.stderr, result.stderr[-2000:]
