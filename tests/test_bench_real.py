@@ -4,12 +4,15 @@ on a tiny shape. The figures themselves come from real runs (benchmarks/results/
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from hf_fam.apps import bench_real
 from hf_fam.apps.bench_real import PRESETS, SHAPES, attention_flops, preset
 from hf_fam.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_presets_are_the_issue_shapes_at_the_paper_settings():
@@ -76,6 +79,25 @@ def test_a_tiny_shape_runs_every_part(tmp_path, monkeypatch):
     assert "| batch | N | full s |" in report
     assert saved["machine"]["allocator_env"] == {"MALLOC_ARENA_MAX": "2"} and "MALLOC_ARENA_MAX=2" in report
     assert saved["machine"]["peak_rss_mib"] > 0 and "peak RSS" in report.splitlines()[0]
+    assert ALLOCATOR_WORDS[saved["machine"]["allocator"]] in report.splitlines()[0]
+
+
+ALLOCATOR_WORDS = {"keep": ", freed memory kept", "huge_pages": ", huge pages", "system": ", system malloc"}
+
+
+@pytest.mark.parametrize("machine, words", [
+    ({"allocator": "huge_pages"}, ALLOCATOR_WORDS["huge_pages"]),
+    ({"freed_memory_kept": False, "huge_pages": True}, ALLOCATOR_WORDS["huge_pages"]),  # results before the name
+    ({"freed_memory_kept": True}, ALLOCATOR_WORDS["keep"]),
+    ({"freed_memory_kept": False}, ALLOCATOR_WORDS["system"]),
+    ({}, "2 CPUs, 2 threads; C="),  # the first results recorded no allocator
+])
+def test_the_report_names_the_allocator_of_old_and_new_results(machine, words):
+    result = json.loads((ROOT / "benchmarks/results/smollm2-135m-cpu-train16k.json").read_text())
+    for key in ("allocator", "freed_memory_kept", "huge_pages", "allocator_env", "peak_rss_mib"):
+        result["machine"].pop(key, None)
+    result["machine"].update(machine, cpus=2)
+    assert words in bench_real.format_markdown(result).splitlines()[0]
 
 
 def test_a_warm_up_replaces_the_first_untimed_call():

@@ -77,8 +77,8 @@ def test_settings_are_false_without_glibc_or_huge_pages(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_memory, "_applied", False)
     monkeypatch.setattr(cpu_memory, "_huge_pages", False)
     monkeypatch.setattr(cpu_memory, "_glibc", lambda: None)
-    assert cpu_memory.keep_freed_memory() is False and cpu_memory.freed_memory_kept() is False
-    assert cpu_memory.use_huge_pages() is False and cpu_memory.huge_pages_used() is False
+    assert cpu_memory.keep_freed_memory() is False and cpu_memory.in_effect() == cpu_memory.SYSTEM
+    assert cpu_memory.use_huge_pages() is False and cpu_memory.in_effect() == cpu_memory.SYSTEM
     monkeypatch.setattr(cpu_memory, "_glibc", lambda: object())  # glibc, but the kernel says never
     (tmp_path / "enabled").write_text("always madvise [never]\n")
     monkeypatch.setattr(cpu_memory, "THP_SETTING", str(tmp_path / "enabled"))

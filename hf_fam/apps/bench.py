@@ -309,11 +309,11 @@ def run(config: BenchConfig, out: str | Path, log=print) -> dict:
 def machine_info(config: BenchConfig) -> dict:
     import torch
 
-    from ..runtime.cpu_memory import allocator_environment, freed_memory_kept, huge_pages_used
+    from ..runtime.cpu_memory import allocator_environment, in_effect
 
     info = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-            "threads": config.threads, "device": config.device,  # hf_fam.runtime.cpu_memory's two settings:
-            "freed_memory_kept": freed_memory_kept(), "huge_pages": huge_pages_used()}
+            "threads": config.threads, "device": config.device,
+            "allocator": in_effect()}  # hf_fam.runtime.cpu_memory's setting: keep, huge_pages or system
     env = allocator_environment()
     if env:
         info["allocator_env"] = env

@@ -323,10 +323,10 @@ def format_markdown(result: dict) -> str:
     cfg, machine = result["config"], result["machine"]
     s = SHAPES[cfg["shape"]]
     where = machine.get("gpu") or f"{machine['cpus']} CPUs, {cfg['threads']} threads"
-    if machine.get("huge_pages"):
-        where += ", huge pages"
-    elif machine.get("freed_memory_kept") is not None:  # results written before it was recorded have no entry
-        where += ", freed memory kept" if machine["freed_memory_kept"] else ", system malloc"
+    allocator = machine.get("allocator")
+    if allocator is None and machine.get("freed_memory_kept") is not None:  # results written before the name
+        allocator = "huge_pages" if machine.get("huge_pages") else "keep" if machine["freed_memory_kept"] else "system"
+    where += {"huge_pages": ", huge pages", "keep": ", freed memory kept", "system": ", system malloc"}.get(allocator, "")
     where += "".join(f" {k}={v}" for k, v in machine.get("allocator_env", {}).items())
     if machine.get("peak_rss_mib"):
         where += f"; peak RSS {machine['peak_rss_mib'] / 1024:.1f} GiB"

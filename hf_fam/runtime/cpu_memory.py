@@ -34,8 +34,8 @@ resident. A fixed threshold keeps resident memory near live memory at the price 
 with `HF_FAM_ALLOCATOR=huge_pages`. PyTorch advises the kernel to back every tensor of 2 MiB and more with
 transparent huge pages (`THP_MEM_ALLOC_ENABLE=1`, read by PyTorch at its first CPU allocation), and glibc
 serves every block from 2 MiB up with its own mapping, given back when freed (`M_MMAP_THRESHOLD` fixed at 2 MiB;
-`M_TRIM_THRESHOLD` 128 MiB, so the heap of smaller blocks keeps some freed memory). A large tensor then faults once per 2 MiB instead of once per 4 KiB, and resident memory stays near
-live memory. One LoRA step of the full SmolLM2-135M shape with FAM (C=1024, M=3, F=64, loss in chunks), fp32, 2
+`M_TRIM_THRESHOLD` 128 MiB, so the heap of smaller blocks keeps some freed memory). A large tensor then faults
+once per 2 MiB instead of once per 4 KiB, and resident memory stays near live memory. One LoRA step of the full SmolLM2-135M shape with FAM (C=1024, M=3, F=64, loss in chunks), fp32, 2
 threads, single processes run one after another on a noisy machine:
 
 | N | allocator | step s | minor faults | peak RSS |
@@ -174,14 +174,9 @@ def use_huge_pages() -> bool:
     return _huge_pages
 
 
-def freed_memory_kept() -> bool:
-    """Whether `keep_freed_memory()` is in effect in this process (recorded with benchmark results)."""
-    return _applied
-
-
-def huge_pages_used() -> bool:
-    """Whether `use_huge_pages()` is in effect in this process (recorded with benchmark results)."""
-    return _huge_pages
+def in_effect() -> str:
+    """The setting in effect in this process, one of SETTINGS (recorded with benchmark results)."""
+    return HUGE_PAGES if _huge_pages else KEEP if _applied else SYSTEM
 
 
 def allocator_environment() -> dict:
