@@ -96,7 +96,8 @@ def graph_checks():
         with torch.no_grad():
             on = [lora(ids, attention_mask=mask).logits, lora(ids, attention_mask=mask, fam_cuda_graphs=False).logits]
             with lora.disable_adapter():
-                off = [lora(ids, attention_mask=mask).logits, lora(ids, attention_mask=mask, fam_cuda_graphs=False).logits]
+                off = [lora(ids, attention_mask=mask).logits,
+                       lora(ids, attention_mask=mask, fam_cuda_graphs=False).logits]
         worst = max(((a - b).abs() * mask[..., None]).max().item() for a, b in (on, off))
         check("llama + LoRA: CUDA graphs == eager, adapter enabled and disabled between forwards", worst, 1e-6)
         check("llama + LoRA: the adapter changes the logits (the check above is not vacuous)",
@@ -124,13 +125,15 @@ def main():
     mask[2, :20] = 0
     for family in FAMILIES:
         cpu_base = build(family)
-        cpu_model = hf_fam.FAMForCausalLM.from_base_model(cpu_base, block_size=C, memory_segments=M, fam_length=F).eval()
+        cpu_model = hf_fam.FAMForCausalLM.from_base_model(cpu_base, block_size=C, memory_segments=M,
+                                                          fam_length=F).eval()
         with torch.no_grad():
             reference = reference_layer_fam_logits(cpu_base, ids, mask, C, M, F, cpu_model.fam.fam_init)
         model = cpu_model.to(DEVICE)
         with torch.no_grad():
             got = model(ids.to(DEVICE), attention_mask=mask.to(DEVICE)).logits.cpu()
-        check(f"{family}: FAM on CUDA == reference on CPU (left-padded batch)", ((got - reference).abs() * mask[..., None]).max().item(), 1e-4)
+        check(f"{family}: FAM on CUDA == reference on CPU (left-padded batch)",
+              ((got - reference).abs() * mask[..., None]).max().item(), 1e-4)
         with torch.no_grad():
             parallel = model(ids[:1].to(DEVICE), use_cache=False).logits
             for chunk in (1, 7):
@@ -138,15 +141,18 @@ def main():
                 for s in range(0, 27, chunk):
                     out = model(ids[:1, s : s + chunk].to(DEVICE), cache=cache, use_cache=True)
                     cache, outs = out.cache, outs + [out.logits]
-                check(f"{family}: chunked prefill ({chunk}) == parallel", (torch.cat(outs, 1) - parallel).abs().max().item(), 1e-4)
+                check(f"{family}: chunked prefill ({chunk}) == parallel",
+                      (torch.cat(outs, 1) - parallel).abs().max().item(), 1e-4)
         a = model.generate(ids[:1, :6].to(DEVICE), max_new_tokens=16, do_sample=False)
         b = model.generate(ids[:1, :6].to(DEVICE), max_new_tokens=16, do_sample=False, use_cache=False)
         check(f"{family}: generate with cache == without", float(not torch.equal(a, b)), 0.0)
         lengths = [27, 18, 7]
-        batched = model.generate(ids.to(DEVICE), attention_mask=mask.to(DEVICE), max_new_tokens=10, do_sample=False, pad_token_id=0)
+        batched = model.generate(ids.to(DEVICE), attention_mask=mask.to(DEVICE),
+                                 max_new_tokens=10, do_sample=False, pad_token_id=0)
         worst = 0.0
         for row, n in enumerate(lengths):
-            alone = model.generate(ids[row : row + 1, 27 - n :].to(DEVICE), max_new_tokens=10, do_sample=False, pad_token_id=0)
+            alone = model.generate(ids[row : row + 1, 27 - n :].to(DEVICE),
+                                   max_new_tokens=10, do_sample=False, pad_token_id=0)
             new = alone[0, n:]  # stops at EOS; the batch pads its finished rows after it
             worst = max(worst, float(not torch.equal(batched[row, 27 : 27 + new.numel()], new)))
         check(f"{family}: left-padded batched generate == each prompt alone", worst, 0.0)
@@ -156,18 +162,21 @@ def main():
         half = half.to(DEVICE, torch.bfloat16).eval()
         with torch.no_grad():
             lo = half(ids[:1].to(DEVICE)).logits.float()
-        check(f"{family}: bf16 logits near fp32 (relative)", ((lo - parallel).abs().max() / parallel.abs().max()).item(), 5e-2)
+        check(f"{family}: bf16 logits near fp32 (relative)",
+              ((lo - parallel).abs().max() / parallel.abs().max()).item(), 5e-2)
     graph_checks()
     # eager == sdpa, training step with gradient checkpointing
     outs = []
     for attn in ("sdpa", "eager"):
-        m = hf_fam.FAMForCausalLM.from_base_model(build("llama", attn), block_size=C, memory_segments=M, fam_length=F).to(DEVICE).eval()
+        m = hf_fam.FAMForCausalLM.from_base_model(build("llama", attn), block_size=C, memory_segments=M,
+                                                  fam_length=F).to(DEVICE).eval()
         with torch.no_grad():
             outs.append(m(ids.to(DEVICE), attention_mask=mask.to(DEVICE)).logits)
     check("llama: sdpa == eager on CUDA", ((outs[0] - outs[1]).abs() * mask.to(DEVICE)[..., None]).max().item(), 1e-4)
     grads = []
     for checkpointing in (False, True):
-        m = hf_fam.FAMForCausalLM.from_base_model(build("llama"), block_size=C, memory_segments=M, fam_length=F).to(DEVICE).train()
+        m = hf_fam.FAMForCausalLM.from_base_model(build("llama"), block_size=C, memory_segments=M,
+                                                  fam_length=F).to(DEVICE).train()
         if checkpointing:
             m.gradient_checkpointing_enable()
         m(ids.to(DEVICE), labels=ids.to(DEVICE)).loss.backward()

@@ -43,7 +43,8 @@ def main(argv=None) -> None:
     p.add_argument("--back", type=int, default=1, help="blocks between the key sentence's block and the question's")
     args = p.parse_args(argv)
     if args.back < 1:
-        p.error(f"--back {args.back}: the key must lie at least 1 block before the question's block (use --back 1 or more)")
+        p.error(f"--back {args.back}: the key must lie at least 1 block before the question's block "
+                "(use --back 1 or more)")
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     model, tokenizer = build(args)

@@ -235,7 +235,8 @@ def markdown(result: dict) -> str:
     mix = (f" mixed with standard-library sources ({100 * s['text_fraction']:.0f} % of the sequences)"
            if s.get("data", "passkey") == "mix" else "")
     lines = [f"{result['model']}, C={s['block_size']}, M=0, F={s['fam_length']} (BSWA: F=0); {s['steps']} steps of "
-             f"batch {s['batch_size']}, passkey {s['min_seq_len']}-{s['seq_len']} tokens{mix}, LoRA r={s['lora_rank']}, "
+             f"batch {s['batch_size']}, passkey {s['min_seq_len']}-{s['seq_len']} tokens{mix}, "
+             f"LoRA r={s['lora_rank']}, "
              f"lr {s['lr']}{passing}; {where}; total {result.get('total_seconds', 0) / 60:.1f} min", ""]
     if not result["train"]:  # nothing fine-tuned: the training settings above do not apply
         lines[0] = (f"{result['model']}, C={s['block_size']}, M=0, F={s['fam_length']}; not fine-tuned; {where}; "

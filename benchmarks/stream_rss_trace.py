@@ -31,7 +31,8 @@ def main() -> None:
             cache = model(ids[:, start : start + config.chunk], cache=cache, use_cache=True, logits_to_keep=1).cache
             if i % 16 == 0 or start + config.chunk >= n:
                 peak, rss = proc_status_mib("VmHWM"), proc_status_mib("VmRSS")
-                print(f"{min(n, start + config.chunk):>7}  {peak:>8.0f}  {rss:>7.0f}  {time.perf_counter() - t0:7.1f}", flush=True)
+                print(f"{min(n, start + config.chunk):>7}  {peak:>8.0f}  {rss:>7.0f}  "
+                      f"{time.perf_counter() - t0:7.1f}", flush=True)
 
 
 if __name__ == "__main__":

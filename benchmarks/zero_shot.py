@@ -3,7 +3,8 @@
 Compares, on the same tokens of Python's own documentation (`pydoc_data.topics`, offline everywhere):
 - base: the checkpoint with full attention (only up to its context length);
 - BSWA: block sliding window attention, C and M as FAM's (FAM with F = 0);
-- BSWA + sinks: the same window whose queries also see the first 4 tokens (StreamingLLM; `hf_fam.evaluation.sink_baseline`);
+- BSWA + sinks: the same window whose queries also see the first 4 tokens (StreamingLLM;
+  `hf_fam.evaluation.sink_baseline`);
 - FAM: `hf_fam.patch` with its defaults for fam_init and the FAM update (the default zero-shot start);
 - FAM, paper start: the computation before the zero-shot start existed (random fam_init, the paper's update
   as docs/design.md §1 writes it), and any other variants asked for.

@@ -43,7 +43,8 @@ COMPAT_TESTS = [
 
 def supported_range() -> tuple[str, str]:
     for node in ast.parse(COMPAT.read_text()).body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "SUPPORTED_TRANSFORMERS" for t in node.targets):
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "SUPPORTED_TRANSFORMERS"
+                                                for t in node.targets):
             return ast.literal_eval(node.value)
     raise SystemExit(f"no SUPPORTED_TRANSFORMERS in {COMPAT}")
 
@@ -139,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     inside = minor(floor) <= minor(version) <= minor(ceiling)
     if not inside:
         env["HF_FAM_ALLOW_UNTESTED_TRANSFORMERS"] = "1"
-    command = [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider"] + (COMPAT_TESTS if tests == "compat" else [])
+    command = [str(python), "-m", "pytest", "-q",
+               "-p", "no:cacheprovider"] + (COMPAT_TESTS if tests == "compat" else [])
     print(f"running {'the compatibility tests' if tests == 'compat' else 'the full suite'} on transformers {version}"
           f"{'' if inside else ' (outside the declared range)'}", flush=True)
     start = time.time()

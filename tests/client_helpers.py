@@ -44,7 +44,8 @@ def fam_checkpoint(folder: Path, family: str = "llama", route: str = "saved", se
     """A FAM checkpoint with its tokenizer in `folder`.
 
     route "saved": the base loaded and wrapped with `FAMForCausalLM.from_base_model`, then `save_pretrained`;
-    route "converted": `hf_fam.checkpoint_io.convert` of the base folder. `overrides`: FAM settings and base-config fields.
+    route "converted": `hf_fam.checkpoint_io.convert` of the base folder.
+    `overrides`: FAM settings and base-config fields.
     """
     folder = Path(folder)
     settings = {k: overrides.pop(k) if k in overrides else v for k, v in SETTINGS.items()}

@@ -54,7 +54,8 @@ def padding_mask(lengths: list[int], total: int, side: str = "right") -> torch.T
     return mask
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float = 1e-5, mask: torch.Tensor | None = None, msg: str = ""):
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float = 1e-5, mask: torch.Tensor | None = None,
+                 msg: str = ""):
     """Max-abs-difference check that reports the difference; `mask` (B, N) restricts to real tokens."""
     assert actual.shape == expected.shape, f"{msg} shapes differ: {tuple(actual.shape)} vs {tuple(expected.shape)}"
     diff = (actual.float() - expected.float()).abs()

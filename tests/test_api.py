@@ -12,7 +12,8 @@ from hf_fam import FAMConfig, FAMForCausalLM
 
 
 def test_import_registers_auto_classes():
-    config = AutoConfig.for_model("fam", base_config=tiny_config("llama"), block_size=8, memory_segments=1, fam_length=2)
+    config = AutoConfig.for_model("fam", base_config=tiny_config("llama"), block_size=8, memory_segments=1,
+                                  fam_length=2)
     assert isinstance(config, FAMConfig)
     model = AutoModelForCausalLM.from_config(config)
     assert isinstance(model, FAMForCausalLM)

@@ -1,6 +1,7 @@
 """Generation modes that need to roll the cache back (assisted / prompt-lookup decoding, contrastive search) and
 continuous batching (a paged KV cache) cannot run a FAM model's recurrent memory: each is refused with one line
-before a token is produced, for FAMForCausalLM, a patched model, and a checkpoint loaded as remote code where hf_fam is not installed.
+before a token is produced, for FAMForCausalLM, a patched model, and a checkpoint loaded as remote code where hf_fam is
+not installed.
 (transformers 5.24 alone refuses assisted decoding only after the prefill, sends contrastive search to the Hub, and
 returns no tokens from continuous batching after logging an error.)"""
 

@@ -74,8 +74,8 @@ def evaluated(tmp_path_factory):
     (tasks / "fam_local_gen.yaml").write_text(GEN_TASK.format(data=data, gen=GEN_TOKENS))
     lm = HFLM(pretrained=str(folder), trust_remote_code=True, dtype="float32", device="cpu", batch_size=2)
     results = lm_eval.simple_evaluate(model=lm, tasks=["fam_local_ll", "fam_local_gen"],
-                                      task_manager=TaskManager(include_path=str(tasks), include_defaults=False), log_samples=True,
-                                      bootstrap_iters=0, random_seed=0)
+                                      task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
+                                      log_samples=True, bootstrap_iters=0, random_seed=0)
     return folder, lm, results, tasks
 
 

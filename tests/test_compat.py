@@ -44,7 +44,8 @@ def test_pyproject_declares_the_range_the_shipped_code_checks():
     spec = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     declared = [d for d in spec if d.replace(" ", "").startswith("transformers")]
     assert declared == [f"transformers{supported_range_spec()}"], declared
-    assert supported_range_spec() == f">={SUPPORTED_TRANSFORMERS[0]},<5.{int(SUPPORTED_TRANSFORMERS[1].split('.')[1]) + 1}"
+    assert supported_range_spec() == (f">={SUPPORTED_TRANSFORMERS[0]},"
+                                      f"<5.{int(SUPPORTED_TRANSFORMERS[1].split('.')[1]) + 1}")
 
 
 def test_the_installed_transformers_is_inside_the_range():
@@ -251,7 +252,8 @@ def test_converted_in_the_other_release_loads_here_without_hf_fam(tmp_path):
         from hf_fam.tiny import make_tiny_checkpoint
         from hf_fam.checkpoint_io.convert import ConvertOptions, convert
         make_tiny_checkpoint({str(src)!r}, "gemma", initializer_range=0.2)
-        convert({str(src)!r}, {str(tmp_path / "fam")!r}, ConvertOptions(block_size=4, memory_segments=1, fam_length=2, fam_update="paper", progress=False))
+        convert({str(src)!r}, {str(tmp_path / "fam")!r}, ConvertOptions(block_size=4, memory_segments=1, fam_length=2,
+                                                                        fam_update="paper", progress=False))
         print(transformers.__version__)
         """
     )
@@ -269,7 +271,8 @@ def test_converted_in_the_other_release_loads_here_without_hf_fam(tmp_path):
     (tmp_path / "gemma").symlink_to(tmp_path / "fam")
     loaded = _run(sys.executable, LOAD_SCRIPT.format(folder=str(tmp_path)), tmp_path)
     diffs = _check_load(loaded, ["gemma"])
-    print("max |logits difference| converted", converted.stdout.strip().splitlines()[-1], "->", transformers.__version__, diffs)
+    print("max |logits difference| converted", converted.stdout.strip().splitlines()[-1],
+          "->", transformers.__version__, diffs)
     assert diffs["gemma"] <= 1e-5, diffs
 
 

@@ -66,7 +66,8 @@ def test_older_and_newer_ranges(tmp_path):
     (out / "fam_compat.py").write_text(_age_again)
     assert code_transformers_range(out) == (floor, f"{major}.{minor + 1}")
     assert remote_code_age(out) == "newer"
-    assert any("newer than the installed hf_fam's" in p and "pip install -U hf-fam" in p for p in verify_checkpoint(out))
+    assert any("newer than the installed hf_fam's" in p and "pip install -U hf-fam" in p
+               for p in verify_checkpoint(out))
     (out / "fam_compat.py").write_text((MODELING_DIR / "fam_compat.py").read_text())
     assert remote_code_age(out) == "differs"  # fam_forward.py still edited, same range: no age line
     assert not any("older" in p or "newer" in p for p in verify_checkpoint(out))

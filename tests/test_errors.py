@@ -11,7 +11,8 @@ import hf_fam
 
 @pytest.fixture
 def model():
-    return hf_fam.FAMForCausalLM.from_base_model(tiny_model("llama"), block_size=4, memory_segments=1, fam_length=2).eval()
+    return hf_fam.FAMForCausalLM.from_base_model(tiny_model("llama"), block_size=4, memory_segments=1,
+                                                 fam_length=2).eval()
 
 
 def test_empty_input(model):

@@ -32,7 +32,8 @@ SPECS = {
     "gemma3": ("gemma3_text", dict(sliding_window=24, layer_types=["sliding_attention", "full_attention"]), "sdpa"),
     "qwen2": ("qwen2", dict(use_sliding_window=True, sliding_window=24, max_window_layers=1), "sdpa"),
     "qwen3": ("qwen3", dict(), "sdpa"),
-    "phi3": ("phi3", dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
+    "phi3": ("phi3", dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                           "partial_rotary_factor": 0.5}),
              "sdpa"),
     "llama3-rope": ("llama", dict(rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -197,7 +198,8 @@ def test_every_family_converts_and_matches_patch(tmp_path):
         import torch
         from transformers import AutoModelForCausalLM
         for name, (ids, logits) in torch.load({str(tmp_path / "expected.pt")!r}).items():
-            model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r} + "/" + name + "-fam", trust_remote_code=True)
+            model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r} + "/" + name + "-fam",
+                                                         trust_remote_code=True)
             with torch.no_grad():
                 print("DIFF", name, (model.eval()(ids).logits - logits).abs().max().item())
     """

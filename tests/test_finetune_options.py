@@ -73,7 +73,8 @@ def test_eval_options_are_the_passkey_evaluation_fields():
     args = build_parser().parse_args(["eval", "m"])
     assert options_from_args(PasskeyEvalConfig, args, lengths=[1024]) == PasskeyEvalConfig()
     args = build_parser().parse_args(["eval", "m", "--trials", "9", "--form", "synthetic", "--depth", "0.5",
-                                      "--seed", "3", "--batch-size", "2", "--chunk-tokens", "64", "--vocab-offset", "4"])
+                                      "--seed", "3", "--batch-size", "2", "--chunk-tokens", "64",
+                                      "--vocab-offset", "4"])
     assert options_from_args(PasskeyEvalConfig, args, lengths=[64]) == PasskeyEvalConfig(
         lengths=[64], trials=9, form="synthetic", depth=0.5, seed=3, batch_size=2, chunk_tokens=64, vocab_offset=4)
     source = (Path(__file__).resolve().parents[1] / "hf_fam" / "cli" / "commands" / "eval.py").read_text()

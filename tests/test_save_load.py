@@ -24,7 +24,8 @@ REMOTE_FILES = {
 
 
 def _models(family):
-    yield "FAMForCausalLM", hf_fam.FAMForCausalLM.from_base_model(tiny_model(family), block_size=4, memory_segments=1, fam_length=3)
+    yield "FAMForCausalLM", hf_fam.FAMForCausalLM.from_base_model(tiny_model(family), block_size=4, memory_segments=1,
+                                                                  fam_length=3)
     yield "patched", hf_fam.patch(tiny_model(family), block_size=4, memory_segments=1, fam_length=3)
 
 
@@ -58,7 +59,8 @@ def test_save_then_auto_load_gives_identical_logits(family, kind, tmp_path):
 
 
 def test_remote_code_loads_where_hf_fam_cannot_be_imported(family, tmp_path):
-    model = hf_fam.FAMForCausalLM.from_base_model(tiny_model(family), block_size=5, memory_segments=1, fam_length=2).eval()
+    model = hf_fam.FAMForCausalLM.from_base_model(tiny_model(family), block_size=5, memory_segments=1,
+                                                  fam_length=2).eval()
     ids = random_ids(2, 23)
     with torch.no_grad():
         expected = model(ids).logits

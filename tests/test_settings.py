@@ -20,7 +20,8 @@ SETTINGS = dict(block_size=4, memory_segments=1, fam_length=3, fam_update="paper
 
 def test_fam_settings_is_the_one_source_of_defaults():
     defaults = FAMSettings()
-    assert (defaults.block_size, defaults.memory_segments, defaults.fam_length, defaults.fam_layers) == (1024, 3, 64, "all")
+    assert (defaults.block_size, defaults.memory_segments, defaults.fam_length,
+            defaults.fam_layers) == (1024, 3, 64, "all")
     config = FAMConfig(base_config=tiny_model().config)
     assert config.fam_settings == defaults
     options = ConvertOptions()

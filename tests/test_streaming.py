@@ -13,7 +13,8 @@ from hf_fam import FAMCache
 
 
 def fam_model(family, C, M, F, **kw):
-    return hf_fam.FAMForCausalLM.from_base_model(tiny_model(family, **kw), block_size=C, memory_segments=M, fam_length=F).eval()
+    return hf_fam.FAMForCausalLM.from_base_model(tiny_model(family, **kw), block_size=C, memory_segments=M,
+                                                 fam_length=F).eval()
 
 
 def chunked_logits(model, ids, chunk, mask=None):
@@ -94,7 +95,8 @@ def test_sampling_options_and_stopping_and_streamer():
     model = fam_model("llama", 4, 1, 2)
     ids = random_ids(1, 9, seed=37)
     torch.manual_seed(0)
-    a = model.generate(ids, max_new_tokens=12, do_sample=True, top_k=20, top_p=0.9, temperature=0.8, repetition_penalty=1.3)
+    a = model.generate(ids, max_new_tokens=12, do_sample=True, top_k=20, top_p=0.9, temperature=0.8,
+                       repetition_penalty=1.3)
     torch.manual_seed(0)
     b = model.generate(ids, max_new_tokens=12, do_sample=True, top_k=20, top_p=0.9, temperature=0.8,
                        repetition_penalty=1.3, use_cache=False)
@@ -185,7 +187,8 @@ def test_a_million_tokens_at_constant_memory_and_exact_numerics():
     with torch.inference_mode():
         while total < 1_000_000:
             n = min(16_384, 1_000_000 - total)
-            cache = model(torch.randint(0, 101, (1, n), generator=gen), cache=cache, use_cache=True, logits_to_keep=1).cache
+            cache = model(torch.randint(0, 101, (1, n), generator=gen), cache=cache, use_cache=True,
+                          logits_to_keep=1).cache
             sizes.add(cache.nbytes())
             total += n
         assert cache.get_seq_length() == 1_000_000 and len(sizes) == 1

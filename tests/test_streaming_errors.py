@@ -10,7 +10,8 @@ import hf_fam
 
 
 def fam_model(C=4, M=1, F=2, seed=0):
-    return hf_fam.FAMForCausalLM.from_base_model(tiny_model("llama", seed=seed), block_size=C, memory_segments=M, fam_length=F).eval()
+    return hf_fam.FAMForCausalLM.from_base_model(tiny_model("llama", seed=seed), block_size=C, memory_segments=M,
+                                                 fam_length=F).eval()
 
 
 def test_cache_of_another_model():
@@ -56,7 +57,8 @@ def test_mismatched_attention_mask():
 def test_positions_going_backwards_or_skipping():
     model = fam_model()
     cache = model(random_ids(1, 6), use_cache=True).cache
-    with pytest.raises(ValueError, match="go backwards in row 0: the stream's next position is 6, the chunk starts at 3"):
+    with pytest.raises(ValueError,
+                       match="go backwards in row 0: the stream's next position is 6, the chunk starts at 3"):
         model(random_ids(1, 2), position_ids=torch.tensor([[3, 4]]), cache=cache, use_cache=True)
     with pytest.raises(ValueError, match="skip ahead"):
         model(random_ids(1, 2), position_ids=torch.tensor([[9, 10]]), cache=cache, use_cache=True)

@@ -107,7 +107,8 @@ def read(model, n: int, config: BenchConfig, chunked: bool):
             return None
         cache = None
         for s in range(0, n, config.chunk):
-            cache = model(ids[:, s : s + config.chunk], cache=cache, use_cache=True, logits_to_keep=1, **fam_kwargs).cache
+            cache = model(ids[:, s : s + config.chunk], cache=cache, use_cache=True,
+                          logits_to_keep=1, **fam_kwargs).cache
         return cache
 
 
@@ -245,7 +246,8 @@ def bench_train(config: BenchConfig, log=print) -> dict:
         model(ids, labels=ids, use_cache=False).loss.backward()
 
     times = interleaved({v: (lambda m=m: step(m)) for v, m in models.items()}, config.rounds, config.device)
-    row = {"tokens": config.train_length * config.train_batch, **{f"{v}_s": statistics.median(t) for v, t in times.items()},
+    row = {"tokens": config.train_length * config.train_batch,
+           **{f"{v}_s": statistics.median(t) for v, t in times.items()},
            "fam_over_bswa": median_ratio(times["fam"], times["bswa"])}
     log(json.dumps(row))
     return row

@@ -103,7 +103,8 @@ def attention_flops(config: RealBenchConfig, n: int) -> dict:
     plus the min(t, M) complete blocks before block t. Returns the totals and the expected full/BSWA ratio."""
     s = SHAPES[config.shape]
     head_dim = s["hidden"] // s["heads"]
-    per_layer = 2 * (s["hidden"] * head_dim * (2 * s["heads"] + 2 * s["kv_heads"]) + 3 * s["hidden"] * s["intermediate"])
+    per_layer = 2 * (s["hidden"] * head_dim * (2 * s["heads"] + 2 * s["kv_heads"])
+                     + 3 * s["hidden"] * s["intermediate"])
     dense = n * s["layers"] * per_layer
     per_key = s["layers"] * 4 * s["heads"] * head_dim  # QK^T and AV
     C, M = config.block_size, config.memory_segments
@@ -174,7 +175,8 @@ def _warmup_ids(config: RealBenchConfig, ids):
 
 
 def _prefill_fns(config: RealBenchConfig, models: dict, ids) -> dict:
-    """The timed reads of `ids`: full attention (within `full_max_length`), BSWA and FAM in chunks and in one forward."""
+    """The timed reads of `ids`: full attention (within `full_max_length`), BSWA and FAM in chunks and in one
+    forward."""
     fns = {}
     if ids.shape[1] <= config.full_max_length:
         fns["full"] = lambda: read(models["full"], ids, 0)
@@ -326,7 +328,8 @@ def format_markdown(result: dict) -> str:
     allocator = machine.get("allocator")
     if allocator is None and machine.get("freed_memory_kept") is not None:  # results written before the name
         allocator = "huge_pages" if machine.get("huge_pages") else "keep" if machine["freed_memory_kept"] else "system"
-    where += {"huge_pages": ", huge pages", "keep": ", freed memory kept", "system": ", system malloc"}.get(allocator, "")
+    where += {"huge_pages": ", huge pages", "keep": ", freed memory kept",
+              "system": ", system malloc"}.get(allocator, "")
     where += "".join(f" {k}={v}" for k, v in machine.get("allocator_env", {}).items())
     if machine.get("peak_rss_mib"):
         where += f"; peak RSS {machine['peak_rss_mib'] / 1024:.1f} GiB"

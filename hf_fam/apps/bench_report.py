@@ -56,7 +56,8 @@ def format_markdown(result: dict) -> str:
         for r in result["prefill"]:
             f = lambda k, d=2: f"{r[k]:.{d}f}" if k in r else "–"  # noqa: E731
             lines.append(f"| {r['n']} | {f('full_s')} | {f('bswa_s')} | {f('fam_s')} | {f('fam_over_bswa')} | "
-                         f"{f('full_over_fam')} | {f('full_peak_mib', 0)} | {f('bswa_peak_mib', 0)} | {f('fam_peak_mib', 0)} |")
+                         f"{f('full_over_fam')} | {f('full_peak_mib', 0)} | {f('bswa_peak_mib', 0)} | "
+                         f"{f('fam_peak_mib', 0)} |")
         lines.append("")
     if "train" in result:
         r = result["train"]
@@ -70,7 +71,8 @@ def format_markdown(result: dict) -> str:
         lines.append("")
     if "stream" in result:
         r = result["stream"]
-        lines += [f"Stream of {r['tokens']:,} tokens: peak {r['peak_mib']:.0f} MiB, {r['ratio']:.3f}x the peak at 32k", ""]
+        lines += [f"Stream of {r['tokens']:,} tokens: peak {r['peak_mib']:.0f} MiB, "
+                  f"{r['ratio']:.3f}x the peak at 32k", ""]
     if result.get("targets"):
         lines += ["| target | measured | met |", "|---|---:|:---:|"]
         for name, t in result["targets"].items():
@@ -90,8 +92,10 @@ def plot(result: dict, stem: Path) -> list[Path]:
         for v, style in (("full", "o-"), ("bswa", "s--"), ("fam", "^-")):
             pts = [(r["n"], r[f"{v}_s"], r[f"{v}_peak_mib"]) for r in result["prefill"] if f"{v}_s" in r]
             if pts:
-                a.plot([p[0] for p in pts], [p[1] for p in pts], style, label=v.upper() if v != "full" else "full attention")
-                b.plot([p[0] for p in pts], [p[2] for p in pts], style, label=v.upper() if v != "full" else "full attention")
+                a.plot([p[0] for p in pts], [p[1] for p in pts], style,
+                       label=v.upper() if v != "full" else "full attention")
+                b.plot([p[0] for p in pts], [p[2] for p in pts], style,
+                       label=v.upper() if v != "full" else "full attention")
         for ax, ylabel in ((a, "prefill time (s)"), (b, "peak memory (MiB)")):
             ax.set_xscale("log", base=2)
             ax.set_xlabel("tokens read")

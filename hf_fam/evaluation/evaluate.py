@@ -145,7 +145,8 @@ def card_results(result: dict) -> list[dict]:
         out.append({"task": "passkey retrieval", "metric": "accuracy", "value": round(row["accuracy"], 4),
                     "dataset": f"{form} passkey", "setting": f"{where}, {row['trials']} trials"})
         if row.get("beyond_reach_accuracy") is not None:
-            out.append({"task": "passkey retrieval", "metric": "accuracy", "value": round(row["beyond_reach_accuracy"], 4),
+            out.append({"task": "passkey retrieval", "metric": "accuracy",
+                        "value": round(row["beyond_reach_accuracy"], 4),
                         "dataset": f"{form} passkey",
                         "setting": f"{where}, beyond reach, {row['beyond_reach_trials']} trials"})
     return out

@@ -225,7 +225,8 @@ class BlockAttention:
         q_in_block = plan.slot.clamp(min=0)[:, :, None]  # (B, n, 1)
         own = (j >= 0) & (((j <= q_in_block) & (j < plan.work_len[:, None, None])) | (j == q_in_block))
         mask = (mem_ok | fam_ok)[:, None, :] | own  # (B, n, S)
-        out, _ = call_inner_attention(module, self.inner, query, win_k[:, :, :S], win_v[:, :, :S], mask[:, None], kwargs)
+        out, _ = call_inner_attention(module, self.inner, query, win_k[:, :, :S], win_v[:, :, :S],
+                                      mask[:, None], kwargs)
         new_state = None
         if plan.keep_state:
             new_state = FAMLayerState(

@@ -187,7 +187,8 @@ def _first_real_position(position_ids: torch.Tensor, chunk_mask: torch.Tensor) -
 def check_positions(position_ids: torch.Tensor, chunk_mask: torch.Tensor, expected_first: torch.Tensor | None):
     """Real tokens' positions must be consecutive, and continue the stream when a cache is given."""
     if position_ids.dim() != 2 or position_ids.shape[-1] != chunk_mask.shape[1]:
-        raise ValueError(f"position_ids must have shape (batch, {chunk_mask.shape[1]}), got {tuple(position_ids.shape)}.")
+        raise ValueError(f"position_ids must have shape (batch, {chunk_mask.shape[1]}), "
+                         f"got {tuple(position_ids.shape)}.")
     pos = position_ids.expand(chunk_mask.shape[0], -1).to(chunk_mask.device).long()
     rank = chunk_mask.long().cumsum(1) - 1
     first = _first_real_position(pos, chunk_mask)

@@ -64,7 +64,8 @@ def unsupported_transformers_message(version: str) -> str | None:
         fix = f"upgrade transformers: pip install 'transformers{spec}'"
     else:
         fix = (f"install a supported one (pip install 'transformers{spec}'), or refresh this checkpoint's code with a "
-               "newer hf_fam: pip install -U hf-fam && hf-fam verify --refresh-code CHECKPOINT_FOLDER (weights untouched)")
+               "newer hf_fam: pip install -U hf-fam && hf-fam verify --refresh-code CHECKPOINT_FOLDER "
+               "(weights untouched)")
     return (f"hf_fam: transformers {version} is installed, but this FAM code supports transformers {spec} only; fix: "
             f"{fix}. To try it anyway (untested), set {ALLOW_UNTESTED_ENV}=1.")
 

@@ -41,7 +41,8 @@ def with_fam_state(outputs, fam_state):
         return outputs
     if cls not in _OUTPUT_CLASSES:
         namespace = {"__annotations__": {"fam_state": "list | None"}, "fam_state": None, "__module__": cls.__module__,
-                     "__qualname__": f"FAM{cls.__name__}", "__doc__": f"{cls.__name__} with the final FAM of every layer."}
+                     "__qualname__": f"FAM{cls.__name__}",
+                     "__doc__": f"{cls.__name__} with the final FAM of every layer."}
         _OUTPUT_CLASSES[cls] = dataclasses.dataclass(type(f"FAM{cls.__name__}", (cls,), namespace))
     return _OUTPUT_CLASSES[cls](**dict(outputs.items()), fam_state=fam_state)
 
@@ -55,7 +56,8 @@ def select_fam_attention(base_config) -> str:
     inner = impl[len(FAM_ATTENTION_PREFIX):] if impl.startswith(FAM_ATTENTION_PREFIX) else impl
     if inner not in SUPPORTED_INNER_ATTENTION:
         raise ValueError(
-            f"FAM runs its block attention with attn_implementation {' or '.join(map(repr, SUPPORTED_INNER_ATTENTION))}; "
+            "FAM runs its block attention with attn_implementation "
+            f"{' or '.join(map(repr, SUPPORTED_INNER_ATTENTION))}; "
             f"got {impl!r}. Load the model with attn_implementation='sdpa' (or 'eager')."
         )
     if impl != FAM_ATTENTION_PREFIX + inner:
@@ -188,7 +190,8 @@ def _chunk_mask(attention_mask, batch: int, n: int, device, cache: FAMCache | No
     if attention_mask is None:
         return torch.ones(batch, n, dtype=torch.bool, device=device)
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
-        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+        shape = (tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor)
+                 else type(attention_mask).__name__)
         raise ValueError(
             f"FAM takes a 2D padding attention_mask (batch, tokens) of 0/1; got {shape}. "
             "Custom 4D masks are not supported: FAM builds its own block masks."
@@ -197,6 +200,7 @@ def _chunk_mask(attention_mask, batch: int, n: int, device, cache: FAMCache | No
     if attention_mask.shape[0] != batch or attention_mask.shape[1] not in (n, past + n):
         expected = f"({batch}, {n})" if past == 0 else f"({batch}, {n}) or ({batch}, {past + n})"
         raise ValueError(
-            f"attention_mask has shape {tuple(attention_mask.shape)}, expected {expected} for input of shape ({batch}, {n})."
+            f"attention_mask has shape {tuple(attention_mask.shape)}, expected {expected} "
+            f"for input of shape ({batch}, {n})."
         )
     return attention_mask[:, -n:].to(device=device, dtype=torch.bool)

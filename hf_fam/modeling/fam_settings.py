@@ -90,7 +90,8 @@ def validate_fam_settings(block_size, memory_segments, fam_length, fam_layers="a
     """Raise a ValueError naming the bad value and the rule."""
     if fam_layers not in FAM_LAYER_CHOICES:
         raise ValueError(f"fam_layers must be one of {', '.join(FAM_LAYER_CHOICES)}, got {fam_layers!r}")
-    for name, value, low in (("block_size", block_size, 1), ("memory_segments", memory_segments, 0), ("fam_length", fam_length, 0)):
+    for name, value, low in (("block_size", block_size, 1), ("memory_segments", memory_segments, 0),
+                             ("fam_length", fam_length, 0)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"{name} must be an integer, got {value!r}")
         if value < low:

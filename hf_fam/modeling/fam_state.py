@@ -45,7 +45,8 @@ class WindowLayout:
         self.length = self.attended + 1  # plus the dump slot
 
 
-def rotate_memory(mem: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block_size: int, to_view: bool) -> torch.Tensor:
+def rotate_memory(mem: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block_size: int,
+                  to_view: bool) -> torch.Tensor:
     """Move M memory blocks (B, KVH, M*C, hd), oldest first, between their own frames and the current
     block's frame (slot j is M - j blocks back: rotation by -(M-j)·C, or back with `to_view=False`)."""
     batch, heads, length, dim = mem.shape
@@ -59,7 +60,8 @@ def rotate_memory(mem: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block
     return apply_rotation(blocks, c, s).view(batch, heads, length, dim)
 
 
-def build_window(layout: WindowLayout, mem_view: torch.Tensor, fam_kv: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
+def build_window(layout: WindowLayout, mem_view: torch.Tensor, fam_kv: torch.Tensor | None,
+                 part: torch.Tensor) -> torch.Tensor:
     """Assemble [memory | FAM | block | dump] along dim 2."""
     batch, heads, _, dim = part.shape
     pieces = [mem_view]

@@ -252,7 +252,8 @@ class FAMForCausalLM(FAMPreTrainedModel, FAMGenerationMixin, GenerationMixin):
     ```
     """
 
-    def __init__(self, config: FAMConfig, base_model: PreTrainedModel | None = None, fam_module: FAMMemory | None = None):
+    def __init__(self, config: FAMConfig, base_model: PreTrainedModel | None = None,
+                 fam_module: FAMMemory | None = None):
         given = base_model is not None  # a loaded model, whose weights stay as they are
         kept = base_model.config._attn_implementation if given else None
         super().__init__(config)

@@ -35,8 +35,9 @@ with `HF_FAM_ALLOCATOR=huge_pages`. PyTorch advises the kernel to back every ten
 transparent huge pages (`THP_MEM_ALLOC_ENABLE=1`, read by PyTorch at its first CPU allocation), and glibc
 serves every block from 2 MiB up with its own mapping, given back when freed (`M_MMAP_THRESHOLD` fixed at 2 MiB;
 `M_TRIM_THRESHOLD` 128 MiB, so the heap of smaller blocks keeps some freed memory). A large tensor then faults
-once per 2 MiB instead of once per 4 KiB, and resident memory stays near live memory. One LoRA step of the full SmolLM2-135M shape with FAM (C=1024, M=3, F=64, loss in chunks), fp32, 2
-threads, single processes run one after another on a noisy machine:
+once per 2 MiB instead of once per 4 KiB, and resident memory stays near live memory. One LoRA step of the full
+SmolLM2-135M shape with FAM (C=1024, M=3, F=64, loss in chunks), fp32, 2 threads, single processes run one after
+another on a noisy machine:
 
 | N | allocator | step s | minor faults | peak RSS |
 |---:|---|---:|---:|---:|

@@ -153,7 +153,8 @@ def stream_text_file(model, tokenizer, path: str | os.PathLike, *, chunk_tokens:
     return stream(model, chunks, total=total, progress=progress)
 
 
-def continue_stream(model, state: StreamState, *, max_new_tokens: int = 64, streamer=None, **generate_kwargs) -> torch.Tensor:
+def continue_stream(model, state: StreamState, *, max_new_tokens: int = 64, streamer=None,
+                    **generate_kwargs) -> torch.Tensor:
     """Generate a continuation of a stream with `model.generate()` (all decoding options work).
 
     The stream's cache is consumed (copy it first to branch). Returns the new token ids (B, k).

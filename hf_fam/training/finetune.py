@@ -289,7 +289,8 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path) -> Finetu
     n_trainable = sum(p.numel() for p in params)
     logger.info("%d trainable parameters (LoRA r=%d on %s%s); %d training sequences; %d process(es)", n_trainable,
                 lora.r, ", ".join(peft_model.peft_config["default"].target_modules),
-                (" + fam_init" if lora.train_fam_init and settings.fam_length else "") + (" + norms" if lora.train_norms else ""),
+                (" + fam_init" if lora.train_fam_init and settings.fam_length else "")
+                + (" + norms" if lora.train_norms else ""),
                 len(dataset),
                 accelerator.num_processes)
     if accelerator.is_main_process:

@@ -12,7 +12,8 @@ from .config import DemoConfig
 VOCAB = SyntheticPasskeyVocab()
 
 
-def make_batch(config: DemoConfig, seq_len: int, rng: random.Random, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def make_batch(config: DemoConfig, seq_len: int, rng: random.Random,
+               batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A training batch of synthetic passkey examples of length `seq_len`.
 
     The key's depth is uniform, except that a share `far_key_prob` of the examples put it far back (those need
