@@ -21,6 +21,9 @@ from hf_fam.testing.fam_layer_reference import reference_layer_fam_logits
 from hf_fam.tiny import tiny_model
 
 DEVICE = "cuda"
+FP32 = 1e-5  # fp32 against fp32 (TF32 off): the test suite's tolerance
+BF16 = 5e-2  # bf16 against fp32, relative to the largest logit: bf16 keeps 8 bits of mantissa
+BF16_SAME = 1e-2  # bf16 against bf16 through the same kernels (graphs replay what eager launches), relative
 # hf_fam.tiny's sizes, with the test suite's vocabulary and special tokens
 TINY = dict(vocab_size=101, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 FAMILIES = {
@@ -81,7 +84,7 @@ def graph_checks():
                 out = model(long_ids[:, s : s + 10 * C + 3], cache=cache, use_cache=True)
                 cache, outs = out.cache, outs + [out.logits]
             check(f"{family}: streamed in chunks of 10 blocks with CUDA graphs == parallel eager",
-                  (torch.cat(outs, 1) - whole).abs().max().item(), 1e-4)
+                  (torch.cat(outs, 1) - whole).abs().max().item(), FP32)
         a = model.generate(ids[:1], max_new_tokens=12, do_sample=False)
         b = model.generate(ids[:1], max_new_tokens=12, do_sample=False, fam_cuda_graphs=False)
         check(f"{family}: generate with CUDA graphs == without", float(not torch.equal(a, b)), 0.0)
@@ -93,16 +96,61 @@ def graph_checks():
         base = hf_fam.FAMForCausalLM.from_base_model(build("llama"), block_size=C, memory_segments=M, fam_length=F)
         lora = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
                                                          init_lora_weights=False)).to(DEVICE).eval()
+        def both():  # from CUDA graphs, then eager
+            return [lora(ids, attention_mask=mask).logits, lora(ids, attention_mask=mask, fam_cuda_graphs=False).logits]
+
         with torch.no_grad():
-            on = [lora(ids, attention_mask=mask).logits, lora(ids, attention_mask=mask, fam_cuda_graphs=False).logits]
+            on = both()
             with lora.disable_adapter():
-                off = [lora(ids, attention_mask=mask).logits,
-                       lora(ids, attention_mask=mask, fam_cuda_graphs=False).logits]
-        worst = max(((a - b).abs() * mask[..., None]).max().item() for a, b in (on, off))
-        check("llama + LoRA: CUDA graphs == eager, adapter enabled and disabled between forwards", worst, 1e-6)
+                off = both()
+            lora.merge_adapter()
+            merged = both()
+            lora.unmerge_adapter()
+            again = both()
+        gap = lambda a, b: ((a - b).abs() * mask[..., None]).max().item()  # noqa: E731
+        check("llama + LoRA: CUDA graphs == eager, adapter enabled, disabled, merged and unmerged between forwards",
+              max(gap(*pair) for pair in (on, off, merged, again)), 1e-6)
         check("llama + LoRA: the adapter changes the logits (the check above is not vacuous)",
               float(torch.allclose(on[0], off[0])), 0.0)
+        check("llama + LoRA: merged == unmerged, from CUDA graphs", gap(merged[0], on[0]), FP32)
+        check("llama + LoRA: unmerged again == before the merge, from CUDA graphs", gap(again[0], on[0]), FP32)
     fam_graphs.ChainGraph.step = step
+
+
+def real_shape_checks():
+    """Two layers of the GPU benchmark's Llama-3.2-1B shape at its settings (C=1024, M=3, F=64), 10 blocks: the
+    chain from CUDA graphs == eager, chunks through the cache == one forward (fp32), and bf16 near fp32."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_fam.apps.bench_real import PAPER_SETTINGS, SHAPES
+
+    s = SHAPES["llama-3.2-1b"]
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        base = LlamaForCausalLM(LlamaConfig(
+            hidden_size=s["hidden"], intermediate_size=s["intermediate"], num_hidden_layers=2,
+            num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"], vocab_size=1000,
+            max_position_embeddings=16384, tie_word_embeddings=True, attn_implementation="sdpa")).eval()
+    model = hf_fam.FAMForCausalLM.from_base_model(base, **PAPER_SETTINGS).eval()
+    C = PAPER_SETTINGS["block_size"]
+    ids = torch.randint(3, 1000, (2, 10 * C + 17), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    with torch.no_grad():
+        eager = model(ids, fam_cuda_graphs=False).logits
+        graphed = model(ids).logits
+        check("1B shape (2 layers), fp32: FAM chain from CUDA graphs == eager", (graphed - eager).abs().max().item(),
+              FP32)
+        cache, outs = None, []
+        for start in range(0, ids.shape[1], 8 * C):
+            out = model(ids[:, start : start + 8 * C], cache=cache, use_cache=True)
+            cache, outs = out.cache, outs + [out.logits]
+        check("1B shape (2 layers), fp32: chunks of 8 blocks through the cache (graphs) == one forward (eager)",
+              (torch.cat(outs, 1) - eager).abs().max().item(), FP32)
+        model = model.to(torch.bfloat16)
+        lo = [model(ids, fam_cuda_graphs=False).logits.float(), model(ids).logits.float()]
+    check("1B shape (2 layers), bf16: FAM chain from CUDA graphs == eager (relative)",
+          ((lo[1] - lo[0]).abs().max() / lo[0].abs().max()).item(), BF16_SAME)
+    check("1B shape (2 layers), bf16 logits near fp32 (relative)",
+          ((lo[1] - eager).abs().max() / eager.abs().max()).item(), BF16)
 
 
 def main():
@@ -133,7 +181,7 @@ def main():
         with torch.no_grad():
             got = model(ids.to(DEVICE), attention_mask=mask.to(DEVICE)).logits.cpu()
         check(f"{family}: FAM on CUDA == reference on CPU (left-padded batch)",
-              ((got - reference).abs() * mask[..., None]).max().item(), 1e-4)
+              ((got - reference).abs() * mask[..., None]).max().item(), FP32)
         with torch.no_grad():
             parallel = model(ids[:1].to(DEVICE), use_cache=False).logits
             for chunk in (1, 7):
@@ -142,7 +190,7 @@ def main():
                     out = model(ids[:1, s : s + chunk].to(DEVICE), cache=cache, use_cache=True)
                     cache, outs = out.cache, outs + [out.logits]
                 check(f"{family}: chunked prefill ({chunk}) == parallel",
-                      (torch.cat(outs, 1) - parallel).abs().max().item(), 1e-4)
+                      (torch.cat(outs, 1) - parallel).abs().max().item(), FP32)
         a = model.generate(ids[:1, :6].to(DEVICE), max_new_tokens=16, do_sample=False)
         b = model.generate(ids[:1, :6].to(DEVICE), max_new_tokens=16, do_sample=False, use_cache=False)
         check(f"{family}: generate with cache == without", float(not torch.equal(a, b)), 0.0)
@@ -163,8 +211,9 @@ def main():
         with torch.no_grad():
             lo = half(ids[:1].to(DEVICE)).logits.float()
         check(f"{family}: bf16 logits near fp32 (relative)",
-              ((lo - parallel).abs().max() / parallel.abs().max()).item(), 5e-2)
+              ((lo - parallel).abs().max() / parallel.abs().max()).item(), BF16)
     graph_checks()
+    real_shape_checks()
     # eager == sdpa, training step with gradient checkpointing
     outs = []
     for attn in ("sdpa", "eager"):
@@ -172,7 +221,7 @@ def main():
                                                   fam_length=F).to(DEVICE).eval()
         with torch.no_grad():
             outs.append(m(ids.to(DEVICE), attention_mask=mask.to(DEVICE)).logits)
-    check("llama: sdpa == eager on CUDA", ((outs[0] - outs[1]).abs() * mask.to(DEVICE)[..., None]).max().item(), 1e-4)
+    check("llama: sdpa == eager on CUDA", ((outs[0] - outs[1]).abs() * mask.to(DEVICE)[..., None]).max().item(), FP32)
     grads = []
     for checkpointing in (False, True):
         m = hf_fam.FAMForCausalLM.from_base_model(build("llama"), block_size=C, memory_segments=M,

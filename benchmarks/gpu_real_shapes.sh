@@ -1,14 +1,36 @@
 #!/usr/bin/env bash
 # One prepared run on a CUDA machine for the real-shape targets (docs/performance.md, "Real shapes"): the CUDA
-# equivalence checks, then `hf-fam bench --preset llama-3.2-1b-gpu` (Llama-3.2-1B shape, random weights, bf16,
-# C=1024 M=3 F=64: prefill at batch 1 and 8 in chunks of 8 blocks and in one forward, LoRA r=64 training step,
-# decode), sized to finish within 10 minutes on one H100/H200. Results go to ${OUT:-benchmarks/results/gpu_real}.
+# equivalence checks (benchmarks/cuda_checks.py, with two layers of the 1B shape at C=1024 M=3 F=64), then
+# `hf-fam bench --preset llama-3.2-1b-gpu` (Llama-3.2-1B shape, random weights, bf16, C=1024 M=3 F=64: LoRA r=64
+# training step, decode, prefill at batch 1 and 8 in chunks of 8 blocks and in one forward), sized to finish within
+# 10 minutes on one H100/H200. The benchmark saves each row as it is measured and runs the largest prefill last,
+# so a run stopped by its time limit keeps everything before it.
+# Results go to ${OUT:-benchmarks/results/gpu_real} (5 files: run.log, cuda_checks.json, llama-3.2-1b-gpu.json,
+# .md and _prefill.png). Wheels in .whl/ (the transformers and peft releases tested here) are installed to
+# /tmp/site first, where the machine's own differ.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu_real}
 mkdir -p "$OUT"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-timeout 150 python3 benchmarks/cuda_checks.py --out "$OUT/cuda_checks.json" 2>&1 | tail -5 | tee "$OUT/cuda_checks.log"
-timeout 420 python3 -m hf_fam.cli bench --preset llama-3.2-1b-gpu --threads 8 --rounds 3 \
-  --out "$OUT/llama-3.2-1b-gpu" 2>&1 | tee "$OUT/llama-3.2-1b-gpu.log"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+  # a carried release that cannot import there (a dependency too old) gives way to the machine's own
+  PYTHONPATH=/tmp/site python3 -c 'import transformers, peft' 2>/dev/null || { echo "carried wheels do not import; \
+using the machine's transformers and peft"; export PYTHONPATH=$PWD; }
+else
+  export PYTHONPATH=$PWD
+fi
+# the host allocator is irrelevant to GPU timings: leave glibc's as it is
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false HF_FAM_ALLOCATOR=system
+LOG=$OUT/run.log
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers",
+transformers.__version__, "peft", peft.__version__)'
+} 2>&1 | tee "$LOG"
+timeout "${CHECK_SECONDS:-120}" python3 benchmarks/cuda_checks.py --out "$OUT/cuda_checks.json" 2>&1 \
+  | grep -v -e FutureWarning -e "warnings.warn" | tee -a "$LOG"
+timeout "${BENCH_SECONDS:-440}" python3 -m hf_fam.cli bench --preset llama-3.2-1b-gpu --threads 8 --rounds 3 \
+  --parts train decode prefill --out "$OUT/llama-3.2-1b-gpu" 2>&1 | tee -a "$LOG"
+echo "bench exit status: ${PIPESTATUS[0]} (124: stopped by its time limit)" | tee -a "$LOG"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_fam.apps import bench_real
+from hf_fam.apps import bench_real, bench_real_report
 from hf_fam.apps.bench_real import PRESETS, SHAPES, attention_flops, preset
 from hf_fam.cli import main
 
@@ -50,12 +50,12 @@ def test_flop_model_counts_what_each_query_sees():
 def test_targets_follow_the_device():
     cpu = preset("smollm2-135m-cpu")
     row = {"batch": 1, "n": 8192, "fam_over_bswa": 1.05, "full_over_bswa": 1.0, "flops_full_over_bswa": 1.2}
-    t = bench_real.check_targets({"prefill": [row], "train": [{"n": 8192, "fam_over_bswa": 1.25}]}, cpu)
+    t = bench_real_report.check_targets({"prefill": [row], "train": [{"n": 8192, "fam_over_bswa": 1.25}]}, cpu)
     assert t["prefill b=1 8192: FAM/BSWA <= 1.1"]["met"]
     assert not t["prefill b=1 8192: full/BSWA >= 0.9 x FLOP ratio 1.20"]["met"]  # 1.0 < 0.9 * 1.2
     assert not t["LoRA training step 8192: FAM/BSWA <= 1.2"]["met"]
     gpu = preset("llama-3.2-1b-gpu")
-    t = bench_real.check_targets({"prefill": [{**row, "batch": 8, "n": 65536, "full_over_fam": 3.2}]}, gpu)
+    t = bench_real_report.check_targets({"prefill": [{**row, "batch": 8, "n": 65536, "full_over_fam": 3.2}]}, gpu)
     assert t == {"prefill b=8 65536: FAM/BSWA <= 1.08": {"value": 1.05, "bound": 1.08, "met": True},
                  "prefill b=8 64k: full/FAM >= 3": {"value": 3.2, "bound": 3.0, "met": True}}
 
@@ -82,6 +82,57 @@ def test_a_tiny_shape_runs_every_part(tmp_path, monkeypatch):
     assert ALLOCATOR_WORDS[saved["machine"]["allocator"]] in report.splitlines()[0]
 
 
+def test_a_run_stopped_part_way_keeps_each_row_measured(tmp_path, monkeypatch):
+    """A time limit (the GPU run's `timeout`) can stop the benchmark in any part: what it measured is on disk."""
+    monkeypatch.setitem(SHAPES, "tiny", dict(hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64, vocab=101))
+    config = bench_real.RealBenchConfig(
+        shape="tiny", dtype="float32", device="cpu", block_size=8, memory_segments=1, fam_length=2,
+        prefill_lengths=[64, 128], batches=[1], chunk=64, decode_contexts=[16], decode_steps=2, rounds=1, threads=1,
+        parts=["prefill", "decode"])
+
+    def stopped(*args, **kwargs):
+        raise TimeoutError("stopped")
+
+    monkeypatch.setattr(bench_real, "bench_decode", stopped)
+    with pytest.raises(TimeoutError):
+        bench_real.run(config, tmp_path / "r", log=lambda *a: None)
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert [r["n"] for r in saved["prefill"]] == [64, 128] and "prefill" in saved["part_seconds"]
+    assert (tmp_path / "r_prefill.png").exists() and "| batch | N |" in (tmp_path / "r.md").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.md", "r_prefill.png"]  # no .tmp left
+
+
+def test_a_size_out_of_device_memory_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setitem(SHAPES, "tiny", dict(hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64, vocab=101))
+    config = bench_real.RealBenchConfig(
+        shape="tiny", dtype="float32", device="cpu", block_size=8, memory_segments=1, fam_length=2,
+        prefill_lengths=[64, 128], batches=[1], chunk=64, train_lengths=[64, 32], lora_rank=4, rounds=1, threads=1,
+        parts=["prefill", "train"])
+    real = bench_real.interleaved
+
+    def short_of_memory(fns, rounds, device, warmup=None):  # the first prefill size and the first LoRA step
+        part = "prefill" if "full" in fns else "train"
+        if part not in raised:
+            raised.add(part)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB\nmore detail")
+        return real(fns, rounds, device, warmup=warmup)
+
+    raised = set()
+    monkeypatch.setattr(bench_real, "interleaved", short_of_memory)
+    result = bench_real.run(config, tmp_path / "r", log=lambda *a: None)
+    assert result["prefill"][0] == {"batch": 1, "n": 64,
+                                    "error": "out of memory: CUDA out of memory. Tried to allocate 9.00 GiB"}
+    assert result["prefill"][1]["n"] == 128 and result["prefill"][1]["fam_over_bswa"] > 0  # measured after it
+    assert "error" in result["train"][0] and result["train"][1]["fam_s"] > 0
+    missed = result["targets"]["prefill b=1 64: FAM/BSWA <= 1.1"]
+    assert missed["value"] is None and not missed["met"] and missed["error"].startswith("out of memory")
+    report = (tmp_path / "r.md").read_text()
+    assert "| 1 | 64 | out of memory: CUDA out of memory. Tried to allocate 9.00 GiB |" in report
+    assert "| LoRA training step 64: FAM/BSWA <= 1.2 | – | no |" in report
+
+
 ALLOCATOR_WORDS = {"keep": ", freed memory kept", "huge_pages": ", huge pages", "system": ", system malloc"}
 
 
@@ -94,10 +145,10 @@ ALLOCATOR_WORDS = {"keep": ", freed memory kept", "huge_pages": ", huge pages", 
 ])
 def test_the_report_names_the_allocator_of_old_and_new_results(machine, words):
     result = json.loads((ROOT / "benchmarks/results/smollm2-135m-cpu-train16k.json").read_text())
-    for key in ("allocator", "freed_memory_kept", "huge_pages", "allocator_env", "peak_rss_mib"):
+    for key in ("allocator", "freed_memory_kept", "huge_pages", "allocator_env", "peak_rss_mib", "torch"):
         result["machine"].pop(key, None)
     result["machine"].update(machine, cpus=2)
-    assert words in bench_real.format_markdown(result).splitlines()[0]
+    assert words in bench_real_report.format_markdown(result).splitlines()[0]
 
 
 def test_a_warm_up_replaces_the_first_untimed_call():

@@ -310,10 +310,12 @@ def run(config: BenchConfig, out: str | Path, log=print) -> dict:
 
 def machine_info(config: BenchConfig) -> dict:
     import torch
+    import transformers
 
     from ..runtime.cpu_memory import allocator_environment, in_effect
 
     info = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+            "transformers": transformers.__version__,
             "threads": config.threads, "device": config.device,
             "allocator": in_effect()}  # hf_fam.runtime.cpu_memory's setting: keep, huge_pages or system
     env = allocator_environment()

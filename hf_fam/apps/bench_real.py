@@ -130,11 +130,13 @@ def build(variant: str, config: RealBenchConfig):
     s = SHAPES[config.shape]
     torch.manual_seed(0)
     longest = max(config.prefill_lengths + config.train_lengths + config.decode_contexts) + config.decode_steps + 1
-    base = LlamaForCausalLM(LlamaConfig(
-        hidden_size=s["hidden"], intermediate_size=s["intermediate"], num_hidden_layers=s["layers"],
-        num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"], vocab_size=s["vocab"],
-        max_position_embeddings=longest, tie_word_embeddings=True, attn_implementation="sdpa",
-    )).to(device=config.device, dtype=getattr(torch, config.dtype)).eval()
+    with torch.device(config.device):  # initialised where it runs: a 1B model's random init is slow on a CPU
+        base = LlamaForCausalLM(LlamaConfig(
+            hidden_size=s["hidden"], intermediate_size=s["intermediate"], num_hidden_layers=s["layers"],
+            num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"], vocab_size=s["vocab"],
+            max_position_embeddings=longest, tie_word_embeddings=True, attn_implementation="sdpa",
+        ))
+    base = base.to(dtype=getattr(torch, config.dtype)).eval()
     if variant == "full":
         return base
     return FAMForCausalLM.from_base_model(
@@ -187,7 +189,23 @@ def _prefill_fns(config: RealBenchConfig, models: dict, ids) -> dict:
     return fns
 
 
-def bench_prefill(config: RealBenchConfig, models: dict, log=print) -> list[dict]:
+def print_row(row: dict) -> None:
+    print(json.dumps(row), flush=True)
+
+
+def _interleaved(fns: dict, config: RealBenchConfig, warmup: dict | None):
+    """`interleaved`, or the error's first line where the device ran out of memory (the row records it and the
+    run goes on with the next size: one size too large for the card must not cost the sizes after it)."""
+    import torch
+
+    try:
+        return interleaved(fns, config.rounds, config.device, warmup=warmup)
+    except torch.OutOfMemoryError as e:
+        torch.cuda.empty_cache()
+        return f"out of memory: {str(e).splitlines()[0]}"
+
+
+def bench_prefill(config: RealBenchConfig, models: dict, emit=print_row) -> list[dict]:
     rows = []
     for batch in config.batches:
         for n in config.prefill_lengths:
@@ -196,7 +214,11 @@ def bench_prefill(config: RealBenchConfig, models: dict, log=print) -> list[dict
             ids = _ids(config, batch, n)
             short = _warmup_ids(config, ids)
             warm = None if short is None else _prefill_fns(config, models, short)
-            times = interleaved(_prefill_fns(config, models, ids), config.rounds, config.device, warmup=warm)
+            times = _interleaved(_prefill_fns(config, models, ids), config, warm)
+            if isinstance(times, str):
+                rows.append({"batch": batch, "n": n, "error": times})
+                emit(rows[-1])
+                continue
             row = {"batch": batch, "n": n, **{f"{k}_s": statistics.median(t) for k, t in times.items()},
                    "fam_over_bswa": median_ratio(times["fam_chunked"], times["bswa_chunked"])}
             if config.one_forward:
@@ -207,7 +229,7 @@ def bench_prefill(config: RealBenchConfig, models: dict, log=print) -> list[dict
                 row["full_over_fam"] = median_ratio(times["full"], times["fam_chunked"])
                 row["flops_full_over_bswa"] = attention_flops(config, n)["full_over_bswa"]
             rows.append(row)
-            log(json.dumps(row))
+            emit(row)
     return rows
 
 
@@ -224,7 +246,7 @@ def lora_model(variant: str, config: RealBenchConfig):
     return peft_model.train()
 
 
-def bench_train(config: RealBenchConfig, log=print) -> list[dict]:
+def bench_train(config: RealBenchConfig, emit=print_row) -> list[dict]:
     models = {v: lora_model(v, config) for v in ("bswa", "fam")}
     rows = []
     for n in config.train_lengths:
@@ -236,16 +258,19 @@ def bench_train(config: RealBenchConfig, log=print) -> list[dict]:
 
         short = _warmup_ids(config, ids)
         warm = None if short is None else {v: (lambda m=m: step(m, short)) for v, m in models.items()}
-        times = interleaved({v: (lambda m=m: step(m, ids)) for v, m in models.items()}, config.rounds, config.device,
-                            warmup=warm)
+        times = _interleaved({v: (lambda m=m: step(m, ids)) for v, m in models.items()}, config, warm)
+        if isinstance(times, str):
+            rows.append({"n": n, "lora_rank": config.lora_rank, "error": times})
+            emit(rows[-1])
+            continue
         row = {"n": n, "lora_rank": config.lora_rank, **{f"{v}_s": statistics.median(t) for v, t in times.items()},
                "fam_over_bswa": median_ratio(times["fam"], times["bswa"])}
         rows.append(row)
-        log(json.dumps(row))
+        emit(row)
     return rows
 
 
-def bench_decode(config: RealBenchConfig, models: dict, log=print) -> list[dict]:
+def bench_decode(config: RealBenchConfig, models: dict, emit=print_row) -> list[dict]:
     import torch
 
     caches = {}
@@ -263,136 +288,60 @@ def bench_decode(config: RealBenchConfig, models: dict, log=print) -> list[dict]
         row = {"variant": v, "context": n, "ms_per_token": 1e3 * statistics.median(t) / config.decode_steps,
                "vs_shortest": median_ratio(t, times[(v, shortest)])}
         rows.append(row)
-        log(json.dumps(row))
+        emit(row)
     return rows
 
 
 def run(config: RealBenchConfig, out: str | Path, log=print) -> dict:
-    """Measure the selected parts; write `out`.json, `out`.md and `out`_prefill.png (with matplotlib)."""
+    """Measure the selected parts in the order given; write `out`.json and `out`.md after each row measured (a run
+    stopped part-way, say by a time limit, keeps what it measured) and `out`_prefill.png after each part (with
+    matplotlib)."""
+    import time
+
     import torch
 
+    from .bench_real_report import check_targets, format_markdown, plot
+
     torch.set_num_threads(config.threads)
+    cuda = config.device.startswith("cuda")
     result = {"benchmark": f"hf_fam at the {config.shape} shape", "config": asdict(config),
-              "machine": machine_info(config)}
-    models = {v: build(v, config) for v in ("full", "bswa", "fam")} if {"prefill", "decode"} & set(config.parts) else {}
-    for part in config.parts:
-        log(f"== {part}")
-        result[part] = bench_train(config, log) if part == "train" else globals()[f"bench_{part}"](config, models, log)
-    result["targets"] = check_targets(result, config)
-    peak = None if config.device.startswith("cuda") else proc_status_mib("VmHWM")
-    if peak is not None:
-        result["machine"]["peak_rss_mib"] = round(peak)  # the whole run's, every part
+              "machine": machine_info(config), "part_seconds": {}}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    out.with_suffix(".md").write_text(format_markdown(result))
-    plot(result, out)
+
+    def save():
+        result["targets"] = check_targets(result, config)
+        # the whole run's peak so far, every part
+        peak = torch.cuda.max_memory_allocated(config.device) / 2**20 if cuda else proc_status_mib("VmHWM")
+        if peak is not None:
+            result["machine"]["peak_gpu_mib" if cuda else "peak_rss_mib"] = round(peak)
+        for suffix, text in ((".json", json.dumps(result, indent=2)), (".md", format_markdown(result))):
+            tmp = out.with_suffix(suffix + ".tmp")
+            tmp.write_text(text)
+            tmp.replace(out.with_suffix(suffix))
+
+    def emit(part: str):
+        def add(row: dict) -> None:  # each row is saved as it is measured
+            result[part].append(row)
+            log(json.dumps(row))
+            save()
+        return add
+
+    start = time.perf_counter()
+    models = {v: build(v, config) for v in ("full", "bswa", "fam")} if {"prefill", "decode"} & set(config.parts) else {}
+    result["part_seconds"]["build"] = round(time.perf_counter() - start, 1)
+    for part in config.parts:
+        start = time.perf_counter()
+        log(f"== {part}")
+        result[part] = []
+        if part == "train":
+            bench_train(config, emit(part))
+        else:
+            globals()[f"bench_{part}"](config, models, emit(part))
+        result["part_seconds"][part] = round(time.perf_counter() - start, 1)
+        save()
+        plot(result, out)
+    if not config.parts:
+        save()
     log(format_markdown(result))
     return result
-
-
-# ----------------------------------------------------------------------------------------------------------
-# targets and report
-# ----------------------------------------------------------------------------------------------------------
-def check_targets(result: dict, config: RealBenchConfig) -> dict:
-    """The performance issue's targets for this device, each with the measured figure."""
-    cpu = not config.device.startswith("cuda")
-    t = {}
-    for r in result.get("prefill", []):
-        bound = 1.10 if cpu else (1.15 if r["batch"] == 1 else 1.08)
-        t[f"prefill b={r['batch']} {r['n']}: FAM/BSWA <= {bound}"] = _target(r["fam_over_bswa"], bound)
-        if cpu and "full_over_bswa" in r:
-            expected = r["flops_full_over_bswa"]
-            t[f"prefill b={r['batch']} {r['n']}: full/BSWA >= 0.9 x FLOP ratio {expected:.2f}"] = _target(
-                r["full_over_bswa"], round(0.9 * expected, 3), above=True)
-        if not cpu and r["n"] == 65536 and "full_over_fam" in r:
-            t[f"prefill b={r['batch']} 64k: full/FAM >= 3"] = _target(r["full_over_fam"], 3.0, above=True)
-    for r in result.get("train", []):
-        bound = 1.20 if cpu else 1.35
-        t[f"LoRA training step {r['n']}: FAM/BSWA <= {bound}"] = _target(r["fam_over_bswa"], bound)
-    fam_decode = [r for r in result.get("decode", []) if r["variant"] == "fam"]
-    if len(fam_decode) > 1:
-        longest = max(fam_decode, key=lambda r: r["context"])
-        t[f"decode {longest['context']} / shortest <= 1.1"] = _target(longest["vs_shortest"], 1.1)
-    return t
-
-
-def _target(value: float, bound: float, above: bool = False) -> dict:
-    return {"value": round(value, 3), "bound": bound, "met": bool(value >= bound if above else value <= bound)}
-
-
-def format_markdown(result: dict) -> str:
-    cfg, machine = result["config"], result["machine"]
-    s = SHAPES[cfg["shape"]]
-    where = machine.get("gpu") or f"{machine['cpus']} CPUs, {cfg['threads']} threads"
-    allocator = machine.get("allocator")
-    if allocator is None and machine.get("freed_memory_kept") is not None:  # results written before the name
-        allocator = "huge_pages" if machine.get("huge_pages") else "keep" if machine["freed_memory_kept"] else "system"
-    where += {"huge_pages": ", huge pages", "keep": ", freed memory kept",
-              "system": ", system malloc"}.get(allocator, "")
-    where += "".join(f" {k}={v}" for k, v in machine.get("allocator_env", {}).items())
-    if machine.get("peak_rss_mib"):
-        where += f"; peak RSS {machine['peak_rss_mib'] / 1024:.1f} GiB"
-    lines = [f"{cfg['shape']} shape (hidden {s['hidden']}, {s['layers']} layers, {s['heads']}/{s['kv_heads']} heads), "
-             f"{cfg['dtype']}, {where}; C={cfg['block_size']}, M={cfg['memory_segments']}, F={cfg['fam_length']}; "
-             f"medians of {cfg['rounds']} interleaved rounds", ""]
-    if result.get("prefill"):
-        lines += ["| batch | N | full s | BSWA s (chunks) | FAM s (chunks) | FAM/BSWA | BSWA s (one) | FAM s (one) "
-                  "| FAM/BSWA (one) | full/BSWA | FLOP full/BSWA | full/FAM |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for r in result["prefill"]:
-            f = lambda k, d=2: f"{r[k]:.{d}f}" if k in r else "–"  # noqa: E731
-            lines.append(f"| {r['batch']} | {r['n']} | {f('full_s')} | {f('bswa_chunked_s')} | {f('fam_chunked_s')} | "
-                         f"{f('fam_over_bswa', 3)} | {f('bswa_one_s')} | {f('fam_one_s')} | "
-                         f"{f('fam_over_bswa_one_forward', 3)} | {f('full_over_bswa')} | {f('flops_full_over_bswa')} | "
-                         f"{f('full_over_fam')} |")
-        lines.append("")
-    if result.get("train"):
-        lines += ["| LoRA step, N | rank | BSWA s | FAM s | FAM/BSWA |", "|---:|---:|---:|---:|---:|"]
-        lines += [f"| {r['n']} | {r['lora_rank']} | {r['bswa_s']:.2f} | {r['fam_s']:.2f} | {r['fam_over_bswa']:.3f} |"
-                  for r in result["train"]]
-        lines.append("")
-    if result.get("decode"):
-        lines += ["| variant | context | ms/token | vs shortest |", "|---|---:|---:|---:|"]
-        lines += [f"| {r['variant']} | {r['context']} | {r['ms_per_token']:.2f} | {r['vs_shortest']:.2f} |"
-                  for r in result["decode"]]
-        lines.append("")
-    if result.get("targets"):
-        lines += ["| target | measured | met |", "|---|---:|:---:|"]
-        lines += [f"| {name} | {t['value']} | {'yes' if t['met'] else 'no'} |" for name, t in result["targets"].items()]
-    return "\n".join(lines) + "\n"
-
-
-def plot(result: dict, stem: Path) -> Path | None:
-    """Prefill seconds against N for each variant and batch size (skipped without matplotlib)."""
-    try:
-        import matplotlib
-    except ImportError:
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = result.get("prefill") or []
-    if not rows:
-        return None
-    batches = sorted({r["batch"] for r in rows})
-    fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 4), dpi=110, squeeze=False)
-    series = (("full_s", "o-", "full attention"), ("bswa_chunked_s", "s--", "BSWA (chunks)"),
-              ("fam_chunked_s", "^-", "FAM (chunks)"), ("bswa_one_s", "s:", "BSWA (one forward)"),
-              ("fam_one_s", "^:", "FAM (one forward)"))
-    for ax, batch in zip(axes[0], batches):
-        for key, style, label in series:
-            pts = [(r["n"], r[key]) for r in rows if r["batch"] == batch and key in r]
-            if pts:
-                ax.plot(*zip(*pts), style, label=label)
-        ax.set(xscale="log", yscale="log", xlabel="tokens read", ylabel="prefill time (s)", title=f"batch {batch}")
-        ax.set_xscale("log", base=2)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    machine = result["machine"].get("gpu") or f"{result['machine']['cpus']} CPUs"
-    fig.suptitle(f"{result['config']['shape']} shape, {result['config']['dtype']}, {machine}")
-    fig.tight_layout()
-    path = stem.parent / f"{stem.name}_prefill.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path
