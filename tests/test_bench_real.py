@@ -94,12 +94,13 @@ def test_a_run_stopped_part_way_keeps_each_row_measured(tmp_path, monkeypatch):
         raise TimeoutError("stopped")
 
     monkeypatch.setattr(bench_real, "bench_decode", stopped)
-    with pytest.raises(TimeoutError):
-        bench_real.run(config, tmp_path / "r", log=lambda *a: None)
-    saved = json.loads((tmp_path / "r.json").read_text())
+    with pytest.raises(TimeoutError):  # a stem with dots, as the presets' names have
+        bench_real.run(config, tmp_path / "r-3.2-1b", log=lambda *a: None)
+    saved = json.loads((tmp_path / "r-3.2-1b.json").read_text())
     assert [r["n"] for r in saved["prefill"]] == [64, 128] and "prefill" in saved["part_seconds"]
-    assert (tmp_path / "r_prefill.png").exists() and "| batch | N |" in (tmp_path / "r.md").read_text()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.md", "r_prefill.png"]  # no .tmp left
+    assert "| batch | N |" in (tmp_path / "r-3.2-1b.md").read_text()
+    # no .tmp left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r-3.2-1b.json", "r-3.2-1b.md", "r-3.2-1b_prefill.png"]
 
 
 def test_a_size_out_of_device_memory_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):

@@ -148,6 +148,18 @@ def time_decode(models: dict, caches: dict, steps: int, rounds: int, device: str
     return interleaved({key: (lambda key=key: decode(*key)) for key in caches}, rounds, device)
 
 
+def output_stem(out: str | Path) -> Path:
+    """The results' path stem: `--out` as given, less a .json or .md it ends with. Dots elsewhere in the name stay
+    (`llama-3.2-1b-gpu` writes llama-3.2-1b-gpu.json, not llama-3.json)."""
+    out = Path(out)
+    return out.with_suffix("") if out.suffix in (".json", ".md") else out
+
+
+def output_path(stem: Path, suffix: str) -> Path:
+    """`stem` with `suffix` appended (Path.with_suffix would replace the part after a dot in the name)."""
+    return stem.parent / f"{stem.name}{suffix}"
+
+
 def median_ratio(a: list[float], b: list[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b))
 
@@ -299,11 +311,11 @@ def run(config: BenchConfig, out: str | Path, log=print) -> dict:
         log(f"== {part}")
         result[part] = globals()[f"bench_{part}"](config, log=log)
     result["targets"] = check_targets(result)
-    out = Path(out)
+    out = output_stem(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    out.with_suffix(".md").write_text(format_markdown(result))
-    plot(result, out.with_suffix(""))
+    output_path(out, ".json").write_text(json.dumps(result, indent=2))
+    output_path(out, ".md").write_text(format_markdown(result))
+    plot(result, out)
     log(format_markdown(result))
     return result
 

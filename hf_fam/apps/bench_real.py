@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ..modeling.fam_settings import DEFAULT_LOSS_CHUNK_TOKENS
-from .bench import interleaved, machine_info, median_ratio, proc_status_mib, time_decode
+from .bench import interleaved, machine_info, median_ratio, output_path, output_stem, proc_status_mib, time_decode
 
 PAPER_SETTINGS = dict(block_size=1024, memory_segments=3, fam_length=64)
 SHAPES = {
@@ -306,7 +306,7 @@ def run(config: RealBenchConfig, out: str | Path, log=print) -> dict:
     cuda = config.device.startswith("cuda")
     result = {"benchmark": f"hf_fam at the {config.shape} shape", "config": asdict(config),
               "machine": machine_info(config), "part_seconds": {}}
-    out = Path(out)
+    out = output_stem(out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def save():
@@ -316,9 +316,9 @@ def run(config: RealBenchConfig, out: str | Path, log=print) -> dict:
         if peak is not None:
             result["machine"]["peak_gpu_mib" if cuda else "peak_rss_mib"] = round(peak)
         for suffix, text in ((".json", json.dumps(result, indent=2)), (".md", format_markdown(result))):
-            tmp = out.with_suffix(suffix + ".tmp")
+            tmp = output_path(out, suffix + ".tmp")
             tmp.write_text(text)
-            tmp.replace(out.with_suffix(suffix))
+            tmp.replace(output_path(out, suffix))
 
     def emit(part: str):
         def add(row: dict) -> None:  # each row is saved as it is measured
