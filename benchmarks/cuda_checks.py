@@ -39,7 +39,7 @@ results = []
 def check(name: str, value: float, bound: float):
     ok = value <= bound
     results.append({"check": name, "value": value, "bound": bound, "ok": ok})
-    print(f"{'PASS' if ok else 'FAIL'} {name}: {value:.3e} (<= {bound:.0e})", flush=True)
+    print(f"{'PASS' if ok else 'FAIL'} {name}: {value:.3e} (<= {bound:g})", flush=True)
 
 
 def build(family: str, attn: str | None = None):
@@ -119,7 +119,15 @@ def graph_checks():
 
 def real_shape_checks():
     """Two layers of the GPU benchmark's Llama-3.2-1B shape at its settings (C=1024, M=3, F=64), 10 blocks: the
-    chain from CUDA graphs == eager, chunks through the cache == one forward (fp32), and bf16 near fp32."""
+    chain from CUDA graphs == eager, chunks through the cache == one forward (fp32), and bf16 against fp32.
+
+    At this width fp32 itself is off by more than the tiny models' 1e-5 on logits of magnitude ~5 (on the CPU,
+    5k tokens: 5.8e-6 from fp64 for both schedules, which differ by 3.9e-6; 1.6e-5 between them on an H200 at
+    10k): the schedules are held to 1e-5 relative to the largest logit. bf16 drifts from fp32 on this
+    random-weight model with or without FAM (the unmodified model: 0.117 of the largest logit at 3k tokens on
+    the CPU, FAM 0.116): FAM's drift is held to 1.5x the unmodified model's on the same tokens."""
+    import copy
+
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from hf_fam.apps.bench_real import PAPER_SETTINGS, SHAPES
@@ -131,10 +139,12 @@ def real_shape_checks():
             hidden_size=s["hidden"], intermediate_size=s["intermediate"], num_hidden_layers=2,
             num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"], vocab_size=1000,
             max_position_embeddings=16384, tie_word_embeddings=True, attn_implementation="sdpa")).eval()
-    model = hf_fam.FAMForCausalLM.from_base_model(base, **PAPER_SETTINGS).eval()
     C = PAPER_SETTINGS["block_size"]
     ids = torch.randint(3, 1000, (2, 10 * C + 17), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    relative = lambda a, b: ((a.float() - b).abs().max() / b.abs().max()).item()  # noqa: E731
     with torch.no_grad():
+        base_drift = relative(copy.deepcopy(base).to(torch.bfloat16)(ids).logits, base(ids).logits)
+        model = hf_fam.FAMForCausalLM.from_base_model(base, **PAPER_SETTINGS).eval()
         eager = model(ids, fam_cuda_graphs=False).logits
         graphed = model(ids).logits
         check("1B shape (2 layers), fp32: FAM chain from CUDA graphs == eager", (graphed - eager).abs().max().item(),
@@ -143,14 +153,16 @@ def real_shape_checks():
         for start in range(0, ids.shape[1], 8 * C):
             out = model(ids[:, start : start + 8 * C], cache=cache, use_cache=True)
             cache, outs = out.cache, outs + [out.logits]
-        check("1B shape (2 layers), fp32: chunks of 8 blocks through the cache (graphs) == one forward (eager)",
-              (torch.cat(outs, 1) - eager).abs().max().item(), FP32)
+        check("1B shape (2 layers), fp32: chunks of 8 blocks through the cache (graphs) == one forward (eager), "
+              "relative", relative(torch.cat(outs, 1), eager), FP32)
         model = model.to(torch.bfloat16)
         lo = [model(ids, fam_cuda_graphs=False).logits.float(), model(ids).logits.float()]
-    check("1B shape (2 layers), bf16: FAM chain from CUDA graphs == eager (relative)",
-          ((lo[1] - lo[0]).abs().max() / lo[0].abs().max()).item(), BF16_SAME)
-    check("1B shape (2 layers), bf16 logits near fp32 (relative)",
-          ((lo[1] - eager).abs().max() / eager.abs().max()).item(), BF16)
+    check("1B shape (2 layers), bf16: FAM chain from CUDA graphs == eager (relative)", relative(lo[1], lo[0]),
+          BF16_SAME)
+    print(f"     bf16 drift from fp32, relative: FAM {relative(lo[1], eager):.3f}, unmodified model {base_drift:.3f}",
+          flush=True)
+    check("1B shape (2 layers), bf16: FAM's drift from fp32 / the unmodified model's", relative(lo[1], eager)
+          / base_drift, 1.5)
 
 
 def main():

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One prepared run on a CUDA machine for the real-shape targets (docs/performance.md, "Real shapes"): the CUDA
 # equivalence checks (benchmarks/cuda_checks.py, with two layers of the 1B shape at C=1024 M=3 F=64), then
-# `hf-fam bench --preset llama-3.2-1b-gpu` (Llama-3.2-1B shape, random weights, bf16, C=1024 M=3 F=64: LoRA r=64
-# training step, decode, prefill at batch 1 and 8 in chunks of 8 blocks and in one forward), sized to finish within
-# 10 minutes on one H100/H200. The benchmark saves each row as it is measured and runs the largest prefill last,
-# so a run stopped by its time limit keeps everything before it.
+# `hf-fam bench --preset llama-3.2-1b-gpu` (Llama-3.2-1B shape, random weights, bf16, C=1024 M=3 F=64: prefill at
+# batch 1 and 8 in chunks of 8 blocks and in one forward, decode, LoRA r=64 training step), medians of 2 interleaved
+# rounds. Sized from the first H200 run (docs/performance.md): about 25 s of checks, then about 175 s of prefill,
+# 40 s of decode and 170 s of LoRA steps, within 10 minutes. The benchmark saves each row as it is measured and
+# runs the LoRA steps last, so a run stopped by its time limit loses the longest step first.
 # Results go to ${OUT:-benchmarks/results/gpu_real} (5 files: run.log, cuda_checks.json, llama-3.2-1b-gpu.json,
 # .md and _prefill.png). Wheels in .whl/ (the transformers and peft releases tested here) are installed to
 # /tmp/site first, where the machine's own differ.
@@ -29,8 +30,8 @@ LOG=$OUT/run.log
   python3 -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers",
 transformers.__version__, "peft", peft.__version__)'
 } 2>&1 | tee "$LOG"
-timeout "${CHECK_SECONDS:-120}" python3 benchmarks/cuda_checks.py --out "$OUT/cuda_checks.json" 2>&1 \
+timeout "${CHECK_SECONDS:-90}" python3 benchmarks/cuda_checks.py --out "$OUT/cuda_checks.json" 2>&1 \
   | grep -v -e FutureWarning -e "warnings.warn" | tee -a "$LOG"
-timeout "${BENCH_SECONDS:-440}" python3 -m hf_fam.cli bench --preset llama-3.2-1b-gpu --threads 8 --rounds 3 \
-  --parts train decode prefill --out "$OUT/llama-3.2-1b-gpu" 2>&1 | tee -a "$LOG"
+timeout "${BENCH_SECONDS:-480}" python3 -m hf_fam.cli bench --preset llama-3.2-1b-gpu --threads 8 --rounds 2 \
+  --parts prefill decode train --out "$OUT/llama-3.2-1b-gpu" 2>&1 | tee -a "$LOG"
 echo "bench exit status: ${PIPESTATUS[0]} (124: stopped by its time limit)" | tee -a "$LOG"
