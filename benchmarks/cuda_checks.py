@@ -128,17 +128,10 @@ def real_shape_checks():
     the CPU, FAM 0.116): FAM's drift is held to 1.5x the unmodified model's on the same tokens."""
     import copy
 
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from hf_fam.apps.bench_real import PAPER_SETTINGS, shape_model
 
-    from hf_fam.apps.bench_real import PAPER_SETTINGS, SHAPES
-
-    s = SHAPES["llama-3.2-1b"]
     torch.manual_seed(0)
-    with torch.device(DEVICE):
-        base = LlamaForCausalLM(LlamaConfig(
-            hidden_size=s["hidden"], intermediate_size=s["intermediate"], num_hidden_layers=2,
-            num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"], vocab_size=1000,
-            max_position_embeddings=16384, tie_word_embeddings=True, attn_implementation="sdpa")).eval()
+    base = shape_model("llama-3.2-1b", DEVICE, 16384, num_hidden_layers=2, vocab_size=1000)
     C = PAPER_SETTINGS["block_size"]
     ids = torch.randint(3, 1000, (2, 10 * C + 17), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     relative = lambda a, b: ((a.float() - b).abs().max() / b.abs().max()).item()  # noqa: E731

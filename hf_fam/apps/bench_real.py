@@ -120,23 +120,29 @@ def attention_flops(config: RealBenchConfig, n: int) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 # models
 # ----------------------------------------------------------------------------------------------------------
-def build(variant: str, config: RealBenchConfig):
-    """The unmodified model ("full"), or FAM with F = 0 ("bswa") or F > 0 ("fam") around the same weights."""
+def shape_model(shape: str, device, max_positions: int, **overrides):
+    """A random-weight Llama of a shape in SHAPES (fp32, sdpa, tied embeddings), initialised on `device` (a 1B
+    model's random init is slow on a CPU); `overrides` replace LlamaConfig fields (e.g. fewer layers)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    s = SHAPES[shape]
+    fields = dict(hidden_size=s["hidden"], intermediate_size=s["intermediate"], num_hidden_layers=s["layers"],
+                  num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"], vocab_size=s["vocab"],
+                  max_position_embeddings=max_positions, tie_word_embeddings=True, attn_implementation="sdpa")
+    with torch.device(device):
+        return LlamaForCausalLM(LlamaConfig(**{**fields, **overrides})).eval()
+
+
+def build(variant: str, config: RealBenchConfig):
+    """The unmodified model ("full"), or FAM with F = 0 ("bswa") or F > 0 ("fam") around the same weights."""
+    import torch
+
     from ..modeling.modeling_fam import FAMForCausalLM
 
-    s = SHAPES[config.shape]
     torch.manual_seed(0)
     longest = max(config.prefill_lengths + config.train_lengths + config.decode_contexts) + config.decode_steps + 1
-    with torch.device(config.device):  # initialised where it runs: a 1B model's random init is slow on a CPU
-        base = LlamaForCausalLM(LlamaConfig(
-            hidden_size=s["hidden"], intermediate_size=s["intermediate"], num_hidden_layers=s["layers"],
-            num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"], vocab_size=s["vocab"],
-            max_position_embeddings=longest, tie_word_embeddings=True, attn_implementation="sdpa",
-        ))
-    base = base.to(dtype=getattr(torch, config.dtype)).eval()
+    base = shape_model(config.shape, config.device, longest).to(dtype=getattr(torch, config.dtype))
     if variant == "full":
         return base
     return FAMForCausalLM.from_base_model(
