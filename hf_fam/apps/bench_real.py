@@ -211,8 +211,7 @@ def _interleaved(fns: dict, config: RealBenchConfig, warmup: dict | None):
         return f"out of memory: {str(e).splitlines()[0]}"
 
 
-def bench_prefill(config: RealBenchConfig, models: dict, emit=print_row) -> list[dict]:
-    rows = []
+def bench_prefill(config: RealBenchConfig, models: dict, emit=print_row) -> None:
     for batch in config.batches:
         for n in config.prefill_lengths:
             if batch * n > config.batch_max_tokens:
@@ -222,8 +221,7 @@ def bench_prefill(config: RealBenchConfig, models: dict, emit=print_row) -> list
             warm = None if short is None else _prefill_fns(config, models, short)
             times = _interleaved(_prefill_fns(config, models, ids), config, warm)
             if isinstance(times, str):
-                rows.append({"batch": batch, "n": n, "error": times})
-                emit(rows[-1])
+                emit({"batch": batch, "n": n, "error": times})
                 continue
             row = {"batch": batch, "n": n, **{f"{k}_s": statistics.median(t) for k, t in times.items()},
                    "fam_over_bswa": median_ratio(times["fam_chunked"], times["bswa_chunked"])}
@@ -234,9 +232,7 @@ def bench_prefill(config: RealBenchConfig, models: dict, emit=print_row) -> list
                 row["full_over_bswa"] = median_ratio(times["full"], bswa)
                 row["full_over_fam"] = median_ratio(times["full"], times["fam_chunked"])
                 row["flops_full_over_bswa"] = attention_flops(config, n)["full_over_bswa"]
-            rows.append(row)
             emit(row)
-    return rows
 
 
 def lora_model(variant: str, config: RealBenchConfig):
@@ -252,9 +248,8 @@ def lora_model(variant: str, config: RealBenchConfig):
     return peft_model.train()
 
 
-def bench_train(config: RealBenchConfig, emit=print_row) -> list[dict]:
+def bench_train(config: RealBenchConfig, emit=print_row) -> None:
     models = {v: lora_model(v, config) for v in ("bswa", "fam")}
-    rows = []
     for n in config.train_lengths:
         ids = _ids(config, 1, n)
 
@@ -266,17 +261,14 @@ def bench_train(config: RealBenchConfig, emit=print_row) -> list[dict]:
         warm = None if short is None else {v: (lambda m=m: step(m, short)) for v, m in models.items()}
         times = _interleaved({v: (lambda m=m: step(m, ids)) for v, m in models.items()}, config, warm)
         if isinstance(times, str):
-            rows.append({"n": n, "lora_rank": config.lora_rank, "error": times})
-            emit(rows[-1])
+            emit({"n": n, "lora_rank": config.lora_rank, "error": times})
             continue
         row = {"n": n, "lora_rank": config.lora_rank, **{f"{v}_s": statistics.median(t) for v, t in times.items()},
                "fam_over_bswa": median_ratio(times["fam"], times["bswa"])}
-        rows.append(row)
         emit(row)
-    return rows
 
 
-def bench_decode(config: RealBenchConfig, models: dict, emit=print_row) -> list[dict]:
+def bench_decode(config: RealBenchConfig, models: dict, emit=print_row) -> None:
     import torch
 
     caches = {}
@@ -289,13 +281,11 @@ def bench_decode(config: RealBenchConfig, models: dict, emit=print_row) -> list[
                 with torch.inference_mode():
                     caches[(v, n)] = models[v](ids, use_cache=True, logits_to_keep=1).cache
     times = time_decode(models, caches, config.decode_steps, config.rounds, config.device)
-    rows, shortest = [], min(config.decode_contexts)
+    shortest = min(config.decode_contexts)
     for (v, n), t in times.items():
         row = {"variant": v, "context": n, "ms_per_token": 1e3 * statistics.median(t) / config.decode_steps,
                "vs_shortest": median_ratio(t, times[(v, shortest)])}
-        rows.append(row)
         emit(row)
-    return rows
 
 
 def run(config: RealBenchConfig, out: str | Path, log=print) -> dict:
