@@ -22,15 +22,17 @@ from hf_fam.modeling import fam_graphs, fam_plan
 class ReplayedEagerly(fam_graphs.ChainGraph):
     replays = 0
 
+    captures = 0
+
     def _capture(self, step_fn):
+        type(self).captures += 1
         self._step_fn = step_fn
-        return step_fn(self.fam, self.block_k, self.block_v)
+        return step_fn(*self.inputs)
 
     def _replay(self):
         type(self).replays += 1
         # like a graph replay: recompute the outputs from the static inputs (values, not new inputs)
-        out, k, v = self._step_fn(self.fam, self.block_k, self.block_v)
-        self.out, self.fam_k, self.fam_v = out, k, v
+        self.outputs = tuple(self._step_fn(*self.inputs))
 
 
 @pytest.fixture
@@ -38,7 +40,7 @@ def graphs_on_cpu(monkeypatch):
     # as on CUDA: asked for and without autograd
     monkeypatch.setattr(fam_plan, "graphs_usable", lambda device, requested: requested and not torch.is_grad_enabled())
     monkeypatch.setattr(fam_graphs, "ChainGraph", ReplayedEagerly)
-    ReplayedEagerly.replays = 0
+    ReplayedEagerly.replays = ReplayedEagerly.captures = 0
     return ReplayedEagerly
 
 
@@ -109,10 +111,10 @@ def test_failed_capture_falls_back_once_with_a_warning():
         return fam, k, v
 
     with pytest.warns(UserWarning, match="could not be captured in a CUDA graph"):
-        assert fam_graphs.capture_chain_step(owner, step, x, x, x) is None  # CPU tensors: no CUDA stream
+        assert fam_graphs.capture_chain_step(owner, step, [x, x, x]) is None  # CPU tensors: no CUDA stream
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert fam_graphs.capture_chain_step(owner, step, x, x, x) is None  # remembered: no second try
+        assert fam_graphs.capture_chain_step(owner, step, [x, x, x]) is None  # remembered: no second try
 
 
 def test_generate_and_patched_models_take_the_switch(graphs_on_cpu):
@@ -127,3 +129,115 @@ def test_generate_and_patched_models_take_the_switch(graphs_on_cpu):
         eager = m.generate(ids, max_new_tokens=5, do_sample=False, fam_cuda_graphs=False)
         assert graphs_on_cpu.replays == replays
         assert torch.equal(with_graphs, eager)
+
+
+def test_graphs_are_kept_across_forwards(graphs_on_cpu):
+    """Forwards of the same shapes replay the graphs earlier ones captured: the update step on its first
+    long chunk, the probe (one per chunk, for the cache) the second time it comes; then no capture at all."""
+    C = 4
+    model = fam_model(C=C)
+    layers = model.config.num_hidden_layers
+    ids = random_ids(2, 10 * C, seed=3)
+    with torch.no_grad():
+        eager = model(ids, fam_cuda_graphs=False).logits
+        first = model(ids).logits
+        assert (graphs_on_cpu.captures, graphs_on_cpu.replays) == (layers, layers * 10)
+        second = model(ids).logits
+        assert (graphs_on_cpu.captures, graphs_on_cpu.replays) == (2 * layers, layers * (10 + 11))
+        third = model(ids).logits
+    assert (graphs_on_cpu.captures, graphs_on_cpu.replays) == (2 * layers, layers * (10 + 11 + 11))
+    assert fam_graphs.cached_graph_count(model) == 2 * layers
+    for out in (first, second, third):
+        assert_close(out, eager, atol=0.0)
+    fam_graphs.clear_graphs(model)
+    assert fam_graphs.cached_graph_count(model) == 0
+
+
+def test_kept_graphs_take_this_forwards_positions(graphs_on_cpu):
+    """The FAM positions (and their rotary embedding) are graph inputs: a forward at another position offset
+    replays the kept graph with its own positions, not the capturing forward's."""
+    C = 4
+    model = fam_model(C=C)
+    ids = random_ids(1, 10 * C, seed=4)
+    with torch.no_grad():
+        model(ids, fam_position_offset=torch.tensor([0]), use_cache=False)
+        captures = graphs_on_cpu.captures
+        moved = model(ids, fam_position_offset=torch.tensor([37]), use_cache=False).logits
+        assert graphs_on_cpu.captures == captures  # kept
+        eager = model(ids, fam_position_offset=torch.tensor([37]), fam_cuda_graphs=False).logits
+        unmoved = model(ids, fam_position_offset=torch.tensor([0]), fam_cuda_graphs=False).logits
+    assert not torch.allclose(eager, unmoved)  # the offset matters, so the check below is not vacuous
+    assert_close(moved, eager, atol=0.0)
+
+
+def test_short_chunks_capture_when_the_step_comes_again(graphs_on_cpu):
+    """Streaming in short chunks (one block each, as generate() crosses block boundaries): a step is captured
+    the second time it comes, the probe included, and the stream equals the parallel eager forward."""
+    C = 4
+    model = fam_model(C=C)
+    layers = model.config.num_hidden_layers
+    ids = random_ids(1, 6 * C, seed=8)
+    with torch.no_grad():
+        whole = model(ids, use_cache=False, fam_cuda_graphs=False).logits
+        cache, outs = None, []
+        for s in range(0, ids.shape[1], C):
+            out = model(ids[:, s : s + C], cache=cache, use_cache=True)
+            cache, outs = out.cache, outs + [out.logits]
+    assert graphs_on_cpu.captures == 2 * layers  # update and probe of every layer, once each
+    assert graphs_on_cpu.replays > 4 * layers
+    assert_close(torch.cat(outs, dim=1), whole, atol=1e-5)
+
+
+def test_fingerprint_sees_what_a_graph_cannot():
+    """`module_fingerprint` changes where a recorded graph would go stale (a weight replaced by another tensor,
+    a hook added, a flag that steers control flow, the mode) and not where it stays right (an in-place write)."""
+    layer = tiny_model("llama").model.layers[0]
+    base = fam_graphs.module_fingerprint(layer)
+    assert fam_graphs.module_fingerprint(layer) == base
+    with torch.no_grad():
+        layer.mlp.up_proj.weight.mul_(2.0)  # same memory: a graph reads the new values
+    assert fam_graphs.module_fingerprint(layer) == base
+    layer.mlp.up_proj.weight = torch.nn.Parameter(layer.mlp.up_proj.weight.detach().clone())
+    replaced = fam_graphs.module_fingerprint(layer)
+    assert replaced != base
+    handle = layer.self_attn.register_forward_hook(lambda *a: None)
+    assert fam_graphs.module_fingerprint(layer) != replaced
+    handle.remove()
+    assert fam_graphs.module_fingerprint(layer) == replaced
+    layer.self_attn.some_flag = True
+    flagged = fam_graphs.module_fingerprint(layer)
+    layer.self_attn.some_flag = False
+    assert fam_graphs.module_fingerprint(layer) not in (replaced, flagged)
+    layer.train()
+    assert fam_graphs.module_fingerprint(layer) != fam_graphs.module_fingerprint(layer.eval())
+
+
+def test_lora_changes_between_forwards_recapture(graphs_on_cpu):
+    """PEFT keeps enabled/disabled, merged and the active adapter as plain attributes of its layers, read by
+    Python control flow: each change is a new fingerprint, so the step is captured again, and every forward
+    equals the eager chain (benchmarks/cuda_checks.py compares real graphs the same way on a GPU)."""
+    peft = pytest.importorskip("peft")
+    C = 4
+    model = peft.get_peft_model(
+        fam_model(C=C), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    ).eval()
+    layers = model.config.num_hidden_layers
+    ids = random_ids(1, 9 * C, seed=6)
+
+    def both():  # no cache: only the update steps are captured
+        return model(ids, use_cache=False).logits, model(ids, use_cache=False, fam_cuda_graphs=False).logits
+
+    with torch.no_grad():
+        outs = [both(), both()]
+        assert graphs_on_cpu.captures == layers  # the second forward replays
+        with model.disable_adapter():
+            outs.append(both())
+        assert graphs_on_cpu.captures == 2 * layers
+        model.merge_adapter()
+        outs.append(both())
+        assert graphs_on_cpu.captures == 3 * layers
+        model.unmerge_adapter()
+        outs.append(both())
+        assert graphs_on_cpu.captures == 4 * layers
+    for graphed, eager in outs:
+        assert_close(graphed, eager, atol=0.0)

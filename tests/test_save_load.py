@@ -112,6 +112,6 @@ def test_remote_code_files_import_only_torch_and_transformers():
             else:
                 continue
             allowed = {"torch", "transformers", "__future__", "math", "dataclasses", "typing", "contextlib",
-                       "inspect", "sys", "os", "collections", "functools", "warnings", "copy", "contextvars"}
+                       "inspect", "sys", "os", "collections", "functools", "warnings", "copy", "contextvars", "weakref"}
             assert roots <= allowed, f"{path.name} imports {roots - allowed}"
         assert REMOTE_FILES >= {path.name}, f"{path.name} is not in REMOTE_FILES"

@@ -3,7 +3,7 @@
 Each update calls the layer's own decoder layer on the F FAM tokens (`FAMStep`): their queries attend to
 the previous FAM and the block, and the layer's MLP makes the new FAM, fed back to the same layer for the
 next block. The keys/values each FAM produces on the way are what the block attention reads. On CUDA
-without autograd, the update steps are replayed from a CUDA graph (`fam_graphs`).
+without autograd, the update and probe steps are replayed from CUDA graphs kept across forwards (`fam_graphs`).
 
 `FAMChain` holds one forward's chain: it reads the forward's `FAMPlan` (`fam_plan`) and calls the layers;
 the block attention (`fam_block_attention`) asks it for each layer's FAM keys/values, and `FAMRun.start`
@@ -16,7 +16,7 @@ import torch
 
 from .fam_adapters import DecoderAdapter
 from .fam_compat import call_inner_attention, plain_layer_call
-from .fam_graphs import MIN_GRAPH_STEPS, capture_chain_step
+from .fam_graphs import cached_chain_step, module_fingerprint
 from .fam_plan import FAMPlan
 from .fam_state import FAMLayerState
 
@@ -68,19 +68,24 @@ class FAMChain:
         self.inner = inner
         self._fam_position_embeddings: dict = {}  # layer kind -> (cos, sin) of the FAM positions
 
-    def call_layer(self, layer_idx: int, hidden: torch.Tensor, step: FAMStep) -> torch.Tensor:
-        """Run decoder layer `layer_idx` on FAM tokens `hidden` (B, F, D) with the given step."""
+    def call_layer(self, layer_idx: int, hidden: torch.Tensor, step: FAMStep, positions=None) -> torch.Tensor:
+        """Run decoder layer `layer_idx` on FAM tokens `hidden` (B, F, D) with the given step. `positions`:
+        (position_ids, position_embeddings) to use instead of this forward's (a graph's own copies)."""
         layer = self.layers[layer_idx]
-        position_ids = self.plan.fam_position_ids.expand(hidden.shape[0], -1)
+        position_ids, embeddings = positions if positions is not None else self._positions(layer_idx, hidden.shape[0])
         with plain_layer_call(layer):
             out = layer(
                 hidden,
                 attention_mask=None,
                 position_ids=position_ids,
-                position_embeddings=self._fam_embeddings(layer_idx),
+                position_embeddings=embeddings,
                 fam_step=step,
             )
         return out[0] if isinstance(out, tuple) else out
+
+    def _positions(self, layer_idx: int, batch: int):
+        """(position_ids (B, F), position_embeddings) of the FAM tokens for this layer."""
+        return self.plan.fam_position_ids.expand(batch, -1), self._fam_embeddings(layer_idx)
 
     def _fam_embeddings(self, layer_idx: int):
         """The rotary (cos, sin) of the FAM positions for this layer's kind, computed once per forward."""
@@ -110,18 +115,33 @@ class FAMChain:
             hidden = self.call_layer(idx, hidden, FAMStep("init", self.inner))
         return states
 
-    def _chain_graph(self, layer_idx: int, fam, block_k, block_v):
-        """A CUDA graph of this layer's FAM update step (inputs: one step's), or None."""
-        if not self.plan.use_graphs or self.plan.min_complete < MIN_GRAPH_STEPS:
+    def _graph(self, layer_idx: int, kind: str, tensors: list, steps: int, fingerprint):
+        """A CUDA graph of this layer's `kind` step ("update": (fam, block_k, block_v) -> (new fam, the FAM's
+        keys, values); "probe": (fam,) -> (keys, values)), kept across forwards (`fam_graphs`), or None.
+        The FAM positions and their rotary embedding are graph inputs too: they belong to this forward."""
+        if fingerprint is None:
             return None
-        self._fam_embeddings(layer_idx)  # on the forward's stream, before the capture
+        position_ids, embeddings = self._positions(layer_idx, tensors[0].shape[0])
+        flat_embeddings = list(embeddings) if isinstance(embeddings, (tuple, list)) else [embeddings]
+        inputs = [*tensors, position_ids, *flat_embeddings]
+        n = len(tensors)
 
-        def update(fam_in, k_in, v_in):
-            step = FAMStep("update", self.inner, k_in, v_in, None)
-            return self.call_layer(layer_idx, fam_in, step), step.fam_k, step.fam_v
+        def step_fn(*static):
+            positions = (static[n], tuple(static[n + 1:]) if isinstance(embeddings, (tuple, list)) else static[n + 1])
+            if kind == "probe":
+                step = FAMStep("probe", self.inner)
+                self.call_layer(layer_idx, static[0], step, positions)
+                return step.fam_k, step.fam_v
+            step = FAMStep("update", self.inner, static[1], static[2], None)
+            return self.call_layer(layer_idx, static[0], step, positions), step.fam_k, step.fam_v
 
-        key = (id(self.layers[layer_idx]), self.inner)
-        return capture_chain_step(self.decoder, update, fam, block_k, block_v, key)
+        # kept beside the layers (a ModuleList every view of the model shares)
+        graph = cached_chain_step(self.layers, (id(self.layers[layer_idx]), self.inner, kind), fingerprint, step_fn,
+                                  inputs, steps)
+        if graph is None:
+            return None
+        extra = inputs[n:]
+        return lambda *x: graph.step(*x, *extra)
 
     def run(self, layer_idx: int, state: FAMLayerState, tl_k: torch.Tensor, tl_v: torch.Tensor):
         """This layer's chain over the chunk, sequential over blocks, F tokens each.
@@ -144,9 +164,14 @@ class FAMChain:
         fam = state.fam  # (B, F, D)
         ks, vs = [], []  # per step: (B, KVH, F, hd), the keys/values of the FAM block t reads
 
-        # 1. a CUDA graph of the update step, where the plan allows one (shapes of the first block's step)
-        first = slice(M * C, (M + 1) * C)
-        graph = self._chain_graph(layer_idx, fam, tl_k[:, :, first], tl_v[:, :, first])
+        # 1. CUDA graphs of the update step (shapes of the first block's step) and the probe, where the plan
+        #    allows them
+        fingerprint = module_fingerprint(self.layers[layer_idx]) if plan.use_graphs else None
+        graph = None
+        if plan.min_complete > 0:
+            first = slice(M * C, (M + 1) * C)
+            graph = self._graph(layer_idx, "update", [fam, tl_k[:, :, first], tl_v[:, :, first]], plan.min_complete,
+                                fingerprint)
 
         # 2. block after block (one more step when keeping state: the FAM the next chunk's first block reads)
         for t in range(T + (1 if plan.keep_state else 0)):
@@ -155,7 +180,7 @@ class FAMChain:
                 blk = slice((M + t) * C, (M + t + 1) * C)
                 all_complete = t < plan.min_complete
                 if graph is not None and all_complete:  # same computation, replayed
-                    fam, k, v = graph.step(fam, tl_k[:, :, blk], tl_v[:, :, blk])
+                    fam, k, v = graph(fam, tl_k[:, :, blk], tl_v[:, :, blk])
                     ks.append(k)
                     vs.append(v)
                     continue
@@ -173,8 +198,12 @@ class FAMChain:
             elif t < T or plan.max_complete == T:
                 # 2c. keys of a FAM no update in this chunk has read yet (a trailing partial block, or the
                 # block after the chunk for the cache)
+                probe = self._graph(layer_idx, "probe", [fam], 1, fingerprint)
                 step = FAMStep("probe", self.inner)
-                self.call_layer(layer_idx, fam, step)
+                if probe is not None:
+                    step.fam_k, step.fam_v = probe(fam)
+                else:
+                    self.call_layer(layer_idx, fam, step)
             else:
                 break
             ks.append(step.fam_k)

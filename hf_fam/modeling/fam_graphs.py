@@ -4,27 +4,43 @@ The FAM chain calls a decoder layer on F tokens once per block, one block after 
 such call is a few dozen small kernels, and launching them costs more than running them: the GPU waits
 for the host. Where every row of the batch updates its FAM (all steps of a long chunk but a trailing
 partial block), the steps have the same shapes, so one step is captured into a CUDA graph and replayed
-for the others: one launch per step instead of dozens, the same kernels on the same weights.
+for the others: one launch per step instead of dozens, the same kernels on the same weights. The "probe"
+step (the keys of the chunk's last FAM, for the cache) is captured the same way.
 
-A graph is captured per layer *and per forward*: it reads the weights as they are during that forward, so
-adapters enabled, merged, swapped or replaced between forwards are never replayed stale. A capture costs
-about one eager step (two the first time: a warm-up on the capture stream), so it is only done for chunks
-of at least `MIN_GRAPH_STEPS` blocks. If a layer cannot be captured (an operation that synchronises with
-the host, weights offloaded to the CPU, ...), the chain runs eagerly, with a warning once per model.
+Graphs are kept across forwards, per model, per step (layer and kind) and per input shapes, so a stream
+read in chunks captures once and replays ever after. A graph replays the kernels it recorded on the memory
+it recorded: it stays right while weights change *in place*, but not when a weight is replaced by another
+tensor, a module is swapped, or Python control flow inside the layer changes (an adapter enabled, disabled,
+merged or switched; a hook added). Each graph therefore carries a fingerprint of its layer
+(`module_fingerprint`: every submodule's type and mode, the address, shape and dtype of every parameter and
+buffer, the value of every plain attribute such as PEFT's active and merged adapters and scalings, and
+the hooks) and of the global switches that choose kernels (autocast, TF32, sdpa backends); a step whose
+fingerprint differs is captured again. Every tensor a step reads besides the weights (the FAM, the block's
+keys and values, the rotary embedding of the FAM positions) is an input copied into the graph's own buffers.
+
+A capture costs about one eager step (two the first time: a warm-up on the capture stream), so a step is
+captured when its chunk has at least `MIN_GRAPH_STEPS` of them, or when the same step comes a second time.
+If a layer cannot be captured (an operation that synchronises with the host, weights offloaded to the
+CPU, ...), the chain runs eagerly, with a warning once per model.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 
 import torch
 
-# fewer steps than this in a chunk run eagerly: a capture costs about one eager step (not tuned: the H100
-# runs measured 16 and 256 steps per capture)
+# fewer steps than this in a chunk are captured only when the same step comes again: a capture costs about one
+# eager step (not tuned: the H100 runs measured 16 and 256 steps per capture)
 MIN_GRAPH_STEPS = 8
+# input shapes whose graphs a model keeps (least recently used dropped first); each holds one graph per layer
+# and step kind, with its activations (a few MB per layer at batch 8 for a 1B model)
+MAX_CACHED_SHAPES = 4
 
-StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+StepFn = Callable[..., tuple[torch.Tensor, ...]]
 
 
 def graphs_usable(device: torch.device, requested: bool) -> bool:
@@ -40,50 +56,50 @@ def graphs_usable(device: torch.device, requested: bool) -> bool:
 
 
 class ChainGraph:
-    """One captured FAM update step of one layer: (fam (B, F, D), block_k, block_v (B, KVH, C, hd)) ->
-    (new fam, the FAM's keys, values). Inputs are copied into static buffers; outputs are returned as
-    fresh tensors (the graph's own buffers are overwritten by the next replay)."""
+    """One captured step of one layer: `step_fn(*inputs) -> outputs` (tensors). Inputs are copied into static
+    buffers; outputs are returned as fresh tensors (the graph's own buffers are overwritten by the next
+    replay)."""
 
-    def __init__(self, step_fn: StepFn, fam: torch.Tensor, block_k: torch.Tensor, block_v: torch.Tensor, key=None):
-        self.fam = fam.new_empty(fam.shape).copy_(fam)
-        self.block_k = block_k.new_empty(block_k.shape).copy_(block_k)
-        self.block_v = block_v.new_empty(block_v.shape).copy_(block_v)
-        self.key = (key, tuple(fam.shape), tuple(block_k.shape), fam.dtype)
-        self.out, self.fam_k, self.fam_v = self._capture(step_fn)
+    def __init__(self, step_fn: StepFn, inputs: Sequence[torch.Tensor], key=None):
+        self.inputs = [x.new_empty(x.shape).copy_(x) for x in inputs]
+        self.key = (key, tuple((tuple(x.shape), x.dtype) for x in inputs))
+        self.outputs = tuple(self._capture(step_fn))
 
     def _capture(self, step_fn: StepFn):
-        device = self.fam.device
+        device = self.inputs[0].device
         side = _capture_stream(device)  # capture is not allowed on the default stream
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             if (side, self.key) not in _WARMED_UP:
                 # one eager step on the capture stream first: libraries (cuBLAS workspaces, lazily loaded
                 # kernels) initialise on first use, which must not happen inside a capture
-                step_fn(self.fam, self.block_k, self.block_v)
+                step_fn(*self.inputs)
                 _WARMED_UP.add((side, self.key))
             self.graph = torch.cuda.CUDAGraph()
             self.graph.capture_begin(capture_error_mode="thread_local")
             try:
-                outputs = step_fn(self.fam, self.block_k, self.block_v)
+                outputs = step_fn(*self.inputs)
             finally:
                 self.graph.capture_end()
         torch.cuda.current_stream(device).wait_stream(side)
         return outputs
 
     def _replay(self) -> None:
-        self.graph.replay()  # recomputes self.out, self.fam_k, self.fam_v from the static inputs
+        self.graph.replay()  # recomputes self.outputs from the static inputs
 
-    def step(self, fam: torch.Tensor, block_k: torch.Tensor, block_v: torch.Tensor):
-        self.fam.copy_(fam)
-        self.block_k.copy_(block_k)
-        self.block_v.copy_(block_v)
+    def step(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        for buffer, x in zip(self.inputs, inputs):
+            buffer.copy_(x)
         self._replay()
-        return self.out.clone(), self.fam_k.clone(), self.fam_v.clone()
+        return tuple(out.clone() for out in self.outputs)
 
 
 _FAILED_ATTR = "_fam_cuda_graphs_failed"
 _CAPTURE_STREAMS: dict[int, torch.cuda.Stream] = {}
 _WARMED_UP: set = set()  # (stream, step key) pairs that already ran eagerly on their capture stream
+# per model: input signature -> {step name: (fingerprint, graph or None)}, most recently used last. Kept beside the
+# model, not on it, so that copying or pickling a model never meets a graph.
+_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _capture_stream(device: torch.device) -> torch.cuda.Stream:
@@ -93,14 +109,15 @@ def _capture_stream(device: torch.device) -> torch.cuda.Stream:
     return _CAPTURE_STREAMS[index]
 
 
-def capture_chain_step(owner: torch.nn.Module, step_fn: StepFn, fam, block_k, block_v, key=None) -> ChainGraph | None:
+def capture_chain_step(owner: torch.nn.Module, step_fn: StepFn, inputs: Sequence[torch.Tensor],
+                       key=None) -> ChainGraph | None:
     """A ChainGraph, or None where this model's layers cannot be captured (remembered on `owner`).
     `key` names the step (e.g. the layer): a step runs once eagerly on the capture stream before its first
     capture in this process."""
     if getattr(owner, _FAILED_ATTR, False):
         return None
     try:
-        return ChainGraph(step_fn, fam, block_k, block_v, key)
+        return ChainGraph(step_fn, inputs, key)
     except Exception as err:  # noqa: BLE001 - any capture failure falls back to the eager chain
         setattr(owner, _FAILED_ATTR, True)
         warnings.warn(
@@ -109,3 +126,96 @@ def capture_chain_step(owner: torch.nn.Module, step_fn: StepFn, fam, block_k, bl
             stacklevel=3,
         )
         return None
+
+
+def cached_chain_step(owner: torch.nn.Module, name, fingerprint, step_fn: StepFn, inputs: Sequence[torch.Tensor],
+                      steps: int) -> ChainGraph | None:
+    """The graph of step `name` (e.g. (layer, kind)) for inputs of these shapes, kept across forwards while
+    `fingerprint` (`module_fingerprint` of its layer) holds, else captured now if worth it (`steps` >=
+    MIN_GRAPH_STEPS in this chunk, or the step seen before); None where it runs eagerly."""
+    if getattr(owner, _FAILED_ATTR, False):
+        return None
+    signature = (tuple((tuple(x.shape), x.dtype, x.device) for x in inputs), _global_switches())
+    cache = _CACHES.setdefault(owner, OrderedDict())
+    steps_here = cache.setdefault(signature, {})
+    cache.move_to_end(signature)
+    while len(cache) > MAX_CACHED_SHAPES:
+        cache.popitem(last=False)
+    kept = steps_here.get(name)
+    if kept is not None and kept[0] == fingerprint and kept[1] is not None:
+        return kept[1]
+    if steps < MIN_GRAPH_STEPS and kept is None:
+        steps_here[name] = (fingerprint, None)  # seen once: captured if it comes again
+        return None
+    graph = capture_chain_step(owner, step_fn, inputs, key=name)
+    steps_here[name] = (fingerprint, graph)
+    return graph
+
+
+def cached_graph_count(model: torch.nn.Module) -> int:
+    """How many captured graphs are kept for `model` (any module holding FAM layers; for tests and diagnostics)."""
+    caches = [_CACHES[m] for m in model.modules() if m in _CACHES]
+    return sum(g is not None for cache in caches for steps in cache.values() for _, g in steps.values())
+
+
+def clear_graphs(model: torch.nn.Module) -> None:
+    """Drop the graphs kept for `model` (their memory returns to PyTorch's caching allocator)."""
+    for module in model.modules():
+        _CACHES.pop(module, None)
+
+
+def _global_switches() -> tuple:
+    """The process-wide settings that choose which kernels a step launches."""
+    backends = torch.backends.cuda
+    return (
+        torch.is_autocast_enabled("cuda"),
+        torch.get_autocast_dtype("cuda"),
+        backends.matmul.allow_tf32,
+        backends.matmul.allow_bf16_reduced_precision_reduction,
+        backends.matmul.allow_fp16_reduced_precision_reduction,
+        torch.backends.cudnn.allow_tf32,
+        backends.flash_sdp_enabled(),
+        backends.mem_efficient_sdp_enabled(),
+        backends.math_sdp_enabled(),
+        backends.cudnn_sdp_enabled(),
+        torch.are_deterministic_algorithms_enabled(),
+    )
+
+
+_MODULE_SLOTS = {"_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_pre_hooks",
+                 "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called",
+                 "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks", "_state_dict_pre_hooks",
+                 "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks", "_non_persistent_buffers_set"}
+
+
+def module_fingerprint(module: torch.nn.Module) -> tuple:
+    """What a graph of `module`'s forward depends on besides its inputs and the values of its weights: see the
+    module docstring. Equal fingerprints mean the same kernels on the same memory."""
+    parts = []
+    for name, sub in module.named_modules(remove_duplicate=False):
+        tensors = tuple(
+            (key, _tensor_mark(t)) for key, t in (*sub._parameters.items(), *sub._buffers.items()) if t is not None
+        )
+        hooks = tuple(tuple(getattr(sub, slot, {}).keys()) for slot in ("_forward_hooks", "_forward_pre_hooks"))
+        plain = tuple((key, _mark(v)) for key, v in sorted(sub.__dict__.items()) if key not in _MODULE_SLOTS)
+        parts.append((name, type(sub), sub.training, tensors, hooks, plain))
+    return tuple(parts)
+
+
+def _tensor_mark(t: torch.Tensor) -> tuple:
+    return ("tensor", t.device, t.dtype, tuple(t.shape), tuple(t.stride()), t.data_ptr())
+
+
+def _mark(value, depth: int = 0):
+    """A comparable stand-in for an attribute: plain values as they are, tensors by address and shape,
+    containers element by element, anything else by identity."""
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device)):
+        return value
+    if isinstance(value, torch.Tensor):
+        return _tensor_mark(value)
+    if depth < 3 and isinstance(value, (list, tuple, set, frozenset)):
+        items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value
+        return (type(value).__name__, tuple(_mark(v, depth + 1) for v in items))
+    if depth < 3 and isinstance(value, dict):
+        return ("dict", tuple((repr(k), _mark(v, depth + 1)) for k, v in value.items()))
+    return ("object", id(value))
