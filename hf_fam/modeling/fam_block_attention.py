@@ -16,12 +16,16 @@ from .fam_adapters import DecoderAdapter, apply_rotation, relative_rotation
 from .fam_chain import FAMChain
 from .fam_compat import additive_mask, call_inner_attention
 from .fam_plan import FAMPlan
-from .fam_split_attention import split_attention, split_attention_usable
+from .fam_split_attention import refuse_kernel, split_attention, split_attention_usable
 from .fam_state import FAMLayerState, build_window, rotate_memory, write_tokens
 
 # Upper bound on the attention scores materialised by one inner attention call; the blocks of a long
 # sequence are processed in groups so that prefill memory does not grow with the square of anything.
 _SCORE_BYTES_BUDGET = 256 * 2**20
+# On CUDA, regular blocks go through fused kernels that materialise no scores (`fam_split_attention`): their
+# groups are bounded by the keys and values gathered for them instead, so that a long chunk at batch 1 is a
+# few kernel launches per layer, not one group per block.
+_KEY_BYTES_BUDGET = 1024 * 2**20
 
 
 def _scatter_to_timeline(x: torch.Tensor, index: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
@@ -111,10 +115,15 @@ class BlockAttention:
         tl_ok3 = plan.timeline_ok.view(batch, M + T, C)
         per_block = batch * heads * Lq * (M * C + F + C) * 4
         group = max(1, _SCORE_BYTES_BUDGET // max(per_block, 1))
+        fused = query.device.type == "cuda" and split_attention_usable(self.inner, query, kwargs)
+        regular_group = group
+        if fused:
+            per_block_keys = 2 * batch * kv_heads * (M * C + F + C) * head_dim * query.element_size()
+            regular_group = max(1, _KEY_BYTES_BUDGET // max(per_block_keys, 1))
 
         # 4. the blocks, a group of blocks of one shape at a time
         outputs = []
-        for t0, t1, shape in self._block_groups(group):
+        for t0, t1, shape in self._block_groups(group, regular_group):
             G = t1 - t0
             # 4.1 the keys each block reads: [memory s = m..1 (rotated -sC), FAM, own block]. A regular group
             #     (shape = (m, fam_on)) takes only its m filled memory blocks and, when no row reads the FAM,
@@ -160,10 +169,16 @@ class BlockAttention:
             q = q_blocks[:, t0:t1].reshape(batch * G, heads, Lq, head_dim)
             keys4 = keys.view(batch * G, kv_heads, S, head_dim)
             vals4 = vals.view(batch * G, kv_heads, S, vals.shape[-1])
+            out = None
             if shape is not None and split_attention_usable(self.inner, q, kwargs):
-                seen = m * C + (int(plan.fam_visible(f, q.device).sum()) if f > 0 else 0)
-                out = split_attention(module, q, keys4, vals4, seen, kwargs)
-            else:
+                seen = m * C + plan.fam_visible_count(f)
+                try:
+                    out = split_attention(module, q, keys4, vals4, seen, kwargs)
+                except (RuntimeError, NotImplementedError) as err:  # a CUDA kernel refusing these inputs
+                    if q.device.type == "cpu":
+                        raise
+                    refuse_kernel(q, err)
+            if out is None:
                 out, _ = call_inner_attention(module, self.inner, q, keys4, vals4, mask, kwargs)
             outputs.append(out.reshape(batch, G * Lq, heads, out.shape[-1]))
         out = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]  # (B, T*Lq, H, hd)
@@ -182,14 +197,16 @@ class BlockAttention:
             new_state = self._save_state(layer_idx, state, tl_k5, tl_v5, new_fam, next_k, next_v)
         return out, new_state, new_fam
 
-    def _block_groups(self, group: int):
-        """(t0, t1, shape) for the blocks of this chunk, at most `group` blocks at a time: runs of blocks of
-        one shape (`FAMPlan.block_shapes`, see `fam_plan.classify_blocks`) are grouped."""
+    def _block_groups(self, group: int, regular_group: int):
+        """(t0, t1, shape) for the blocks of this chunk, at most `group` blocks at a time (`regular_group` for
+        regular ones): runs of blocks of one shape (`FAMPlan.block_shapes`, see `fam_plan.classify_blocks`)
+        are grouped."""
         T, shapes = self.plan.num_blocks, self.plan.block_shapes
         t0 = 0
         while t0 < T:
             t1 = t0 + 1
-            while t1 < T and t1 - t0 < group and shapes[t1] == shapes[t0]:
+            size = group if shapes[t0] is None else regular_group
+            while t1 < T and t1 - t0 < size and shapes[t1] == shapes[t0]:
                 t1 += 1
             yield t0, t1, shapes[t0]
             t0 = t1

@@ -65,6 +65,10 @@ class FAMPlan:
             visible[1:] = False
         return visible
 
+    def fam_visible_count(self, fam_length: int) -> int:
+        """How many FAM slots block tokens read: the leading True entries of `fam_visible` (no device sync)."""
+        return min(fam_length, 1) if self.settings.fam_update == "sink" else fam_length
+
     def sink_readable(self, t0: int, t1: int) -> torch.Tensor:
         """(B, t1 - t0) bool: with fam_update "sink", whether blocks t0..t1-1 of this chunk read the sink: only
         once the sequence's first block (with the real BOS) has left their window, as attention sinks are
