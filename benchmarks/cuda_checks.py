@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -24,6 +25,10 @@ DEVICE = "cuda"
 FP32 = 1e-5  # fp32 against fp32 (TF32 off): the test suite's tolerance
 BF16 = 5e-2  # bf16 against fp32, relative to the largest logit: bf16 keeps 8 bits of mantissa
 BF16_SAME = 1e-2  # bf16 against bf16 through the same kernels (graphs replay what eager launches), relative
+# bf16 against bf16 through different attention kernels (fused flash against masked sdpa), relative: each rounds
+# its outputs to 8 bits (2^-8 = 3.9e-3) at different points; the CPU's kernels differ by 5.4e-3 to 6.1e-3 on the
+# tiny models here
+BF16_KERNELS = 2e-2
 # hf_fam.tiny's sizes, with the test suite's vocabulary and special tokens
 TINY = dict(vocab_size=101, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 FAMILIES = {
@@ -115,6 +120,96 @@ def graph_checks():
         check("llama + LoRA: merged == unmerged, from CUDA graphs", gap(merged[0], on[0]), FP32)
         check("llama + LoRA: unmerged again == before the merge, from CUDA graphs", gap(again[0], on[0]), FP32)
     fam_graphs.ChainGraph.step = step
+    kept_graph_checks()
+
+
+def kept_graph_checks():
+    """Graphs kept across forwards (fam_graphs.cached_chain_step): a second forward of the same shapes captures
+    nothing and equals the eager chain; a weight replaced by another tensor between forwards is seen (the
+    step is captured again) and the result follows the new weight."""
+    from hf_fam.modeling import fam_graphs
+
+    captures = [0]
+    capture = fam_graphs.ChainGraph._capture
+
+    def counted(self, step_fn):
+        captures[0] += 1
+        return capture(self, step_fn)
+
+    fam_graphs.ChainGraph._capture = counted
+    try:
+        C, M, F = 4, 1, 3
+        ids = torch.randint(3, 101, (2, 10 * C), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+        model = hf_fam.FAMForCausalLM.from_base_model(build("llama"), block_size=C, memory_segments=M, fam_length=F)
+        model = model.to(DEVICE).eval()
+        with torch.no_grad():
+            eager = model(ids, use_cache=False, fam_cuda_graphs=False).logits
+            first = model(ids, use_cache=False).logits
+            before = captures[0]
+            second = model(ids, use_cache=False).logits
+            if DEVICE.startswith("cuda"):
+                check(f"llama: a second forward replays the kept graphs ({captures[0] - before} new captures; "
+                      f"{before} in the first)", float(captures[0] != before or before == 0), 0.0)
+            check("llama: kept graphs == eager (first and second forward)",
+                  max((first - eager).abs().max().item(), (second - eager).abs().max().item()), 1e-6)
+            mlp = model.model.layers[1].mlp
+            mlp.down_proj.weight = torch.nn.Parameter(mlp.down_proj.weight.detach() * 1.5)  # a new tensor
+            before = captures[0]
+            replaced = model(ids, use_cache=False).logits
+            recaptured = captures[0] - before
+            eager_replaced = model(ids, use_cache=False, fam_cuda_graphs=False).logits
+        if DEVICE.startswith("cuda"):
+            check(f"llama: a weight replaced between forwards is captured again ({recaptured} captures)",
+                  float(recaptured == 0), 0.0)
+        check("llama: after the replacement, graphs == eager", (replaced - eager_replaced).abs().max().item(), 1e-6)
+        check("llama: the replacement changes the logits (the check above is not vacuous)",
+              float(torch.allclose(replaced, eager)), 0.0)
+    finally:
+        fam_graphs.ChainGraph._capture = capture
+
+
+def fused_attention_checks():
+    """Block attention of regular blocks through the fused kernels (fam_split_attention: flash in bf16, the
+    memory-efficient kernel in fp32) == the masked sdpa call, left-padded batch and streamed chunks included."""
+    from hf_fam.modeling import fam_block_attention
+
+    split, usable = fam_block_attention.split_attention, fam_block_attention.split_attention_usable
+    calls = [0]
+
+    def counted(*args):
+        calls[0] += 1
+        return split(*args)
+
+    C, M, F = 4, 2, 3
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 101, (2, 12 * C + 3), generator=g).to(DEVICE)
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
+    for family in ("llama", "mistral", "gemma", "qwen3"):
+        for dtype, bound in ((torch.float32, FP32), (torch.bfloat16, BF16_KERNELS)):
+            model = hf_fam.FAMForCausalLM.from_base_model(build(family), block_size=C, memory_segments=M,
+                                                          fam_length=F).to(DEVICE, dtype).eval()
+            outs = []
+            for fused in (True, False):
+                fam_block_attention.split_attention = counted
+                fam_block_attention.split_attention_usable = usable if fused else (lambda *a: False)
+                try:
+                    calls[0] = 0
+                    with torch.no_grad():
+                        padded = model(ids, attention_mask=mask).logits.float()
+                        cache, parts = None, []
+                        for s in range(0, ids.shape[1], 5 * C + 1):
+                            out = model(ids[:1, s : s + 5 * C + 1], cache=cache, use_cache=True)
+                            cache, parts = out.cache, parts + [out.logits.float()]
+                    outs.append((padded, torch.cat(parts, 1), calls[0]))
+                finally:
+                    fam_block_attention.split_attention, fam_block_attention.split_attention_usable = split, usable
+            (a, sa, used), (b, sb, _) = outs
+            scale = b.abs().max().item() if dtype == torch.bfloat16 else 1.0
+            gap = max(((a - b).abs() * mask[..., None]).max().item(), (sa - sb).abs().max().item()) / scale
+            kind = "relative" if dtype == torch.bfloat16 else "absolute"
+            check(f"{family} {str(dtype)[6:]}: fused block attention ({used} calls) == masked sdpa "
+                  f"(padded batch, streamed; {kind})", gap if used else float("inf"), bound)
 
 
 def real_shape_checks():
@@ -148,14 +243,32 @@ def real_shape_checks():
             cache, outs = out.cache, outs + [out.logits]
         check("1B shape (2 layers), fp32: chunks of 8 blocks through the cache (graphs) == one forward (eager), "
               "relative", relative(torch.cat(outs, 1), eager), FP32)
+        masked = _masked_block_attention(lambda: model(ids, fam_cuda_graphs=False).logits)
+        check("1B shape (2 layers), fp32: fused block attention == masked sdpa, relative", relative(eager, masked),
+              FP32)
         model = model.to(torch.bfloat16)
         lo = [model(ids, fam_cuda_graphs=False).logits.float(), model(ids).logits.float()]
+        masked = _masked_block_attention(lambda: model(ids).logits.float())
     check("1B shape (2 layers), bf16: FAM chain from CUDA graphs == eager (relative)", relative(lo[1], lo[0]),
           BF16_SAME)
+    check("1B shape (2 layers), bf16: fused block attention (flash) == masked sdpa (relative)",
+          relative(lo[1], masked), BF16_KERNELS)
     print(f"     bf16 drift from fp32, relative: FAM {relative(lo[1], eager):.3f}, unmodified model {base_drift:.3f}",
           flush=True)
     check("1B shape (2 layers), bf16: FAM's drift from fp32 / the unmodified model's", relative(lo[1], eager)
           / base_drift, 1.5)
+
+
+def _masked_block_attention(forward):
+    """forward() with block attention through the masked sdpa call only."""
+    from hf_fam.modeling import fam_block_attention
+
+    usable = fam_block_attention.split_attention_usable
+    fam_block_attention.split_attention_usable = lambda *a: False
+    try:
+        return forward()
+    finally:
+        fam_block_attention.split_attention_usable = usable
 
 
 def main():
@@ -217,8 +330,13 @@ def main():
             lo = half(ids[:1].to(DEVICE)).logits.float()
         check(f"{family}: bf16 logits near fp32 (relative)",
               ((lo - parallel).abs().max() / parallel.abs().max()).item(), BF16)
-    graph_checks()
-    real_shape_checks()
+    for group in (graph_checks, fused_attention_checks, real_shape_checks):
+        try:
+            group()
+        except Exception as err:  # noqa: BLE001 - a group that raises is a failed check; the others still run
+            traceback.print_exc()
+            check(f"{group.__name__} raised {type(err).__name__}: {str(err).splitlines()[0][:200]}", float("inf"),
+                  0.0)
     # eager == sdpa, training step with gradient checkpointing
     outs = []
     for attn in ("sdpa", "eager"):

@@ -6,8 +6,10 @@
 # rounds. Sized from the first H200 run (docs/performance.md): about 25 s of checks, then about 175 s of prefill,
 # 40 s of decode and 170 s of LoRA steps, within 10 minutes. The benchmark saves each row as it is measured and
 # runs the LoRA steps last, so a run stopped by its time limit loses the longest step first.
-# Results go to ${OUT:-benchmarks/results/gpu_real} (5 files: run.log, cuda_checks.json, llama-3.2-1b-gpu.json,
-# .md and _prefill.png). Wheels in .whl/ (the transformers and peft releases tested here) are installed to
+# Between them, benchmarks/gpu_profile_chain.py profiles one 8k read at batch 1 and 8 (about 30 s).
+# PARTS chooses the bench's parts (default: prefill decode train).
+# Results go to ${OUT:-benchmarks/results/gpu_real} (6 files: run.log, cuda_checks.json, profile.json,
+# llama-3.2-1b-gpu.json, .md and _prefill.png). Wheels in .whl/ (the transformers and peft releases tested here) are installed to
 # /tmp/site first, where the machine's own differ.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,6 +34,9 @@ transformers.__version__, "peft", peft.__version__)'
 } 2>&1 | tee "$LOG"
 timeout "${CHECK_SECONDS:-90}" python3 benchmarks/cuda_checks.py --out "$OUT/cuda_checks.json" 2>&1 \
   | grep -v -e FutureWarning -e "warnings.warn" | tee -a "$LOG"
+timeout "${PROFILE_SECONDS:-60}" python3 benchmarks/gpu_profile_chain.py --out "$OUT/profile.json" 2>&1 \
+  | grep -v -e FutureWarning -e "warnings.warn" | tee -a "$LOG"
+# shellcheck disable=SC2086
 timeout "${BENCH_SECONDS:-480}" python3 -m hf_fam.cli bench --preset llama-3.2-1b-gpu --threads 8 --rounds 2 \
-  --parts prefill decode train --out "$OUT/llama-3.2-1b-gpu" 2>&1 | tee -a "$LOG"
+  --parts ${PARTS:-prefill decode train} --out "$OUT/llama-3.2-1b-gpu" 2>&1 | tee -a "$LOG"
 echo "bench exit status: ${PIPESTATUS[0]} (124: stopped by its time limit)" | tee -a "$LOG"
