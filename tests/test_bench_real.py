@@ -164,6 +164,16 @@ def test_a_warm_up_replaces_the_first_untimed_call():
     assert calls == ["a", "a"]  # without one, each function warms itself up
 
 
+def test_on_cuda_the_warm_up_runs_twice(monkeypatch):
+    """Kept CUDA graphs capture a step on its first long chunk or its second sighting: two warm-up passes."""
+    from hf_fam.apps import bench
+
+    monkeypatch.setattr(bench, "timed", lambda fn, device: fn() or 0.0)
+    calls = []
+    bench.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 1, "cuda")
+    assert calls == ["a", "b", "a", "b", "a", "b"]
+
+
 @pytest.mark.parametrize("flag", ["--warmup-tokens", "--lora-rank"])
 def test_a_bad_count_names_its_flag(flag, capsys):
     assert main(["bench", "--preset", "smollm2-135m-cpu", flag, "0"]) != 0
