@@ -77,9 +77,11 @@ def main():
         graph = next(g for cache in fam_graphs._CACHES.values() for steps in cache.values()
                      for name, (_, g) in steps.items() if g is not None and name[2] == "update"
                      and g.inputs[0].shape[0] == batch)
-        replay = seconds(graph.graph.replay, 200) * 1e3
-        step = seconds(lambda: graph.step(*graph.inputs), 200) * 1e3
+        print(json.dumps({"batch": batch, "read_ms": whole, "one_forward_ms": one, "synced_read_ms": synced,
+                          "phases_ms": phases, "phase_calls": dict(COUNTS)}), flush=True)
         with torch.inference_mode():
+            replay = seconds(graph.graph.replay, 200) * 1e3
+            step = seconds(lambda: graph.step(*graph.inputs), 200) * 1e3
             eager = seconds(lambda: model(ids, use_cache=False, logits_to_keep=1, fam_cuda_graphs=False), 2) * 1e3
             graphed = seconds(lambda: model(ids, use_cache=False, logits_to_keep=1), 2) * 1e3
         row = {"batch": batch, "read_ms": round(whole, 2), "one_forward_ms": round(one, 2),

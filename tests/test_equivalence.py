@@ -128,3 +128,18 @@ def test_labels_give_the_base_models_loss_with_full_window(family):
         expected = base(ids, labels=ids).loss
         got = fam_model(base, 20, 0, 0)(ids, labels=ids).loss
     assert abs(got.item() - expected.item()) < 1e-5
+
+
+def test_rows_with_their_own_position_offsets_equal_rows_alone():
+    """The initial FAM is propagated once for a batch whose rows share it (`FAMChain.initial_states`); rows with
+    their own position offsets (Random Position Offset) do not share it, and each equals its row alone."""
+    model = fam_model(tiny_model("llama"), 4, 1, 2)
+    ids = random_ids(2, 18, seed=6)
+    offsets = torch.tensor([0, 300])
+    with torch.no_grad():
+        batched = model(ids, fam_position_offset=offsets).logits
+        for b in range(2):
+            alone = model(ids[b : b + 1], fam_position_offset=offsets[b : b + 1]).logits
+            assert_close(batched[b : b + 1], alone, msg=f"row {b}")
+        shared = model(ids, fam_position_offset=torch.tensor([300, 300])).logits
+    assert not torch.allclose(batched[0], shared[0])  # the offset reaches the FAM: the check above is not vacuous

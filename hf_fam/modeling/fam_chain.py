@@ -67,6 +67,7 @@ class FAMChain:
         self.layers = adapter.layers(decoder)
         self.inner = inner
         self._fam_position_embeddings: dict = {}  # layer kind -> (cos, sin) of the FAM positions
+        self._fingerprints: dict = {}  # layer index -> module_fingerprint, when this forward may replay graphs
 
     def call_layer(self, layer_idx: int, hidden: torch.Tensor, step: FAMStep, positions=None) -> torch.Tensor:
         """Run decoder layer `layer_idx` on FAM tokens `hidden` (B, F, D) with the given step. `positions`:
@@ -109,11 +110,58 @@ class FAMChain:
                 if given is not None:
                     state.fam = given.expand(batch, -1, -1) if given.shape[0] == 1 else given
             return states
-        hidden = fam_init
-        for idx, state in enumerate(states):
-            state.fam = hidden
-            hidden = self.call_layer(idx, hidden, FAMStep("init", self.inner))
+        batch = fam_init.shape[0]
+        shared = batch == 1 or (fam_init.stride(0) == 0 and self.plan.fam_position_ids.shape[0] == 1)
+        # every row starts from the same FAM at the same positions (no per-row offset): propagate one row
+        hidden = fam_init[:1] if shared else fam_init
+        graph = self._init_graph(hidden)
+        fams = graph(hidden) if graph is not None else self._propagate_init(hidden)
+        for state, fam in zip(states, fams):
+            state.fam = fam.expand(batch, -1, -1) if shared else fam
         return states
+
+    def _propagate_init(self, hidden: torch.Tensor, positions=None) -> list[torch.Tensor]:
+        """[F_0^0, ..., F_0^{L-1}] from F_0^0 = `hidden` (the last layer's output is never read). `positions`:
+        per layer, as `call_layer` takes them (a graph's own copies)."""
+        fams = [hidden]
+        for idx in range(len(self.layers) - 1):
+            step = FAMStep("init", self.inner)
+            fams.append(self.call_layer(idx, fams[-1], step, positions[idx] if positions is not None else None))
+        return fams
+
+    def _fingerprint(self, layer_idx: int):
+        """`module_fingerprint` of a layer, once per forward; None when this forward replays no graphs."""
+        if not self.plan.use_graphs:
+            return None
+        if layer_idx not in self._fingerprints:
+            self._fingerprints[layer_idx] = module_fingerprint(self.layers[layer_idx])
+        return self._fingerprints[layer_idx]
+
+    def _init_graph(self, hidden: torch.Tensor):
+        """A CUDA graph of the forward propagation of the initial FAM through all layers, kept across forwards
+        like the chain's steps (inputs: F_0^0 and every layer's FAM positions and rotary embedding), or None."""
+        if not self.plan.use_graphs or len(self.layers) < 2:
+            return None
+        per_layer = [self._positions(i, hidden.shape[0]) for i in range(len(self.layers) - 1)]
+        flat, layout = [hidden], []
+        for position_ids, embeddings in per_layer:
+            parts = list(embeddings) if isinstance(embeddings, (tuple, list)) else [embeddings]
+            layout.append((len(flat), len(parts), isinstance(embeddings, (tuple, list))))
+            flat += [position_ids, *parts]
+
+        def step_fn(*static):
+            positions = []
+            for start, count, is_tuple in layout:
+                parts = static[start + 1 : start + 1 + count]
+                positions.append((static[start], tuple(parts) if is_tuple else parts[0]))
+            return tuple(self._propagate_init(static[0], positions)[1:])
+
+        fingerprint = tuple(self._fingerprint(i) for i in range(len(self.layers) - 1))
+        graph = cached_chain_step(self.layers, ("init", self.inner), fingerprint, step_fn, flat, len(self.layers) - 1)
+        if graph is None:
+            return None
+        extra = flat[1:]
+        return lambda x: [x, *graph.step(x, *extra)]
 
     def _graph(self, layer_idx: int, kind: str, tensors: list, steps: int, fingerprint):
         """A CUDA graph of this layer's `kind` step ("update": (fam, block_k, block_v) -> (new fam, the FAM's
@@ -166,7 +214,7 @@ class FAMChain:
 
         # 1. CUDA graphs of the update step (shapes of the first block's step) and the probe, where the plan
         #    allows them
-        fingerprint = module_fingerprint(self.layers[layer_idx]) if plan.use_graphs else None
+        fingerprint = self._fingerprint(layer_idx)
         graph = None
         if plan.min_complete > 0:
             first = slice(M * C, (M + 1) * C)
