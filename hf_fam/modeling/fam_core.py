@@ -128,8 +128,8 @@ class FAMRun:
             position_offset: (B,) integer offsets added to every position (Random Position Offset). With
                 rotary embeddings attention depends on relative positions only, so this changes nothing
                 but float rounding; it exists to reproduce the paper's training recipe.
-            cuda_graphs: replay the FAM chain's update steps from CUDA graphs where possible (inference on
-                CUDA, chunks of at least `MIN_GRAPH_STEPS` blocks; see `fam_graphs`). Same result.
+            cuda_graphs: replay the FAM chain's steps from CUDA graphs kept across forwards where possible
+                (inference on CUDA; see `fam_graphs`). Same result.
         """
         # 1. the plan: where the chunk's tokens lie, block counts, positions, block shapes
         plan = make_plan(
