@@ -248,3 +248,16 @@ def test_lora_changes_between_forwards_recapture(graphs_on_cpu):
         assert graphs_on_cpu.captures == 4 * (layers + 1)
     for graphed, eager in outs:
         assert_close(graphed, eager, atol=0.0)
+
+
+def test_layers_with_weights_elsewhere_run_eagerly(graphs_on_cpu):
+    """A layer whose weights are not all on the forward's device (offloaded, loaded by a hook for each call) is
+    never captured: a kept graph would read memory the hook frees."""
+    model = fam_model(C=4)
+    model.model.layers[0].mlp.register_buffer("elsewhere", torch.zeros(1, device="meta"), persistent=False)
+    ids = random_ids(1, 10 * 4, seed=2)
+    with torch.no_grad():
+        for _ in range(2):
+            model(ids, use_cache=False)
+    # layer 1's update step only: layer 0 runs eagerly, and so does the initial FAM's propagation (through layer 0)
+    assert graphs_on_cpu.captures == 1

@@ -130,11 +130,16 @@ class FAMChain:
         return fams
 
     def _fingerprint(self, layer_idx: int):
-        """`module_fingerprint` of a layer, once per forward; None when this forward replays no graphs."""
+        """`module_fingerprint` of a layer, once per forward; None when this forward replays no graphs, or when
+        some of the layer's weights are not on the forward's device (offloaded, or on "meta" until a hook
+        loads them for the call): a kept graph would read memory such a hook frees."""
         if not self.plan.use_graphs:
             return None
         if layer_idx not in self._fingerprints:
-            self._fingerprints[layer_idx] = module_fingerprint(self.layers[layer_idx])
+            layer = self.layers[layer_idx]
+            device = self.plan.fam_position_ids.device
+            resident = all(t.device == device for t in (*layer.parameters(), *layer.buffers()))
+            self._fingerprints[layer_idx] = module_fingerprint(layer) if resident else None
         return self._fingerprints[layer_idx]
 
     def _init_graph(self, hidden: torch.Tensor):
@@ -157,6 +162,8 @@ class FAMChain:
             return tuple(self._propagate_init(static[0], positions)[1:])
 
         fingerprint = tuple(self._fingerprint(i) for i in range(len(self.layers) - 1))
+        if None in fingerprint:
+            return None
         graph = cached_chain_step(self.layers, ("init", self.inner), fingerprint, step_fn, flat, len(self.layers) - 1)
         if graph is None:
             return None
