@@ -8,6 +8,8 @@ the trimmed path with the one that masks every block row by row (`fam_plan.class
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from conftest import assert_close, padding_mask, random_ids, tiny_model
@@ -171,3 +173,30 @@ def test_split_attention_only_where_it_computes_the_same():
         assert not split_attention_usable("sdpa", q, {**plain, "dropout": 0.1})
         assert not split_attention_usable("sdpa", q.half(), plain)
     assert not split_attention_usable("sdpa", q, plain)  # autograd on
+
+
+def test_a_refusing_kernel_falls_back_to_the_masked_call_once(monkeypatch):
+    """Where a device's fused kernel refuses an input (an old GPU, an odd head size), block attention warns once,
+    takes the masked call, and computes the same values; on the CPU such an error is a bug and is raised."""
+    from hf_fam.modeling import fam_block_attention, fam_split_attention
+
+    model = fam_model(4, 2, 2)
+    ids = random_ids(1, 24, seed=3)
+    with torch.no_grad():
+        expected = model(ids).logits
+
+    def refuse(*args):
+        raise RuntimeError("no kernel for these inputs")
+
+    monkeypatch.setattr(fam_block_attention, "split_attention", refuse)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="no kernel"):
+        model(ids)  # the CPU does not refuse
+    monkeypatch.setattr(fam_split_attention, "REFUSABLE_DEVICES", ("cpu",))
+    monkeypatch.setattr(fam_split_attention, "_REFUSED", set())
+    with torch.no_grad(), pytest.warns(UserWarning, match="refused this input"):
+        got = model(ids).logits
+    assert_close(got, expected)
+    assert not fam_split_attention.split_attention_usable("sdpa", ids.new_zeros(1, 2, 4, 8, dtype=torch.float32), {})
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_close(model(ids).logits, expected)  # remembered: the masked call, no second warning

@@ -33,15 +33,20 @@ _CUDA_EFFICIENT = getattr(_ATEN, "_scaled_dot_product_efficient_attention", None
 # any other (soft-capping, attention sinks, ...) keeps the masked call
 _PLAIN_KWARGS = {"dropout", "scaling"}
 _REFUSED: set = set()  # (device type, dtype) whose CUDA kernel raised once: the masked call from then on
+# devices whose kernels may refuse an input the checks above let through (an old card, an odd head size); on the
+# CPU an error is a bug and is raised
+REFUSABLE_DEVICES = ("cuda",)
 
 
 def _kernel(query: torch.Tensor):
     """The fused kernel for this query's device and dtype, as f(q, k, v, causal, scale) -> (out (N, H, L, hd),
     lse (N, H, L) float32), or None."""
     device, dtype = query.device.type, query.dtype
+    if (device, dtype) in _REFUSED:
+        return None
     if device == "cpu" and _CPU_KERNEL is not None and dtype in (torch.float32, torch.bfloat16):
         return lambda q, k, v, causal, scale: _CPU_KERNEL(q, k, v, 0.0, causal, scale=scale)
-    if device != "cuda" or (device, dtype) in _REFUSED:
+    if device != "cuda":
         return None
     if dtype in (torch.float16, torch.bfloat16) and _CUDA_FLASH is not None:
         return lambda q, k, v, causal, scale: _CUDA_FLASH(q, k, v, 0.0, causal, False, scale=scale)[:2]
@@ -67,7 +72,10 @@ def split_attention_usable(inner: str, query: torch.Tensor, kwargs: dict) -> boo
 
 
 def refuse_kernel(query: torch.Tensor, err: Exception) -> None:
-    """Remember that this device's kernel raised on `query`'s dtype (the caller then takes the masked call)."""
+    """Remember that this device's kernel raised on `query`'s dtype (the caller then takes the masked call), or
+    raise `err` where kernels do not refuse (`REFUSABLE_DEVICES`)."""
+    if query.device.type not in REFUSABLE_DEVICES:
+        raise err
     _REFUSED.add((query.device.type, query.dtype))
     warnings.warn(
         f"FAM: the fused attention kernel refused this input ({type(err).__name__}: {err}); block attention "
