@@ -43,11 +43,11 @@ def capture_updates(model, n: int, config: BenchConfig):
     first = {}
     original = fam_chain.FAMChain.call_layer
 
-    def counting(self, layer_idx, hidden, step):
+    def counting(self, layer_idx, hidden, step, positions=None):
         if step.mode == "update":
             calls["update"] += 1
             first.setdefault(layer_idx, (self, hidden, step))
-        return original(self, layer_idx, hidden, step)
+        return original(self, layer_idx, hidden, step, positions)
 
     fam_chain.FAMChain.call_layer = counting
     try:
