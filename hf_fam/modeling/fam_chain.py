@@ -21,6 +21,18 @@ from .fam_plan import FAMPlan
 from .fam_state import FAMLayerState
 
 
+def _flat_positions(positions):
+    """(position_ids, position_embeddings) as a flat list of tensors (a graph's inputs), and the function that
+    rebuilds the pair from the graph's copies of them."""
+    position_ids, embeddings = positions
+    is_tuple = isinstance(embeddings, (tuple, list))
+
+    def rebuild(static):
+        return static[0], (tuple(static[1:]) if is_tuple else static[1])
+
+    return [position_ids, *(embeddings if is_tuple else [embeddings])], rebuild
+
+
 class FAMStep:
     """One call of a decoder layer on FAM tokens, nested in the layer's block attention.
 
@@ -147,18 +159,14 @@ class FAMChain:
         like the chain's steps (inputs: F_0^0 and every layer's FAM positions and rotary embedding), or None."""
         if not self.plan.use_graphs or len(self.layers) < 2:
             return None
-        per_layer = [self._positions(i, hidden.shape[0]) for i in range(len(self.layers) - 1)]
         flat, layout = [hidden], []
-        for position_ids, embeddings in per_layer:
-            parts = list(embeddings) if isinstance(embeddings, (tuple, list)) else [embeddings]
-            layout.append((len(flat), len(parts), isinstance(embeddings, (tuple, list))))
-            flat += [position_ids, *parts]
+        for i in range(len(self.layers) - 1):
+            tensors, rebuild = _flat_positions(self._positions(i, hidden.shape[0]))
+            layout.append((len(flat), len(flat) + len(tensors), rebuild))
+            flat += tensors
 
         def step_fn(*static):
-            positions = []
-            for start, count, is_tuple in layout:
-                parts = static[start + 1 : start + 1 + count]
-                positions.append((static[start], tuple(parts) if is_tuple else parts[0]))
+            positions = [rebuild(static[start:stop]) for start, stop, rebuild in layout]
             return tuple(self._propagate_init(static[0], positions)[1:])
 
         fingerprint = tuple(self._fingerprint(i) for i in range(len(self.layers) - 1))
@@ -176,13 +184,12 @@ class FAMChain:
         The FAM positions and their rotary embedding are graph inputs too: they belong to this forward."""
         if fingerprint is None:
             return None
-        position_ids, embeddings = self._positions(layer_idx, tensors[0].shape[0])
-        flat_embeddings = list(embeddings) if isinstance(embeddings, (tuple, list)) else [embeddings]
-        inputs = [*tensors, position_ids, *flat_embeddings]
+        position_tensors, rebuild = _flat_positions(self._positions(layer_idx, tensors[0].shape[0]))
+        inputs = [*tensors, *position_tensors]
         n = len(tensors)
 
         def step_fn(*static):
-            positions = (static[n], tuple(static[n + 1:]) if isinstance(embeddings, (tuple, list)) else static[n + 1])
+            positions = rebuild(static[n:])
             if kind == "probe":
                 step = FAMStep("probe", self.inner)
                 self.call_layer(layer_idx, static[0], step, positions)
