@@ -261,3 +261,19 @@ def test_layers_with_weights_elsewhere_run_eagerly(graphs_on_cpu):
             model(ids, use_cache=False)
     # layer 1's update step only: layer 0 runs eagerly, and so does the initial FAM's propagation (through layer 0)
     assert graphs_on_cpu.captures == 1
+
+
+def test_kept_graphs_are_bounded_by_input_signatures(graphs_on_cpu, monkeypatch):
+    """A model keeps the graphs of its `MAX_CACHED_SHAPES` most recent input signatures; older ones are dropped
+    and captured again when they come back, with the same results."""
+    monkeypatch.setattr(fam_graphs, "MAX_CACHED_SHAPES", 2)
+    model = fam_model(C=4)
+    with torch.no_grad():
+        for batch in (1, 2, 3, 1):
+            ids = random_ids(batch, 10 * 4, seed=batch)
+            got = model(ids, use_cache=False).logits
+            assert len(fam_graphs._CACHES[model.model.layers]) <= 2
+            assert_close(got, model(ids, use_cache=False, fam_cuda_graphs=False).logits, atol=0.0)
+    # batch 1's update steps were dropped (by batch 2's and 3's signatures) and captured again; the initial FAM's
+    # propagation runs on one row at every batch size: one signature, captured the second time it came
+    assert graphs_on_cpu.captures == 4 * model.config.num_hidden_layers + 1

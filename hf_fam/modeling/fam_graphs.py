@@ -36,9 +36,10 @@ import torch
 # fewer steps than this in a chunk are captured only when the same step comes again: a capture costs about one
 # eager step (not tuned: the H100 runs measured 16 and 256 steps per capture)
 MIN_GRAPH_STEPS = 8
-# input shapes whose graphs a model keeps (least recently used dropped first); each holds one graph per layer
-# and step kind, with its activations (a few MB per layer at batch 8 for a 1B model)
-MAX_CACHED_SHAPES = 4
+# input signatures whose graphs a model keeps (least recently used dropped first): a batch size uses three (the
+# update step, the probe, the initial FAM's propagation), so this keeps two to three batch sizes. Each holds a
+# graph per layer, with its activations (a few MB per layer at batch 8 for a 1B model)
+MAX_CACHED_SHAPES = 8
 
 StepFn = Callable[..., tuple[torch.Tensor, ...]]
 
