@@ -105,6 +105,23 @@ def test_fam_on_global_layers_only(name):
     assert (got - everywhere).abs().max() > 1e-4  # the choice matters
 
 
+@pytest.mark.parametrize("name", INTERLEAVED)
+def test_fam_on_global_layers_only_decodes_token_by_token(name):
+    # layers with and without FAM keep windows of two layouts; a decoding step builds its write index and
+    # mask once per layout and forward
+    model = fam(build(name), 4, 1, 3, fam_layers="global")
+    ids = random_ids(2, 15, seed=6)
+    mask = padding_mask([15, 12], 15, "left")
+    with torch.no_grad():
+        parallel = model(ids, attention_mask=mask).logits
+        cache, outs = None, []
+        for s in range(ids.shape[1]):
+            out = model(ids[:, s : s + 1], attention_mask=mask[:, : s + 1], cache=cache, use_cache=True)
+            cache = out.cache
+            outs.append(out.logits)
+    assert_close(torch.cat(outs, dim=1), parallel, mask=mask, msg=name)
+
+
 def test_fam_layers_global_needs_a_global_layer():
     base = build("qwen3")  # no sliding layers at all: every layer is global, fine
     fam(base, 4, 1, 2, fam_layers="global")(random_ids(1, 9))

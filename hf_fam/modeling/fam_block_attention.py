@@ -17,7 +17,7 @@ from .fam_chain import FAMChain
 from .fam_compat import additive_mask, call_inner_attention
 from .fam_plan import FAMPlan
 from .fam_split_attention import refuse_kernel, split_attention, split_attention_usable
-from .fam_state import FAMLayerState, build_window, rotate_memory, write_tokens
+from .fam_state import FAMLayerState, WindowLayout, build_window, rotate_memory, write_index, write_tokens
 
 # Upper bound on the attention scores materialised by one inner attention call; the blocks of a long
 # sequence are processed in groups so that prefill memory does not grow with the square of anything.
@@ -58,6 +58,7 @@ class BlockAttention:
         self.chain = chain
         self._rotations: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._regular_masks: dict[tuple, torch.Tensor] = {}
+        self._in_block: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # see `_in_block_layout`
 
     def rotations(self, layer_idx: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin (M, rot) moving a key s = 1..M blocks back, i.e. by -s·C positions."""
@@ -226,28 +227,40 @@ class BlockAttention:
         `__call__`."""
         plan = self.plan
         lay = plan.layouts[layer_idx]
-        win_k = write_tokens(state.win_k, lay, key, plan.slot)
-        win_v = write_tokens(state.win_v, lay, value, plan.slot)
+        index, mask = self._in_block_layout(lay, key.shape, query.device)
+        win_k = write_tokens(state.win_k, index, key)
+        win_v = write_tokens(state.win_v, index, value)
         S = lay.attended
-        device = query.device
-        pos = torch.arange(S, device=device)
-        mem_ok = (pos < lay.mem.stop) & (pos >= (plan.settings.memory_segments - state.mem_blocks[:, None]) * lay.C)
-        visible = int(plan.fam_visible(lay.fam.stop - lay.fam.start, device).sum())
-        fam_ok = (pos >= lay.fam.start) & (pos < lay.fam.start + visible)
-        if plan.settings.fam_update == "sink":
-            fam_ok = fam_ok & plan.sink_readable(0, 1)  # (B, S)
-        j = pos - lay.part.start  # index inside the current block
-        q_in_block = plan.slot.clamp(min=0)[:, :, None]  # (B, n, 1)
-        own = (j >= 0) & (((j <= q_in_block) & (j < plan.work_len[:, None, None])) | (j == q_in_block))
-        mask = (mem_ok | fam_ok)[:, None, :] | own  # (B, n, S)
-        out, _ = call_inner_attention(module, self.inner, query, win_k[:, :, :S], win_v[:, :, :S],
-                                      mask[:, None], kwargs)
+        out, _ = call_inner_attention(module, self.inner, query, win_k[:, :, :S], win_v[:, :, :S], mask, kwargs)
         new_state = None
         if plan.keep_state:
             new_state = FAMLayerState(
                 win_k=win_k, win_v=win_v, mem_blocks=state.mem_blocks, part_len=plan.work_len, fam=state.fam
             )
         return out, new_state, state.fam
+
+    def _in_block_layout(self, lay: WindowLayout, shape: torch.Size, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """For a chunk inside the current block: where its keys/values (of `shape`) go in a window of layout
+        `lay` (`write_index`), and the mask (B, 1, n, S) of what its queries read there: the memory blocks
+        holding real tokens, the visible FAM slots and the current block causally. Both depend only on the
+        plan and the layout (every layer's window holds the same blocks: `FAMPlan.blocks_before`), so they are
+        built once per forward and layout, not per layer (decoding is launch-bound)."""
+        key = (lay.F, tuple(shape), device)
+        if key not in self._in_block:
+            plan = self.plan
+            S = lay.attended
+            pos = torch.arange(S, device=device)
+            first_mem = (plan.settings.memory_segments - plan.blocks_before.clamp(max=lay.M)[:, None]) * lay.C
+            mem_ok = (pos < lay.mem.stop) & (pos >= first_mem)  # (B, S)
+            fam_ok = (pos >= lay.fam.start) & (pos < lay.fam.start + plan.fam_visible_count(lay.F))  # (S,)
+            if plan.settings.fam_update == "sink":
+                fam_ok = fam_ok & plan.sink_readable(0, 1)  # (B, S)
+            j = pos - lay.part.start  # index inside the current block
+            q_in_block = plan.slot.clamp(min=0)[:, :, None]  # (B, n, 1)
+            own = (j >= 0) & (((j <= q_in_block) & (j < plan.work_len[:, None, None])) | (j == q_in_block))
+            mask = (mem_ok | fam_ok)[:, None, :] | own  # (B, n, S)
+            self._in_block[key] = write_index(lay, plan.slot, shape), mask[:, None]
+        return self._in_block[key]
 
     def _timeline(self, layer_idx: int, state: FAMLayerState, key, value):
         """Keys/values (B, KVH, (M+T)*C, hd) laid out as [M memory blocks | T working blocks], each in its own

@@ -149,18 +149,24 @@ class FAMCache(Cache):
             raise ValueError(f"This FAMCache holds {self.seen.shape[0]} rows, the input has {batch}.")
 
     def check_continuation(self, attention_mask: torch.Tensor | None, chunk_mask: torch.Tensor, position_ids) -> None:
-        """The chunk must continue the stream: its mask's past columns and its positions agree with the cache."""
+        """The chunk must continue the stream: its mask's past columns and its positions agree with the cache.
+        Checked on the device and read once (on CUDA each read waits for the device: decoding reads per step)."""
         n = chunk_mask.shape[1]
+        checks = {}
         if attention_mask is not None and self.started and attention_mask.shape[1] == self.total_columns + n:
             past_real = attention_mask[:, : self.total_columns].to(torch.long).sum(1).to(self.seen.device)
-            if not torch.equal(past_real, self.seen):
-                raise ValueError(
-                    "attention_mask's past columns do not match the tokens this FAMCache has seen "
-                    f"(real tokens per row: mask {past_real.tolist()}, cache {self.seen.tolist()})."
-                )
-        if position_ids is None:
-            return
-        check_positions(position_ids, chunk_mask, self.next_position if self.started else None)
+            checks["mask"] = (past_real == self.seen).all()
+        expected = self.next_position if self.started else None
+        if position_ids is not None:
+            checks.update(position_checks(position_ids, chunk_mask, expected))
+        failed = failed_checks(checks)
+        if "mask" in failed:
+            raise ValueError(
+                "attention_mask's past columns do not match the tokens this FAMCache has seen "
+                f"(real tokens per row: mask {past_real.tolist()}, cache {self.seen.tolist()})."
+            )
+        if failed:
+            raise position_error(failed[0], position_ids, chunk_mask, expected)
 
     def advance(self, layer_states: list[FAMLayerState], chunk_mask: torch.Tensor, position_ids=None) -> None:
         """Take the layers' new states after a chunk."""
@@ -184,26 +190,55 @@ def _first_real_position(position_ids: torch.Tensor, chunk_mask: torch.Tensor) -
     return torch.where(chunk_mask, position_ids.long(), big).min(1).values
 
 
-def check_positions(position_ids: torch.Tensor, chunk_mask: torch.Tensor, expected_first: torch.Tensor | None):
-    """Real tokens' positions must be consecutive, and continue the stream when a cache is given."""
+def failed_checks(checks: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the checks (0-dim bool tensors, True when they hold) that fail, read in one host read."""
+    if not checks:
+        return []
+    held = torch.stack([c.to(torch.bool) for c in checks.values()]).tolist()
+    return [name for name, ok in zip(checks, held) if not ok]
+
+
+def position_checks(position_ids: torch.Tensor, chunk_mask: torch.Tensor,
+                    expected_first: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Checks of a chunk's position_ids, on the device (see `failed_checks`): the real tokens' positions are
+    consecutive ("consecutive") and, when `expected_first` is given, continue the stream ("continues")."""
     if position_ids.dim() != 2 or position_ids.shape[-1] != chunk_mask.shape[1]:
         raise ValueError(f"position_ids must have shape (batch, {chunk_mask.shape[1]}), "
                          f"got {tuple(position_ids.shape)}.")
     pos = position_ids.expand(chunk_mask.shape[0], -1).to(chunk_mask.device).long()
     rank = chunk_mask.long().cumsum(1) - 1
     first = _first_real_position(pos, chunk_mask)
-    has_real = chunk_mask.any(1)
-    if not torch.equal(torch.where(chunk_mask, pos - rank, 0), torch.where(chunk_mask, first[:, None], 0)):
-        raise ValueError(
+    checks = {"consecutive": (torch.where(chunk_mask, pos - rank - first[:, None], 0) == 0).all()}
+    if expected_first is not None:
+        checks["continues"] = ~(_skips(first, chunk_mask, expected_first)).any()
+    return checks
+
+
+def _skips(first: torch.Tensor, chunk_mask: torch.Tensor, expected_first: torch.Tensor) -> torch.Tensor:
+    """(B,) rows whose first real position is not the stream's next one."""
+    return chunk_mask.any(1) & (first != expected_first.to(first.device))
+
+
+def position_error(check: str, position_ids: torch.Tensor, chunk_mask: torch.Tensor,
+                   expected_first: torch.Tensor | None) -> ValueError:
+    """The error for a failed `position_checks` check."""
+    if check == "consecutive":
+        return ValueError(
             "position_ids of the real tokens must be consecutive (FAM counts positions from each row's first real "
             "token, padding excluded); leave position_ids out to let FAM number them."
         )
-    if expected_first is not None:
-        bad = has_real & (first != expected_first.to(first.device))
-        if bad.any():
-            b = int(bad.nonzero()[0, 0])
-            direction = "go backwards" if first[b] < expected_first[b] else "skip ahead"
-            raise ValueError(
-                f"position_ids {direction} in row {b}: the stream's next position is {int(expected_first[b])}, "
-                f"the chunk starts at {int(first[b])}. Continue from the cache's position or start a new cache."
-            )
+    pos = position_ids.expand(chunk_mask.shape[0], -1).to(chunk_mask.device).long()
+    first = _first_real_position(pos, chunk_mask)
+    b = int(_skips(first, chunk_mask, expected_first).nonzero()[0, 0])
+    direction = "go backwards" if first[b] < expected_first[b] else "skip ahead"
+    return ValueError(
+        f"position_ids {direction} in row {b}: the stream's next position is {int(expected_first[b])}, "
+        f"the chunk starts at {int(first[b])}. Continue from the cache's position or start a new cache."
+    )
+
+
+def check_positions(position_ids: torch.Tensor, chunk_mask: torch.Tensor, expected_first: torch.Tensor | None):
+    """Real tokens' positions must be consecutive, and continue the stream when a cache is given."""
+    failed = failed_checks(position_checks(position_ids, chunk_mask, expected_first))
+    if failed:
+        raise position_error(failed[0], position_ids, chunk_mask, expected_first)

@@ -117,10 +117,12 @@ def make_plan(
     slot = torch.where(chunk_mask, part_len[:, None] + rank, -1)  # (B, n)
     work_len = part_len + chunk_mask.long().sum(1)  # (B,)
 
-    # 3. the chunk's block counts: one host sync for all of them
-    work_len_cpu = work_len.tolist()
-    prefix_shaped = bool((chunk_mask[:, :-1] >= chunk_mask[:, 1:]).all()) if n > 1 else True
-    at_boundary = fresh or not bool(part_len.any())
+    # 3. the chunk's block counts, whether its padding only trails, whether a row carries a partial block in: one
+    #    host read for all of them (on CUDA each read waits for the device)
+    trails = (chunk_mask[:, :-1] >= chunk_mask[:, 1:]).all() if n > 1 else chunk_mask.new_ones(())
+    host = torch.cat([work_len, torch.stack([trails, part_len.any()]).long()]).tolist()
+    work_len_cpu, prefix_shaped, carried = host[:batch], bool(host[batch]), bool(host[batch + 1])
+    at_boundary = fresh or not carried
     num_blocks = max(1, math.ceil(max(work_len_cpu) / C))
     complete = [w // C for w in work_len_cpu]
     max_complete = max(complete)

@@ -71,11 +71,16 @@ def build_window(layout: WindowLayout, mem_view: torch.Tensor, fam_kv: torch.Ten
     return torch.cat(pieces, dim=2)
 
 
-def write_tokens(window: torch.Tensor, layout: WindowLayout, x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-    """Write the chunk's tokens x (B, KVH, n, hd) into the current block at `slot` (B, n); padding (slot -1)
-    goes to the dump slot. In place when no gradient is recorded (decoding), out of place otherwise."""
+def write_index(layout: WindowLayout, slot: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The scatter index (B, KVH, n, hd) writing a chunk's tokens of `shape` at `slot` (B, n) of the current block;
+    padding (slot -1) goes to the dump slot."""
     index = torch.where(slot >= 0, layout.part.start + slot, layout.length - 1)
-    index = index[:, None, :, None].expand(x.shape[0], x.shape[1], x.shape[2], x.shape[3])
+    return index[:, None, :, None].expand(shape[0], shape[1], shape[2], shape[3])
+
+
+def write_tokens(window: torch.Tensor, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Write the chunk's tokens x (B, KVH, n, hd) into the window at `index` (`write_index`). In place when no
+    gradient is recorded (decoding), out of place otherwise."""
     recording = torch.is_grad_enabled() and (x.requires_grad or window.requires_grad)
     # tensors made under inference_mode may only be written in place under inference_mode
     frozen = window.is_inference() and not torch.is_inference_mode_enabled()
