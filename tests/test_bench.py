@@ -55,3 +55,18 @@ def test_prefill_bounds_script_counts_the_chain_and_writes_json(tmp_path):
     assert set(saved["seconds"]) == {"full", "bswa", "fam", "floor", "calls"}
     assert all(t > 0 for t in saved["seconds"].values())
     assert saved["extra_budget_for_both_s"] == pytest.approx(saved["seconds"]["full"] / 33, abs=1e-4)
+
+
+def test_decode_host_script_writes_json(tmp_path):
+    """benchmarks/decode_host.py, the host-time-per-token benchmark, runs end to end at a short context."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "decode.json"
+    subprocess.run([sys.executable, str(root / "benchmarks" / "decode_host.py"), "--context", "96", "--steps", "3",
+                    "--rounds", "1", "--out", str(out)], check=True, capture_output=True, cwd=tmp_path, timeout=300)
+    saved = json.loads(out.read_text())
+    assert set(saved["median_ms"]) == {"full", "bswa", "fam"}
+    assert all(len(t) == 1 and t[0] > 0 for t in saved["ms_per_token"].values())
+    assert saved["over_full"]["full"] == 1.0
