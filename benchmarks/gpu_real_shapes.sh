@@ -7,10 +7,12 @@
 # 40 s of decode and 170 s of LoRA steps, within 10 minutes. The benchmark saves each row as it is measured and
 # runs the LoRA steps last, so a run stopped by its time limit loses the longest step first.
 # Between them, benchmarks/gpu_profile_chain.py profiles one 8k read at batch 1 and 8 (about 30 s), and
-# benchmarks/decode_host.py times decoding at the 1B layer count and a tiny width (host time per token, about 20 s).
+# benchmarks/decode_host.py times decoding at the 1B layer count and a tiny width (host time per token, about 20 s),
+# and benchmarks/train_chain.py times the LoRA step at 8k with the chain recorded by autograd, recomputed in
+# backward, and recomputed with CUDA graphs (about 40 s; cuda_checks.py checks the last one's gradients first).
 # PARTS chooses the bench's parts (default: prefill decode train).
-# Results go to ${OUT:-benchmarks/results/gpu_real} (7 files: run.log, cuda_checks.json, profile.json,
-# decode_host.json, llama-3.2-1b-gpu.json, .md and _prefill.png). Wheels in .whl/ (the transformers and peft
+# Results go to ${OUT:-benchmarks/results/gpu_real} (8 files: run.log, cuda_checks.json, profile.json,
+# decode_host.json, train_chain.json, llama-3.2-1b-gpu.json, .md and _prefill.png). Wheels in .whl/ (the transformers and peft
 # releases tested here) are installed to /tmp/site first, where the machine's own differ.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -39,7 +41,10 @@ timeout "${PROFILE_SECONDS:-60}" python3 benchmarks/gpu_profile_chain.py --out "
   | grep -v -e FutureWarning -e "warnings.warn" | tee -a "$LOG"
 timeout "${DECODE_HOST_SECONDS:-60}" python3 benchmarks/decode_host.py --device cuda --context 8192 \
   --out "$OUT/decode_host.json" 2>&1 | grep -v -e FutureWarning -e "warnings.warn" | tee -a "$LOG"
+timeout "${TRAIN_CHAIN_SECONDS:-60}" python3 benchmarks/train_chain.py --device cuda --width real --dtype bfloat16 \
+  --rank 64 --tokens 8192 --rounds 3 --out "$OUT/train_chain.json" 2>&1 \
+  | grep -v -e FutureWarning -e "warnings.warn" | tee -a "$LOG"
 # shellcheck disable=SC2086
-timeout "${BENCH_SECONDS:-480}" python3 -m hf_fam.cli bench --preset llama-3.2-1b-gpu --threads 8 --rounds 2 \
+timeout "${BENCH_SECONDS:-420}" python3 -m hf_fam.cli bench --preset llama-3.2-1b-gpu --threads 8 --rounds 2 \
   --parts ${PARTS:-prefill decode train} --out "$OUT/llama-3.2-1b-gpu" 2>&1 | tee -a "$LOG"
 echo "bench exit status: ${PIPESTATUS[0]} (124: stopped by its time limit)" | tee -a "$LOG"

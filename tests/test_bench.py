@@ -70,3 +70,21 @@ def test_decode_host_script_writes_json(tmp_path):
     assert set(saved["median_ms"]) == {"full", "bswa", "fam"}
     assert all(len(t) == 1 and t[0] > 0 for t in saved["ms_per_token"].values())
     assert saved["over_full"]["full"] == 1.0
+
+
+def test_train_chain_script_writes_json(tmp_path):
+    """benchmarks/train_chain.py, the LoRA step with the chain recorded, recomputed (and, on CUDA, graphed), runs
+    end to end on a short sequence."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "train.json"
+    subprocess.run([sys.executable, str(root / "benchmarks" / "train_chain.py"), "--tokens", "256", "--block-size",
+                    "64", "--layers", "2", "--rounds", "1", "--out", str(out)],
+                   check=True, capture_output=True, cwd=tmp_path, timeout=300)
+    saved = json.loads(out.read_text())
+    assert set(saved["median_s"]) == {"bswa", "fam_recorded", "fam_recomputed"}
+    assert saved["chain_steps"] == 2 * 4 and saved["layers"] == 2
+    assert all(len(t) == 1 and t[0] > 0 for t in saved["seconds"].values())
+    assert saved["over_bswa"]["bswa"] == 1.0

@@ -17,9 +17,9 @@ import hf_fam
 
 REMOTE_FILES = {
     "configuration_fam.py", "modeling_fam.py", "fam_core.py", "fam_state.py", "fam_adapters.py", "fam_compat.py",
-    "fam_cache.py", "fam_settings.py", "fam_graphs.py", "fam_chain.py", "fam_generation.py", "fam_packing.py",
-    "fam_forward.py", "fam_plan.py", "fam_wrapping.py", "fam_block_attention.py", "fam_split_attention.py",
-    "fam_loss.py",
+    "fam_cache.py", "fam_settings.py", "fam_graphs.py", "fam_chain.py", "fam_chain_grad.py", "fam_generation.py",
+    "fam_packing.py", "fam_forward.py", "fam_plan.py", "fam_wrapping.py", "fam_block_attention.py",
+    "fam_split_attention.py", "fam_loss.py",
 }
 
 

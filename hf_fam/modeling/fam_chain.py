@@ -4,6 +4,8 @@ Each update calls the layer's own decoder layer on the F FAM tokens (`FAMStep`):
 the previous FAM and the block, and the layer's MLP makes the new FAM, fed back to the same layer for the
 next block. The keys/values each FAM produces on the way are what the block attention reads. On CUDA
 without autograd, the update and probe steps are replayed from CUDA graphs kept across forwards (`fam_graphs`).
+Under autograd (training), a layer's steps run as one autograd Function recomputed step by step in backward
+(`fam_chain_grad`).
 
 `FAMChain` holds one forward's chain: it reads the forward's `FAMPlan` (`fam_plan`) and calls the layers;
 the block attention (`fam_block_attention`) asks it for each layer's FAM keys/values, and `FAMRun.start`
@@ -15,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from .fam_adapters import DecoderAdapter
+from .fam_chain_grad import chain_with_recompute, recompute_in_backward
 from .fam_compat import call_inner_attention, plain_layer_call
 from .fam_graphs import cached_chain_step, module_fingerprint
 from .fam_plan import FAMPlan
@@ -80,6 +83,11 @@ class FAMChain:
         self.inner = inner
         self._fam_position_embeddings: dict = {}  # layer kind -> (cos, sin) of the FAM positions
         self._fingerprints: dict = {}  # layer index -> module_fingerprint, when this forward may replay graphs
+        # layer index -> the chain's results in this forward, for gradient checkpointing's recompute of the layer
+        # (`fam_chain_grad`)
+        self.recorded: dict = {}
+        # set by `fam_chain_grad` while a training forward's steps run without autograd and it may replay graphs
+        self.graphs_in_training = False
 
     def call_layer(self, layer_idx: int, hidden: torch.Tensor, step: FAMStep, positions=None) -> torch.Tensor:
         """Run decoder layer `layer_idx` on FAM tokens `hidden` (B, F, D) with the given step. `positions`:
@@ -145,7 +153,7 @@ class FAMChain:
         """`module_fingerprint` of a layer, once per forward; None when this forward replays no graphs, or when
         some of the layer's weights are not on the forward's device (offloaded, or on "meta" until a hook
         loads them for the call): a kept graph would read memory such a hook frees."""
-        if not self.plan.use_graphs:
+        if not (self.plan.use_graphs or self.graphs_in_training):
             return None
         if layer_idx not in self._fingerprints:
             layer = self.layers[layer_idx]
@@ -178,10 +186,11 @@ class FAMChain:
         extra = flat[1:]
         return lambda x: [x, *graph.step(x, *extra)]
 
-    def _graph(self, layer_idx: int, kind: str, tensors: list, steps: int, fingerprint):
+    def _graph(self, layer_idx: int, kind, tensors: list, steps: int, fingerprint, compute=None):
         """A CUDA graph of this layer's `kind` step ("update": (fam, block_k, block_v) -> (new fam, the FAM's
-        keys, values); "probe": (fam,) -> (keys, values)), kept across forwards (`fam_graphs`), or None.
-        The FAM positions and their rotary embedding are graph inputs too: they belong to this forward."""
+        keys, values); "probe": (fam,) -> (keys, values); or any other name with `compute(*tensors, positions)`
+        -> tensors), kept across forwards (`fam_graphs`), or None. The FAM positions and their rotary embedding
+        are graph inputs too: they belong to this forward."""
         if fingerprint is None:
             return None
         position_tensors, rebuild = _flat_positions(self._positions(layer_idx, tensors[0].shape[0]))
@@ -190,6 +199,8 @@ class FAMChain:
 
         def step_fn(*static):
             positions = rebuild(static[n:])
+            if compute is not None:
+                return tuple(compute(*static[:n], positions=positions))
             if kind == "probe":
                 step = FAMStep("probe", self.inner)
                 self.call_layer(layer_idx, static[0], step, positions)
@@ -220,70 +231,108 @@ class FAMChain:
         plan = self.plan
         if plan.settings.fam_update == "sink":
             return self._sink_chain(layer_idx, state)
-        C, M = plan.settings.block_size, plan.settings.memory_segments
         T = plan.num_blocks
-        tl_ok = plan.timeline_ok  # (B, (M+T)*C)
-        fam = state.fam  # (B, F, D)
-        ks, vs = [], []  # per step: (B, KVH, F, hd), the keys/values of the FAM block t reads
+        kinds = self.schedule(state)
+        if recompute_in_backward(self, layer_idx, state, tl_k, tl_v):
+            # training: the steps run without autograd and are recomputed one by one in backward
+            all_k, all_v, fam = chain_with_recompute(self, layer_idx, kinds, state, tl_k, tl_v)
+            fam_k, fam_v = all_k[:, :T], all_v[:, :T]
+        else:
+            ks, vs, fam = self.steps(layer_idx, kinds, state, tl_k, tl_v)
+            fam_k = torch.stack(ks[:T], dim=1)  # (B, T, KVH, F, hd)
+            fam_v = torch.stack(vs[:T], dim=1)
+            all_k = all_v = None
+            if plan.keep_state:
+                all_k = torch.stack(ks, dim=1)  # (B, steps, KVH, F, hd)
+                all_v = torch.stack(vs, dim=1)
 
-        # 1. CUDA graphs of the update step (shapes of the first block's step) and the probe, where the plan
-        #    allows them
-        fingerprint = self._fingerprint(layer_idx)
-        graph = None
-        if plan.min_complete > 0:
-            first = slice(M * C, (M + 1) * C)
-            graph = self._graph(layer_idx, "update", [fam, tl_k[:, :, first], tl_v[:, :, first]], plan.min_complete,
-                                fingerprint)
-
-        # 2. block after block (one more step when keeping state: the FAM the next chunk's first block reads)
-        for t in range(T + (1 if plan.keep_state else 0)):
-            if t < plan.max_complete:
-                # 2a. some row completes block t: update the FAM with it (rows past their end keep theirs)
-                blk = slice((M + t) * C, (M + t + 1) * C)
-                all_complete = t < plan.min_complete
-                if graph is not None and all_complete:  # same computation, replayed
-                    fam, k, v = graph(fam, tl_k[:, :, blk], tl_v[:, :, blk])
-                    ks.append(k)
-                    vs.append(v)
-                    continue
-                step = FAMStep(
-                    "update", self.inner, tl_k[:, :, blk], tl_v[:, :, blk], None if all_complete else tl_ok[:, blk]
-                )
-                new = self.call_layer(layer_idx, fam, step)
-                done = plan.complete_blocks > t  # (B,)
-                fam = new if all_complete else torch.where(done[:, None, None], new, fam)
-            elif t == 0 and state.win_k is not None:
-                # 2b. no update yet in this chunk: the first block reads the cached FAM's keys/values
-                step = FAMStep("cached", self.inner)
-                lay = plan.layouts[layer_idx]
-                step.fam_k, step.fam_v = state.win_k[:, :, lay.fam], state.win_v[:, :, lay.fam]
-            elif t < T or plan.max_complete == T:
-                # 2c. keys of a FAM no update in this chunk has read yet (a trailing partial block, or the
-                # block after the chunk for the cache)
-                probe = self._graph(layer_idx, "probe", [fam], 1, fingerprint)
-                step = FAMStep("probe", self.inner)
-                if probe is not None:
-                    step.fam_k, step.fam_v = probe(fam)
-                else:
-                    self.call_layer(layer_idx, fam, step)
-            else:
-                break
-            ks.append(step.fam_k)
-            vs.append(step.fam_v)
-
-        # 3. the FAM keys/values every working block reads
-        fam_k = torch.stack(ks[:T], dim=1)  # (B, T, KVH, F, hd)
-        fam_v = torch.stack(vs[:T], dim=1)
-
-        # 4. for the cache: the FAM each row's next block reads, after `complete_blocks` updates
+        # for the cache: the FAM each row's next block reads, after `complete_blocks` updates
         next_k = next_v = None
         if plan.keep_state:
-            all_k = torch.stack(ks, dim=1)  # (B, steps, KVH, F, hd)
-            all_v = torch.stack(vs, dim=1)
             pick = plan.complete_blocks.clamp(max=all_k.shape[1] - 1)[:, None, None, None, None]
             next_k = all_k.gather(1, pick.expand(-1, 1, *all_k.shape[2:]))[:, 0]
             next_v = all_v.gather(1, pick.expand(-1, 1, *all_v.shape[2:]))[:, 0]
         return fam_k, fam_v, fam, next_k, next_v
+
+    def schedule(self, state: FAMLayerState) -> list[str]:
+        """The kind of each of this layer's steps over the chunk, block after block (one more step when
+        keeping state: the FAM the next chunk's first block reads):
+        "update": every row completes the block and updates its FAM with it;
+        "partial": some rows do (rows past their end keep theirs);
+        "cached": no update yet in this chunk: the first block reads the cached FAM's keys/values;
+        "probe": the keys/values of a FAM no update in this chunk has read yet (a trailing partial block, or
+            the block after the chunk, for the cache)."""
+        plan = self.plan
+        T = plan.num_blocks
+        kinds = []
+        for t in range(T + (1 if plan.keep_state else 0)):
+            if t < plan.max_complete:
+                kinds.append("update" if t < plan.min_complete else "partial")
+            elif t == 0 and state.win_k is not None:
+                kinds.append("cached")
+            elif t < T or plan.max_complete == T:
+                kinds.append("probe")
+            else:
+                break
+        return kinds
+
+    def steps(self, layer_idx: int, kinds: list[str], state: FAMLayerState, tl_k: torch.Tensor,
+              tl_v: torch.Tensor, record: list | None = None):
+        """Run the steps `kinds` (`schedule`) from the state's FAM. Returns per step the keys/values of the FAM
+        its block reads ((B, KVH, F, hd) each) and the FAM after the last step. `record`, when given, receives
+        each step's incoming FAM (what `chain_with_recompute` recomputes a step from)."""
+        plan = self.plan
+        fam = state.fam  # (B, F, D)
+        ks, vs = [], []
+        graph = None
+        fingerprint = self._fingerprint(layer_idx)
+        if plan.min_complete > 0:  # a CUDA graph of the update step, where the plan allows them
+            C, M = plan.settings.block_size, plan.settings.memory_segments
+            first = slice(M * C, (M + 1) * C)
+            graph = self._graph(layer_idx, "update", [fam, tl_k[:, :, first], tl_v[:, :, first]], plan.min_complete,
+                                fingerprint)
+        for t, kind in enumerate(kinds):
+            if record is not None:
+                record.append(fam)
+            if kind == "update" and graph is not None:  # same computation, replayed
+                fam, k, v = graph(fam, *self.block_slices(t, tl_k, tl_v))
+            elif kind == "probe" and fingerprint is not None and (probe := self._graph(
+                    layer_idx, "probe", [fam], 1, fingerprint)) is not None:
+                k, v = probe(fam)
+            else:
+                fam, k, v = self.step(layer_idx, t, kind, fam, tl_k, tl_v, state)
+            ks.append(k)
+            vs.append(v)
+        return ks, vs, fam
+
+    def block_slices(self, t: int, tl_k: torch.Tensor, tl_v: torch.Tensor):
+        """The keys/values of working block t on the timeline: (B, KVH, C, hd) each."""
+        C, M = self.plan.settings.block_size, self.plan.settings.memory_segments
+        blk = slice((M + t) * C, (M + t + 1) * C)
+        return tl_k[:, :, blk], tl_v[:, :, blk]
+
+    def step(self, layer_idx: int, t: int, kind: str, fam: torch.Tensor, tl_k, tl_v, state: FAMLayerState,
+             block=None, positions=None):
+        """One eager step of kind `kind` (`schedule`) at block t from FAM `fam` (B, F, D). Returns the FAM
+        after it and the keys/values of the FAM block t reads ((B, KVH, F, hd) each). `block`: the block's
+        keys/values to use instead of the slices of `tl_k`, `tl_v`; `positions`: as `call_layer` takes them."""
+        if kind == "cached":
+            lay = self.plan.layouts[layer_idx]
+            return fam, state.win_k[:, :, lay.fam], state.win_v[:, :, lay.fam]
+        if kind == "probe":
+            step = FAMStep("probe", self.inner)
+            self.call_layer(layer_idx, fam, step, positions)
+            return fam, step.fam_k, step.fam_v
+        block_k, block_v = block if block is not None else self.block_slices(t, tl_k, tl_v)
+        if kind == "update":
+            step = FAMStep("update", self.inner, block_k, block_v, None)
+            return self.call_layer(layer_idx, fam, step, positions), step.fam_k, step.fam_v
+        C, M = self.plan.settings.block_size, self.plan.settings.memory_segments
+        block_ok = self.plan.timeline_ok[:, (M + t) * C:(M + t + 1) * C]
+        step = FAMStep("update", self.inner, block_k, block_v, block_ok)
+        new = self.call_layer(layer_idx, fam, step, positions)
+        done = self.plan.complete_blocks > t  # (B,)
+        return torch.where(done[:, None, None], new, fam), step.fam_k, step.fam_v
 
     def _sink_chain(self, layer_idx: int, state: FAMLayerState):
         """fam_update "sink": no update; every block reads the keys/values of the initial FAM (the same in

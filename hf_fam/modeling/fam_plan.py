@@ -41,6 +41,7 @@ class FAMPlan:
     fresh: bool  # no incoming state: the chunk starts a sequence
     keep_state: bool  # the layers leave their updated state for the cache
     use_graphs: bool  # the chain may replay its update steps from CUDA graphs (`fam_graphs`)
+    graphs_requested: bool  # the forward asked for graphs (training may replay its steps without autograd)
     slot: torch.Tensor  # (B, n) long: each real token's index on the working timeline; -1 for padding
     work_len: torch.Tensor  # (B,) long: tokens on the working timeline (carried partial block + real tokens)
     complete_blocks: torch.Tensor  # (B,) long: complete working blocks, work_len // C
@@ -168,6 +169,7 @@ def make_plan(
         fresh=fresh,
         keep_state=keep_state,
         use_graphs=graphs_usable(device, cuda_graphs),
+        graphs_requested=cuda_graphs,
         slot=slot,
         work_len=work_len,
         complete_blocks=work_len // C,

@@ -31,6 +31,7 @@ from .fam_adapters import get_adapter
 from .fam_block_attention import BlockAttention  # noqa: F401
 from .fam_cache import FAMCache
 from .fam_chain import FAMChain  # noqa: F401
+from .fam_chain_grad import chain_with_recompute  # noqa: F401
 from .fam_compat import (
     CACHE_KWARG,
     needs_eager_attention,
