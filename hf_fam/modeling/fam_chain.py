@@ -149,11 +149,12 @@ class FAMChain:
             fams.append(self.call_layer(idx, fams[-1], step, positions[idx] if positions is not None else None))
         return fams
 
-    def _fingerprint(self, layer_idx: int):
-        """`module_fingerprint` of a layer, once per forward; None when this forward replays no graphs, or when
-        some of the layer's weights are not on the forward's device (offloaded, or on "meta" until a hook
-        loads them for the call): a kept graph would read memory such a hook frees."""
-        if not (self.plan.use_graphs or self.graphs_in_training):
+    def _fingerprint(self, layer_idx: int, replaying: bool = False):
+        """`module_fingerprint` of a layer, once per forward; None when this forward replays no graphs (unless
+        the caller is `replaying` one itself: a training backward), or when some of the layer's weights are not
+        on the forward's device (offloaded, or on "meta" until a hook loads them for the call): a kept graph
+        would read memory such a hook frees."""
+        if not (replaying or self.plan.use_graphs or self.graphs_in_training):
             return None
         if layer_idx not in self._fingerprints:
             layer = self.layers[layer_idx]

@@ -175,11 +175,7 @@ class _RecomputedChain(torch.autograd.Function):
             if ctx.graphs and "update" in kinds:  # each update step's backward replayed from one graph
                 first = kinds.index("update")
                 vjp = step_vjp(chain, layer_idx, first, "update", state, (needs_k, needs_v), wanted_params)
-                chain.graphs_in_training = True
-                try:
-                    fingerprint = chain._fingerprint(layer_idx)
-                finally:
-                    chain.graphs_in_training = False
+                fingerprint = chain._fingerprint(layer_idx, replaying=True)
                 marks = (fingerprint, tuple(p.requires_grad for p in chain.layers[layer_idx].parameters()))
                 graph = chain._graph(
                     layer_idx, ("vjp", needs_k, needs_v), [ctx.fams[first], *chain.block_slices(first, tl_k, tl_v),

@@ -1,4 +1,4 @@
-"""CUDA graphs for the FAM chain (inference on a GPU).
+"""CUDA graphs for the FAM chain on a GPU (inference; training opts in through `fam_chain_grad.TRAINING_GRAPHS`).
 
 The FAM chain calls a decoder layer on F tokens once per block, one block after another. On a GPU each
 such call is a few dozen small kernels, and launching them costs more than running them: the GPU waits
