@@ -18,6 +18,7 @@ import torch
 import transformers
 
 import hf_fam
+from hf_fam.modeling.fam_compat import enable_checkpointing
 from hf_fam.testing.fam_layer_reference import reference_layer_fam_logits
 from hf_fam.tiny import tiny_model
 
@@ -357,7 +358,7 @@ def main():
         m = hf_fam.FAMForCausalLM.from_base_model(build("llama"), block_size=C, memory_segments=M,
                                                   fam_length=F).to(DEVICE).train()
         if checkpointing:
-            m.gradient_checkpointing_enable()
+            enable_checkpointing(m)
         m(ids.to(DEVICE), labels=ids.to(DEVICE)).loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]))
     check("llama: gradients with checkpointing == without", (grads[0] - grads[1]).abs().max().item(), 1e-5)

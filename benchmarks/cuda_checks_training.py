@@ -12,6 +12,7 @@ import torch
 
 import hf_fam
 from hf_fam.modeling import fam_chain_grad, fam_graphs
+from hf_fam.modeling.fam_compat import enable_checkpointing
 
 
 def training_checks(check, build, device: str, fp32: float, bf16_same: float):
@@ -28,7 +29,7 @@ def training_checks(check, build, device: str, fp32: float, bf16_same: float):
     def model(dtype):
         torch.manual_seed(5)
         base = hf_fam.FAMForCausalLM.from_base_model(build("llama"), block_size=C, memory_segments=M, fam_length=F)
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(base)
         config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False,
                                  modules_to_save=["fam"])
         return peft.get_peft_model(base, config).to(device, dtype).train()

@@ -22,6 +22,7 @@ from peft import get_peft_model
 
 from hf_fam.apps.bench_real import shape_model
 from hf_fam.modeling import fam_chain_grad
+from hf_fam.modeling.fam_compat import enable_checkpointing
 from hf_fam.modeling.modeling_fam import FAMForCausalLM
 from hf_fam.training import unwrap_fam_model
 from hf_fam.training.lora import fam_lora_config
@@ -36,7 +37,7 @@ def build(args, fam_length: int):
     base = shape_model(args.shape, args.device, args.tokens + 8, **overrides)
     model = FAMForCausalLM.from_base_model(base.to(getattr(torch, args.dtype)), block_size=args.block_size,
                                            memory_segments=3, fam_length=fam_length)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model)
     model.enable_input_require_grads()
     return get_peft_model(model, fam_lora_config(model, r=args.rank)).train()
 

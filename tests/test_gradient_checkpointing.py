@@ -3,6 +3,8 @@ layers really recomputed, and gradients flowing through the memory across every 
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from conftest import assert_close, random_ids, tiny_model
@@ -89,3 +91,55 @@ def test_recompute_leaves_the_forward_results_and_frees_each_layer(family):
     assert all(a is b for a, b in zip(out.fam_state, forward_fam)), "fam_state was replaced by a recompute"
     assert recomputed, "nothing was recomputed"
     assert all(r() is None for r in recomputed), "recomputed activations outlived the backward"
+
+
+def _has_checkpointing_options() -> bool:
+    from transformers import PreTrainedModel
+
+    enable = getattr(PreTrainedModel, "activation_checkpointing_enable", None)
+    return enable is not None and "every_n_layers" in inspect.signature(enable).parameters
+
+
+def _offloaded(checkpoint_func):
+    def offloaded(*args, **kwargs):
+        with torch.autograd.graph.save_on_cpu(pin_memory=False):
+            return checkpoint_func(*args, **kwargs)
+
+    return offloaded
+
+
+@pytest.mark.skipif(not _has_checkpointing_options(),
+                    reason="this transformers has no activation_checkpointing_enable(every_n_layers=, offload=)")
+@pytest.mark.parametrize("offload", [False, True], ids=["kept", "offloaded"])
+def test_every_other_layer_and_offloaded_checkpointing_give_the_same_gradients(family, offload):
+    """transformers' checkpointing options (5.24 on; also TrainingArguments' activation_checkpointing_kwargs):
+    checkpoint every n-th layer only, and hold the saved activations on the host. The FAM chain in a checkpointed
+    layer is recomputed with it, the one in a plain layer is not, and the gradients are those without
+    checkpointing."""
+    ids = random_ids(2, N, seed=14)
+    loss, emb_grad, grads = _grads(_model(family, with_lora=True), ids)
+
+    model = _model(family)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
+                                          every_n_layers=2)
+    if offload:  # what offload=True does, without its pinned memory (which needs an accelerator): each saved
+        # tensor goes to the host and comes back in backward as another tensor
+        for layer in model.get_decoder().layers:
+            layer._gradient_checkpointing_func = _offloaded(layer._gradient_checkpointing_func)
+    torch.manual_seed(3)
+    model = get_peft_model(model, fam_lora_config(model, r=4, init_lora_weights=False)).train()
+    layers = hf_fam.training.unwrap_fam_model(model).get_decoder().layers
+    assert len(layers) >= 2 and [bool(layer.gradient_checkpointing) for layer in layers][:2] == [True, False]
+    calls = {i: 0 for i in range(len(layers))}
+    for i, layer in enumerate(layers):
+        layer.mlp.register_forward_hook(lambda *args, i=i: calls.__setitem__(i, calls[i] + 1))
+    loss_gc, emb_grad_gc, grads_gc = _grads(model, ids)
+
+    assert_close(loss_gc, loss, atol=1e-6, msg="loss")
+    assert_close(emb_grad_gc, emb_grad, atol=1e-5, msg="input gradient")
+    assert grads_gc.keys() == grads.keys() and any("fam" in name for name in grads)
+    for name in grads:
+        assert_close(grads_gc[name], grads[name], atol=1e-5, msg=name)
+    # a forward calls each MLP once per block and once per chain step; the checkpointed layer's run again in
+    # backward (its chain's results reused), the plain layer's only once
+    assert calls[0] > calls[1], calls

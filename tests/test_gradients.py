@@ -6,6 +6,7 @@ import torch
 from conftest import random_ids, tiny_model
 
 import hf_fam
+from hf_fam.modeling.fam_compat import checkpointing_call
 
 
 def test_backward_reaches_early_tokens_and_fam_init(family):
@@ -48,8 +49,13 @@ def test_reentrant_checkpointing_is_refused_with_a_clear_error():
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     import pytest
 
-    with pytest.raises(ValueError, match="non-reentrant gradient checkpointing"):
+    with pytest.raises(ValueError, match="non-reentrant gradient checkpointing") as refused:
         model(random_ids(1, 9), labels=random_ids(1, 9))
+    fix = checkpointing_call()  # the installed transformers' name for the call
+    assert fix in str(refused.value)
+    model.gradient_checkpointing_disable()
+    exec(fix, {"model": model})  # the named fix works
+    model(random_ids(1, 9), labels=random_ids(1, 9)).loss.backward()
 
 
 def test_training_forward_builds_no_cache_unless_asked():

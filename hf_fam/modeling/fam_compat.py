@@ -239,6 +239,32 @@ def plain_layer_call(layer: nn.Module) -> Iterator[None]:
             layer.gradient_checkpointing = True
 
 
+def _has_activation_checkpointing() -> bool:
+    return hasattr(transformers.PreTrainedModel, "activation_checkpointing_enable")
+
+
+def checkpointing_call() -> str:
+    """The call that turns on non-reentrant checkpointing in the installed transformers, for messages:
+    `gradient_checkpointing_enable` was renamed `activation_checkpointing_enable` in 5.24 (the old name warns)."""
+    if _has_activation_checkpointing():
+        return "model.activation_checkpointing_enable(activation_checkpointing_kwargs={'use_reentrant': False})"
+    return "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})"
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Turn on non-reentrant activation (gradient) checkpointing of the decoder layers, under either name.
+
+    Non-reentrant only: the FAM chain inside a layer reads tensors that are not inputs of the checkpointed call
+    (the layer's FAM state), which reentrant checkpointing cannot backpropagate into (it fails with "Trying to
+    backward through the graph a second time").
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def accepts_kwarg(fn: Callable, name: str) -> bool:
     try:
         params = inspect.signature(fn).parameters

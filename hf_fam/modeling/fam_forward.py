@@ -18,6 +18,7 @@ from .fam_compat import (
     CACHE_KWARG,
     FAM_ATTENTION_PREFIX,
     SUPPORTED_INNER_ATTENTION,
+    checkpointing_call,
     inside_fam_forward,
     set_output_cache,
     uses_reentrant_checkpointing,
@@ -113,7 +114,7 @@ def fam_forward(
     if decoder.training and torch.is_grad_enabled() and uses_reentrant_checkpointing(decoder):
         raise ValueError(
             "FAM needs non-reentrant gradient checkpointing (the FAM chain reaches into every layer): call "
-            "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})."
+            f"{checkpointing_call()}."
         )
     if getattr(decoder, "gradient_checkpointing", False) and decoder.training and torch.is_grad_enabled():
         use_cache = False

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from ..modeling.fam_compat import enable_checkpointing
 from ..tasks.passkey import SyntheticPasskeyVocab, passkey_dataset
 from .data import FAMDataCollator, check_seq_len, load_text_dataset, mix_datasets, pack_dataset
 from .lora import fam_lora_config, unwrap_fam_model
@@ -136,20 +137,6 @@ def _content_slots(model, tokenizer, text: str) -> bool:
     logger.info("memory slots 1..%d start as the token embeddings of %r; slot 0 keeps the sink",
                 start.shape[0] - 1, text)
     return True
-
-
-def enable_checkpointing(model) -> None:
-    """Turn on non-reentrant activation (gradient) checkpointing of the decoder layers.
-
-    Non-reentrant only: the FAM chain inside a layer reads tensors that are not inputs of the checkpointed call
-    (the layer's FAM state), which reentrant checkpointing cannot backpropagate into (it fails with "Trying to
-    backward through the graph a second time"). transformers 5.24 renamed the method; both names are handled.
-    """
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def adapter_digest(peft_model) -> str:
