@@ -88,3 +88,19 @@ def test_train_chain_script_writes_json(tmp_path):
     assert saved["chain_steps"] == 2 * 4 and saved["layers"] == 2
     assert all(len(t) == 1 and t[0] > 0 for t in saved["seconds"].values())
     assert saved["over_bswa"]["bswa"] == 1.0
+
+
+def test_chain_memory_script_counts_what_the_chain_keeps(tmp_path):
+    """benchmarks/chain_memory.py: each checkpointed layer keeps its chain's results until its recompute, about a
+    tenth of the checkpoint's own input at the paper's C and F, and nothing after the backward."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "memory.json"
+    subprocess.run([sys.executable, str(root / "benchmarks" / "chain_memory.py"), "--tokens", "1100", "--out",
+                    str(out)], check=True, capture_output=True, cwd=tmp_path, timeout=300)
+    saved = json.loads(out.read_text())
+    assert saved["layers_checked"] == 2 and saved["kept_after_backward"] == 0
+    # two blocks (one partial): 2 x F x (hidden + 2 x KV width) plus the last memory, per layer
+    assert 0.05 < saved["ratio"] < 0.5, saved

@@ -25,7 +25,7 @@ import transformers
 
 # The oldest and newest transformers minor releases this code is tested with (pyproject.toml declares the
 # same range; scripts/check_transformers.py tests a new release and raises the ceiling).
-SUPPORTED_TRANSFORMERS = ("5.4", "5.24")
+SUPPORTED_TRANSFORMERS = ("5.4", "5.25")
 # Set to 1 to run this code under a transformers outside that range anyway (untested; for trying a new release).
 ALLOW_UNTESTED_ENV = "HF_FAM_ALLOW_UNTESTED_TRANSFORMERS"
 
