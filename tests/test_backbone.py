@@ -17,6 +17,7 @@ from transformers import AutoModel, AutoModelForCausalLM
 
 import hf_fam
 from hf_fam import FAMForCausalLM, FAMModel
+from hf_fam.modeling.fam_compat import enable_checkpointing
 
 SETTINGS = dict(block_size=4, memory_segments=1, fam_length=3, fam_update="paper")
 
@@ -79,7 +80,7 @@ def test_base_model_shared_with_a_fam_model_keeps_its_padding_and_gradients(fami
     ids, mask = random_ids(2, 13, seed=5), torch.tensor([[1] * 13, [0] * 4 + [1] * 9])
     before = base(ids, attention_mask=mask).logits
     fam = FAMForCausalLM.from_base_model(base, **SETTINGS)
-    fam.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(fam)
     fam.train()
     fam(ids, labels=ids).loss.backward()  # checkpointed layers are recomputed with FAM in backward
     base.eval()

@@ -15,6 +15,7 @@ import hf_fam
 from hf_fam.modeling import fam_chain_grad
 from hf_fam.modeling.fam_chain import FAMChain
 from hf_fam.modeling.fam_chain_grad import eager_autograd_chain
+from hf_fam.modeling.fam_compat import enable_checkpointing
 from hf_fam.training import fam_lora_config
 
 C, M, F, N = 4, 1, 2, 22  # 22 = 5 blocks and a partial one
@@ -23,7 +24,7 @@ C, M, F, N = 4, 1, 2, 22  # 22 = 5 blocks and a partial one
 def _model(family, with_lora, checkpointing, lora_dropout=0.0):
     model = hf_fam.FAMForCausalLM.from_base_model(tiny_model(family), block_size=C, memory_segments=M, fam_length=F)
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)  # activation_checkpointing_enable where transformers has it
     if with_lora:
         torch.manual_seed(3)
         model = get_peft_model(model, fam_lora_config(model, r=4, init_lora_weights=False, lora_dropout=lora_dropout))

@@ -58,6 +58,18 @@ def test_reentrant_checkpointing_is_refused_with_a_clear_error():
     model(random_ids(1, 9), labels=random_ids(1, 9)).loss.backward()
 
 
+def test_checkpointing_kwargs_without_use_reentrant_are_refused_as_reentrant():
+    """Checkpointing kwargs that leave use_reentrant out get torch's default, reentrant: refused the same way, not
+    left to fail in backward with "Trying to backward through the graph a second time"."""
+    import pytest
+
+    model = hf_fam.FAMForCausalLM.from_base_model(tiny_model("llama"), block_size=4, memory_segments=1, fam_length=2)
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"preserve_rng_state": True})
+    with pytest.raises(ValueError, match="non-reentrant gradient checkpointing"):
+        model(random_ids(1, 9), labels=random_ids(1, 9))
+
+
 def test_training_forward_builds_no_cache_unless_asked():
     model = hf_fam.FAMForCausalLM.from_base_model(tiny_model("llama"), block_size=4, memory_segments=1, fam_length=2)
     ids = random_ids(1, 9)

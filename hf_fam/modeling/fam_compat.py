@@ -283,5 +283,6 @@ def uses_reentrant_checkpointing(decoder: nn.Module) -> bool:
         if getattr(layer, "gradient_checkpointing", False):
             func = getattr(layer, "_gradient_checkpointing_func", None)
             keywords = getattr(func, "keywords", None) or {}
-            return bool(keywords.get("use_reentrant", False))
+            # torch's checkpoint is reentrant when not told (with a warning): kwargs without the key are reentrant
+            return bool(keywords.get("use_reentrant", True))
     return False
