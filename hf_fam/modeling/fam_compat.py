@@ -282,7 +282,9 @@ def uses_reentrant_checkpointing(decoder: nn.Module) -> bool:
     for layer in getattr(decoder, "layers", ()):
         if getattr(layer, "gradient_checkpointing", False):
             func = getattr(layer, "_gradient_checkpointing_func", None)
-            keywords = getattr(func, "keywords", None) or {}
+            keywords = getattr(func, "keywords", None)
+            if keywords is None:  # not transformers' partial of torch's checkpoint: nothing to read
+                return False
             # torch's checkpoint is reentrant when not told (with a warning): kwargs without the key are reentrant
             return bool(keywords.get("use_reentrant", True))
     return False
