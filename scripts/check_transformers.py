@@ -153,14 +153,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"running {'the compatibility tests' if tests == 'compat' else 'the full suite'} on transformers {version}"
           f"{'' if inside else ' (outside the declared range)'}", flush=True)
     start = time.time()
-    code = subprocess.run(command, cwd=ROOT, env=env).returncode
+    code = 1
+    try:
+        code = subprocess.run(command, cwd=ROOT, env=env).returncode
+    finally:  # an interrupted run (Ctrl-C) leaves the declared range as it found it, as a failed one does
+        if raising and code != 0:
+            for path, text in declared.items():
+                path.write_text(text)
+            print(f"the declared range is left at {floor} to {ceiling}", flush=True)
     print(f"transformers {version}: tests {'passed' if code == 0 else 'FAILED'} in {time.time() - start:.0f} s",
           flush=True)
-    if raising and code != 0:
-        for path, text in declared.items():
-            path.write_text(text)
-        print(f"the declared range is left at {floor} to {ceiling}", flush=True)
-    elif raising:
+    if raising and code == 0:
         print(f"transformers {version} declared supported; run the suite here and commit", flush=True)
     elif args.raise_ceiling:
         print(f"transformers {version} is already inside the declared range {floor} to {ceiling}", flush=True)

@@ -1,0 +1,71 @@
+"""`scripts/check_transformers.py --raise-ceiling` declares a release before its tests and leaves the declared
+range as it found it when the tests fail or are interrupted. The venv and the test run are replaced by fakes;
+the files it writes are copies."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def script(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("check_transformers", ROOT / "scripts" / "check_transformers.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for name in ("COMPAT", "PYPROJECT"):
+        copy = tmp_path / getattr(module, name).name
+        copy.write_text(getattr(module, name).read_text())
+        monkeypatch.setattr(module, name, copy)
+    monkeypatch.setattr(module, "ROOT", tmp_path)
+    monkeypatch.setattr(module, "prepare", lambda venv, version: tmp_path / "python")
+    monkeypatch.setattr(module, "installed_transformers", lambda python: None)
+    return module
+
+
+def above_ceiling(script) -> str:
+    major, minor = script.minor(script.supported_range()[1])
+    return f"{major}.{minor + 1}.0"
+
+
+def run_with(script, monkeypatch, outcome) -> tuple[int | None, dict]:
+    seen = {}
+
+    def fake_run(command, cwd, env):
+        seen["range"] = script.supported_range()
+        seen["env"] = env
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return SimpleNamespace(returncode=outcome)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    code = script.main(["--version", above_ceiling(script), "--raise-ceiling"])
+    return code, seen
+
+
+@pytest.mark.parametrize("outcome", [1, KeyboardInterrupt()], ids=["tests fail", "interrupted"])
+def test_the_declared_range_is_restored(script, monkeypatch, outcome):
+    before = {path: path.read_text() for path in (script.COMPAT, script.PYPROJECT)}
+    if isinstance(outcome, BaseException):
+        with pytest.raises(KeyboardInterrupt):
+            run_with(script, monkeypatch, outcome)
+    else:
+        assert run_with(script, monkeypatch, outcome)[0] == 1
+    assert {path: path.read_text() for path in before} == before
+
+
+def test_the_tests_run_under_the_raised_range_and_it_stays(script, monkeypatch):
+    version = above_ceiling(script)
+    floor = script.supported_range()[0]
+    code, seen = run_with(script, monkeypatch, 0)
+    raised = (floor, "%d.%d" % script.minor(version))
+    assert code == 0 and seen["range"] == raised and script.supported_range() == raised
+    assert "HF_FAM_ALLOW_UNTESTED_TRANSFORMERS" not in seen["env"]
+    major, minor = script.minor(version)
+    assert f'"transformers>={floor},<{major}.{minor + 1}"' in script.PYPROJECT.read_text()
