@@ -5,7 +5,8 @@
 # batch 1 and 8 in chunks of 8 blocks and in one forward, decode, LoRA r=64 training step), medians of 2 interleaved
 # rounds. Sized from the first H200 run (docs/performance.md): about 25 s of checks, then about 175 s of prefill,
 # 40 s of decode and 170 s of LoRA steps, within 10 minutes. The benchmark saves each row as it is measured and
-# runs the LoRA steps last, so a run stopped by its time limit loses the longest step first.
+# runs the LoRA steps last, so a run stopped by its time limit loses the longest step first. The bench's limit is
+# what the steps before it left of TOTAL_SECONDS (570).
 # Between them, benchmarks/gpu_profile_chain.py profiles one 8k read at batch 1 and 8 (about 30 s), and
 # benchmarks/decode_host.py times decoding at the 1B layer count and a tiny width (host time per token, about 20 s),
 # and benchmarks/train_chain.py times the LoRA step at 8k with the chain recorded by autograd, recomputed in
@@ -44,7 +45,11 @@ timeout "${DECODE_HOST_SECONDS:-60}" python3 benchmarks/decode_host.py --device 
 timeout "${TRAIN_CHAIN_SECONDS:-60}" python3 benchmarks/train_chain.py --device cuda --width real --dtype bfloat16 \
   --rank 64 --tokens 8192 --rounds 3 --out "$OUT/train_chain.json" 2>&1 \
   | grep -v -e FutureWarning -e "warnings.warn" | tee -a "$LOG"
+# the bench gets what is left of TOTAL_SECONDS (default 570: the run's 10 minutes less the copy back), so the
+# whole script ends inside the device's per-command limit even when every step above ran to its timeout
+left=$(( ${TOTAL_SECONDS:-570} - SECONDS ))
+(( left < 60 )) && left=60
 # shellcheck disable=SC2086
-timeout "${BENCH_SECONDS:-420}" python3 -m hf_fam.cli bench --preset llama-3.2-1b-gpu --threads 8 --rounds 2 \
+timeout "${BENCH_SECONDS:-$left}" python3 -m hf_fam.cli bench --preset llama-3.2-1b-gpu --threads 8 --rounds 2 \
   --parts ${PARTS:-prefill decode train} --out "$OUT/llama-3.2-1b-gpu" 2>&1 | tee -a "$LOG"
 echo "bench exit status: ${PIPESTATUS[0]} (124: stopped by its time limit)" | tee -a "$LOG"

@@ -259,7 +259,7 @@ def enable_checkpointing(model: nn.Module) -> None:
     backward through the graph a second time").
     """
     kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
+    if _has_activation_checkpointing():  # the same question checkpointing_call() asks: one answer for both
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
