@@ -95,6 +95,29 @@ def test_the_checkpoint_recompute_does_not_run_the_chain_again(counts):
     assert counts["step"] == 2 * layers * steps_per_layer
 
 
+def test_the_last_memory_read_by_nothing_costs_no_backward():
+    """Input of whole blocks, no cache: the last update's new FAM is read by no block, so autograd never
+    backpropagates through that update's attention and MLP; the recomputed chain skips it too (same gradients,
+    the same number of MLP outputs given a gradient)."""
+    model = _model("llama", with_lora=True, checkpointing=True)
+    ids = random_ids(2, 6 * C, seed=28)  # 6 whole blocks: 6 updates, no probe
+    seen = []
+
+    def count_gradient(module, args, out):
+        if out.requires_grad:
+            out.register_hook(lambda grad: seen.append(1))
+
+    for layer in hf_fam.training.unwrap_fam_model(model).get_decoder().layers:
+        layer.mlp.register_forward_hook(count_gradient)
+    with eager_autograd_chain():
+        expected = _grads(model, ids)
+    traversed = len(seen)
+    seen.clear()
+    actual = _grads(model, ids)
+    _assert_same(actual, expected)
+    assert len(seen) == traversed, "the recomputed chain backpropagated a step autograd would not"
+
+
 def test_a_stream_continued_from_a_cache_trains_the_same(family):
     """A chunk continuing a cache (read without gradients) starts from the cached FAM: its first block reads
     the cached FAM's keys (a "cached" step) and the steps after it recompute from there."""
@@ -144,7 +167,8 @@ def test_active_dropout_falls_back_to_the_recorded_chain(counts):
     assert counts["apply"] > 0
 
 
-def test_training_graphs_wiring_equals_the_recorded_chain(monkeypatch):
+@pytest.mark.parametrize("tail", [2, 0], ids=["probe", "whole-blocks"])
+def test_training_graphs_wiring_equals_the_recorded_chain(monkeypatch, tail):
     """`TRAINING_GRAPHS` (CUDA only, off by default): the forward's steps replay the inference graphs and each
     update step's backward replays a graph of `step_vjp`. A stand-in graph class replays the captured functions
     eagerly through the same static buffers (tests/test_cuda_graphs.py), so the wiring (inputs, positions,
@@ -164,7 +188,7 @@ def test_training_graphs_wiring_equals_the_recorded_chain(monkeypatch):
     monkeypatch.setattr(fam_graphs, "ChainGraph", Counted)
     fam_graphs.clear_graphs(torch.nn.Module())
     model = _model("llama", with_lora=True, checkpointing=True)
-    ids = random_ids(2, 12 * C + 2, seed=27)  # 12 update steps a layer: captured at once (MIN_GRAPH_STEPS)
+    ids = random_ids(2, 12 * C + tail, seed=27)  # 12 update steps a layer: captured at once (MIN_GRAPH_STEPS)
     with eager_autograd_chain():
         expected = _grads(model, ids)
     monkeypatch.setattr(fam_chain_grad, "TRAINING_GRAPHS", True)
@@ -173,7 +197,9 @@ def test_training_graphs_wiring_equals_the_recorded_chain(monkeypatch):
         actual = _grads(model, ids)
         _assert_same(actual, expected)
     layers = len(hf_fam.training.unwrap_fam_model(model).get_decoder().layers)
-    # per layer: 12 update steps replayed in forward, and in backward (the capture computes the first)
+    # per layer: 12 update steps replayed in forward, and in backward (the capture computes the first) all of
+    # them when a probe reads the last FAM; without one, the last update's new FAM is read by nothing and its
+    # backward runs eagerly, for the block's keys and values only
     assert kinds.count("update") == layers * 12
-    assert sum(1 for k in kinds if isinstance(k, tuple) and k[0] == "vjp") == layers * 12
+    assert sum(1 for k in kinds if isinstance(k, tuple) and k[0] == "vjp") == layers * (12 if tail else 11)
     fam_graphs.clear_graphs(model)

@@ -9,7 +9,9 @@ and with gradient checkpointing the layer's recompute in backward runs the whole
 - the checkpoint's recompute of the layer (a second call for the same layer in the same forward) returns the
   forward's results instead of running the steps again (same values: the layer's input is the same);
 - backward: the steps are recomputed in reverse, one at a time, each from its kept FAM with autograd on, and
-  backpropagated at once; the gradient of a step's incoming FAM goes to the step before it.
+  backpropagated at once; the gradient of a step's incoming FAM goes to the step before it. A step whose new
+  FAM nothing reads (the last update of a forward without a cache) is backpropagated for its keys and values
+  only, as autograd would.
 
 So a layer's chain costs one forward without autograd plus a forward and a backward per step (it was two
 recorded forwards and a backward), and its backward holds one step's activations at a time. The layer's
@@ -156,11 +158,16 @@ class _RecomputedChain(torch.autograd.Function):
         # comes back as another object, which a kept graph of the backward would hold on to
         ctx.params = params
         ctx.save_for_backward(tl_k, tl_v)
+        # an output nothing reads gets None in backward, not zeros: the last FAM, when no block reads it (a
+        # training forward without a cache), then costs no backward, as autograd would not traverse it either
+        ctx.set_materialize_grads(False)
+        ctx.kv_meta = dict(size=all_k.shape, dtype=all_k.dtype, device=all_k.device)
         return all_k.clone(), all_v.clone(), last.clone()
 
     @staticmethod
     def backward(ctx, grad_k, grad_v, grad_fam):
         tl_k, tl_v = ctx.saved_tensors
+        grad_k, grad_v = (torch.zeros(**ctx.kv_meta) if g is None else g for g in (grad_k, grad_v))
         params = ctx.params
         chain, layer_idx, state, kinds = ctx.chain, ctx.layer_idx, ctx.state, ctx.kinds
         needs_fam, needs_k, needs_v = ctx.needs_input_grad[5:8]
@@ -179,20 +186,24 @@ class _RecomputedChain(torch.autograd.Function):
                 marks = (fingerprint, tuple(p.requires_grad for p in chain.layers[layer_idx].parameters()))
                 graph = chain._graph(
                     layer_idx, ("vjp", needs_k, needs_v), [ctx.fams[first], *chain.block_slices(first, tl_k, tl_v),
-                                                           grad_fam, grad_k[:, first], grad_v[:, first]],
+                                                           torch.zeros_like(ctx.fams[first]), grad_k[:, first],
+                                                           grad_v[:, first]],
                     kinds.count("update"), marks if fingerprint is not None else None, compute=vjp)
             for t in reversed(range(len(kinds))):
                 kind = kinds[t]
                 if kind == "cached":
                     continue  # the cached window carries no gradient (`recompute_in_backward`)
                 block = chain.block_slices(t, tl_k, tl_v) if kind != "probe" else (None, None)
-                grad_new = grad_fam if kind != "probe" else None
+                grad_new = grad_fam if kind != "probe" else None  # None: the step's new FAM is read by nothing
                 args = (ctx.fams[t], *block, grad_new, grad_k[:, t], grad_v[:, t])
-                if kind == "update" and graph is not None:
+                if kind == "update" and graph is not None and grad_new is not None:
                     found = list(graph(*args))
                 else:
                     found = step_vjp(chain, layer_idx, t, kind, state, (needs_k, needs_v), wanted_params)(*args)
-                grad_fam = grad_fam + found[0] if kind == "probe" else found[0]  # a probe passes the FAM on
+                if kind == "probe" and grad_fam is not None:  # a probe passes the FAM on
+                    grad_fam = grad_fam + found[0]
+                else:
+                    grad_fam = found[0]
                 rest = iter(found[1:])
                 if kind != "probe":
                     slot = slice(*_block_bounds(chain, t))
