@@ -24,6 +24,7 @@ def script(tmp_path, monkeypatch):
         copy.write_text(getattr(module, name).read_text())
         monkeypatch.setattr(module, name, copy)
     monkeypatch.setattr(module, "ROOT", tmp_path)
+    monkeypatch.delenv("HF_FAM_ALLOW_UNTESTED_TRANSFORMERS", raising=False)  # the script decides it
     monkeypatch.setattr(module, "prepare", lambda venv, version: tmp_path / "python")
     monkeypatch.setattr(module, "installed_transformers", lambda python: None)
     return module
