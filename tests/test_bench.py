@@ -106,9 +106,9 @@ def test_chain_memory_script_counts_what_the_chain_keeps(tmp_path):
     # values (F x 2 x KV width), plus the last memory (F x hidden)
     from hf_fam.apps.bench_real import SHAPES
 
-    s, fam_length, itemsize = SHAPES["smollm2-135m"], 64, 4
+    s, fam_length, itemsize = SHAPES[saved["shape"]], saved["fam_length"], 4
     kv_width = s["kv_heads"] * s["hidden"] // s["heads"]
     step = fam_length * (s["hidden"] + 2 * kv_width) * itemsize
     expected = 2 * step + fam_length * s["hidden"] * itemsize
     assert set(saved["kept_bytes_per_layer"].values()) == {expected}, saved
-    assert saved["ratio"] == expected / (1100 * s["hidden"] * itemsize)
+    assert saved["ratio"] == expected / (saved["tokens"] * s["hidden"] * itemsize)
