@@ -333,12 +333,16 @@ def main():
             lo = half(ids[:1].to(DEVICE)).logits.float()
         check(f"{family}: bf16 logits near fp32 (relative)",
               ((lo - parallel).abs().max() / parallel.abs().max()).item(), BF16)
+    from cuda_checks_compile import compile_checks
     from cuda_checks_training import training_checks
 
     def training_group():
         training_checks(check, build, DEVICE, FP32, BF16_SAME)
 
-    for group in (graph_checks, fused_attention_checks, real_shape_checks, training_group):
+    def compile_group():
+        compile_checks(check, build, DEVICE, FP32, BF16_KERNELS)
+
+    for group in (graph_checks, fused_attention_checks, real_shape_checks, training_group, compile_group):
         try:
             group()
         except Exception as err:  # noqa: BLE001 - a group that raises is a failed check; the others still run

@@ -183,3 +183,34 @@ def test_a_bad_count_names_its_flag(flag, capsys):
 def test_the_stream_part_is_refused_with_a_preset(capsys):
     assert main(["bench", "--preset", "smollm2-135m-cpu", "--parts", "stream"]) != 0
     assert "1M-token stream is the small suite's" in capsys.readouterr().err
+
+
+def test_compile_chain_is_on_for_the_run_only(tmp_path, monkeypatch):
+    """`--compile-chain` switches `fam_compile.COMPILE_STEPS` on while the parts run, says so in the report, and
+    puts the switch back (also when a part raises)."""
+    from hf_fam.modeling import fam_compile
+
+    monkeypatch.setitem(SHAPES, "tiny", dict(hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64, vocab=101))
+    config = bench_real.RealBenchConfig(
+        shape="tiny", dtype="float32", device="cpu", block_size=8, memory_segments=1, fam_length=2,
+        prefill_lengths=[64], batches=[1], chunk=64, decode_contexts=[16], rounds=1, threads=1, parts=["prefill"],
+        compile_chain=True)
+    seen = []
+    monkeypatch.setattr(bench_real, "bench_prefill",
+                        lambda config, models, emit: seen.append(fam_compile.COMPILE_STEPS))
+    bench_real.run(config, tmp_path / "r", log=lambda *a: None)
+    assert seen == [True] and fam_compile.COMPILE_STEPS is False
+    assert "graph steps compiled (torch.compile)" in (tmp_path / "r.md").read_text().splitlines()[0]
+
+    def stopped(config, models, emit):
+        raise TimeoutError("stopped")
+
+    monkeypatch.setattr(bench_real, "bench_prefill", stopped)
+    with pytest.raises(TimeoutError):
+        bench_real.run(config, tmp_path / "r", log=lambda *a: None)
+    assert fam_compile.COMPILE_STEPS is False
+
+
+def test_compile_chain_without_a_preset_is_refused(capsys):
+    assert main(["bench", "--compile-chain"]) != 0
+    assert "--compile-chain applies to the real shapes" in capsys.readouterr().err

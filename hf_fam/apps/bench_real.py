@@ -68,6 +68,8 @@ class RealBenchConfig:
     cpu_warmup_tokens: int = 16384
     threads: int = 2
     parts: list[str] = field(default_factory=lambda: ["prefill", "train", "decode"])
+    # the FAM chain's graph steps compiled with torch.compile (`fam_compile.COMPILE_STEPS`; CUDA inference only)
+    compile_chain: bool = False
 
     def __post_init__(self):
         if self.shape not in SHAPES:
@@ -292,11 +294,11 @@ def run(config: RealBenchConfig, out: str | Path, log=print) -> dict:
     """Measure the selected parts in the order given; write `out`.json and `out`.md after each row measured (a run
     stopped part-way, say by a time limit, keeps what it measured) and `out`_prefill.png after each part (with
     matplotlib)."""
-    import time
 
     import torch
 
-    from .bench_real_report import check_targets, format_markdown, plot
+    from ..modeling import fam_compile
+    from .bench_real_report import check_targets, format_markdown
 
     torch.set_num_threads(config.threads)
     cuda = config.device.startswith("cuda")
@@ -323,6 +325,21 @@ def run(config: RealBenchConfig, out: str | Path, log=print) -> dict:
             save()
         return add
 
+    compiling = fam_compile.COMPILE_STEPS
+    fam_compile.COMPILE_STEPS = config.compile_chain
+    try:
+        _run_parts(config, result, out, save, emit, log)
+    finally:
+        fam_compile.COMPILE_STEPS = compiling
+    log(format_markdown(result))
+    return result
+
+
+def _run_parts(config: RealBenchConfig, result: dict, out: Path, save, emit, log) -> None:
+    import time
+
+    from .bench_real_report import plot
+
     start = time.perf_counter()
     models = {v: build(v, config) for v in ("full", "bswa", "fam")} if {"prefill", "decode"} & set(config.parts) else {}
     result["part_seconds"]["build"] = round(time.perf_counter() - start, 1)
@@ -339,5 +356,3 @@ def run(config: RealBenchConfig, out: str | Path, log=print) -> dict:
         plot(result, out)
     if not config.parts:
         save()
-    log(format_markdown(result))
-    return result

@@ -61,7 +61,8 @@ def format_markdown(result: dict) -> str:
                                                   if machine.get("transformers") else "")
     lines = [f"{cfg['shape']} shape (hidden {s['hidden']}, {s['layers']} layers, {s['heads']}/{s['kv_heads']} heads), "
              f"{cfg['dtype']}, {where}; C={cfg['block_size']}, M={cfg['memory_segments']}, F={cfg['fam_length']}; "
-             f"medians of {cfg['rounds']} interleaved rounds", ""]
+             f"medians of {cfg['rounds']} interleaved rounds"
+             + ("; the chain's graph steps compiled (torch.compile)" if cfg.get("compile_chain") else ""), ""]
     if result.get("prefill"):
         lines += ["| batch | N | full s | BSWA s (chunks) | FAM s (chunks) | FAM/BSWA | BSWA s (one) | FAM s (one) "
                   "| FAM/BSWA (one) | full/BSWA | FLOP full/BSWA | full/FAM |",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from . import fam_compile
 from .fam_adapters import DecoderAdapter
 from .fam_chain_grad import chain_with_recompute, recompute_in_backward
 from .fam_compat import call_inner_attention, plain_layer_call
@@ -88,21 +89,19 @@ class FAMChain:
         self.recorded: dict = {}
         # set by `fam_chain_grad` while a training forward's steps run without autograd and it may replay graphs
         self.graphs_in_training = False
+        # the layer calls inside this forward's inference graphs are compiled (`fam_compile`)
+        self.compile_steps = fam_compile.COMPILE_STEPS and plan.use_graphs
 
-    def call_layer(self, layer_idx: int, hidden: torch.Tensor, step: FAMStep, positions=None) -> torch.Tensor:
+    def call_layer(self, layer_idx: int, hidden: torch.Tensor, step: FAMStep, positions=None,
+                   compiled: bool = False) -> torch.Tensor:
         """Run decoder layer `layer_idx` on FAM tokens `hidden` (B, F, D) with the given step. `positions`:
-        (position_ids, position_embeddings) to use instead of this forward's (a graph's own copies)."""
+        (position_ids, position_embeddings) to use instead of this forward's (a graph's own copies).
+        `compiled`: through `fam_compile` (a graph's step, when this forward compiles them)."""
         layer = self.layers[layer_idx]
         position_ids, embeddings = positions if positions is not None else self._positions(layer_idx, hidden.shape[0])
         with plain_layer_call(layer):
-            out = layer(
-                hidden,
-                attention_mask=None,
-                position_ids=position_ids,
-                position_embeddings=embeddings,
-                fam_step=step,
-            )
-        return out[0] if isinstance(out, tuple) else out
+            return fam_compile.layer_call(self.layers, layer, hidden, position_ids, embeddings, step,
+                                          compiled and self.compile_steps)
 
     def _positions(self, layer_idx: int, batch: int):
         """(position_ids (B, F), position_embeddings) of the FAM tokens for this layer."""
@@ -142,11 +141,13 @@ class FAMChain:
 
     def _propagate_init(self, hidden: torch.Tensor, positions=None) -> list[torch.Tensor]:
         """[F_0^0, ..., F_0^{L-1}] from F_0^0 = `hidden` (the last layer's output is never read). `positions`:
-        per layer, as `call_layer` takes them (a graph's own copies)."""
+        per layer, as `call_layer` takes them (a graph's own copies: the layer calls are then compiled where
+        this forward compiles them)."""
         fams = [hidden]
         for idx in range(len(self.layers) - 1):
             step = FAMStep("init", self.inner)
-            fams.append(self.call_layer(idx, fams[-1], step, positions[idx] if positions is not None else None))
+            fams.append(self.call_layer(idx, fams[-1], step, positions[idx] if positions is not None else None,
+                                        compiled=positions is not None))
         return fams
 
     def _fingerprint(self, layer_idx: int, replaying: bool = False):
@@ -181,7 +182,8 @@ class FAMChain:
         fingerprint = tuple(self._fingerprint(i) for i in range(len(self.layers) - 1))
         if None in fingerprint:
             return None
-        graph = cached_chain_step(self.layers, ("init", self.inner), fingerprint, step_fn, flat, len(self.layers) - 1)
+        graph = cached_chain_step(self.layers, ("init", self.inner, self.compile_steps), fingerprint, step_fn, flat,
+                                  len(self.layers) - 1, always_warm_up=self.compile_steps)
         if graph is None:
             return None
         extra = flat[1:]
@@ -204,14 +206,14 @@ class FAMChain:
                 return tuple(compute(*static[:n], positions=positions))
             if kind == "probe":
                 step = FAMStep("probe", self.inner)
-                self.call_layer(layer_idx, static[0], step, positions)
+                self.call_layer(layer_idx, static[0], step, positions, compiled=True)
                 return step.fam_k, step.fam_v
             step = FAMStep("update", self.inner, static[1], static[2], None)
-            return self.call_layer(layer_idx, static[0], step, positions), step.fam_k, step.fam_v
+            return self.call_layer(layer_idx, static[0], step, positions, compiled=True), step.fam_k, step.fam_v
 
         # kept beside the layers (a ModuleList every view of the model shares)
-        graph = cached_chain_step(self.layers, (id(self.layers[layer_idx]), self.inner, kind), fingerprint, step_fn,
-                                  inputs, steps)
+        graph = cached_chain_step(self.layers, (id(self.layers[layer_idx]), self.inner, kind, self.compile_steps),
+                                  fingerprint, step_fn, inputs, steps, always_warm_up=self.compile_steps)
         if graph is None:
             return None
         extra = inputs[n:]

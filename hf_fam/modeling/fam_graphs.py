@@ -61,9 +61,10 @@ class ChainGraph:
     buffers; outputs are returned as fresh tensors (the graph's own buffers are overwritten by the next
     replay)."""
 
-    def __init__(self, step_fn: StepFn, inputs: Sequence[torch.Tensor], key=None):
+    def __init__(self, step_fn: StepFn, inputs: Sequence[torch.Tensor], key=None, always_warm_up: bool = False):
         self.inputs = [x.new_empty(x.shape).copy_(x) for x in inputs]
         self.key = (key, tuple((tuple(x.shape), x.dtype) for x in inputs))
+        self.always_warm_up = always_warm_up
         self.outputs = tuple(self._capture(step_fn))
 
     def _capture(self, step_fn: StepFn):
@@ -71,9 +72,10 @@ class ChainGraph:
         side = _capture_stream(device)  # capture is not allowed on the default stream
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
-            if (side, self.key) not in _WARMED_UP:
+            if self.always_warm_up or (side, self.key) not in _WARMED_UP:
                 # one eager step on the capture stream first: libraries (cuBLAS workspaces, lazily loaded
-                # kernels) initialise on first use, which must not happen inside a capture
+                # kernels) initialise on first use, which must not happen inside a capture; a compiled step
+                # (`fam_compile`) compiles again wherever its layer's Python state changed
                 step_fn(*self.inputs)
                 _WARMED_UP.add((side, self.key))
             self.graph = torch.cuda.CUDAGraph()
@@ -111,14 +113,14 @@ def _capture_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 def capture_chain_step(owner: torch.nn.Module, step_fn: StepFn, inputs: Sequence[torch.Tensor],
-                       key=None) -> ChainGraph | None:
+                       key=None, always_warm_up: bool = False) -> ChainGraph | None:
     """A ChainGraph, or None where this model's layers cannot be captured (remembered on `owner`).
     `key` names the step (e.g. the layer): a step runs once eagerly on the capture stream before its first
-    capture in this process."""
+    capture in this process, or before every capture when `always_warm_up` (a compiled step)."""
     if getattr(owner, _FAILED_ATTR, False):
         return None
     try:
-        return ChainGraph(step_fn, inputs, key)
+        return ChainGraph(step_fn, inputs, key, always_warm_up)
     except Exception as err:  # noqa: BLE001 - any capture failure falls back to the eager chain
         setattr(owner, _FAILED_ATTR, True)
         warnings.warn(
@@ -130,10 +132,11 @@ def capture_chain_step(owner: torch.nn.Module, step_fn: StepFn, inputs: Sequence
 
 
 def cached_chain_step(owner: torch.nn.Module, name, fingerprint, step_fn: StepFn, inputs: Sequence[torch.Tensor],
-                      steps: int) -> ChainGraph | None:
+                      steps: int, always_warm_up: bool = False) -> ChainGraph | None:
     """The graph of step `name` (e.g. (layer, kind)) for inputs of these shapes, kept across forwards while
     `fingerprint` (`module_fingerprint` of its layer) holds, else captured now if worth it (`steps` >=
-    MIN_GRAPH_STEPS in this chunk, or the step seen before); None where it runs eagerly."""
+    MIN_GRAPH_STEPS in this chunk, or the step seen before); None where it runs eagerly. `always_warm_up`: as
+    `capture_chain_step` takes it."""
     if getattr(owner, _FAILED_ATTR, False):
         return None
     signature = (tuple((tuple(x.shape), x.dtype, x.device) for x in inputs), _global_switches())
@@ -148,7 +151,7 @@ def cached_chain_step(owner: torch.nn.Module, name, fingerprint, step_fn: StepFn
     if steps < MIN_GRAPH_STEPS and kept is None:
         steps_here[name] = (fingerprint, None)  # seen once: captured if it comes again
         return None
-    graph = capture_chain_step(owner, step_fn, inputs, key=name)
+    graph = capture_chain_step(owner, step_fn, inputs, key=name, always_warm_up=always_warm_up)
     steps_here[name] = (fingerprint, graph)
     return graph
 

@@ -63,6 +63,9 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, default=d.threads, help="CPU threads")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="run the FAM chain eagerly on CUDA (default: replayed from CUDA graphs)")
+    p.add_argument("--compile-chain", action="store_true",
+                   help="preset: compile the layer calls of the FAM chain's CUDA graphs with torch.compile "
+                        "(experimental; CUDA inference only, see hf_fam/modeling/fam_compile.py)")
     shared = ("parts", "prefill_lengths", "full_max_length", "decode_contexts", "decode_steps", "rounds", "chunk",
               "device", "threads")
     # a training step fragments a heap that never shrinks (hf_fam.runtime.cpu_memory): measuring one, the command
@@ -88,6 +91,10 @@ def run(args) -> int:
 
     if args.preset is not None:
         return run_preset(args)
+    if args.compile_chain:
+        from ..errors import CLIError
+
+        raise CLIError("--compile-chain applies to the real shapes: add --preset llama-3.2-1b-gpu")
 
     fields = ("parts", "prefill_lengths", "full_max_length", "decode_contexts", "decode_steps", "stream_tokens",
               "train_length", "train_batch", "rounds", "chunk", "hidden", "layers", "heads", "vocab", "block_size",
@@ -107,6 +114,8 @@ def run_preset(args) -> int:
     for flag, value in (("--warmup-tokens", args.warmup_tokens), ("--lora-rank", args.lora_rank)):
         if value is not None and value < 1:
             raise CLIError(f"{flag} must be >= 1, got {value}")
+    if args.compile_chain:
+        given["compile_chain"] = True
     if "stream" in given.get("parts", []):
         raise CLIError("--preset measures prefill, train and decode; the 1M-token stream is the small suite's "
                        "(hf-fam bench --parts stream)")
