@@ -43,11 +43,11 @@ def capture_updates(model, n: int, config: BenchConfig):
     first = {}
     original = fam_chain.FAMChain.call_layer
 
-    def counting(self, layer_idx, hidden, step, positions=None):
+    def counting(self, layer_idx, hidden, step, positions=None, **kwargs):
         if step.mode == "update":
             calls["update"] += 1
             first.setdefault(layer_idx, (self, hidden, step))
-        return original(self, layer_idx, hidden, step, positions)
+        return original(self, layer_idx, hidden, step, positions, **kwargs)
 
     fam_chain.FAMChain.call_layer = counting
     try:

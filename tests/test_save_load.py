@@ -19,7 +19,7 @@ REMOTE_FILES = {
     "configuration_fam.py", "modeling_fam.py", "fam_core.py", "fam_state.py", "fam_adapters.py", "fam_compat.py",
     "fam_cache.py", "fam_settings.py", "fam_graphs.py", "fam_chain.py", "fam_chain_grad.py", "fam_generation.py",
     "fam_packing.py", "fam_forward.py", "fam_plan.py", "fam_wrapping.py", "fam_block_attention.py",
-    "fam_split_attention.py", "fam_loss.py",
+    "fam_split_attention.py", "fam_loss.py", "fam_compile.py",
 }
 
 
@@ -112,6 +112,7 @@ def test_remote_code_files_import_only_torch_and_transformers():
             else:
                 continue
             allowed = {"torch", "transformers", "__future__", "math", "dataclasses", "typing", "contextlib",
-                       "inspect", "sys", "os", "collections", "functools", "warnings", "copy", "contextvars", "weakref"}
+                       "inspect", "sys", "os", "collections", "functools", "warnings", "copy", "contextvars", "weakref",
+                       "types"}
             assert roots <= allowed, f"{path.name} imports {roots - allowed}"
         assert REMOTE_FILES >= {path.name}, f"{path.name} is not in REMOTE_FILES"

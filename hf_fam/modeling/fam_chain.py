@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import torch
 
-from . import fam_compile
 from .fam_adapters import DecoderAdapter
 from .fam_chain_grad import chain_with_recompute, recompute_in_backward
 from .fam_compat import call_inner_attention, plain_layer_call
+from .fam_compile import compiling_steps, layer_call
 from .fam_graphs import cached_chain_step, module_fingerprint
 from .fam_plan import FAMPlan
 from .fam_state import FAMLayerState
@@ -90,7 +90,7 @@ class FAMChain:
         # set by `fam_chain_grad` while a training forward's steps run without autograd and it may replay graphs
         self.graphs_in_training = False
         # the layer calls inside this forward's inference graphs are compiled (`fam_compile`)
-        self.compile_steps = fam_compile.COMPILE_STEPS and plan.use_graphs
+        self.compile_steps = compiling_steps() and plan.use_graphs
 
     def call_layer(self, layer_idx: int, hidden: torch.Tensor, step: FAMStep, positions=None,
                    compiled: bool = False) -> torch.Tensor:
@@ -100,8 +100,8 @@ class FAMChain:
         layer = self.layers[layer_idx]
         position_ids, embeddings = positions if positions is not None else self._positions(layer_idx, hidden.shape[0])
         with plain_layer_call(layer):
-            return fam_compile.layer_call(self.layers, layer, hidden, position_ids, embeddings, step,
-                                          compiled and self.compile_steps)
+            return layer_call(self.layers, layer, hidden, position_ids, embeddings, step,
+                              compiled and self.compile_steps)
 
     def _positions(self, layer_idx: int, batch: int):
         """(position_ids (B, F), position_embeddings) of the FAM tokens for this layer."""

@@ -55,6 +55,11 @@ def _compiled(owner: torch.nn.Module, kind: str, backend):
     return functions[(kind, backend)]
 
 
+def compiling_steps() -> bool:
+    """`COMPILE_STEPS` as it is now (read at each forward)."""
+    return COMPILE_STEPS
+
+
 def layer_call(owner: torch.nn.Module, layer, hidden: torch.Tensor, position_ids, embeddings, step,
                compiled: bool) -> torch.Tensor:
     """Decoder layer `layer` (one of `owner`'s) on FAM tokens `hidden` (B, F, D) with `step` (a

@@ -37,6 +37,7 @@ from .fam_compat import (
     needs_eager_attention,
     register_attention,
 )
+from .fam_compile import layer_call  # noqa: F401
 from .fam_core import SHARED_BASE_FLAG, fam_attention_forward
 from .fam_forward import fam_forward, select_fam_attention
 from .fam_generation import FAMGenerationMixin
