@@ -16,7 +16,9 @@ so that one model's variants never use up another's, and a model's variants run 
 Only the graphs' steps are compiled: a compiled function is warmed up (compiled) outside the capture, and
 replays then run none of its Python. The eager chain (CPU, autograd, steps too few to capture) is untouched.
 Off by default until measured on a GPU: `fam_compile.COMPILE_STEPS = True` turns it on for the process
-(`hf-fam bench --compile-chain`). Where compiling fails, the step runs uncompiled, with a warning once.
+(`hf-fam bench --compile-chain`). Where compiling fails, the step runs uncompiled, with a warning once. A
+checkpoint loaded with `trust_remote_code=True` runs its own copy of this module, beside its `modeling_fam`:
+`sys.modules[type(model).__module__.rsplit(".", 1)[0] + ".fam_compile"].COMPILE_STEPS = True` there.
 """
 
 from __future__ import annotations
