@@ -214,3 +214,11 @@ def test_compile_chain_is_on_for_the_run_only(tmp_path, monkeypatch):
 def test_compile_chain_without_a_preset_is_refused(capsys):
     assert main(["bench", "--compile-chain"]) != 0
     assert "--compile-chain applies to the real shapes" in capsys.readouterr().err
+
+
+def test_compile_chain_on_the_cpu_is_refused(capsys):
+    """The chain's graph steps exist on CUDA only: a CPU run with --compile-chain would report a compiled chain
+    that never ran."""
+    assert main(["bench", "--preset", "smollm2-135m-cpu", "--compile-chain"]) != 0
+    err = capsys.readouterr().err
+    assert "--compile-chain compiles the FAM chain's CUDA graph steps, and this run is on cpu" in err

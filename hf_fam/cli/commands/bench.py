@@ -124,5 +124,8 @@ def run_preset(args) -> int:
                         cpu_warmup_tokens=args.warmup_tokens, **given)
     except ValueError as e:
         raise CLIError(str(e)) from None
+    if config.compile_chain and not config.device.startswith("cuda"):
+        raise CLIError(f"--compile-chain compiles the FAM chain's CUDA graph steps, and this run is on "
+                       f"{config.device}: drop --compile-chain, or run a CUDA preset (--preset llama-3.2-1b-gpu)")
     run_real(config, args.out or f"benchmarks/results/{args.preset}")
     return 0
