@@ -145,8 +145,8 @@ def kept_graph_checks():
         model = model.to(DEVICE).eval()
         with torch.no_grad():
             eager = model(ids, use_cache=False, fam_cuda_graphs=False).logits
-            # the update steps are captured in the first forward; the initial FAM's propagation (two layers: too
-            # few to capture at once) in the second
+            # the group of 8 update steps is captured in the first forward; the 2 single update steps and the
+            # initial FAM's propagation (two layers: too few to capture at once) in the second
             first, second = model(ids, use_cache=False).logits, model(ids, use_cache=False).logits
             before = captures[0]
             third = model(ids, use_cache=False).logits

@@ -1,8 +1,9 @@
 """Where FAM's extra prefill time goes on a GPU, phase by phase: one 8k read of the Llama-3.2-1B shape (bf16,
 C=1024 M=3 F=64) at batch 1 and 8 with the device synchronised around each phase (plan and initial FAM, each
 layer's chain, each layer's block attention), after warm-up reads that capture and keep the graphs; then one
-layer's kept update graph replayed alone (the graph, and the graph with its input copies and output clones),
-and the read with the chain run eagerly. Synchronising removes overlap, so phases add up to more than a read.
+layer's kept update graph replayed alone (the graph, and the graph with its input copies and output clones; per
+update step: a graph of a group of `GROUP_STEPS` updates is divided by their number), and the read with the
+chain run eagerly. Synchronising removes overlap, so phases add up to more than a read.
 
     python benchmarks/gpu_chain_timing.py [--out timing.json]
 """
@@ -74,14 +75,15 @@ def main():
             setattr(owner, name, original)
         phases = {k: round(v, 2) for k, v in TIMES.items()}
         # one layer's kept update graph, alone
-        graph = next(g for cache in fam_graphs._CACHES.values() for steps in cache.values()
-                     for name, (_, g) in steps.items() if g is not None and name[2] == "update"
-                     and g.inputs[0].shape[0] == batch)
+        kept = {name[2]: g for name, g in fam_graphs.kept_graphs(model)
+                if len(name) == 4 and g.inputs[0].shape[0] == batch}
+        graph, per_replay = ((kept["update_group"], fam_graphs.GROUP_STEPS) if "update_group" in kept
+                             else (kept["update"], 1))
         print(json.dumps({"batch": batch, "read_ms": whole, "one_forward_ms": one, "synced_read_ms": synced,
                           "phases_ms": phases, "phase_calls": dict(COUNTS)}), flush=True)
         with torch.inference_mode():
-            replay = seconds(graph.graph.replay, 200) * 1e3
-            step = seconds(lambda: graph.step(*graph.inputs), 200) * 1e3
+            replay = seconds(graph.graph.replay, 200) * 1e3 / per_replay  # per update step
+            step = seconds(lambda: graph.step(*graph.inputs), 200) * 1e3 / per_replay
             eager = seconds(lambda: model(ids, use_cache=False, logits_to_keep=1, fam_cuda_graphs=False), 2) * 1e3
             graphed = seconds(lambda: model(ids, use_cache=False, logits_to_keep=1), 2) * 1e3
         row = {"batch": batch, "read_ms": round(whole, 2), "one_forward_ms": round(one, 2),

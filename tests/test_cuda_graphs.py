@@ -59,12 +59,18 @@ def test_replayed_chain_equals_eager_chain(graphs_on_cpu, family):
         eager = model(ids, attention_mask=mask, fam_cuda_graphs=False)
         assert graphs_on_cpu.replays == 0
         replayed = model(ids, attention_mask=mask)
-    layers = model.config.num_hidden_layers
-    # the shorter row completes 9 blocks: steps 0..8 replay (a capture computes nothing), the rest run eagerly
-    assert graphs_on_cpu.replays == layers * 9
-    assert_close(replayed.logits, eager.logits, atol=0.0, mask=mask.bool())
-    for got, want in zip(replayed.fam_state, eager.fam_state):
-        assert_close(got, want, atol=0.0)
+        layers = model.config.num_hidden_layers
+        # the shorter row completes 9 blocks: steps 0..7 replay as one group (a capture computes nothing);
+        # step 8, seen for the first time, and the partial steps run eagerly
+        assert graphs_on_cpu.replays == layers
+        again = model(ids, attention_mask=mask)
+        # the group again; step 8 and the probe of the cache's next FAM come again: captured and replayed alone;
+        # so is the initial FAM's propagation (one graph through the layers)
+        assert graphs_on_cpu.replays == layers * (1 + 3) + 1
+    for out in (replayed, again):
+        assert_close(out.logits, eager.logits, atol=0.0, mask=mask.bool())
+        for got, want in zip(out.fam_state, eager.fam_state):
+            assert_close(got, want, atol=0.0)
 
 
 def test_replayed_streaming_equals_eager(graphs_on_cpu):
@@ -132,23 +138,24 @@ def test_generate_and_patched_models_take_the_switch(graphs_on_cpu):
 
 
 def test_graphs_are_kept_across_forwards(graphs_on_cpu):
-    """Forwards of the same shapes replay the graphs earlier ones captured: the update step on its first
-    long chunk; the probe (one per chunk, for the cache) and the initial FAM's propagation (one per fresh
-    sequence; this model has too few layers to capture it at once) the second time they come; then no
-    capture at all."""
+    """Forwards of the same shapes replay the graphs earlier ones captured: the group of `GROUP_STEPS` update
+    steps on its first long chunk; the remaining update steps (2 of 10: too few to capture at once), the probe
+    (one per chunk, for the cache) and the initial FAM's propagation (one per fresh sequence; this model has too
+    few layers to capture it at once) the second time they come; then no capture at all."""
     C = 4
     model = fam_model(C=C)
     layers = model.config.num_hidden_layers
     ids = random_ids(2, 10 * C, seed=3)
+    per_forward = layers * (1 + 2 + 1) + 1  # group, 2 single updates, probe per layer; the initial FAM
     with torch.no_grad():
         eager = model(ids, fam_cuda_graphs=False).logits
         first = model(ids).logits
-        assert (graphs_on_cpu.captures, graphs_on_cpu.replays) == (layers, layers * 10)
+        assert (graphs_on_cpu.captures, graphs_on_cpu.replays) == (layers, layers)
         second = model(ids).logits
-        assert (graphs_on_cpu.captures, graphs_on_cpu.replays) == (2 * layers + 1, layers * (10 + 11) + 1)
+        assert (graphs_on_cpu.captures, graphs_on_cpu.replays) == (3 * layers + 1, layers + per_forward)
         third = model(ids).logits
-    assert (graphs_on_cpu.captures, graphs_on_cpu.replays) == (2 * layers + 1, layers * (10 + 11 + 11) + 2)
-    assert fam_graphs.cached_graph_count(model) == 2 * layers + 1
+    assert (graphs_on_cpu.captures, graphs_on_cpu.replays) == (3 * layers + 1, layers + 2 * per_forward)
+    assert fam_graphs.cached_graph_count(model) == 3 * layers + 1
     for out in (first, second, third):
         assert_close(out, eager, atol=0.0)
     fam_graphs.clear_graphs(model)
@@ -233,19 +240,19 @@ def test_lora_changes_between_forwards_recapture(graphs_on_cpu):
 
     with torch.no_grad():
         outs = [both(), both()]
-        # the update steps, then the initial FAM's propagation the second time it comes
-        assert graphs_on_cpu.captures == layers + 1
+        # the group of 8 update steps, then the 9th step and the initial FAM's propagation the second time they come
+        assert graphs_on_cpu.captures == 2 * layers + 1
         outs.append(both())
-        assert graphs_on_cpu.captures == layers + 1  # all replayed
+        assert graphs_on_cpu.captures == 2 * layers + 1  # all replayed
         with model.disable_adapter():
             outs.append(both())
-        assert graphs_on_cpu.captures == 2 * (layers + 1)
+        assert graphs_on_cpu.captures == 2 * (2 * layers + 1)
         model.merge_adapter()
         outs.append(both())
-        assert graphs_on_cpu.captures == 3 * (layers + 1)
+        assert graphs_on_cpu.captures == 3 * (2 * layers + 1)
         model.unmerge_adapter()
         outs.append(both())
-        assert graphs_on_cpu.captures == 4 * (layers + 1)
+        assert graphs_on_cpu.captures == 4 * (2 * layers + 1)
     for graphed, eager in outs:
         assert_close(graphed, eager, atol=0.0)
 
@@ -259,21 +266,85 @@ def test_layers_with_weights_elsewhere_run_eagerly(graphs_on_cpu):
     with torch.no_grad():
         for _ in range(2):
             model(ids, use_cache=False)
-    # layer 1's update step only: layer 0 runs eagerly, and so does the initial FAM's propagation (through layer 0)
-    assert graphs_on_cpu.captures == 1
+    # layer 1's update steps only (the group of 8, then the 2 single steps the second time): layer 0 runs eagerly, and
+    # so does the initial FAM's propagation (through layer 0)
+    assert graphs_on_cpu.captures == 2
 
 
 def test_kept_graphs_are_bounded_by_input_signatures(graphs_on_cpu, monkeypatch):
     """A model keeps the graphs of its `MAX_CACHED_SHAPES` most recent input signatures; older ones are dropped
     and captured again when they come back, with the same results."""
-    monkeypatch.setattr(fam_graphs, "MAX_CACHED_SHAPES", 2)
+    # a forward of 10 blocks without cache uses three: the update group, the single update steps, the initial FAM's
+    monkeypatch.setattr(fam_graphs, "MAX_CACHED_SHAPES", 3)
     model = fam_model(C=4)
     with torch.no_grad():
         for batch in (1, 2, 3, 1):
             ids = random_ids(batch, 10 * 4, seed=batch)
             got = model(ids, use_cache=False).logits
-            assert len(fam_graphs._CACHES[model.model.layers]) <= 2
+            assert len(fam_graphs._CACHES[model.model.layers]) <= 3
             assert_close(got, model(ids, use_cache=False, fam_cuda_graphs=False).logits, atol=0.0)
-    # batch 1's update steps were dropped (by batch 2's and 3's signatures) and captured again; the initial FAM's
-    # propagation runs on one row at every batch size: one signature, captured the second time it came
+    # batch 1's update groups were dropped (by batch 2's and 3's signatures) and captured again (the single steps,
+    # dropped too, are seen once per batch size: never captured); the initial FAM's propagation runs on one row at
+    # every batch size: one signature, captured the second time it came
     assert graphs_on_cpu.captures == 4 * model.config.num_hidden_layers + 1
+
+
+def test_update_groups_replay_then_single_steps(graphs_on_cpu):
+    """A chunk of 19 complete blocks replays its first 16 updates as 2 groups of `GROUP_STEPS` and the last 3 one
+    at a time (captured the second time they come); the stream it leaves in the cache continues as the eager
+    chain's does."""
+    C = 4
+    model = fam_model(C=C)
+    layers = model.config.num_hidden_layers
+    ids = random_ids(1, 19 * C + 2, seed=12)
+    more = random_ids(1, 2 * C, seed=13)
+    with torch.no_grad():
+        eager = model(ids, fam_cuda_graphs=False)
+        eager_next = model(more, cache=eager.cache, fam_cuda_graphs=False).logits
+        first = model(ids)
+        assert graphs_on_cpu.replays == layers * 2  # two group replays per layer, nothing else yet
+        second = model(ids)
+        next_logits = model(more, cache=second.cache).logits
+    for out in (first, second):
+        assert_close(out.logits, eager.logits, atol=0.0)
+        for got, want in zip(out.fam_state, eager.fam_state):
+            assert_close(got, want, atol=0.0)
+    assert_close(next_logits, eager_next, atol=0.0)
+    names = [name[2] for name, _ in fam_graphs.kept_graphs(model) if len(name) == 4]
+    assert sorted(set(names)) == ["probe", "update", "update_group"]
+
+
+def test_graphs_of_one_shape_share_their_input_buffers(graphs_on_cpu):
+    """Every layer's graph of one input signature copies its inputs into the same static buffers (replays run
+    one after another), so the group's block keys/values are held once per model, not once per layer."""
+    C = 4
+    model = fam_model(C=C)
+    with torch.no_grad():
+        model(random_ids(2, 8 * C, seed=14), use_cache=False)
+        model(random_ids(2, 8 * C, seed=15), use_cache=False)
+        eager = model(random_ids(2, 8 * C, seed=15), use_cache=False, fam_cuda_graphs=False).logits
+        replayed = model(random_ids(2, 8 * C, seed=15), use_cache=False).logits
+    groups = [graph for name, graph in fam_graphs.kept_graphs(model) if name[2] == "update_group"]
+    assert len(groups) == model.config.num_hidden_layers == 2
+    assert [b.data_ptr() for b in groups[0].inputs] == [b.data_ptr() for b in groups[1].inputs]
+    assert groups[0].inputs[1].shape[2] == fam_graphs.GROUP_STEPS * C  # the group's block keys
+    assert_close(replayed, eager, atol=0.0)
+
+
+@pytest.mark.parametrize("size", [1, 3])
+def test_group_size_is_read_at_each_forward(graphs_on_cpu, monkeypatch, size):
+    """`GROUP_STEPS` set at run time takes effect at the next forward: 1 replays every update alone (10 steps, all
+    captured at once), 3 replays 10 updates as 3 groups and one single step (seen once: eager); both equal the
+    eager chain."""
+    C = 4
+    model = fam_model(C=C)
+    layers = model.config.num_hidden_layers
+    ids = random_ids(1, 10 * C, seed=16)
+    monkeypatch.setattr(fam_graphs, "GROUP_STEPS", size)
+    with torch.no_grad():
+        eager = model(ids, use_cache=False, fam_cuda_graphs=False).logits
+        replayed = model(ids, use_cache=False).logits
+    assert graphs_on_cpu.replays == layers * (10 if size == 1 else 3)
+    kinds = {name[2] for name, _ in fam_graphs.kept_graphs(model)}
+    assert kinds == ({"update"} if size == 1 else {"update_group"})
+    assert_close(replayed, eager, atol=0.0)

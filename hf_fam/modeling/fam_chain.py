@@ -20,7 +20,7 @@ from .fam_adapters import DecoderAdapter
 from .fam_chain_grad import chain_with_recompute, recompute_in_backward
 from .fam_compat import call_inner_attention, plain_layer_call
 from .fam_compile import compiling_steps, layer_call
-from .fam_graphs import cached_chain_step, module_fingerprint
+from .fam_graphs import cached_chain_step, group_steps, module_fingerprint
 from .fam_plan import FAMPlan
 from .fam_state import FAMLayerState
 
@@ -283,20 +283,34 @@ class FAMChain:
               tl_v: torch.Tensor, record: list | None = None):
         """Run the steps `kinds` (`schedule`) from the state's FAM. Returns per step the keys/values of the FAM
         its block reads ((B, KVH, F, hd) each) and the FAM after the last step. `record`, when given, receives
-        each step's incoming FAM (what `chain_with_recompute` recomputes a step from)."""
+        each step's incoming FAM (what `chain_with_recompute` recomputes a step from).
+
+        Where the plan allows CUDA graphs, the chunk's update steps replay in groups of `fam_graphs.GROUP_STEPS`
+        (one graph of that many updates), the remaining ones one graph step at a time; when recording, one at a
+        time."""
         plan = self.plan
         fam = state.fam  # (B, F, D)
         ks, vs = [], []
-        graph = None
+        group = graph = None
+        size, grouped = group_steps(), 0  # the leading `grouped` update steps replay in groups of `size`
         fingerprint = self._fingerprint(layer_idx)
-        if plan.min_complete > 0:  # a CUDA graph of the update step, where the plan allows them
-            C, M = plan.settings.block_size, plan.settings.memory_segments
-            first = slice(M * C, (M + 1) * C)
-            graph = self._graph(layer_idx, "update", [fam, tl_k[:, :, first], tl_v[:, :, first]], plan.min_complete,
-                                fingerprint)
+        if plan.min_complete > 0:  # CUDA graphs of the update steps, where the plan allows them
+            if record is None and 1 < size <= plan.min_complete:
+                group = self._graph(layer_idx, "update_group", [fam, *self.block_slices(0, tl_k, tl_v, size)],
+                                    plan.min_complete, fingerprint, compute=self._update_group(layer_idx))
+                grouped = plan.min_complete // size * size if group is not None else 0
+            if plan.min_complete > grouped:
+                graph = self._graph(layer_idx, "update", [fam, *self.block_slices(0, tl_k, tl_v)],
+                                    plan.min_complete - grouped, fingerprint)
         for t, kind in enumerate(kinds):
             if record is not None:
                 record.append(fam)
+            if t < grouped:  # same computations, replayed `size` at a time
+                if t % size == 0:
+                    fam, k, v = group(fam, *self.block_slices(t, tl_k, tl_v, size))
+                    ks += k.unbind(1)
+                    vs += v.unbind(1)
+                continue
             if kind == "update" and graph is not None:  # same computation, replayed
                 fam, k, v = graph(fam, *self.block_slices(t, tl_k, tl_v))
             elif kind == "probe" and fingerprint is not None and (probe := self._graph(
@@ -308,10 +322,28 @@ class FAMChain:
             vs.append(v)
         return ks, vs, fam
 
-    def block_slices(self, t: int, tl_k: torch.Tensor, tl_v: torch.Tensor):
-        """The keys/values of working block t on the timeline: (B, KVH, C, hd) each."""
+    def _update_group(self, layer_idx: int):
+        """The computation of an "update_group" graph: (fam, the keys/values of G consecutive blocks
+        (B, KVH, G * C, hd)) -> (the FAM after their updates, the keys/values of the FAM each of them reads
+        (B, G, KVH, F, hd))."""
+        C = self.plan.settings.block_size
+
+        def compute(fam, block_k, block_v, positions):
+            ks, vs = [], []
+            for i in range(block_k.shape[2] // C):
+                blk = slice(i * C, (i + 1) * C)
+                step = FAMStep("update", self.inner, block_k[:, :, blk], block_v[:, :, blk], None)
+                fam = self.call_layer(layer_idx, fam, step, positions, compiled=True)
+                ks.append(step.fam_k)
+                vs.append(step.fam_v)
+            return fam, torch.stack(ks, dim=1), torch.stack(vs, dim=1)
+
+        return compute
+
+    def block_slices(self, t: int, tl_k: torch.Tensor, tl_v: torch.Tensor, count: int = 1):
+        """The keys/values of working blocks t .. t + count - 1 on the timeline: (B, KVH, count * C, hd) each."""
         C, M = self.plan.settings.block_size, self.plan.settings.memory_segments
-        blk = slice((M + t) * C, (M + t + 1) * C)
+        blk = slice((M + t) * C, (M + t + count) * C)
         return tl_k[:, :, blk], tl_v[:, :, blk]
 
     def step(self, layer_idx: int, t: int, kind: str, fam: torch.Tensor, tl_k, tl_v, state: FAMLayerState,

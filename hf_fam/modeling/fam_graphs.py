@@ -4,8 +4,10 @@ The FAM chain calls a decoder layer on F tokens once per block, one block after 
 such call is a few dozen small kernels, and launching them costs more than running them: the GPU waits
 for the host. Where every row of the batch updates its FAM (all steps of a long chunk but a trailing
 partial block), the steps have the same shapes, so one step is captured into a CUDA graph and replayed
-for the others: one launch per step instead of dozens, the same kernels on the same weights. The "probe"
-step (the keys of the chunk's last FAM, for the cache) is captured the same way.
+for the others: one launch per step instead of dozens, the same kernels on the same weights. A chunk's
+updates replay `GROUP_STEPS` at a time (a graph of that many consecutive steps, `fam_chain.FAMChain.steps`),
+the rest one at a time. The "probe" step (the keys of the chunk's last FAM, for the cache) is captured the
+same way.
 
 Graphs are kept across forwards, per model, per step (layer and kind) and per input shapes, so a stream
 read in chunks captures once and replays ever after. A graph replays the kernels it recorded on the memory
@@ -16,7 +18,8 @@ merged or switched; a hook added). Each graph therefore carries a fingerprint of
 buffer, the value of every plain attribute such as PEFT's active and merged adapters and scalings, and
 the hooks) and of the global switches that choose kernels (autocast, TF32, sdpa backends); a step whose
 fingerprint differs is captured again. Every tensor a step reads besides the weights (the FAM, the block's
-keys and values, the rotary embedding of the FAM positions) is an input copied into the graph's own buffers.
+keys and values, the rotary embedding of the FAM positions) is an input copied into static buffers, which
+all of a model's graphs of the same input shapes share (`KeptGraphs`).
 
 A capture costs about one eager step (two the first time: a warm-up on the capture stream), so a step is
 captured when its chunk has at least `MIN_GRAPH_STEPS` of them, or when the same step comes a second time.
@@ -36,12 +39,23 @@ import torch
 # fewer steps than this in a chunk are captured only when the same step comes again: a capture costs about one
 # eager step (not tuned: the H100 runs measured 16 and 256 steps per capture)
 MIN_GRAPH_STEPS = 8
-# input signatures whose graphs a model keeps (least recently used dropped first): a batch size uses three (the
-# update step, the probe, the initial FAM's propagation), so this keeps two to three batch sizes. Each holds a
-# graph per layer, with its activations (a few MB per layer at batch 8 for a 1B model)
+# a chunk's update steps replay in groups of this many, one graph per group: one launch, one copy of the group's
+# block keys/values in and one copy of its FAM keys/values out, where single steps take a launch and six copies
+# each (the host's share of a step, which fused steps would leave as the bound). Read at each forward
+# (`group_steps`); 1 or less: every update replays alone
+GROUP_STEPS = 8
+# input signatures whose graphs a model keeps (least recently used dropped first): a batch size uses up to four
+# (the update group, the update step, the probe, the initial FAM's propagation), so this keeps two batch sizes.
+# Each holds a graph per layer, with its activations (a few MB per layer at batch 8 for a 1B model), and one set
+# of static inputs the layers share
 MAX_CACHED_SHAPES = 8
 
 StepFn = Callable[..., tuple[torch.Tensor, ...]]
+
+
+def group_steps() -> int:
+    """`GROUP_STEPS` as it is now (read at each forward)."""
+    return GROUP_STEPS
 
 
 def graphs_usable(device: torch.device, requested: bool) -> bool:
@@ -58,11 +72,17 @@ def graphs_usable(device: torch.device, requested: bool) -> bool:
 
 class ChainGraph:
     """One captured step of one layer: `step_fn(*inputs) -> outputs` (tensors). Inputs are copied into static
-    buffers; outputs are returned as fresh tensors (the graph's own buffers are overwritten by the next
-    replay)."""
+    buffers (`buffers`, when given: other graphs' of the same input shapes); outputs are returned as fresh
+    tensors (the graph's own buffers are overwritten by the next replay)."""
 
-    def __init__(self, step_fn: StepFn, inputs: Sequence[torch.Tensor], key=None, always_warm_up: bool = False):
-        self.inputs = [x.new_empty(x.shape).copy_(x) for x in inputs]
+    def __init__(self, step_fn: StepFn, inputs: Sequence[torch.Tensor], key=None, always_warm_up: bool = False,
+                 buffers: Sequence[torch.Tensor] | None = None):
+        if buffers is None:
+            self.inputs = [x.new_empty(x.shape).copy_(x) for x in inputs]
+        else:
+            self.inputs = list(buffers)
+            for buffer, x in zip(self.inputs, inputs):
+                buffer.copy_(x)
         self.key = (key, tuple((tuple(x.shape), x.dtype) for x in inputs))
         self.always_warm_up = always_warm_up
         self.outputs = tuple(self._capture(step_fn))
@@ -100,9 +120,20 @@ class ChainGraph:
 _FAILED_ATTR = "_fam_cuda_graphs_failed"
 _CAPTURE_STREAMS: dict[int, torch.cuda.Stream] = {}
 _WARMED_UP: set = set()  # (stream, step key) pairs that already ran eagerly on their capture stream
-# per model: input signature -> {step name: (fingerprint, graph or None)}, most recently used last. Kept beside the
-# model, not on it, so that copying or pickling a model never meets a graph.
+# per model: input signature -> its `KeptGraphs`, most recently used last. Kept beside the model, not on it, so that
+# copying or pickling a model never meets a graph.
 _CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class KeptGraphs:
+    """A model's graphs for one input signature: step name -> (fingerprint, graph or None), and the static input
+    buffers they all read. Sharing is safe: a graph's inputs are copied in just before its replay, and replays run
+    one after another on one stream. It keeps one layer's inputs in memory, not one per layer (at batch 8 and
+    `GROUP_STEPS` blocks of 1,024 tokens, a 1B model's group inputs take 134 MB)."""
+
+    def __init__(self):
+        self.graphs: dict = {}
+        self.inputs: list[torch.Tensor] | None = None
 
 
 def _capture_stream(device: torch.device) -> torch.cuda.Stream:
@@ -113,14 +144,15 @@ def _capture_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 def capture_chain_step(owner: torch.nn.Module, step_fn: StepFn, inputs: Sequence[torch.Tensor],
-                       key=None, always_warm_up: bool = False) -> ChainGraph | None:
+                       key=None, always_warm_up: bool = False, buffers=None) -> ChainGraph | None:
     """A ChainGraph, or None where this model's layers cannot be captured (remembered on `owner`).
     `key` names the step (e.g. the layer): a step runs once eagerly on the capture stream before its first
-    capture in this process, or before every capture when `always_warm_up` (a compiled step)."""
+    capture in this process, or before every capture when `always_warm_up` (a compiled step). `buffers`: the
+    static inputs to read (as `ChainGraph` takes them)."""
     if getattr(owner, _FAILED_ATTR, False):
         return None
     try:
-        return ChainGraph(step_fn, inputs, key, always_warm_up)
+        return ChainGraph(step_fn, inputs, key, always_warm_up, buffers)
     except Exception as err:  # noqa: BLE001 - any capture failure falls back to the eager chain
         setattr(owner, _FAILED_ATTR, True)
         warnings.warn(
@@ -141,25 +173,34 @@ def cached_chain_step(owner: torch.nn.Module, name, fingerprint, step_fn: StepFn
         return None
     signature = (tuple((tuple(x.shape), x.dtype, x.device) for x in inputs), _global_switches())
     cache = _CACHES.setdefault(owner, OrderedDict())
-    steps_here = cache.setdefault(signature, {})
+    here = cache.setdefault(signature, KeptGraphs())
     cache.move_to_end(signature)
     while len(cache) > MAX_CACHED_SHAPES:
         cache.popitem(last=False)
-    kept = steps_here.get(name)
+    kept = here.graphs.get(name)
     if kept is not None and kept[0] == fingerprint and kept[1] is not None:
         return kept[1]
     if steps < MIN_GRAPH_STEPS and kept is None:
-        steps_here[name] = (fingerprint, None)  # seen once: captured if it comes again
+        here.graphs[name] = (fingerprint, None)  # seen once: captured if it comes again
         return None
-    graph = capture_chain_step(owner, step_fn, inputs, key=name, always_warm_up=always_warm_up)
-    steps_here[name] = (fingerprint, graph)
+    graph = capture_chain_step(owner, step_fn, inputs, key=name, always_warm_up=always_warm_up, buffers=here.inputs)
+    if graph is not None:
+        here.inputs = graph.inputs
+    here.graphs[name] = (fingerprint, graph)
     return graph
+
+
+def kept_graphs(model: torch.nn.Module):
+    """(step name, graph) of every graph kept for `model` (any module holding FAM layers; for tests, diagnostics
+    and benchmarks)."""
+    for module in model.modules():
+        for here in _CACHES.get(module, {}).values():
+            yield from ((name, graph) for name, (_, graph) in here.graphs.items() if graph is not None)
 
 
 def cached_graph_count(model: torch.nn.Module) -> int:
     """How many captured graphs are kept for `model` (any module holding FAM layers; for tests and diagnostics)."""
-    caches = [_CACHES[m] for m in model.modules() if m in _CACHES]
-    return sum(g is not None for cache in caches for steps in cache.values() for _, g in steps.values())
+    return sum(1 for _ in kept_graphs(model))
 
 
 def clear_graphs(model: torch.nn.Module) -> None:
