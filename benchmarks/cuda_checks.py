@@ -80,6 +80,13 @@ def graph_checks():
             used = replays[0] - before
             if DEVICE.startswith("cuda"):
                 check(f"{family}: CUDA graphs replayed ({used} steps; 0 = not used)", float(used == 0), 0.0)
+                groups = [g for name, g in fam_graphs.kept_graphs(model) if name[2] == "update_group"]
+                # row 1's 9 complete blocks: the first 8 updates of every layer replay as one group
+                check(f"{family}: update groups kept, one per layer ({len(groups)})",
+                      float(len(groups) != len(model.model.layers)), 0.0)
+                shared = len({tuple(b.data_ptr() for b in g.inputs) for g in groups})
+                check(f"{family}: the layers' groups share one set of input buffers ({shared} sets)",
+                      float(shared != 1), 0.0)
             diff = ((graphed.logits - eager.logits).abs() * mask[..., None]).max().item()
             diff = max([diff] + [(a - b).abs().max().item() for a, b in zip(graphed.fam_state, eager.fam_state)])
             check(f"{family}: FAM chain from CUDA graphs == eager (logits, final FAM)", diff, 1e-6)
