@@ -4,9 +4,10 @@
 # 1. the CUDA equivalence checks (benchmarks/cuda_checks.py: the families, CUDA graphs, fused attention, two layers
 #    of the 1B shape at C=1024 M=3 F=64, the training chain, and the chain's graph steps compiled with
 #    torch.compile), up to CHECK_SECONDS (210);
-# 2. benchmarks/gpu_compile_ab.py: FAM with plain and with compiled graph steps against BSWA at the 1B shape, bf16
-#    (batch 1 at 16k and 64k, batch 8 at 8k; one layer's update step replayed alone), up to COMPILE_AB_SECONDS
-#    (150). Where compiling paid in every row and step 1 passed, the bench below runs with --compile-chain;
+# 2. benchmarks/gpu_compile_ab.py: FAM with plain graph steps (updates alone, and in groups: the default) and with
+#    compiled ones against BSWA at the 1B shape, bf16 (batch 1 at 16k and 64k, batch 8 at 8k; one layer's update
+#    step replayed alone), up to COMPILE_AB_SECONDS (150). Where compiling paid in every row measured and step 1
+#    passed, the bench below runs with --compile-chain;
 # 3. benchmarks/train_chain.py: the LoRA step at 8k with the chain recorded by autograd, recomputed in backward,
 #    and recomputed with CUDA graphs, against BSWA (about 40 s), up to TRAIN_CHAIN_SECONDS (60);
 # 4. benchmarks/decode_host.py: decoding's host time at the 1B layer count (about 20 s), up to DECODE_HOST_SECONDS
