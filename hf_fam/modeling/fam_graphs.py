@@ -21,8 +21,8 @@ fingerprint differs is captured again. Every tensor a step reads besides the wei
 keys and values, the rotary embedding of the FAM positions) is an input copied into static buffers, which
 all of a model's graphs of the same input shapes share (`KeptGraphs`).
 
-A capture costs about one eager step (two the first time: a warm-up on the capture stream), so a step is
-captured when its chunk has at least `MIN_GRAPH_STEPS` of them, or when the same step comes a second time.
+A capture costs about one eager run of its steps (two the first time: a warm-up on the capture stream), so a
+step is captured when its chunk has at least `MIN_GRAPH_STEPS` of them, or when the same step comes a second time.
 If a layer cannot be captured (an operation that synchronises with the host, weights offloaded to the
 CPU, ...), the chain runs eagerly, with a warning once per model.
 """
