@@ -139,23 +139,24 @@ def test_generate_and_patched_models_take_the_switch(graphs_on_cpu):
 
 def test_graphs_are_kept_across_forwards(graphs_on_cpu):
     """Forwards of the same shapes replay the graphs earlier ones captured: the group of `GROUP_STEPS` update
-    steps on its first long chunk; the remaining update steps (2 of 10: too few to capture at once), the probe
-    (one per chunk, for the cache) and the initial FAM's propagation (one per fresh sequence; this model has too
-    few layers to capture it at once) the second time they come; then no capture at all."""
+    steps on its first long chunk; the remaining update steps (2 of 10: too few to capture at once) and the initial
+    FAM's propagation (one per fresh sequence; this model has too few layers to capture it at once) the second time
+    they come; then no capture at all. (The chunk ends on a block boundary: the cache's next FAM keys are left to
+    the next chunk, no probe.)"""
     C = 4
     model = fam_model(C=C)
     layers = model.config.num_hidden_layers
     ids = random_ids(2, 10 * C, seed=3)
-    per_forward = layers * (1 + 2 + 1) + 1  # group, 2 single updates, probe per layer; the initial FAM
+    per_forward = layers * (1 + 2) + 1  # group and 2 single updates per layer; the initial FAM
     with torch.no_grad():
         eager = model(ids, fam_cuda_graphs=False).logits
         first = model(ids).logits
         assert (graphs_on_cpu.captures, graphs_on_cpu.replays) == (layers, layers)
         second = model(ids).logits
-        assert (graphs_on_cpu.captures, graphs_on_cpu.replays) == (3 * layers + 1, layers + per_forward)
+        assert (graphs_on_cpu.captures, graphs_on_cpu.replays) == (2 * layers + 1, layers + per_forward)
         third = model(ids).logits
-    assert (graphs_on_cpu.captures, graphs_on_cpu.replays) == (3 * layers + 1, layers + 2 * per_forward)
-    assert fam_graphs.cached_graph_count(model) == 3 * layers + 1
+    assert (graphs_on_cpu.captures, graphs_on_cpu.replays) == (2 * layers + 1, layers + 2 * per_forward)
+    assert fam_graphs.cached_graph_count(model) == 2 * layers + 1
     for out in (first, second, third):
         assert_close(out, eager, atol=0.0)
     fam_graphs.clear_graphs(model)
@@ -181,8 +182,10 @@ def test_kept_graphs_take_this_forwards_positions(graphs_on_cpu):
 
 
 def test_short_chunks_capture_when_the_step_comes_again(graphs_on_cpu):
-    """Streaming in short chunks (one block each, as generate() crosses block boundaries): a step is captured
-    the second time it comes, the probe included, and the stream equals the parallel eager forward."""
+    """Streaming in short chunks, as generate() crosses block boundaries (a block's first token, then the rest of
+    the block): a step is captured the second time it comes, the update and the probe (at the first token inside
+    each block, for the FAM's keys the chunk before left pending) alike, and the stream equals the parallel eager
+    forward."""
     C = 4
     model = fam_model(C=C)
     layers = model.config.num_hidden_layers
@@ -191,8 +194,9 @@ def test_short_chunks_capture_when_the_step_comes_again(graphs_on_cpu):
         whole = model(ids, use_cache=False, fam_cuda_graphs=False).logits
         cache, outs = None, []
         for s in range(0, ids.shape[1], C):
-            out = model(ids[:, s : s + C], cache=cache, use_cache=True)
-            cache, outs = out.cache, outs + [out.logits]
+            for part in (ids[:, s : s + 1], ids[:, s + 1 : s + C]):
+                out = model(part, cache=cache, use_cache=True)
+                cache, outs = out.cache, outs + [out.logits]
     # update and probe of every layer, once each; the initial FAM's propagation came once (one sequence): eager
     assert graphs_on_cpu.captures == 2 * layers
     assert graphs_on_cpu.replays > 4 * layers

@@ -228,8 +228,13 @@ class BlockAttention:
         plan = self.plan
         lay = plan.layouts[layer_idx]
         index, mask = self._in_block_layout(lay, key.shape, query.device)
-        win_k = write_tokens(state.win_k, index, key)
-        win_v = write_tokens(state.win_v, index, value)
+        win_k, win_v = state.win_k, state.win_v
+        if state.fam_pending:  # the first chunk inside this block: the FAM's keys/values, left by the last chunk
+            fam_k, fam_v = self.chain.probe(layer_idx, state.fam)
+            win_k = torch.cat([win_k[:, :, : lay.fam.start], fam_k, win_k[:, :, lay.fam.stop :]], dim=2)
+            win_v = torch.cat([win_v[:, :, : lay.fam.start], fam_v, win_v[:, :, lay.fam.stop :]], dim=2)
+        win_k = write_tokens(win_k, index, key)
+        win_v = write_tokens(win_v, index, value)
         S = lay.attended
         out, _ = call_inner_attention(module, self.inner, query, win_k[:, :, :S], win_v[:, :, :S], mask, kwargs)
         new_state = None
@@ -333,10 +338,16 @@ class BlockAttention:
             cos, sin = self.rotations(layer_idx, mem_k.device)
             mem_k = rotate_memory(mem_k, cos, sin, C, to_view=True)
         prev_blocks = old.mem_blocks if old.mem_blocks is not None else torch.zeros_like(done)
+        layout = plan.layouts[layer_idx]
+        pending = fam_k is None and layout.F > 0  # left to a later chunk (`FAMChain.defers_probe`)
+        if pending:
+            fam_k = part_k.new_zeros(*part_k.shape[:2], layout.F, part_k.shape[-1])
+            fam_v = part_v.new_zeros(*part_v.shape[:2], layout.F, part_v.shape[-1])
         return FAMLayerState(
-            win_k=build_window(plan.layouts[layer_idx], mem_k, fam_k, part_k),
-            win_v=build_window(plan.layouts[layer_idx], mem_v, fam_v, part_v),
+            win_k=build_window(layout, mem_k, fam_k, part_k),
+            win_v=build_window(layout, mem_v, fam_v, part_v),
             mem_blocks=(prev_blocks + done).clamp(max=M + 1),
             part_len=plan.work_len - done * C,
             fam=fam,
+            fam_pending=pending,
         )

@@ -229,7 +229,7 @@ class FAMChain:
             fam_k, fam_v: (B, T, KVH, F, hd) the keys/values of the FAM each working block reads;
             fam: (B, F, D) the FAM after this chunk's complete blocks (per row);
             next_k, next_v: (B, KVH, F, hd) the keys/values of that FAM (what the next block reads), or None
-                when the plan keeps no state.
+                when the plan keeps no state or leaves them to a later chunk (`defers_probe`).
         """
         plan = self.plan
         if plan.settings.fam_update == "sink":
@@ -245,13 +245,13 @@ class FAMChain:
             fam_k = torch.stack(ks[:T], dim=1)  # (B, T, KVH, F, hd)
             fam_v = torch.stack(vs[:T], dim=1)
             all_k = all_v = None
-            if plan.keep_state:
+            if plan.keep_state and not self.defers_probe():
                 all_k = torch.stack(ks, dim=1)  # (B, steps, KVH, F, hd)
                 all_v = torch.stack(vs, dim=1)
 
-        # for the cache: the FAM each row's next block reads, after `complete_blocks` updates
+        # for the cache: the FAM each row's next block reads, after `complete_blocks` updates (None when deferred)
         next_k = next_v = None
-        if plan.keep_state:
+        if plan.keep_state and not self.defers_probe():
             pick = plan.complete_blocks.clamp(max=all_k.shape[1] - 1)[:, None, None, None, None]
             next_k = all_k.gather(1, pick.expand(-1, 1, *all_k.shape[2:]))[:, 0]
             next_v = all_v.gather(1, pick.expand(-1, 1, *all_v.shape[2:]))[:, 0]
@@ -259,25 +259,43 @@ class FAMChain:
 
     def schedule(self, state: FAMLayerState) -> list[str]:
         """The kind of each of this layer's steps over the chunk, block after block (one more step when
-        keeping state: the FAM the next chunk's first block reads):
+        keeping state, unless `defers_probe`: the FAM the next chunk's first block reads):
         "update": every row completes the block and updates its FAM with it;
         "partial": some rows do (rows past their end keep theirs);
-        "cached": no update yet in this chunk: the first block reads the cached FAM's keys/values;
+        "cached": no update yet in this chunk: the first block reads the cached FAM's keys/values (unless the
+            cache left them pending: then "probe");
         "probe": the keys/values of a FAM no update in this chunk has read yet (a trailing partial block, or
             the block after the chunk, for the cache)."""
         plan = self.plan
         T = plan.num_blocks
         kinds = []
-        for t in range(T + (1 if plan.keep_state else 0)):
+        for t in range(T + (1 if plan.keep_state and not self.defers_probe() else 0)):
             if t < plan.max_complete:
                 kinds.append("update" if t < plan.min_complete else "partial")
-            elif t == 0 and state.win_k is not None:
+            elif t == 0 and state.win_k is not None and not state.fam_pending:
                 kinds.append("cached")
             elif t < T or plan.max_complete == T:
                 kinds.append("probe")
             else:
                 break
         return kinds
+
+    def defers_probe(self) -> bool:
+        """Whether this chunk leaves the keys/values of its last FAM to a later chunk (`FAMLayerState.fam_pending`):
+        every row ends on a block boundary, so the next chunk either completes a block (its first update computes
+        them) or reads them inside the block (`probe` there), and the chunk's extra "probe" step would be spent
+        on keys a following chunk of blocks never reads."""
+        plan = self.plan
+        return plan.keep_state and plan.min_complete == plan.num_blocks and plan.settings.fam_update != "sink"
+
+    def probe(self, layer_idx: int, fam: torch.Tensor):
+        """The keys/values (B, KVH, F, hd) of FAM `fam` at this layer (a "probe" step: replayed from a CUDA graph
+        where this forward may)."""
+        fingerprint = self._fingerprint(layer_idx)
+        if fingerprint is not None and (graph := self._graph(layer_idx, "probe", [fam], 1, fingerprint)) is not None:
+            return graph(fam)
+        _, k, v = self.step(layer_idx, 0, "probe", fam, None, None, None)
+        return k, v
 
     def steps(self, layer_idx: int, kinds: list[str], state: FAMLayerState, tl_k: torch.Tensor,
               tl_v: torch.Tensor, record: list | None = None):
@@ -313,9 +331,8 @@ class FAMChain:
                 continue
             if kind == "update" and graph is not None:  # same computation, replayed
                 fam, k, v = graph(fam, *self.block_slices(t, tl_k, tl_v))
-            elif kind == "probe" and fingerprint is not None and (probe := self._graph(
-                    layer_idx, "probe", [fam], 1, fingerprint)) is not None:
-                k, v = probe(fam)
+            elif kind == "probe":
+                k, v = self.probe(layer_idx, fam)
             else:
                 fam, k, v = self.step(layer_idx, t, kind, fam, tl_k, tl_v, state)
             ks.append(k)

@@ -28,6 +28,9 @@ class FAMLayerState:
     # block has left the window too (read by fam_update "sink")
     part_len: torch.Tensor | None = None  # (B,) tokens in the current block
     fam: torch.Tensor | None = None  # (B, F, D) FAM state, in this layer's input space
+    # the window's FAM slot is not filled yet: the keys/values of `fam` are computed when a chunk first reads them
+    # there (one inside the current block); a chunk that completes a block computes them in its first update
+    fam_pending: bool = False
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
