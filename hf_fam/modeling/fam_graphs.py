@@ -6,8 +6,8 @@ for the host. Where every row of the batch updates its FAM (all steps of a long 
 partial block), the steps have the same shapes, so one step is captured into a CUDA graph and replayed
 for the others: one launch per step instead of dozens, the same kernels on the same weights. A chunk's
 updates replay `GROUP_STEPS` at a time (a graph of that many consecutive steps, `fam_chain.FAMChain.steps`),
-the rest one at a time. The "probe" step (the keys of the chunk's last FAM, for the cache) is captured the
-same way.
+the rest one at a time. The "probe" step (the keys of a FAM no update has read yet: a trailing partial block's,
+or those a chunk ending on a block boundary left to the next, `FAMChain.defers_probe`) is captured the same way.
 
 Graphs are kept across forwards, per model, per step (layer and kind) and per input shapes, so a stream
 read in chunks captures once and replays ever after. A graph replays the kernels it recorded on the memory
