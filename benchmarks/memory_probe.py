@@ -11,7 +11,10 @@ Prints JSON lines (held-out answer loss, exact match, share of answer tokens rig
 `--start`: the initial memory: `bos` (the BOS row in every slot, `hf-fam convert`'s default), `sink+text` (slot 0
 the BOS row, the others the token embeddings of `--start-text`: what `hf-fam finetune` trains from), `random`.
 `--train`: `lora` (the paper's LoRA on the projections, + fam_init), `lora+norms` (`hf-fam finetune`'s default),
-`full` (every weight). docs/training.md, "Where training starts the memory", has the figures.
+`full` (every weight). `--embeddings` adds the token embeddings to a LoRA run or freezes them in a full one;
+`--lora-init pissa` starts LoRA from the weights' principal singular vectors (PiSSA) instead of B = 0: the two
+ablations of "why is LoRA slower than every weight at keeping the key". docs/training.md, "Where training starts
+the memory", has the figures.
 """
 
 from __future__ import annotations
@@ -38,6 +41,12 @@ def main(argv=None) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=None, help="default: 1e-3 with LoRA, 5e-5 for every weight")
     p.add_argument("--lora-rank", type=int, default=32)
+    p.add_argument("--embeddings", choices=("default", "train", "freeze"), default="default",
+                   help="the token embeddings (tied to the output head where the model ties them): trained as "
+                        "`--train` does (default: only with `full`), also trained with LoRA, or frozen with `full`")
+    p.add_argument("--lora-init", choices=("default", "pissa"), default="default",
+                   help="LoRA's start: PEFT's default (B = 0, so the model starts unchanged) or PiSSA (A and B from "
+                        "the weight's principal singular vectors, the residual left frozen)")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--back", type=int, default=1, help="blocks between the key sentence's block and the question's")
@@ -45,6 +54,11 @@ def main(argv=None) -> None:
     if args.back < 1:
         p.error(f"--back {args.back}: the key must lie at least 1 block before the question's block "
                 "(use --back 1 or more)")
+    if (args.embeddings == "train") == (args.train == "full") and args.embeddings != "default":
+        p.error(f"--embeddings {args.embeddings} with --train {args.train}: 'train' adds the embeddings to a LoRA "
+                "run, 'freeze' removes them from a full run")
+    if args.lora_init != "default" and args.train == "full":
+        p.error(f"--lora-init {args.lora_init} with --train full: no LoRA to start (use --train lora or lora+norms)")
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     model, tokenizer = build(args)
@@ -87,7 +101,12 @@ def build(args):
     model = FAMForCausalLM.from_base_model(base, block_size=args.block_size, memory_segments=0,
                                            fam_length=args.fam_length, fam_init=fam_init, fam_update="paper")
     if args.train != "full":
-        model = get_peft_model(model, fam_lora_config(model, r=args.lora_rank, train_norms=args.train == "lora+norms"))
+        extra = ["embed_tokens"] if args.embeddings == "train" else []
+        init = {"init_lora_weights": "pissa_niter_4"} if args.lora_init == "pissa" else {}
+        model = get_peft_model(model, fam_lora_config(model, r=args.lora_rank, train_norms=args.train == "lora+norms",
+                                                      modules_to_save=extra, **init))
+    elif args.embeddings == "freeze":
+        model.get_input_embeddings().weight.requires_grad_(False)
     return model.train(), tokenizer
 
 
