@@ -11,7 +11,7 @@ Prints JSON lines (held-out answer loss, exact match, share of answer tokens rig
 `--start`: the initial memory: `bos` (the BOS row in every slot, `hf-fam convert`'s default), `sink+text` (slot 0
 the BOS row, the others the token embeddings of `--start-text`: what `hf-fam finetune` trains from), `random`.
 `--train`: `lora` (the paper's LoRA on the projections, + fam_init), `lora+norms` (`hf-fam finetune`'s default),
-`full` (every weight). `--embeddings` adds the token embeddings to a LoRA run or freezes them in a full one;
+`full` (every weight). `--embeddings` adds the input embeddings to a LoRA run or freezes them in a full one;
 `--lora-init pissa` starts LoRA from the weights' principal singular vectors (PiSSA) instead of B = 0: the two
 ablations of "why is LoRA slower than every weight at keeping the key". docs/training.md, "Where training starts
 the memory", has the figures.
@@ -42,8 +42,10 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=None, help="default: 1e-3 with LoRA, 5e-5 for every weight")
     p.add_argument("--lora-rank", type=int, default=32)
     p.add_argument("--embeddings", choices=("default", "train", "freeze"), default="default",
-                   help="the token embeddings (tied to the output head where the model ties them): trained as "
-                        "`--train` does (default: only with `full`), also trained with LoRA, or frozen with `full`")
+                   help="the token embeddings: trained as `--train` does (default: only with `full`, with the "
+                        "output head tied to them), a trained copy of the input embeddings added to a LoRA run "
+                        "(PEFT's modules_to_save; the output head keeps the original), or frozen with `full` "
+                        "(the tied head too)")
     p.add_argument("--lora-init", choices=("default", "pissa"), default="default",
                    help="LoRA's start: PEFT's default (B = 0, so the model starts unchanged) or PiSSA (A and B from "
                         "the weight's principal singular vectors, the residual left frozen)")
