@@ -103,7 +103,10 @@ def build(args):
     model = FAMForCausalLM.from_base_model(base, block_size=args.block_size, memory_segments=0,
                                            fam_length=args.fam_length, fam_init=fam_init, fam_update="paper")
     if args.train != "full":
-        extra = ["embed_tokens"] if args.embeddings == "train" else []
+        extra = []
+        if args.embeddings == "train":  # PEFT's modules_to_save names a module by the last part of its name
+            embeddings = model.get_input_embeddings()
+            extra.append(next(n for n, m in model.named_modules() if m is embeddings).rsplit(".", 1)[-1])
         init = {"init_lora_weights": "pissa_niter_4"} if args.lora_init == "pissa" else {}
         model = get_peft_model(model, fam_lora_config(model, r=args.lora_rank, train_norms=args.train == "lora+norms",
                                                       modules_to_save=extra, **init))
