@@ -12,7 +12,7 @@ Prints JSON lines (held-out answer loss, exact match, share of answer tokens rig
 the BOS row, the others the token embeddings of `--start-text`: what `hf-fam finetune` trains from), `random`.
 `--train`: `lora` (the paper's LoRA on the projections, + fam_init), `lora+norms` (`hf-fam finetune`'s default),
 `full` (every weight). `--embeddings` adds the input embeddings to a LoRA run or freezes them in a full one;
-`--lora-init pissa` starts LoRA from the weights' principal singular vectors (PiSSA) instead of B = 0: the two
+`--lora-init pissa` starts LoRA from the weights' principal singular vectors (PiSSA) instead of B = 0: the
 ablations of "why is LoRA slower than every weight at keeping the key". docs/training.md, "Where training starts
 the memory", has the figures.
 """
