@@ -4,6 +4,9 @@
     python scripts/check_transformers.py --floor                    # the oldest supported release, compat tests
     python scripts/check_transformers.py --newest --raise-ceiling   # PyPI's newest release, full suite; if it
                                                                     # passes, declare it supported
+    python scripts/check_transformers.py --each-minor --report benchmarks/results/transformers_releases.json
+                                                                    # every minor release inside the range (its
+                                                                    # newest patch), compat tests, one venv
 
 The environment gets torch==2.13.0 (the CPU wheel on this project's machines), the release under test, the other
 dependencies of pyproject.toml, and this checkout (editable, without its dependencies, so a release above the
@@ -12,6 +15,8 @@ script, so remote code is also tested across the two releases (tests/test_compat
 HF_FAM_ALLOW_UNTESTED_TRANSFORMERS=1 when the release is outside the declared range. `--raise-ceiling` writes the
 new ceiling into hf_fam/modeling/fam_compat.py (SUPPORTED_TRANSFORMERS) and pyproject.toml before the tests (the
 range check and remote code across releases test the raised range) and puts the old one back if they fail.
+`--each-minor` reinstalls only transformers (and what it needs) release after release in one environment, records
+each release's pytest summary and seconds in `--report` as it goes, and exits non-zero if any release failed.
 Exit status: the tests'.
 """
 
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
 import os
 import re
 import subprocess
@@ -94,6 +100,63 @@ def prepare(venv: Path, version: str) -> Path:
     return python
 
 
+def releases_by_minor() -> dict[tuple[int, int], str]:
+    """The newest final patch of every minor release on the index: {(5, 12): "5.12.1", ...}."""
+    out = subprocess.run([sys.executable, "-m", "pip", "index", "versions", "transformers"], capture_output=True,
+                         text=True, check=True).stdout
+    newest: dict[tuple[int, int], str] = {}
+    for v in re.search(r"Available versions: (.*)", out)[1].split(", "):
+        if re.fullmatch(r"\d+\.\d+\.\d+", v):
+            key = minor(v)
+            if key not in newest or int(v.rsplit(".", 1)[1]) > int(newest[key].rsplit(".", 1)[1]):
+                newest[key] = v
+    return newest
+
+
+def each_minor(args, env: dict[str, str]) -> int:
+    """Run the compatibility tests on the newest patch of every minor release inside the declared range, one
+    environment reinstalled release after release; write one record per release to args.report as it goes."""
+    floor, ceiling = supported_range()
+    versions = [v for key, v in sorted(releases_by_minor().items()) if minor(floor) <= key <= minor(ceiling)]
+    venv = args.venv or Path(tempfile.gettempdir()) / "hf_fam_transformers_each_minor"
+    report = Path(args.report) if args.report else None
+    records: list[dict] = []
+    tests = COMPAT_TESTS if (args.tests or "compat") == "compat" else []
+    print(f"testing {len(versions)} releases: {', '.join(versions)}", flush=True)
+    for version in versions:
+        start = time.time()
+        python = venv_python(venv)
+        if not python.exists():
+            prepare(venv, version)
+        elif installed_transformers(python) != version:
+            subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                            "--upgrade-strategy", "only-if-needed", f"transformers=={version}"], check=True)
+        installed = time.time() - start
+        run_env = dict(env)
+        if installed_transformers(Path(args.other_python)) not in (None, version):
+            run_env["HF_FAM_OTHER_PYTHON"] = args.other_python
+        start = time.time()
+        result = subprocess.run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], cwd=ROOT,
+                                env=run_env, capture_output=True, text=True)
+        lines = [line for line in result.stdout.splitlines() if line.strip()]
+        summary = lines[-1].strip("= ") if lines else result.stderr.strip()[-200:]
+        failed = [line for line in result.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
+        records.append({"transformers": version, "passed": result.returncode == 0, "summary": summary,
+                        "failures": failed, "install_s": round(installed), "test_s": round(time.time() - start)})
+        print(f"transformers {version}: {summary} ({records[-1]['test_s']} s)", flush=True)
+        for line in failed:
+            print("  " + line, flush=True)
+        if report is not None:
+            report.write_text(json.dumps({"range": [floor, ceiling], "tests": "compat" if tests else "full",
+                                          "other_python_transformers": installed_transformers(
+                                              Path(args.other_python)),
+                                          "releases": records}, indent=2) + "\n")
+    bad = [r["transformers"] for r in records if not r["passed"]]
+    failed = f"; failed: {', '.join(bad)}" if bad else ""
+    print(f"{len(records) - len(bad)} of {len(records)} releases passed{failed}", flush=True)
+    return 1 if bad else 0
+
+
 def raise_ceiling(version: str) -> None:
     floor, _ = supported_range()
     ceiling = "%d.%d" % minor(version)
@@ -114,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--version", help="a transformers release, e.g. 5.24.0")
     which.add_argument("--floor", action="store_true", help="the oldest supported release (x.y.0's newest patch)")
     which.add_argument("--newest", action="store_true", help="the newest release on PyPI")
+    which.add_argument("--each-minor", action="store_true",
+                       help="every minor release inside the declared range (its newest patch), one after the other")
+    parser.add_argument("--report", help="with --each-minor: write each release's result to this JSON file")
     parser.add_argument("--tests", choices=["compat", "full"], help="default: compat for --floor, full otherwise")
     parser.add_argument("--venv", type=Path, help="default: $TMPDIR/hf_fam_transformers_<version>")
     parser.add_argument("--other-python", default=sys.executable,
@@ -121,10 +187,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--raise-ceiling", action="store_true",
                         help="when the tests pass above the declared ceiling, declare this release supported")
     args = parser.parse_args(argv)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("PYTHONPATH", None)
+    if args.each_minor:
+        return each_minor(args, env)
 
     floor, ceiling = supported_range()
     if args.floor:
-        version = floor_release(floor)
+        version = releases_by_minor()[minor(floor)]
     else:
         version = newest_on_pypi() if args.newest else args.version
     tests = args.tests or ("compat" if args.floor else "full")
@@ -133,9 +204,6 @@ def main(argv: list[str] | None = None) -> int:
     python = prepare(venv, version)
     print(f"transformers {version} ready in {time.time() - start:.0f} s", flush=True)
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("PYTHONPATH", None)
     if installed_transformers(Path(args.other_python)) not in (None, version):
         env["HF_FAM_OTHER_PYTHON"] = args.other_python
     inside = minor(floor) <= minor(version) <= minor(ceiling)
@@ -168,15 +236,6 @@ def main(argv: list[str] | None = None) -> int:
     elif args.raise_ceiling:
         print(f"transformers {version} is already inside the declared range {floor} to {ceiling}", flush=True)
     return code
-
-
-def floor_release(floor: str) -> str:
-    """The newest patch release of the floor's minor release (5.4 -> 5.4.0), from the index."""
-    out = subprocess.run([sys.executable, "-m", "pip", "index", "versions", "transformers"], capture_output=True,
-                         text=True, check=True).stdout
-    versions = re.search(r"Available versions: (.*)", out)[1].split(", ")
-    patches = [v for v in versions if re.fullmatch(rf"{re.escape(floor)}\.\d+", v)]
-    return max(patches, key=lambda v: int(v.rsplit(".", 1)[1]))
 
 
 if __name__ == "__main__":
