@@ -123,10 +123,10 @@ def each_minor(args, env: dict[str, str]) -> int:
     records: list[dict] = []
     tests = COMPAT_TESTS if (args.tests or "compat") == "compat" else []
     print(f"testing {len(versions)} releases: {', '.join(versions)}", flush=True)
-    for version in versions:
+    for i, version in enumerate(versions):
         start = time.time()
         python = venv_python(venv)
-        if not python.exists():
+        if i == 0:  # a fresh environment, unless one with this release is there
             prepare(venv, version)
         elif installed_transformers(python) != version:
             subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
