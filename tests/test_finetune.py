@@ -198,6 +198,43 @@ def test_fam_checkpoint_keeps_its_settings(base_ckpt, tmp_path, capsys):
     assert not (out / "fam_base").exists()
 
 
+def test_a_pissa_start_saves_an_adapter_for_the_unchanged_base(base_ckpt, tmp_path, capsys):
+    """--lora-init pissa: the run trains from the weights' top singular vectors, and what it saves applies to the
+    unchanged base weights in fam_base/ (PEFT's conversion, rank doubled, with fam_init and the norms); merged/
+    equals the adapter on fam_base; nothing of the start is left in the output."""
+    from peft import AutoPeftModelForCausalLM
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    try:
+        code, _, everything = _cli(["finetune", str(base_ckpt), "--output", str(out), *SMALL, "--lora-init", "pissa",
+                                    "--seq-len", "48", "--passkey-form", "synthetic", "--passkey-examples", "8",
+                                    "--steps", "3", "--batch-size", "2", "--lr", "1e-2", "--merge"], capsys)
+    finally:
+        _reset_accelerate()
+    assert code == 0, everything
+    assert not (out / "lora_start").exists()
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert (adapter_config["r"], adapter_config["lora_alpha"], adapter_config["init_lora_weights"]) == (8, 8, True)
+    assert adapter_config["base_model_name_or_path"] == str((out / "fam_base").resolve())
+    saved = load_file(out / "adapter_model.safetensors")
+    assert any(name.endswith("fam.fam_init") for name in saved) and any("input_layernorm" in n for n in saved)
+    original = load_file(base_ckpt / "model.safetensors")
+    fam_base = load_file(out / "fam_base" / "model.safetensors")
+    for name, weight in original.items():  # the base weights the adapter applies to are the checkpoint's own
+        assert torch.equal(fam_base[name], weight), name
+
+    adapter = AutoPeftModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+    base = AutoModelForCausalLM.from_pretrained(out / "fam_base").eval()
+    ids = random_ids(2, 40, vocab=259)
+    with torch.no_grad():
+        got = adapter(input_ids=ids).logits
+        assert_close(merged(ids).logits, got, atol=1e-5, msg="merged vs converted adapter")
+        assert (base(ids).logits - got).abs().max() > 1e-4, "training changed nothing"
+
+
 def test_an_existing_output_is_refused_and_replaced_whole_with_force(base_ckpt, tmp_path, capsys):
     """`-o EXISTING` used to replace the adapter and leave the old merged/ beside it. Now: refused in one line;
     with --force the old folder is swapped for the new run's once it is complete (no stale merged/, no old

@@ -125,6 +125,47 @@ def test_adapter_round_trip_and_merge(family, tmp_path):
         assert_close(again(ids, attention_mask=mask).logits, expected, atol=1e-5, msg="merged, saved")
 
 
+def test_a_pissa_start_is_saved_as_an_adapter_for_the_unchanged_base(tmp_path):
+    """PiSSA moves each weight's top singular directions into LoRA and leaves the residual in the base: saved as it
+    is, the adapter would apply to those changed weights only. save_adapter saves PEFT's conversion (rank and alpha
+    doubled) that applies to the base as saved before; the live model and its config are left as they were."""
+    from hf_fam.training.lora import PEFT_LORA_INITS, changes_base_weights, save_adapter, save_lora_start
+    from hf_fam.training.options import LORA_INITS
+
+    assert tuple(PEFT_LORA_INITS) == LORA_INITS
+    base = _fam()
+    base.save_pretrained(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    peft_model = get_peft_model(model, fam_lora_config(model, r=4, init_lora_weights=PEFT_LORA_INITS["pissa"]))
+    assert changes_base_weights(peft_model)
+    weight = "model.layers.0.self_attn.q_proj.weight"
+    residual = dict(peft_model.base_model.model.named_parameters())[weight.replace("weight", "base_layer.weight")]
+    assert (residual - dict(base.named_parameters())[weight]).abs().max() > 1e-3  # PiSSA changed the base
+    with pytest.raises(ValueError, match="adapter names cannot hold a dot"):
+        save_lora_start(peft_model, tmp_path / ".start")
+    save_lora_start(peft_model, tmp_path / "start")
+    assert peft_model.peft_config["default"].init_lora_weights == "pissa_niter_4"
+    _train_a_little(peft_model)
+    ids = random_ids(2, 23, seed=9)
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits
+        assert (expected - base.eval()(ids).logits).abs().max() > 1e-2  # the adapter matters
+
+    save_adapter(peft_model, tmp_path / "adapter", tmp_path / "start")
+    config = peft_model.peft_config["default"]
+    assert (config.r, config.lora_alpha, config.init_lora_weights) == (4, 4, "pissa_niter_4")
+    with torch.no_grad():
+        assert_close(peft_model(input_ids=ids).logits, expected, atol=0.0, msg="live model after saving")
+    reloaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter").eval()  # on tmp_path/"base"
+    assert (reloaded.peft_config["default"].r, reloaded.peft_config["default"].init_lora_weights) == (8, True)
+    assert not changes_base_weights(reloaded)
+    with torch.no_grad():
+        assert_close(reloaded(input_ids=ids).logits, expected, atol=1e-5, msg="converted adapter on the base")
+        assert_close(reloaded.merge_and_unload()(ids).logits, expected, atol=1e-5, msg="converted, merged")
+    plain = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), fam_lora_config(model, r=4))
+    assert not changes_base_weights(plain)
+
+
 def test_adapter_and_merged_model_load_without_hf_fam(tmp_path):
     base = _fam("llama", block_size=5, fam_length=2)
     base.save_pretrained(tmp_path / "base")

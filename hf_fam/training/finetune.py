@@ -8,12 +8,15 @@ files or the passkey task. It runs on one CPU or GPU as it is, and on several pr
 What it writes to `output_dir`:
 - the adapter (`adapter_config.json`, `adapter_model.safetensors`, with `fam.fam_init`) and the tokenizer:
   `AutoPeftModelForCausalLM.from_pretrained(output_dir)` reloads it (`trust_remote_code=True` without hf_fam);
+  after a PiSSA start (`LoraOptions.init`), PEFT's conversion of it, of twice the rank, which applies to the
+  unchanged base weights like any other adapter (`hf_fam.training.lora.save_adapter`);
 - `fam_base/`, when the model was a base checkpoint converted on the fly: the FAM checkpoint the adapter
   applies to (the base weights, unchanged, with the initial memory); the adapter points to it;
 - `merged/` with `merge=True`: a standalone FAM checkpoint (LoRA merged, trained `fam_init`), as the paper
   uses for inference;
 - `train_log.jsonl` (one line per logged step), `finetune_config.json`, `train_summary.json` (including a
-  digest of the adapter weights on every process: they must agree after data-parallel training).
+  digest of the adapter weights on every process: they must agree after data-parallel training; after a PiSSA
+  start, of the weights as trained, before the conversion).
 
 An existing non-empty `output_dir` is refused unless `overwrite=True` (`--force`); the run writes to a hidden
 folder beside it, moved into place when complete: a failed run leaves nothing, and old and new outputs never mix.
@@ -35,6 +38,7 @@ import hashlib
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -44,7 +48,7 @@ import torch
 from ..modeling.fam_compat import enable_checkpointing
 from ..tasks.passkey import SyntheticPasskeyVocab, passkey_dataset
 from .data import FAMDataCollator, check_seq_len, load_text_dataset, mix_datasets, pack_dataset
-from .lora import fam_lora_config, unwrap_fam_model
+from .lora import PEFT_LORA_INITS, fam_lora_config, save_adapter, save_lora_start, unwrap_fam_model
 from .options import (  # noqa: F401  (DTYPES, DATA_SOURCES, SCHEDULERS: re-exported)
     DATA_SOURCES,
     DTYPES,
@@ -59,6 +63,8 @@ from .options import (  # noqa: F401  (DTYPES, DATA_SOURCES, SCHEDULERS: re-expo
 from .recipe import attach_recipe
 
 logger = logging.getLogger("hf_fam.training")
+# inside the run's staging folder, removed once the adapter is saved
+LORA_START_FOLDER = "lora_start"  # PEFT loads it as an adapter named after the folder: no dots
 
 # ----------------------------------------------------------------------------------------------------------
 # loading
@@ -255,9 +261,17 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path) -> Finetu
     peft_model = get_peft_model(model, fam_lora_config(
         model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules) if lora.target_modules else None, train_fam_init=lora.train_fam_init,
-        train_norms=lora.train_norms,
+        train_norms=lora.train_norms, init_lora_weights=PEFT_LORA_INITS[lora.init],
     ))
     peft_model.peft_config["default"].base_model_name_or_path = str(base_path)
+    # a start that moves part of the base weights into LoRA (PiSSA) is kept for save_adapter's conversion
+    lora_start = work / LORA_START_FOLDER if lora.init != "default" and accelerator.is_main_process else None
+    if lora_start is not None:
+        adapter_config = peft_model.peft_config["default"]
+        if fam_base_dir is not None:  # PEFT reads the base's config while converting: here it is still in `work`
+            adapter_config.base_model_name_or_path = str((work / "fam_base").resolve())
+        save_lora_start(peft_model, lora_start)
+        adapter_config.base_model_name_or_path = str(base_path)
     recipe = attach_recipe(peft_model, config.recipe)
 
     pad_id = getattr(tokenizer, "pad_token_id", None)
@@ -274,8 +288,9 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path) -> Finetu
     train_model.train()
 
     n_trainable = sum(p.numel() for p in params)
-    logger.info("%d trainable parameters (LoRA r=%d on %s%s); %d training sequences; %d process(es)", n_trainable,
-                lora.r, ", ".join(peft_model.peft_config["default"].target_modules),
+    logger.info("%d trainable parameters (LoRA r=%d%s on %s%s); %d training sequences; %d process(es)", n_trainable,
+                lora.r, "" if lora.init == "default" else f", {lora.init} start",
+                ", ".join(peft_model.peft_config["default"].target_modules),
                 (" + fam_init" if lora.train_fam_init and settings.fam_length else "")
                 + (" + norms" if lora.train_norms else ""),
                 len(dataset),
@@ -341,10 +356,16 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path) -> Finetu
         adapter_config = trained.peft_config["default"]
         if fam_base_dir is not None:  # PEFT reads the base's config while saving: here it is still in `work`
             adapter_config.base_model_name_or_path = str((work / "fam_base").resolve())
-        trained.save_pretrained(work)
-        if fam_base_dir is not None:
+        save_adapter(trained, work, lora_start)  # an adapter for the unchanged base weights, whatever the start
+        if lora_start is not None:
+            shutil.rmtree(lora_start)
+        if fam_base_dir is not None:  # adapter_config.json names fam_base where it will be
             adapter_config.base_model_name_or_path = str(base_path)
-            adapter_config.save_pretrained(str(work))  # adapter_config.json names fam_base where it will be
+            # the file, not the live config, which after a converted start no longer describes the saved adapter
+            config_file = work / "adapter_config.json"
+            saved = json.loads(config_file.read_text())
+            saved["base_model_name_or_path"] = str(base_path)
+            config_file.write_text(json.dumps(saved, indent=2, sort_keys=True))
         if tokenizer is not None:
             tokenizer.save_pretrained(work)
         summary = {"steps": step, "final_loss": final_loss, "seconds": round(seconds, 2),

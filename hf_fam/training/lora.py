@@ -13,17 +13,30 @@ PEFT needs two things it cannot find on its own for `model_type="fam"`:
 
 `fam_lora_config(model)` returns a `peft.LoraConfig` with both filled in and with every requested target name
 checked against the model: PEFT silently skips target names that match nothing as long as one name matches.
+
+A LoRA start that changes the base weights (PiSSA: A and B from each weight's top singular vectors, the residual
+left in the base) would give an adapter that only applies to those changed weights. `save_lora_start` before
+training and `save_adapter` after it save PEFT's conversion instead: a plain LoRA adapter of twice the rank that
+applies to the unchanged base (W + B'A' = W_res + BA).
 """
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from peft import LoraConfig
 from torch import nn
 
 from ..modeling.fam_adapters import get_adapter
 from .options import DEFAULT_LORA_RANK
+
+# LoraOptions.init -> LoraConfig.init_lora_weights. "pissa_niter_4": PiSSA from a randomized SVD of 4 subspace
+# iterations, which PEFT recommends over the full SVD for large weights (the memory probe of docs/training.md ran it)
+# (keys: options.LORA_INITS)
+PEFT_LORA_INITS = {"default": True, "pissa": "pissa_niter_4"}
+# PEFT's starts that move the base weights, which save_adapter converts back (PEFT's own list of prefixes)
+_BASE_CHANGING_INITS = ("pissa", "corda", "olora", "lora_ga")
 
 FAM_MODULE_NAME = "fam"
 # where PEFT's ModulesToSaveWrapper keeps the module it wraps and its trained copies
@@ -179,5 +192,59 @@ def fam_lora_config(
     )
 
 
-__all__ = ["DEFAULT_LORA_RANK", "base_model_type", "check_lora_targets", "fam_lora_config", "norm_module_names",
-           "unwrap_fam_model"]
+def changes_base_weights(peft_model, adapter_name: str = "default") -> bool:
+    """Whether the adapter's start (PiSSA, OLoRA, CorDA, LoRA-GA) moved part of the base weights into LoRA."""
+    init = peft_model.peft_config[adapter_name].init_lora_weights
+    return isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS)
+
+
+def save_lora_start(peft_model, folder: str | Path) -> None:
+    """Save the adapter as it starts, before training, for `save_adapter`'s conversion. PEFT's recipe: the start is
+    saved marked as a plain LoRA start (`init_lora_weights=True`), so that loading it does not decompose the
+    residual weights a second time. The live config is left as it was."""
+    if "." in Path(folder).name:
+        raise ValueError(f"{Path(folder).name!r}: PEFT loads the start as an adapter named after its folder, and "
+                         "adapter names cannot hold a dot; choose a folder name without one.")
+    config = peft_model.peft_config["default"]
+    init = config.init_lora_weights
+    config.init_lora_weights = True
+    try:
+        peft_model.save_pretrained(str(folder))
+    finally:
+        config.init_lora_weights = init
+
+
+def save_adapter(peft_model, folder: str | Path, lora_start: str | Path | None = None) -> None:
+    """`peft_model.save_pretrained(folder)`, or, given the start `save_lora_start` saved, the adapter converted to
+    one that applies to the base weights as they were before `get_peft_model` (rank and alpha doubled: the trained
+    factors beside the start's, negated). The live model and its config are left as they were.
+
+    PEFT's conversion (`path_initial_model_for_weight_conversion`, PEFT 0.21) writes the LoRA factors only: the
+    trained `modules_to_save` (fam_init, the norms) are put back into the saved file here."""
+    if lora_start is None:
+        peft_model.save_pretrained(str(folder))
+        return
+    from peft import get_peft_model_state_dict
+    from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
+    from safetensors.torch import load_file, save_file
+
+    config = peft_model.peft_config["default"]
+    # PEFT rewrites these on the live config while it converts
+    kept = {name: getattr(config, name) for name in ("r", "lora_alpha", "init_lora_weights", "rank_pattern",
+                                                      "alpha_pattern")}
+    try:
+        peft_model.save_pretrained(str(folder), path_initial_model_for_weight_conversion=str(Path(lora_start)))
+    finally:
+        for name, value in kept.items():
+            setattr(config, name, value)
+    weights_file = Path(folder) / SAFETENSORS_WEIGHTS_NAME
+    converted = load_file(weights_file)
+    trained = get_peft_model_state_dict(peft_model)
+    dropped = {name: tensor for name, tensor in trained.items() if name not in converted and "lora_" not in name}
+    if dropped:
+        whole = {**converted, **{name: t.detach().cpu().contiguous() for name, t in dropped.items()}}
+        save_file(whole, weights_file, metadata={"format": "pt"})
+
+
+__all__ = ["DEFAULT_LORA_RANK", "PEFT_LORA_INITS", "base_model_type", "changes_base_weights", "check_lora_targets",
+           "fam_lora_config", "norm_module_names", "save_adapter", "save_lora_start", "unwrap_fam_model"]

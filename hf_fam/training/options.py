@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 DATA_SOURCES = ("passkey", "text", "mix")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+# LoRA's start: PEFT's (B = 0: the model starts unchanged) or PiSSA's (A and B from each weight's top singular
+# vectors, the residual left in the base; `hf_fam.training.lora.PEFT_LORA_INITS` maps these to PEFT's values)
+LORA_INITS = ("default", "pissa")
 
 # Paper §3.1: "The rank of LoRA was 64". Alpha and dropout are not stated; alpha = rank (scaling 1) here.
 DEFAULT_LORA_RANK = 64
@@ -158,11 +161,18 @@ class LoraOptions:
         True, "do not train the normalization layers' weights (trained in full by default: with LoRA alone the "
               "memory of a pretrained model does not learn, docs/training.md)", "--freeze-norms", negate=True,
     )
+    init: str = option(
+        "default", "LoRA's start: PEFT's (B = 0) or pissa (A and B from each weight's top singular vectors; learnt "
+                   "faster in docs/training.md's probe). The saved adapter applies to the unchanged base either way",
+        "--lora-init", choices=LORA_INITS,
+    )
 
     def __post_init__(self):
         _check_int("lora rank", self.r, 1)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        if self.init not in LORA_INITS:
+            raise ValueError(f"LoRA init must be one of {', '.join(LORA_INITS)}, got {self.init!r}")
         if self.target_modules is not None:
             self.target_modules = tuple(self.target_modules)
 
