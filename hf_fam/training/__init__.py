@@ -37,6 +37,8 @@ _EXPORTS = {
     "mix_datasets": ".data",
     "norm_module_names": ".lora",
     "pack_dataset": ".data",
+    "save_adapter": ".lora",
+    "save_lora_start": ".lora",
     "passkey_dataset": "hf_fam.tasks.passkey",
     "passkey_exact_match": "hf_fam.tasks.passkey",
     "unwrap_fam_model": ".lora",
