@@ -168,6 +168,16 @@ def test_bad_input_gives_one_line_errors(base_ckpt, text_files, tmp_path, capsys
             assert "Traceback" not in everything
         code, last, _ = _cli(["finetune", str(tmp_path / "nowhere"), "--output", out], capsys)
         assert code == 2 and "no checkpoint at" in last
+        full = ["finetune", str(base_ckpt), "--output", out, "--full", "--steps", "1"]
+        for extra, needle in [
+            (["--merge"], "--merge merges a LoRA adapter; a --full run saves the whole model already: drop --merge."),
+            (["--lora-rank", "4", "--lora-init", "pissa"],
+             "--lora-rank, --lora-init set LoRA, which a --full run does not use: drop them or --full."),
+            (["--freeze-norms"], "--freeze-norms sets LoRA, which a --full run does not use: drop it or --full."),
+        ]:
+            code, last, everything = _cli([*full, *extra], capsys)
+            assert code == 2 and last == f"hf-fam finetune: error: {needle}", everything
+        assert not (tmp_path / "x").exists()
     finally:
         _reset_accelerate()
 
@@ -196,6 +206,56 @@ def test_fam_checkpoint_keeps_its_settings(base_ckpt, tmp_path, capsys):
     adapter_config = json.loads((out / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == str((tmp_path / "fam").resolve())
     assert not (out / "fam_base").exists()
+
+
+def test_full_trains_every_weight_and_saves_the_whole_model(base_ckpt, tmp_path):
+    """LoraOptions(full=True) / --full: every weight and fam_init trained under the same recipe; the output is a FAM
+    checkpoint (no adapter, no fam_base) that loads to the trained model exactly."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "full"
+    config = FinetuneConfig(
+        model=ModelOptions(path=str(base_ckpt), block_size=16, memory_segments=1, fam_length=4),
+        data=DataOptions(passkey_form="synthetic", seq_len=48, passkey_examples=8),
+        lora=LoraOptions(full=True),
+        train=TrainOptions(output_dir=str(out), max_steps=2, batch_size=2, learning_rate=1e-3, log_every=1),
+    )
+    try:
+        result = finetune(config)
+    finally:
+        _reset_accelerate()
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "train_log.jsonl", "train_summary.json"} <= names
+    assert not {"adapter_config.json", "fam_base", "merged"} & names and result.fam_base_dir is None
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["trained"] == "every weight" and summary["adapter_digests"] == result.adapter_digests
+
+    saved = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert saved.config.fam_update == "paper"  # the zero-shot start switched for training, as for LoRA
+    assert adapter_digest(saved) == result.adapter_digests[0]
+    base = hf_fam_base(base_ckpt)
+    ids = random_ids(2, 40, vocab=259)
+    with torch.no_grad():
+        got = saved(ids).logits
+        assert_close(result.model.eval()(ids).logits, got, atol=0.0, msg="saved vs trained")
+        assert (base(ids).logits - got).abs().max() > 1e-4, "training changed nothing"
+    moved = {name for name, w in saved.named_parameters() if (w - dict(base.named_parameters())[name]).abs().max() > 0}
+    assert "fam.fam_init" in moved and "model.layers.0.self_attn.q_proj.weight" in moved
+    assert "model.layers.1.mlp.down_proj.weight" in moved and "model.embed_tokens.weight" in moved
+
+
+def hf_fam_base(base_ckpt):
+    """The tiny base converted as the run converts it (C=16, M=1, F=4, the paper's update, the start text's
+    memory), so weights compare name by name."""
+    from transformers import AutoTokenizer
+
+    from hf_fam.training.finetune import _content_slots, load_fam_model
+
+    model, tokenizer, _ = load_fam_model(ModelOptions(path=str(base_ckpt), block_size=16, memory_segments=1,
+                                                      fam_length=4))
+    model.config.fam_update = "paper"
+    _content_slots(model, AutoTokenizer.from_pretrained(base_ckpt), ModelOptions(path="x").memory_start_text)
+    return model.eval()
 
 
 def test_a_pissa_start_saves_an_adapter_for_the_unchanged_base(base_ckpt, tmp_path, capsys):
@@ -280,13 +340,15 @@ def test_help_explains_every_option(capsys):
         assert option in text
 
 
-def test_two_processes_under_accelerate_launch_end_with_the_same_adapter(base_ckpt, tmp_path):
+@pytest.mark.parametrize("trained", ["lora", "full"])
+def test_two_processes_under_accelerate_launch_end_with_the_same_adapter(base_ckpt, tmp_path, trained):
     """Two CPU processes over gloo (`accelerate launch --multi_gpu` with `--cpu`: the plain `--cpu` launch starts
-    one process). About 15-25 s here, most of it starting the processes."""
+    one process), LoRA and every weight (--full). About 15-25 s each here, most of it starting the processes."""
     out = tmp_path / "ddp"
+    what = SMALL if trained == "lora" else [*SMALL[:-2], "--full"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hf_fam.cli",
-           "finetune", str(base_ckpt), "--output", str(out), *SMALL, "--seq-len", "64", "--passkey-form", "synthetic",
+           "finetune", str(base_ckpt), "--output", str(out), *what, "--seq-len", "64", "--passkey-form", "synthetic",
            "--passkey-examples", "16", "--steps", "4", "--batch-size", "2", "--lr", "1e-2", "--log-every", "2",
            "--state-passing-prob", "0.8", "--cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -298,7 +360,12 @@ def test_two_processes_under_accelerate_launch_end_with_the_same_adapter(base_ck
     assert len(digests) == 2 and digests[0] == digests[1], digests
 
     from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
+    if trained == "full":
+        assert adapter_digest(AutoModelForCausalLM.from_pretrained(out)) == digests[0]
+        assert summary["trained"] == "every weight"
+        return
     saved = AutoPeftModelForCausalLM.from_pretrained(out)
     assert adapter_digest(saved) == digests[0]
     lora_b = [p for n, p in saved.named_parameters() if "lora_B" in n]

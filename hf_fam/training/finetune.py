@@ -1,11 +1,13 @@
-"""LoRA fine-tuning of a FAM model with accelerate: the library behind `hf-fam finetune`.
+"""Fine-tuning of a FAM model with accelerate, LoRA or every weight: the library behind `hf-fam finetune`.
 
 One loop, the paper's recipe (§3.1, Appendix B): LoRA on attention and MLP with the initial memory `fam_init`
 trained in full, Random State Passing and Random Position Offset (`hf_fam.training.recipe`), on packed text
-files or the passkey task. It runs on one CPU or GPU as it is, and on several processes under
+files or the passkey task. `LoraOptions(full=True)` (`--full`) trains every weight instead (and `fam_init` with
+them) under the same recipe. It runs on one CPU or GPU as it is, and on several processes under
 `accelerate launch` (or `torchrun`); on a machine without GPUs the processes talk over gloo.
 
-What it writes to `output_dir`:
+What a LoRA run writes to `output_dir` (a `--full` run: the whole FAM checkpoint, with its tokenizer, and the
+logs; `AutoModelForCausalLM.from_pretrained(output_dir)` loads it):
 - the adapter (`adapter_config.json`, `adapter_model.safetensors`, with `fam.fam_init`) and the tokenizer:
   `AutoPeftModelForCausalLM.from_pretrained(output_dir)` reloads it (`trust_remote_code=True` without hf_fam);
   after a PiSSA start (`LoraOptions.init`), PEFT's conversion of it, of twice the rank, which applies to the
@@ -15,8 +17,8 @@ What it writes to `output_dir`:
 - `merged/` with `merge=True`: a standalone FAM checkpoint (LoRA merged, trained `fam_init`), as the paper
   uses for inference;
 - `train_log.jsonl` (one line per logged step), `finetune_config.json`, `train_summary.json` (including a
-  digest of the adapter weights on every process: they must agree after data-parallel training; after a PiSSA
-  start, of the weights as trained, before the conversion).
+  digest of the trained weights on every process, `outputs.weights_digest`: they must agree after data-parallel
+  training; after a PiSSA start, of the weights as trained, before the conversion).
 
 An existing non-empty `output_dir` is refused unless `overwrite=True` (`--force`); the run writes to a hidden
 folder beside it, moved into place when complete: a failed run leaves nothing, and old and new outputs never mix.
@@ -34,11 +36,9 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -48,7 +48,7 @@ import torch
 from ..modeling.fam_compat import enable_checkpointing
 from ..tasks.passkey import SyntheticPasskeyVocab, passkey_dataset
 from .data import FAMDataCollator, check_seq_len, load_text_dataset, mix_datasets, pack_dataset
-from .lora import PEFT_LORA_INITS, fam_lora_config, save_adapter, save_lora_start, unwrap_fam_model
+from .lora import PEFT_LORA_INITS, fam_lora_config, save_lora_start, unwrap_fam_model
 from .options import (  # noqa: F401  (DTYPES, DATA_SOURCES, SCHEDULERS: re-exported)
     DATA_SOURCES,
     DTYPES,
@@ -60,6 +60,7 @@ from .options import (  # noqa: F401  (DTYPES, DATA_SOURCES, SCHEDULERS: re-expo
     ModelOptions,
     TrainOptions,
 )
+from .outputs import adapter_digest, check_output_dir, save_run, weights_digest
 from .recipe import attach_recipe
 
 logger = logging.getLogger("hf_fam.training")
@@ -145,19 +146,6 @@ def _content_slots(model, tokenizer, text: str) -> bool:
     return True
 
 
-def adapter_digest(peft_model) -> str:
-    """SHA-256 of the adapter's weights (LoRA and fam_init), to compare processes."""
-    from peft import get_peft_model_state_dict
-
-    # save_embedding_layers=False: "auto" would look for the base's config.json (a Hub request when it is absent)
-    state = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
-    h = hashlib.sha256()
-    for name in sorted(state):
-        h.update(name.encode())
-        h.update(state[name].detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 # ----------------------------------------------------------------------------------------------------------
 # the loop
 # ----------------------------------------------------------------------------------------------------------
@@ -203,22 +191,39 @@ def finetune(config: FinetuneConfig, accelerator=None) -> FinetuneResult:
     return result
 
 
-def check_output_dir(out: Path, overwrite: bool) -> None:
-    """Refuse, in one line, an output folder that would mix runs (non-empty, without `overwrite`) or cannot be one."""
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder; choose another --output")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} already exists and is not empty (a previous run?); pass --force to replace it "
-                              "once this run is done, or choose another --output")
-    cwd = Path.cwd().resolve()
-    if out.resolve() == cwd or out.resolve() in cwd.parents:
-        raise FileExistsError(f"{out} holds the current folder and cannot be replaced; choose another --output")
+def _trainable(model, lora: LoraOptions, work: Path, base_path, fam_base_dir: Path | None, main_process: bool):
+    """The module to train: the model itself with every weight trainable (`lora.full`), or its PEFT model. Returns
+    (module, the folder of a PiSSA start kept for the conversion at save time or None, a description to log)."""
+    from peft import get_peft_model
+
+    if lora.full:
+        model.requires_grad_(True)
+        return model, None, "every weight"
+    peft_model = get_peft_model(model, fam_lora_config(
+        model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules) if lora.target_modules else None, train_fam_init=lora.train_fam_init,
+        train_norms=lora.train_norms, init_lora_weights=PEFT_LORA_INITS[lora.init],
+    ))
+    adapter_config = peft_model.peft_config["default"]
+    adapter_config.base_model_name_or_path = str(base_path)
+    # a start that moves part of the base weights into LoRA (PiSSA) is kept for save_adapter's conversion
+    lora_start = work / LORA_START_FOLDER if lora.init != "peft" and main_process else None
+    if lora_start is not None:
+        if fam_base_dir is not None:  # PEFT reads the base's config while converting: here it is still in `work`
+            adapter_config.base_model_name_or_path = str((work / "fam_base").resolve())
+        save_lora_start(peft_model, lora_start)
+        adapter_config.base_model_name_or_path = str(base_path)
+    settings = unwrap_fam_model(model).fam_settings
+    described = (f"LoRA r={lora.r}" + ("" if lora.init == "peft" else f", {lora.init} start") + " on "
+                 + ", ".join(adapter_config.target_modules)
+                 + (" + fam_init" if lora.train_fam_init and settings.fam_length else "")
+                 + (" + norms" if lora.train_norms else ""))
+    return peft_model, lora_start, described
 
 
 def _train(config: FinetuneConfig, accelerator, out: Path, work: Path) -> FinetuneResult:
     """The run behind `finetune`: files go to `work` (the main process's staging folder), paths name `out`."""
     from accelerate.utils import gather_object, set_seed
-    from peft import get_peft_model
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
     from transformers import get_scheduler
@@ -237,7 +242,7 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path) -> Finetu
     if _content_slots(model, tokenizer, config.model.memory_start_text):
         converted = True  # the adapter applies to a copy with this memory
     fam_base_dir = None
-    if converted:
+    if converted and not config.lora.full:  # a full run saves the whole model instead
         fam_base_dir = out / "fam_base"
         if accelerator.is_main_process:
             model.save_pretrained(work / "fam_base")
@@ -257,44 +262,25 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path) -> Finetu
 
     if t_opt.gradient_checkpointing:
         enable_checkpointing(model)
-    lora = config.lora
-    peft_model = get_peft_model(model, fam_lora_config(
-        model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules) if lora.target_modules else None, train_fam_init=lora.train_fam_init,
-        train_norms=lora.train_norms, init_lora_weights=PEFT_LORA_INITS[lora.init],
-    ))
-    peft_model.peft_config["default"].base_model_name_or_path = str(base_path)
-    # a start that moves part of the base weights into LoRA (PiSSA) is kept for save_adapter's conversion
-    lora_start = work / LORA_START_FOLDER if lora.init != "default" and accelerator.is_main_process else None
-    if lora_start is not None:
-        adapter_config = peft_model.peft_config["default"]
-        if fam_base_dir is not None:  # PEFT reads the base's config while converting: here it is still in `work`
-            adapter_config.base_model_name_or_path = str((work / "fam_base").resolve())
-        save_lora_start(peft_model, lora_start)
-        adapter_config.base_model_name_or_path = str(base_path)
-    recipe = attach_recipe(peft_model, config.recipe)
+    target, lora_start, trained_what = _trainable(model, config.lora, work, base_path, fam_base_dir,
+                                                  accelerator.is_main_process)
+    recipe = attach_recipe(target, config.recipe)
 
     pad_id = getattr(tokenizer, "pad_token_id", None)
     if pad_id is None:
         pad_id = getattr(tokenizer, "eos_token_id", None) or 0
     loader = DataLoader(dataset, batch_size=t_opt.batch_size, shuffle=True, collate_fn=FAMDataCollator(pad_id),
                         generator=torch.Generator().manual_seed(t_opt.seed))
-    params = [p for p in peft_model.parameters() if p.requires_grad]
+    params = [p for p in target.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t_opt.learning_rate, weight_decay=t_opt.weight_decay)
     # stepped by hand once per optimizer step (accelerate's wrapper would step it once per process)
     scheduler = get_scheduler(t_opt.lr_scheduler, optimizer, num_warmup_steps=t_opt.warmup_steps,
                               num_training_steps=t_opt.max_steps)
-    train_model, optimizer, loader = accelerator.prepare(peft_model, optimizer, loader)
+    train_model, optimizer, loader = accelerator.prepare(target, optimizer, loader)
     train_model.train()
 
-    n_trainable = sum(p.numel() for p in params)
-    logger.info("%d trainable parameters (LoRA r=%d%s on %s%s); %d training sequences; %d process(es)", n_trainable,
-                lora.r, "" if lora.init == "default" else f", {lora.init} start",
-                ", ".join(peft_model.peft_config["default"].target_modules),
-                (" + fam_init" if lora.train_fam_init and settings.fam_length else "")
-                + (" + norms" if lora.train_norms else ""),
-                len(dataset),
-                accelerator.num_processes)
+    logger.info("%d trainable parameters (%s); %d training sequences; %d process(es)",
+                sum(p.numel() for p in params), trained_what, len(dataset), accelerator.num_processes)
     if accelerator.is_main_process:
         (work / "finetune_config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
     log_path = work / "train_log.jsonl"
@@ -344,45 +330,27 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path) -> Finetu
     seconds = time.perf_counter() - start
     recipe.remove()
 
-    # save: the adapter (LoRA + fam_init), then optionally the merged model
+    # save: the adapter (LoRA + fam_init) and optionally the merged model, or the whole model of a full run
     accelerator.wait_for_everyone()
     trained = accelerator.unwrap_model(train_model)
-    digests = gather_object([adapter_digest(trained)])
+    digests = gather_object([weights_digest(trained)])
     if len(set(digests)) > 1:
-        logger.warning("adapter weights differ between processes: %s", digests)
+        logger.warning("trained weights differ between processes: %s", digests)
     merged_dir = out / "merged" if t_opt.merge else None
     result_model = trained
     if accelerator.is_main_process:
-        adapter_config = trained.peft_config["default"]
-        if fam_base_dir is not None:  # PEFT reads the base's config while saving: here it is still in `work`
-            adapter_config.base_model_name_or_path = str((work / "fam_base").resolve())
-        save_adapter(trained, work, lora_start)  # an adapter for the unchanged base weights, whatever the start
-        if lora_start is not None:
-            shutil.rmtree(lora_start)
-        if fam_base_dir is not None:  # adapter_config.json names fam_base where it will be
-            adapter_config.base_model_name_or_path = str(base_path)
-            # the file, not the live config, which after a converted start no longer describes the saved adapter
-            config_file = work / "adapter_config.json"
-            saved = json.loads(config_file.read_text())
-            saved["base_model_name_or_path"] = str(base_path)
-            config_file.write_text(json.dumps(saved, indent=2, sort_keys=True))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(work)
         summary = {"steps": step, "final_loss": final_loss, "seconds": round(seconds, 2),
                    "world_size": accelerator.num_processes, "adapter_digests": digests,
+                   "trained": "every weight" if config.lora.full else "LoRA",
                    "base_model": str(base_path), "merged": str(merged_dir.resolve()) if merged_dir else None}
-        (work / "train_summary.json").write_text(json.dumps(summary, indent=2))
-        logger.info("saved the adapter to %s (base: %s)", out, base_path)
-    if merged_dir is not None and accelerator.is_main_process:
-        merged = result_model = trained.merge_and_unload()  # the PeftModel is spent after this
-        merged.save_pretrained(work / "merged")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(work / "merged")
-        logger.info("saved the merged model to %s", merged_dir)
+        result_model = save_run(trained, tokenizer, work, out=out, full=config.lora.full, base_path=base_path,
+                                fam_base_dir=fam_base_dir, lora_start=lora_start, merged_dir=merged_dir,
+                                summary=summary)
     return FinetuneResult(output_dir=out, steps=step, final_loss=final_loss, seconds=seconds,
                           world_size=accelerator.num_processes, adapter_digests=digests, merged_dir=merged_dir,
                           fam_base_dir=fam_base_dir, model=result_model)
 
 
 __all__ = ["DataOptions", "FinetuneConfig", "FinetuneResult", "LoraOptions", "ModelOptions", "TrainOptions",
-           "adapter_digest", "build_train_dataset", "enable_checkpointing", "finetune", "load_fam_model"]
+           "adapter_digest", "build_train_dataset", "check_output_dir", "enable_checkpointing", "finetune",
+           "load_fam_model", "weights_digest"]

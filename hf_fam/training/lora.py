@@ -34,7 +34,7 @@ from .options import DEFAULT_LORA_RANK
 # LoraOptions.init -> LoraConfig.init_lora_weights. "pissa_niter_4": PiSSA from a randomized SVD of 4 subspace
 # iterations, which PEFT recommends over the full SVD for large weights (the memory probe of docs/training.md ran it)
 # (keys: options.LORA_INITS)
-PEFT_LORA_INITS = {"default": True, "pissa": "pissa_niter_4"}
+PEFT_LORA_INITS = {"peft": True, "pissa": "pissa_niter_4"}
 # PEFT's starts that move the base weights, which save_adapter converts back (PEFT's own list of prefixes)
 _BASE_CHANGING_INITS = ("pissa", "corda", "olora", "lora_ga")
 

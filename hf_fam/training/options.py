@@ -15,7 +15,7 @@ reads these declarations in an instant.
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,7 +30,7 @@ DATA_SOURCES = ("passkey", "text", "mix")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 # LoRA's start: PEFT's (B = 0: the model starts unchanged) or PiSSA's (A and B from each weight's top singular
 # vectors, the residual left in the base; `hf_fam.training.lora.PEFT_LORA_INITS` maps these to PEFT's values)
-LORA_INITS = ("default", "pissa")
+LORA_INITS = ("peft", "pissa")
 
 # Paper §3.1: "The rank of LoRA was 64". Alpha and dropout are not stated; alpha = rank (scaling 1) here.
 DEFAULT_LORA_RANK = 64
@@ -147,8 +147,12 @@ class ModelOptions:
 
 @dataclass
 class LoraOptions:
-    """LoRA settings (see `fam_lora_config`)."""
+    """LoRA settings (see `fam_lora_config`), or `full`: every weight trained instead."""
 
+    full: bool = option(
+        False, "train every weight instead of LoRA (the other LoRA options do not apply): the output is the whole "
+               "FAM checkpoint, not an adapter; learnt the memory fastest in docs/training.md's probe", "--full",
+    )
     r: int = option(DEFAULT_LORA_RANK, "LoRA rank (the paper's)", "--lora-rank")
     alpha: int | None = option(None, "LoRA alpha (default: the rank)", "--lora-alpha")
     dropout: float = option(0.0, "LoRA dropout", "--lora-dropout")
@@ -162,8 +166,9 @@ class LoraOptions:
               "memory of a pretrained model does not learn, docs/training.md)", "--freeze-norms", negate=True,
     )
     init: str = option(
-        "default", "LoRA's start: PEFT's (B = 0) or pissa (A and B from each weight's top singular vectors; learnt "
-                   "faster in docs/training.md's probe). The saved adapter applies to the unchanged base either way",
+        "peft", "LoRA's start: peft (PEFT's, B = 0) or pissa (A and B from each weight's top singular vectors; "
+                "learnt faster in docs/training.md's probe). The saved adapter applies to the unchanged base "
+                "either way",
         "--lora-init", choices=LORA_INITS,
     )
 
@@ -280,6 +285,18 @@ class FinetuneConfig:
     lora: LoraOptions = field(default_factory=LoraOptions)
     recipe: FAMRecipeConfig = field(default_factory=FAMRecipeConfig)
 
+    def __post_init__(self):
+        if not self.lora.full:
+            return
+        if self.train.merge:
+            raise ValueError("--merge merges a LoRA adapter; a --full run saves the whole model already: drop --merge.")
+        defaults = LoraOptions()
+        changed = [f.metadata["flag"] for f in fields(LoraOptions)
+                   if f.name != "full" and getattr(self.lora, f.name) != getattr(defaults, f.name)]
+        if changed:
+            raise ValueError(f"{', '.join(changed)} set{'s' if len(changed) == 1 else ''} LoRA, which a --full run "
+                             "does not use: drop " + ("it" if len(changed) == 1 else "them") + " or --full.")
+
 
 @dataclass
 class FinetuneResult:
@@ -290,8 +307,8 @@ class FinetuneResult:
     final_loss: float
     seconds: float
     world_size: int
-    adapter_digests: list[str]
+    adapter_digests: list[str]  # of the trained weights, one per process (a --full run's: every weight)
     merged_dir: Path | None = None
     fam_base_dir: Path | None = None
-    # the trained PeftModel; with merge=True, on the main process, the merged FAM model instead
+    # the trained PeftModel; with merge=True, on the main process, the merged FAM model instead; a --full run's model
     model: object = field(default=None, repr=False)

@@ -1,4 +1,5 @@
-"""`hf-fam finetune`: LoRA fine-tuning of a FAM model (logic in `hf_fam.training.finetune`).
+"""`hf-fam finetune`: LoRA (or, with --full, every-weight) fine-tuning of a FAM model (logic in
+`hf_fam.training.finetune`).
 
 The options are the fields of the training options' dataclasses (hf_fam/training/options.py), declared there
 once: flag, default and help; this module only groups them.
@@ -16,7 +17,8 @@ from ...runtime import cpu_memory
 from ..fam_args import add_fam_arguments, add_options, options_from_args
 from ..formatting import HelpFormatter
 
-HELP = "LoRA fine-tuning with the paper's recipe (PEFT adapter + trained fam_init); runs under accelerate launch."
+HELP = ("LoRA fine-tuning with the paper's recipe (PEFT adapter + trained fam_init), or every weight with --full; "
+        "runs under accelerate launch.")
 
 
 def register(subparsers) -> None:
@@ -33,7 +35,7 @@ def register(subparsers) -> None:
     add_fam_arguments(g, base_only=True)
     add_options(g, ModelOptions)
     add_options(p.add_argument_group("data"), DataOptions)
-    add_options(p.add_argument_group("LoRA"), LoraOptions)
+    add_options(p.add_argument_group("LoRA (or --full)"), LoraOptions)
     add_options(p.add_argument_group("recipe (paper Appendix B.2; 0 switches a trick off)"), FAMRecipeConfig)
     add_options(p.add_argument_group("optimisation"), TrainOptions, skip=("output_dir", "overwrite"))
     # training fragments a kept heap; huge pages (HF_FAM_ALLOCATOR=huge_pages) halve memory but were slower on short
@@ -81,7 +83,8 @@ def run(args) -> int:
     # was seen to abort ("terminate called without an active exception", SIGABRT) in the DDP test.
     PartialState().destroy_process_group()
     if main_process:
-        print(f"adapter: {result.output_dir} ({result.steps} steps, final loss {result.final_loss:.4f}, "
+        saved = "model" if config.lora.full else "adapter"
+        print(f"{saved}: {result.output_dir} ({result.steps} steps, final loss {result.final_loss:.4f}, "
               f"{result.seconds:.1f} s, {result.world_size} process(es))")
         if result.merged_dir:
             print(f"merged model: {result.merged_dir}")
