@@ -71,6 +71,9 @@ def parse(argv=None):
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup-steps", type=int, default=20)
     p.add_argument("--lora-rank", type=int, default=32)
+    p.add_argument("--train", choices=("lora", "pissa", "full"), default="lora",
+                   help="LoRA + norms from PEFT's start, from PiSSA's (--lora-init pissa), or every weight (--full; "
+                   "use a lower --lr, the memory probe's 5e-5): docs/training.md")
     p.add_argument("--seq-len", type=int, default=160, help="longest training example (tokens)")
     p.add_argument("--min-seq-len", type=int, default=80, help="shortest training example (tokens)")
     p.add_argument("--data", choices=("passkey", "mix"), default="mix",
@@ -115,12 +118,13 @@ def train_variant(args, variant: str, work: Path) -> dict:
         data=DataOptions(source=args.data, seq_len=args.seq_len, passkey_min_seq_len=args.min_seq_len,
                          passkey_examples=round(args.steps * args.batch_size * passkey_share), passkey_form="text",
                          **text),
-        lora=LoraOptions(r=args.lora_rank),
+        lora=LoraOptions(full=True) if args.train == "full" else LoraOptions(
+            r=args.lora_rank, init="pissa" if args.train == "pissa" else "peft"),
         recipe=FAMRecipeConfig(state_passing_prob=args.state_passing_prob if F else 0.0,
                                position_offset_prob=args.position_offset_prob, seed=args.seed),
         train=TrainOptions(output_dir=str(work / f"{variant}_tuned"), max_steps=args.steps, batch_size=args.batch_size,
                            learning_rate=args.lr, warmup_steps=args.warmup_steps, seed=args.seed, log_every=10,
-                           merge=True, cpu=args.device == "cpu"),
+                           merge=args.train != "full", cpu=args.device == "cpu"),
     )
     result = finetune(config)
     log = [json.loads(line) for line in (Path(config.train.output_dir) / "train_log.jsonl").read_text().splitlines()]
@@ -234,9 +238,10 @@ def markdown(result: dict) -> str:
     passing = (f", Random State Passing p={s['state_passing_prob']:g} (FAM)" if s.get("state_passing_prob") else "")
     mix = (f" mixed with standard-library sources ({100 * s['text_fraction']:.0f} % of the sequences)"
            if s.get("data", "passkey") == "mix" else "")
+    trained = {"full": "every weight", "pissa": f"LoRA r={s['lora_rank']} from PiSSA's start"}.get(
+        s.get("train", "lora"), f"LoRA r={s['lora_rank']}")
     lines = [f"{result['model']}, C={s['block_size']}, M=0, F={s['fam_length']} (BSWA: F=0); {s['steps']} steps of "
-             f"batch {s['batch_size']}, passkey {s['min_seq_len']}-{s['seq_len']} tokens{mix}, "
-             f"LoRA r={s['lora_rank']}, "
+             f"batch {s['batch_size']}, passkey {s['min_seq_len']}-{s['seq_len']} tokens{mix}, {trained}, "
              f"lr {s['lr']}{passing}; {where}; total {result.get('total_seconds', 0) / 60:.1f} min", ""]
     if not result["train"]:  # nothing fine-tuned: the training settings above do not apply
         lines[0] = (f"{result['model']}, C={s['block_size']}, M=0, F={s['fam_length']}; not fine-tuned; {where}; "

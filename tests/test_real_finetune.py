@@ -39,3 +39,21 @@ def test_one_command_trains_both_and_reports(tmp_path):
     assert saved["settings"]["data"] == "mix"  # passkey and standard-library sources, half each
     assert "| passkey, tokens (x window) |" in out.with_suffix(".md").read_text()
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="the report draws a plot")
+@pytest.mark.parametrize("train", ["full", "pissa"])
+def test_every_weight_or_a_pissa_start(tmp_path, train):
+    """--train full trains every weight (the whole model comes back, nothing to merge); --train pissa LoRA from
+    PiSSA's start; the report says which."""
+    base = make_tiny_checkpoint(tmp_path / "tiny")
+    out = tmp_path / "results" / "rf"
+    assert _script().main(["--model", str(base), "--out", str(out), "--block-size", "64", "--fam-length", "4",
+                           "--steps", "1", "--batch-size", "1", "--seq-len", "320", "--min-seq-len", "300",
+                           "--window-multiples", "6", "--trials", "1", "--ppl-tokens", "300", "--threads", "1",
+                           "--data", "passkey", "--variants", "fam", "--train", train, "--lr", "5e-5"]) == 0
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved["settings"]["train"] == train and saved["train"]["fam"]["steps"] == 1
+    said = {"full": "passkey 300-320 tokens, every weight, lr 5e-05",
+            "pissa": "passkey 300-320 tokens, LoRA r=32 from PiSSA's start, lr 5e-05"}[train]
+    assert said in out.with_suffix(".md").read_text()
