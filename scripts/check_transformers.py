@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Test hf_fam against one transformers release in a virtual environment of its own.
 
-    python scripts/check_transformers.py --floor                    # the oldest supported release, compat tests
+    python scripts/check_transformers.py --floor                    # the oldest supported release, compat tests,
+                                                                    # with the floors of PEFT, accelerate, datasets
     python scripts/check_transformers.py --newest --raise-ceiling   # PyPI's newest release, full suite; if it
                                                                     # passes, declare it supported
     python scripts/check_transformers.py --each-minor --report benchmarks/results/transformers_releases.json
@@ -70,14 +71,42 @@ def newest_on_pypi() -> str:
     return max(finals, key=lambda v: tuple(int(p) for p in v.split(".")))
 
 
-def other_requirements() -> list[str]:
+# at the floor, these are installed at their own declared floors, so the oldest releases are tested together
+FLOOR_PINNED = ("peft", "accelerate", "datasets")
+# the client tests' libraries (not among COMPAT_TESTS) need newer PEFT/accelerate/datasets than those floors
+CLIENT_TEST_ONLY = ("trl", "lm-eval")
+
+
+def other_requirements(floors: bool = False) -> list[str]:
+    """pyproject.toml's dependencies and test extras but torch and transformers; with `floors`, FLOOR_PINNED at
+    their declared floors (`peft>=0.18` -> `peft==0.18.0`) and without CLIENT_TEST_ONLY."""
     project = tomllib.loads(PYPROJECT.read_text())["project"]
-    requirements = project["dependencies"] + project["optional-dependencies"]["test"]
-    return [r for r in requirements if not re.match(r"(torch|transformers)\b", r)]
+    requirements = [r for r in project["dependencies"] + project["optional-dependencies"]["test"]
+                    if not re.match(r"(torch|transformers)\b", r)]
+    if not floors:
+        return requirements
+    pinned = []
+    for requirement in requirements:
+        name, _, floor = re.match(r"([A-Za-z0-9_.-]+)\s*(>=\s*([0-9.]+))?", requirement).groups()
+        if name in CLIENT_TEST_ONLY:
+            continue
+        if name in FLOOR_PINNED:
+            release = floor + ".0" * (2 - floor.count("."))  # 1.3 -> 1.3.0
+            requirement = f"{name}=={release}"
+        pinned.append(requirement)
+    return pinned
 
 
 def venv_python(venv: Path) -> Path:
     return venv / "bin" / "python"
+
+
+def installed(python: Path, requirements: list[str]) -> bool:
+    """Whether the environment satisfies every requirement (a venv made for other pins is not reused)."""
+    check = ("import sys; from importlib.metadata import version; from packaging.requirements import Requirement; "
+             "reqs = [Requirement(r) for r in sys.argv[1:]]; "
+             "sys.exit(not all(r.specifier.contains(version(r.name), prereleases=True) for r in reqs))")
+    return subprocess.run([str(python), "-c", check, *requirements], capture_output=True).returncode == 0
 
 
 def installed_transformers(python: Path) -> str | None:
@@ -86,15 +115,17 @@ def installed_transformers(python: Path) -> str | None:
     return result.stdout.strip() if result.returncode == 0 else None
 
 
-def prepare(venv: Path, version: str) -> Path:
+def prepare(venv: Path, version: str, floors: bool = False) -> Path:
     python = venv_python(venv)
-    if python.exists() and installed_transformers(python) == version:
+    requirements = [TORCH, f"transformers=={version}", *other_requirements(floors)]
+    if python.exists() and installed_transformers(python) == version and installed(python, requirements):
         print(f"reusing {venv} (transformers {version})", flush=True)
     else:
-        print(f"creating {venv} with transformers {version}", flush=True)
+        print(f"creating {venv} with transformers {version}" + (" and the floors of "
+              f"{', '.join(FLOOR_PINNED)}" if floors else ""), flush=True)
         subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
         pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-        subprocess.run(pip + [TORCH, f"transformers=={version}", *other_requirements()], check=True)
+        subprocess.run(pip + requirements, check=True)
     subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps", "-e",
                     str(ROOT)], check=True)
     return python
@@ -201,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     tests = args.tests or ("compat" if args.floor else "full")
     venv = args.venv or Path(tempfile.gettempdir()) / f"hf_fam_transformers_{version}"
     start = time.time()
-    python = prepare(venv, version)
+    python = prepare(venv, version, floors=args.floor)
     print(f"transformers {version} ready in {time.time() - start:.0f} s", flush=True)
 
     if installed_transformers(Path(args.other_python)) not in (None, version):

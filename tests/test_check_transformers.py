@@ -25,7 +25,7 @@ def script(tmp_path, monkeypatch):
         monkeypatch.setattr(module, name, copy)
     monkeypatch.setattr(module, "ROOT", tmp_path)
     monkeypatch.delenv("HF_FAM_ALLOW_UNTESTED_TRANSFORMERS", raising=False)  # the script decides it
-    monkeypatch.setattr(module, "prepare", lambda venv, version: tmp_path / "python")
+    monkeypatch.setattr(module, "prepare", lambda venv, version, floors=False: tmp_path / "python")
     monkeypatch.setattr(module, "installed_transformers", lambda python: None)
     return module
 
@@ -70,3 +70,19 @@ def test_the_tests_run_under_the_raised_range_and_it_stays(script, monkeypatch):
     assert "HF_FAM_ALLOW_UNTESTED_TRANSFORMERS" not in seen["env"]
     major, minor = script.minor(version)
     assert f'"transformers>={floor},<{major}.{minor + 1}"' in script.PYPROJECT.read_text()
+
+
+def test_the_floor_environment_pins_the_dependency_floors(script):
+    """--floor tests the oldest releases together: PEFT, accelerate and datasets at the floors pyproject.toml
+    declares, without the client tests' libraries (which need newer ones and are not among the compat tests)."""
+    import tomllib
+
+    declared = tomllib.loads(script.PYPROJECT.read_text())["project"]["dependencies"]
+    floors = script.other_requirements(floors=True)
+    for name in script.FLOOR_PINNED:
+        (spec,) = [d for d in declared if d.startswith(name + ">=")]
+        release = spec.split(">=")[1]
+        assert f"{name}=={release}{'.0' * (2 - release.count('.'))}" in floors
+    assert not [r for r in floors if r.startswith(script.CLIENT_TEST_ONLY)]
+    newest = script.other_requirements()
+    assert [r for r in newest if r.startswith("trl")] and "peft==" not in " ".join(newest)
