@@ -112,7 +112,7 @@ def _offloaded(checkpoint_func):
                     reason="this transformers has no activation_checkpointing_enable(every_n_layers=, offload=)")
 @pytest.mark.parametrize("offload", [False, True], ids=["kept", "offloaded"])
 def test_every_other_layer_and_offloaded_checkpointing_give_the_same_gradients(family, offload):
-    """transformers' checkpointing options (5.24 on; also TrainingArguments' activation_checkpointing_kwargs):
+    """transformers' checkpointing options (5.23 on; also TrainingArguments' activation_checkpointing_kwargs):
     checkpoint every n-th layer only, and hold the saved activations on the host. The FAM chain in a checkpointed
     layer is recomputed with it, the one in a plain layer is not, and the gradients are those without
     checkpointing."""
