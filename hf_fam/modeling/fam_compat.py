@@ -245,7 +245,8 @@ def _has_activation_checkpointing() -> bool:
 
 def checkpointing_call() -> str:
     """The call that turns on non-reentrant checkpointing in the installed transformers, for messages:
-    `gradient_checkpointing_enable` was renamed `activation_checkpointing_enable` in 5.23 (the old name warns from 5.25)."""
+    `gradient_checkpointing_enable` was renamed `activation_checkpointing_enable` in 5.23 (the old name warns
+    from 5.25)."""
     if _has_activation_checkpointing():
         return "model.activation_checkpointing_enable(activation_checkpointing_kwargs={'use_reentrant': False})"
     return "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})"
