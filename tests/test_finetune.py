@@ -49,9 +49,25 @@ def _reset_accelerate():
     GradientState._reset_state()
 
 
-def test_finetune_on_text_saves_adapter_base_and_merged(base_ckpt, text_files, tmp_path):
+def _adapter_equals_merged(out, rows: int):
+    """The run's adapter, reloaded on its fam_base/, gives merged/'s logits (fp32, 1e-5) and not fam_base's alone.
+    Returns (adapter, base)."""
     from peft import AutoPeftModelForCausalLM
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    adapter = AutoPeftModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+    base = AutoModelForCausalLM.from_pretrained(out / "fam_base").eval()
+    ids = random_ids(rows, 40, vocab=259)
+    with torch.no_grad():
+        got = adapter(input_ids=ids).logits
+        assert_close(merged(ids).logits, got, atol=1e-5, msg="merged vs adapter")
+        assert (base(ids).logits - got).abs().max() > 1e-4, "training changed nothing"
+    return adapter, base
+
+
+def test_finetune_on_text_saves_adapter_base_and_merged(base_ckpt, text_files, tmp_path):
+    from transformers import AutoTokenizer
 
     from hf_fam.training.options import DEFAULT_MEMORY_START_TEXT
 
@@ -76,15 +92,8 @@ def test_finetune_on_text_saves_adapter_base_and_merged(base_ckpt, text_files, t
     assert adapter_config["base_model_name_or_path"] == str((out / "fam_base").resolve())
     assert "fam" in adapter_config["modules_to_save"]
 
-    adapter = AutoPeftModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    adapter, base = _adapter_equals_merged(out, rows=1)
     assert adapter_digest(adapter) == result.adapter_digests[0]
-    merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
-    base = AutoModelForCausalLM.from_pretrained(out / "fam_base").eval()
-    ids = random_ids(1, 40, vocab=259)
-    with torch.no_grad():
-        got = adapter(input_ids=ids).logits
-        assert_close(merged(ids).logits, got, atol=1e-5, msg="merged vs adapter")
-        assert (base(ids).logits - got).abs().max() > 1e-4, "training changed nothing"
     trained_fam = adapter.base_model.model.fam.modules_to_save.default.fam_init
     assert (trained_fam - base.fam.fam_init).abs().max() > 0, "fam_init was not trained"
     assert {"input_layernorm", "post_attention_layernorm", "norm"} <= set(adapter_config["modules_to_save"])
@@ -262,9 +271,7 @@ def test_a_pissa_start_saves_an_adapter_for_the_unchanged_base(base_ckpt, tmp_pa
     """--lora-init pissa: the run trains from the weights' top singular vectors, and what it saves applies to the
     unchanged base weights in fam_base/ (PEFT's conversion, rank doubled, with fam_init and the norms); merged/
     equals the adapter on fam_base; nothing of the start is left in the output."""
-    from peft import AutoPeftModelForCausalLM
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
 
     out = tmp_path / "run"
     try:
@@ -285,14 +292,7 @@ def test_a_pissa_start_saves_an_adapter_for_the_unchanged_base(base_ckpt, tmp_pa
     for name, weight in original.items():  # the base weights the adapter applies to are the checkpoint's own
         assert torch.equal(fam_base[name], weight), name
 
-    adapter = AutoPeftModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
-    merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
-    base = AutoModelForCausalLM.from_pretrained(out / "fam_base").eval()
-    ids = random_ids(2, 40, vocab=259)
-    with torch.no_grad():
-        got = adapter(input_ids=ids).logits
-        assert_close(merged(ids).logits, got, atol=1e-5, msg="merged vs converted adapter")
-        assert (base(ids).logits - got).abs().max() > 1e-4, "training changed nothing"
+    _adapter_equals_merged(out, rows=2)
 
 
 def test_an_existing_output_is_refused_and_replaced_whole_with_force(base_ckpt, tmp_path, capsys):
