@@ -62,13 +62,23 @@ def minor(version: str) -> tuple[int, int]:
     return major, minor_
 
 
-def newest_on_pypi() -> str:
-    """The newest final transformers release, as pip sees the index."""
+def releases_by_minor() -> dict[tuple[int, int], str]:
+    """The newest final patch of every minor release on the index, as pip sees it: {(5, 12): "5.12.1", ...}."""
     out = subprocess.run([sys.executable, "-m", "pip", "index", "versions", "transformers"], capture_output=True,
                          text=True, check=True).stdout
-    versions = re.search(r"Available versions: (.*)", out)[1].split(", ")
-    finals = [v for v in versions if re.fullmatch(r"\d+\.\d+\.\d+", v)]
-    return max(finals, key=lambda v: tuple(int(p) for p in v.split(".")))
+    newest: dict[tuple[int, int], str] = {}
+    for v in re.search(r"Available versions: (.*)", out)[1].split(", "):
+        if re.fullmatch(r"\d+\.\d+\.\d+", v):
+            key = minor(v)
+            if key not in newest or int(v.rsplit(".", 1)[1]) > int(newest[key].rsplit(".", 1)[1]):
+                newest[key] = v
+    return newest
+
+
+def newest_on_pypi() -> str:
+    """The newest final transformers release, as pip sees the index."""
+    releases = releases_by_minor()
+    return releases[max(releases)]
 
 
 # at the floor, these are installed at their own declared floors, so the oldest releases are tested together
@@ -131,19 +141,6 @@ def prepare(venv: Path, version: str, floors: bool = False) -> Path:
     return python
 
 
-def releases_by_minor() -> dict[tuple[int, int], str]:
-    """The newest final patch of every minor release on the index: {(5, 12): "5.12.1", ...}."""
-    out = subprocess.run([sys.executable, "-m", "pip", "index", "versions", "transformers"], capture_output=True,
-                         text=True, check=True).stdout
-    newest: dict[tuple[int, int], str] = {}
-    for v in re.search(r"Available versions: (.*)", out)[1].split(", "):
-        if re.fullmatch(r"\d+\.\d+\.\d+", v):
-            key = minor(v)
-            if key not in newest or int(v.rsplit(".", 1)[1]) > int(newest[key].rsplit(".", 1)[1]):
-                newest[key] = v
-    return newest
-
-
 def each_minor(args, env: dict[str, str]) -> int:
     """Run the compatibility tests on the newest patch of every minor release inside the declared range, one
     environment reinstalled release after release; write one record per release to args.report as it goes."""
@@ -162,7 +159,7 @@ def each_minor(args, env: dict[str, str]) -> int:
         elif installed_transformers(python) != version:
             subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
                             "--upgrade-strategy", "only-if-needed", f"transformers=={version}"], check=True)
-        installed = time.time() - start
+        install_s = time.time() - start
         run_env = dict(env)
         if installed_transformers(Path(args.other_python)) not in (None, version):
             run_env["HF_FAM_OTHER_PYTHON"] = args.other_python
@@ -173,7 +170,7 @@ def each_minor(args, env: dict[str, str]) -> int:
         summary = lines[-1].strip("= ") if lines else result.stderr.strip()[-200:]
         failed = [line for line in result.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
         records.append({"transformers": version, "passed": result.returncode == 0, "summary": summary,
-                        "failures": failed, "install_s": round(installed), "test_s": round(time.time() - start)})
+                        "failures": failed, "install_s": round(install_s), "test_s": round(time.time() - start)})
         print(f"transformers {version}: {summary} ({records[-1]['test_s']} s)", flush=True)
         for line in failed:
             print("  " + line, flush=True)

@@ -242,7 +242,7 @@ def test_full_trains_every_weight_and_saves_the_whole_model(base_ckpt, tmp_path)
     saved = AutoModelForCausalLM.from_pretrained(out).eval()
     assert saved.config.fam_update == "paper"  # the zero-shot start switched for training, as for LoRA
     assert adapter_digest(saved) == result.adapter_digests[0]
-    base = hf_fam_base(base_ckpt)
+    base = _converted_like_the_run(base_ckpt)
     ids = random_ids(2, 40, vocab=259)
     with torch.no_grad():
         got = saved(ids).logits
@@ -253,7 +253,7 @@ def test_full_trains_every_weight_and_saves_the_whole_model(base_ckpt, tmp_path)
     assert "model.layers.1.mlp.down_proj.weight" in moved and "model.embed_tokens.weight" in moved
 
 
-def hf_fam_base(base_ckpt):
+def _converted_like_the_run(base_ckpt):
     """The tiny base converted as the run converts it (C=16, M=1, F=4, the paper's update, the start text's
     memory), so weights compare name by name."""
     from transformers import AutoTokenizer

@@ -48,7 +48,7 @@ import torch
 from ..modeling.fam_compat import enable_checkpointing
 from ..tasks.passkey import SyntheticPasskeyVocab, passkey_dataset
 from .data import FAMDataCollator, check_seq_len, load_text_dataset, mix_datasets, pack_dataset
-from .lora import PEFT_LORA_INITS, fam_lora_config, save_lora_start, unwrap_fam_model
+from .lora import PEFT_LORA_INITS, changes_base_weights, fam_lora_config, save_lora_start, unwrap_fam_model
 from .options import (  # noqa: F401  (DTYPES, DATA_SOURCES, SCHEDULERS: re-exported)
     DATA_SOURCES,
     DTYPES,
@@ -207,7 +207,7 @@ def _trainable(model, lora: LoraOptions, work: Path, base_path, fam_base_dir: Pa
     adapter_config = peft_model.peft_config["default"]
     adapter_config.base_model_name_or_path = str(base_path)
     # a start that moves part of the base weights into LoRA (PiSSA) is kept for save_adapter's conversion
-    lora_start = work / LORA_START_FOLDER if lora.init != "peft" and main_process else None
+    lora_start = work / LORA_START_FOLDER if changes_base_weights(peft_model) and main_process else None
     if lora_start is not None:
         if fam_base_dir is not None:  # PEFT reads the base's config while converting: here it is still in `work`
             adapter_config.base_model_name_or_path = str((work / "fam_base").resolve())
