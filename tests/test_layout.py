@@ -109,3 +109,21 @@ def test_benchmarks_import_only_the_package():
         text = path.read_text()
         assert '"tests"' not in text and "'tests'" not in text, f"{path.name} reaches into tests/"
         assert not {name.split(".")[0] for name in _imports(path)} & tests, f"{path.name} imports a test module"
+
+
+@pytest.mark.parametrize("folder", ["benchmarks", "scripts"])
+def test_every_package_name_the_scripts_import_exists(folder):
+    """The GPU scripts (cuda_checks.py, gpu_compile_ab.py, ...) never run here and import the package inside
+    their functions: a renamed name would first fail on a lent GPU, in its few minutes. Resolve each one."""
+    import importlib
+
+    missing = []
+    for path in sorted((ROOT / folder).glob("*.py")):
+        for name in sorted(n for n in _imports(path) if n.startswith("hf_fam")):
+            try:
+                importlib.import_module(name)
+            except ModuleNotFoundError:
+                module, _, attribute = name.rpartition(".")
+                if not hasattr(importlib.import_module(module), attribute):
+                    missing.append(f"{path.name}: {name}")
+    assert not missing, f"names that no longer exist: {missing}"
