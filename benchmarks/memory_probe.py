@@ -13,7 +13,11 @@ the BOS row, the others the token embeddings of `--start-text`: what `hf-fam fin
 `--train`: `lora` (the paper's LoRA on the projections, + fam_init), `lora+norms` (`hf-fam finetune`'s default),
 `full` (every weight). `--embeddings` adds the input embeddings to a LoRA run or freezes them in a full one;
 `--lora-init pissa` starts LoRA from the weights' principal singular vectors (PiSSA) instead of B = 0: the
-ablations of "why is LoRA slower than every weight at keeping the key". docs/training.md, "Where training starts
+ablations of "why is LoRA slower than every weight at keeping the key". `--init-attention causal` is an experiment,
+not a setting of hf_fam: the initial memory is propagated through the layers with causal attention among its
+slots instead of the full attention of docs/design.md §1.4, so with `sink+text` each layer's initial memory is the
+base model's own reading of "BOS + start text" as a prompt (slot 0 exactly the attention sink;
+`benchmarks/memory_drift.py` measures that start). docs/training.md, "Where training starts
 the memory", has the figures.
 """
 
@@ -51,6 +55,8 @@ def main(argv=None) -> None:
                         "the weight's principal singular vectors, the residual left frozen)")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--init-attention", choices=("full", "causal"), default="full",
+                   help="among the initial memory's slots as it is propagated (causal: an experiment, see above)")
     p.add_argument("--back", type=int, default=1, help="blocks between the key sentence's block and the question's")
     args = p.parse_args(argv)
     if args.back < 1:
@@ -63,6 +69,8 @@ def main(argv=None) -> None:
         p.error(f"--lora-init {args.lora_init} with --train full: no LoRA to start (use --train lora or lora+norms)")
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
+    if args.init_attention == "causal":
+        causal_initial_memory()
     model, tokenizer = build(args)
     train, test = examples(args, tokenizer, 1, 4000), examples(args, tokenizer, 2, 48)
     params = [q for q in model.parameters() if q.requires_grad]
@@ -83,6 +91,25 @@ def main(argv=None) -> None:
         if step % args.eval_every == 0:
             print(json.dumps({"step": step, "train_loss": round(loss.item(), 3), **evaluate(model, tokenizer, test),
                               "minutes": round((time.perf_counter() - start) / 60, 1)}), flush=True)
+
+
+def causal_initial_memory() -> None:
+    """Make the propagation of the initial memory (FAMStep mode "init") attend causally among the F slots, for
+    this process: an experiment on the training start, not an hf_fam setting (design §1.4 says full attention)."""
+    from hf_fam.modeling import fam_chain
+    from hf_fam.modeling.fam_compat import call_inner_attention
+
+    full = fam_chain.FAMStep.attend
+
+    def attend(step, module, query, key, value, kwargs):
+        if step.mode != "init":
+            return full(step, module, query, key, value, kwargs)
+        step.fam_k, step.fam_v = key, value
+        slots = query.shape[2]
+        causal = torch.ones(slots, slots, dtype=torch.bool, device=query.device).tril()[None, None]
+        return call_inner_attention(module, step.inner, query, key, value, causal, kwargs)
+
+    fam_chain.FAMStep.attend = attend
 
 
 def build(args):
