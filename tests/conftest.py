@@ -38,6 +38,18 @@ def tiny_model(family: str = "llama", seed: int = 0, attn: str = "sdpa", sharpen
     return tiny.tiny_model(family, seed, attn=attn, sharpen=sharpen, **{**TEST_SIZES, **overrides}).eval()
 
 
+def load_script(relative: str):
+    """A benchmark or script of this repository (e.g. "benchmarks/real_finetune.py") as a fresh module."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def random_ids(batch: int, length: int, seed: int = 0, vocab: int = 101) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, length), generator=g)

@@ -4,21 +4,19 @@ the files it writes are copies."""
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def script(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("check_transformers", ROOT / "scripts" / "check_transformers.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("scripts/check_transformers.py")
     for name in ("COMPAT", "PYPROJECT"):
         copy = tmp_path / getattr(module, name).name
         copy.write_text(getattr(module, name).read_text())

@@ -3,20 +3,15 @@ every start is measured, and the figures hold what the computation guarantees.""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
+
+from conftest import load_script
 
 from hf_fam.tiny import make_tiny_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _script():
-    spec = importlib.util.spec_from_file_location("memory_drift", ROOT / "benchmarks" / "memory_drift.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/memory_drift.py")
 
 
 def test_every_start_block_by_block(tmp_path):

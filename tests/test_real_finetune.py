@@ -5,20 +5,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 from hf_fam.tiny import make_tiny_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _script():
-    spec = importlib.util.spec_from_file_location("real_finetune", ROOT / "benchmarks" / "real_finetune.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/real_finetune.py")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="the report draws a plot")
