@@ -25,7 +25,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import platform
 import sys
@@ -51,14 +50,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=None, help="JSON file for the figures")
     return p.parse_args(argv)
-
-
-def pydoc_text() -> str:
-    """The text benchmarks/zero_shot.py reads (loaded from beside this file, leaving sys.path alone)."""
-    spec = importlib.util.spec_from_file_location("zero_shot", Path(__file__).with_name("zero_shot.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.pydoc_text()
 
 
 def per_block(values: torch.Tensor, block: int) -> list[float]:
@@ -120,6 +111,8 @@ def memory_norms(model, ids, block: int, fam_state) -> list[dict]:
 
 def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_fam.evaluation.texts import pydoc_text
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)

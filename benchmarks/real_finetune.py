@@ -36,12 +36,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def pydoc_text() -> str:
-    import pydoc_data.topics as topics
-
-    return "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
-
-
 def stdlib_sources(folder: Path, max_chars: int) -> Path:
     """Python's standard-library sources (sorted by name, up to `max_chars` characters) as .txt documents in
     `folder`: real text available offline, and not the pydoc topics the perplexity is measured on."""
@@ -145,6 +139,7 @@ def zero_shot_model(args, work: Path):
 
 def evaluate(args, name: str, model, tokenizer, reach: dict) -> dict:
     from hf_fam.evaluation.evaluate import PasskeyEvalConfig, evaluate_passkey, evaluate_perplexity
+    from hf_fam.evaluation.texts import pydoc_text
 
     window = args.block_size  # M = 0: the window is one block
     start = time.perf_counter()

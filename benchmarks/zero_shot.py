@@ -35,12 +35,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 LENGTHS = [1024, 2048, 4096, 8192, 16384, 32768]
 
 
-def pydoc_text() -> str:
-    import pydoc_data.topics as topics
-
-    return "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
-
-
 def token_nll(model, run, ids: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
     """Per-token NLL (N-1,) of ids (1, N); the LM head is applied in chunks (no N x vocab logits)."""
     captured = {}
@@ -105,6 +99,7 @@ def main(argv=None) -> int:
 
     import hf_fam
     from hf_fam.evaluation.sink_baseline import sink_attention
+    from hf_fam.evaluation.texts import pydoc_text
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()

@@ -19,6 +19,7 @@ _EXPORTS = {
     "evaluate_perplexity": ".evaluate",
     "plot_passkey": ".evaluate",
     "plot_perplexity": ".evaluate",
+    "pydoc_text": ".texts",
     "reach_of": ".evaluate",
     "write_json": ".evaluate",
 }
