@@ -70,13 +70,11 @@ def build(args, start: str, tokenizer):
     if start in ("paper_content", "paper_prefix"):
         fam_init = training_fam_init(fam_init, tokenizer, base.get_input_embeddings().weight, DEFAULT_MEMORY_START_TEXT)
     fam_state = None
-    if start == "paper_prefix":
-        bos = base.config.bos_token_id
-        content = tokenizer(DEFAULT_MEMORY_START_TEXT, add_special_tokens=False)["input_ids"]
-        prompt = torch.tensor([[bos] + [content[i % len(content)] for i in range(F - 1)]])
+    if start == "paper_prefix":  # the slots' rows (token embeddings, unscaled) read as a prompt
+        scale = getattr(base.get_input_embeddings(), "embed_scale", 1.0)
         with torch.no_grad():
-            hidden = base(prompt, output_hidden_states=True).hidden_states  # the input of every layer, then the last
-        fam_state = list(hidden[: base.config.num_hidden_layers])
+            hidden = base(inputs_embeds=(fam_init * scale)[None], output_hidden_states=True).hidden_states
+        fam_state = list(hidden[: base.config.num_hidden_layers])  # the input of every layer
     model = hf_fam.FAMForCausalLM.from_base_model(
         base, block_size=args.block_size, memory_segments=args.memory_segments, fam_length=F, fam_init=fam_init,
         fam_update="sink" if start == "sink" else "paper").eval()
