@@ -21,7 +21,7 @@ def register(sub) -> None:
     p.add_argument("--task", choices=("passkey", "perplexity"), default="passkey", help="what to evaluate")
     p.add_argument("--out", default="eval.json", help="JSON output path")
     p.add_argument("--plot", help="PNG plot path (passkey, or perplexity with --compare); default: next to --out")
-    p.add_argument("--compare", nargs="+", choices=("base", "bswa", "fam"), metavar="MODEL",
+    p.add_argument("--compare", nargs="+", choices=("base", "bswa", "fam"), metavar="VARIANT",
                    help="perplexity: also read the text with the same weights as BSWA (no memory) and/or the base "
                    "model (full attention), and plot perplexity against position for all of them, e.g. "
                    "--compare base bswa fam")
