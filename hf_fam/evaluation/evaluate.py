@@ -288,12 +288,7 @@ def plot_perplexity(results: dict[str, dict], path: str | Path, title: str = "Pe
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def plot_passkey(results: list[dict], path: str | Path, title: str = "Passkey retrieval") -> Path:
@@ -322,6 +317,13 @@ def plot_passkey(results: list[dict], path: str | Path, title: str = "Passkey re
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title)
+    return _save_figure(fig, path)
+
+
+def _save_figure(fig, path: str | Path) -> Path:
+    """Lay out, write (making the folder) and close a figure; returns the path."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
