@@ -125,9 +125,9 @@ def installed_transformers(python: Path) -> str | None:
     return result.stdout.strip() if result.returncode == 0 else None
 
 
-def prepare(venv: Path, version: str, floors: bool = False) -> Path:
+def prepare(venv: Path, version: str, floors: bool = False, torch: str = TORCH) -> Path:
     python = venv_python(venv)
-    requirements = [TORCH, f"transformers=={version}", *other_requirements(floors)]
+    requirements = [torch, f"transformers=={version}", *other_requirements(floors)]
     if python.exists() and installed_transformers(python) == version and installed(python, requirements):
         print(f"reusing {venv} (transformers {version})", flush=True)
     else:
@@ -209,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="every minor release inside the declared range (its newest patch), one after the other")
     parser.add_argument("--report", help="with --each-minor: write each release's result to this JSON file")
     parser.add_argument("--tests", choices=["compat", "full"], help="default: compat for --floor, full otherwise")
+    parser.add_argument("--torch", default=TORCH,
+                        help=f"the torch requirement of the environment (default: {TORCH}); another release is a "
+                        "CUDA build of several GB from PyPI, e.g. torch==2.4.1 to test pyproject's torch floor")
     parser.add_argument("--venv", type=Path, help="default: $TMPDIR/hf_fam_transformers_<version>")
     parser.add_argument("--other-python", default=sys.executable,
                         help="the python whose environment remote code is tested against (default: this one)")
@@ -227,9 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         version = newest_on_pypi() if args.newest else args.version
     tests = args.tests or ("compat" if args.floor else "full")
-    venv = args.venv or Path(tempfile.gettempdir()) / f"hf_fam_transformers_{version}"
+    torch_tag = "" if args.torch == TORCH else "_" + re.sub(r"\W+", "_", args.torch)
+    venv = args.venv or Path(tempfile.gettempdir()) / f"hf_fam_transformers_{version}{torch_tag}"
     start = time.time()
-    python = prepare(venv, version, floors=args.floor)
+    python = prepare(venv, version, floors=args.floor, torch=args.torch)
     print(f"transformers {version} ready in {time.time() - start:.0f} s", flush=True)
 
     if installed_transformers(Path(args.other_python)) not in (None, version):
