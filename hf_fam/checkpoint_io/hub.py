@@ -38,7 +38,7 @@ def resolve_source(src: str | Path, revision: str | None = None, token: str | No
         if revision:
             raise ValueError(f"--revision applies to a Hub id; {src} is a local folder")
         return path, None
-    if not _looks_like_repo_id(str(src)):
+    if not looks_like_repo_id(str(src)):
         raise FileNotFoundError(f"SRC {src}: no such folder (and not a Hub repo id)")
     folder = _download(str(src), revision, token, HUB_PATTERNS)
     if allow_pickle and not any(folder.glob("*.safetensors")):
@@ -46,7 +46,7 @@ def resolve_source(src: str | Path, revision: str | None = None, token: str | No
     return folder, str(src)
 
 
-def _looks_like_repo_id(src: str) -> bool:
+def looks_like_repo_id(src: str) -> bool:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     if src.startswith((".", "/", "~")) or src.count("/") > 1:

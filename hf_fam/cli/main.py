@@ -24,7 +24,7 @@ import sys
 from .errors import CLIError
 
 # in the order `hf-fam --help` lists them
-COMMANDS = ("demo", "convert", "generate", "finetune", "eval", "card", "inspect", "verify", "bench")
+COMMANDS = ("demo", "convert", "generate", "finetune", "eval", "card", "inspect", "verify", "push", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,6 +15,7 @@ This file ships with every converted checkpoint: it imports only torch, transfor
 from __future__ import annotations
 
 import copy
+import importlib
 
 import torch
 from torch import nn
@@ -94,6 +95,14 @@ class FAMPreTrainedModel(PreTrainedModel):
         checkpoint loads either way with `trust_remote_code=True`."""
         self.config.auto_map = dict(AUTO_MAP)
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """transformers' `push_to_hub`; where hf_fam is installed, `hf_fam.checkpoint_io.publish.push_to_hub`: the
+        checkpoint is verified before anything is uploaded and goes with its FAM model card. As remote code (no
+        hf_fam), transformers' own, with its generic card."""
+        if type(self).__module__.startswith("hf_fam."):  # not as remote code, which must import no hf_fam
+            return importlib.import_module("hf_fam.checkpoint_io.publish").push_to_hub(self, repo_id, **kwargs)
+        return super().push_to_hub(repo_id, **kwargs)
 
     def _fam_base(self) -> nn.Module:
         """The base module this model wraps (its decoder, or its causal LM): the owner of every weight but

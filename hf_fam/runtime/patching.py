@@ -70,6 +70,13 @@ class FAMPatchedMixin(FAMGenerationMixin):
         """Write a FAM checkpoint (FAMConfig, base weights under their names, `fam.fam_init`, remote code)."""
         return self.to_fam_model().save_pretrained(save_directory, *args, **kwargs)
 
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Push the FAM checkpoint `save_pretrained` writes, verified, with its FAM model card
+        (`hf_fam.checkpoint_io.publish.push_to_hub`)."""
+        from ..checkpoint_io.publish import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
+
 
 def _patched_class(cls: type) -> type:
     if cls not in _PATCHED_CLASSES:

@@ -1,0 +1,175 @@
+"""Share a FAM checkpoint on the Hub: `push_to_hub(folder_or_model, repo_id)` and `hf-fam push`.
+
+What is pushed is what others load with one `from_pretrained(repo_id, trust_remote_code=True)`, so it is
+checked first: a folder must verify against the installed hf_fam (`hf-fam verify`: config.json, the
+remote-code files, every weight), a model is written with `save_pretrained` into a temporary folder. Nothing
+is uploaded when a check fails, and the folder itself is never modified.
+
+The model card goes with it, as README.md in the same commit: a card written by hf_fam (`hf-fam convert`,
+`hf-fam card`) is rendered again with the repo's id in its usage snippet, keeping its metadata (base model,
+license, evaluation results) and, like `hf-fam card`, not edits to its text; a card of the user's own is
+uploaded as it is; a folder without one gets a new card. transformers' own `model.push_to_hub(repo_id)` on a
+FAM model comes here too, where hf_fam is installed (a model loaded as remote code, without hf_fam, pushes
+through transformers, with its generic card).
+
+Only the folder's top-level files are uploaded (hidden files and subfolders are not part of a checkpoint).
+
+Example:
+```python
+>>> push_to_hub("llama-fam", "me/llama-fam")             # a folder from `hf-fam convert`
+>>> push_to_hub(model, "me/llama-fam", tokenizer=tok)     # a FAMForCausalLM or a patched model
+```
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+from .cards import CardInfo, fam_card_info, render_model_card
+from .checkpoint import CONFIG_NAME
+
+logger = logging.getLogger(__name__)
+
+CARD_NAME = "README.md"
+ADAPTER_CONFIG = "adapter_config.json"
+DEFAULT_COMMIT_MESSAGE = "Upload FAM checkpoint"
+
+
+def push_to_hub(
+    checkpoint,
+    repo_id: str,
+    *,
+    tokenizer=None,
+    commit_message: str | None = None,
+    commit_description: str | None = None,
+    private: bool | None = None,
+    token: bool | str | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    max_shard_size: int | str | None = "50GB",
+    tags: list[str] | None = None,
+    api=None,
+):
+    """Upload a FAM checkpoint folder, or a FAM model, to a Hub model repo (created if missing).
+
+    Args:
+        checkpoint: a local FAM checkpoint folder, or a `FAMForCausalLM` / model patched with `hf_fam.patch`.
+        repo_id: "namespace/name", or "name" under the token's user.
+        tokenizer: with a model, also saved and pushed (a folder carries its own tokenizer files).
+        commit_message, commit_description, private, token, revision, create_pr: as in transformers'
+            `push_to_hub` (revision: a branch, created if missing).
+        max_shard_size: with a model, the largest weight file `save_pretrained` writes.
+        tags: Hub tags for the card besides hf_fam's own.
+        api: a `huggingface_hub.HfApi` (default: a new one with `token`).
+
+    Returns:
+        The `huggingface_hub.CommitInfo` of the commit (a str: its URL).
+
+    Raises:
+        FileNotFoundError: the folder does not exist.
+        ValueError: not a FAM checkpoint or model, a PEFT adapter, or a folder that does not verify; one line
+            naming the fix. Nothing is uploaded.
+        OSError: from the Hub (not logged in, offline, no write access).
+    """
+    if isinstance(checkpoint, (str, Path)):
+        if tokenizer is not None:
+            raise ValueError("tokenizer= goes with a model; a folder is pushed with the tokenizer files it holds")
+        return _push_folder(Path(checkpoint), repo_id, card=None, tags=tags, api=api, token=token, private=private,
+                            revision=revision, create_pr=create_pr, commit_message=commit_message,
+                            commit_description=commit_description)
+    _check_model(checkpoint)
+    with tempfile.TemporaryDirectory(prefix="hf_fam_push_") as tmp:
+        folder = Path(tmp)
+        checkpoint.save_pretrained(folder, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        return _push_folder(folder, repo_id, card=_model_card_info(checkpoint), tags=tags, api=api, token=token,
+                            private=private, revision=revision, create_pr=create_pr, commit_message=commit_message,
+                            commit_description=commit_description)
+
+
+def check_pushable(folder: str | Path) -> None:
+    """Raise a one-line error unless `folder` is a FAM checkpoint that verifies against the installed hf_fam."""
+    from .inspection import verify_checkpoint
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder; pass a FAM checkpoint folder (from hf-fam convert)")
+    if (folder / ADAPTER_CONFIG).is_file() and not (folder / CONFIG_NAME).is_file():
+        raise ValueError(
+            f"{folder} holds a PEFT adapter, not a FAM checkpoint: push the merged model (hf-fam finetune --merge "
+            "writes OUT/merged), or the adapter itself with peft_model.push_to_hub(repo_id)"
+        )
+    problems = verify_checkpoint(folder)  # raises for a folder without config.json or with another model type
+    if problems:
+        raise ValueError(
+            f"{folder} does not verify, so others may not load it ({len(problems)} problem(s); `hf-fam verify "
+            f"{folder}` lists them), first: {problems[0]}"
+        )
+
+
+def _push_folder(folder: Path, repo_id: str, *, card: CardInfo | None, tags, api, token, private, revision,
+                 create_pr, commit_message, commit_description):
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    check_pushable(folder)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    api = api if api is not None else HfApi(token=token)
+    repo_id = api.create_repo(repo_id, token=token, private=private, exist_ok=True).repo_id
+    card_text = _card_text(folder, repo_id, card, tags or [])
+    operations = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in files
+                  if not (card_text is not None and p.name == CARD_NAME)]
+    if card_text is not None:
+        operations.append(CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=card_text.encode("utf-8")))
+    if revision is not None and not revision.startswith("refs/pr"):
+        api.create_branch(repo_id, branch=revision, token=token, exist_ok=True)
+    logger.info("uploading %d files to %s: %s", len(operations), repo_id,
+                ", ".join(op.path_in_repo for op in operations))
+    return api.create_commit(
+        repo_id, operations, commit_message=commit_message or DEFAULT_COMMIT_MESSAGE,
+        commit_description=commit_description, token=token, revision=revision, create_pr=create_pr,
+    )
+
+
+def _card_text(folder: Path, repo_id: str, card: CardInfo | None, tags: list[str]) -> str | None:
+    """The README.md to upload: hf_fam's card rendered for `repo_id`, or None to upload the folder's own."""
+    path = folder / CARD_NAME
+    if path.is_file():
+        card = fam_card_info(folder)
+        if card is None:  # the user's own card
+            if tags:
+                logger.warning("%s is not a card hf_fam wrote: uploaded as it is, without the tags %s", path, tags)
+            return None
+    info = card or CardInfo()
+    return render_model_card(folder, replace(info, repo_id=repo_id, tags=list(dict.fromkeys(info.tags + tags))))
+
+
+def _check_model(model) -> None:
+    if hasattr(model, "peft_config") and hasattr(model, "merge_and_unload"):
+        raise ValueError(
+            "a PEFT model: push the merged model (peft_model.merge_and_unload()), or the adapter itself with "
+            "peft_model.push_to_hub(repo_id)"
+        )
+    if not hasattr(model, "fam_settings") or not hasattr(model, "save_pretrained"):
+        raise ValueError(
+            f"{type(model).__name__} is not a FAM model: load a FAM checkpoint, or hf_fam.patch(model, ...) first"
+        )
+
+
+def _model_card_info(model) -> CardInfo:
+    """What a model's card can say: the card of the folder it was loaded from, if hf_fam wrote one; the Hub id
+    of the base model for a patched model loaded from the Hub."""
+    source = getattr(model, "name_or_path", "") or ""
+    path = Path(source).expanduser() if source else None
+    if path is not None and path.is_dir():
+        return fam_card_info(path) or CardInfo()
+    from .hub import looks_like_repo_id
+
+    patched = getattr(model, "_fam_original_class", None) is not None
+    return CardInfo(base_model=source) if patched and source and looks_like_repo_id(source) else CardInfo()
+
+
+__all__ = ["check_pushable", "push_to_hub"]

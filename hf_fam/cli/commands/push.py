@@ -1,0 +1,38 @@
+"""`hf-fam push`: upload a FAM checkpoint folder to a Hub model repo, verified, with its model card."""
+
+from __future__ import annotations
+
+import textwrap
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "push",
+        help="upload a FAM checkpoint folder to the Hub (verified first, with its model card)",
+        description=textwrap.fill(
+            "Upload PATH's files to the Hub model repo REPO_ID (created if missing) in one commit, so that others "
+            "load it with AutoModelForCausalLM.from_pretrained(REPO_ID, trust_remote_code=True). PATH must verify "
+            "first (as `hf-fam verify PATH`); nothing is uploaded otherwise. A card hf_fam wrote is rendered again "
+            "with REPO_ID in its usage snippet; a card of your own is uploaded as it is; PATH itself is not "
+            "modified. Log in first (`hf auth login`) or pass --token.",
+            width=100,
+        ),
+    )
+    p.add_argument("path", metavar="PATH", help="a FAM checkpoint folder (from hf-fam convert, or a merged fine-tune)")
+    p.add_argument("repo_id", metavar="REPO_ID", help="the Hub repo, namespace/name (or name, under your user)")
+    p.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its own)")
+    p.add_argument("--revision", help="branch to push to (created if missing; default: main)")
+    p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    p.add_argument("--commit-message", help="default: 'Upload FAM checkpoint'")
+    p.add_argument("--token", help="Hub token with write access (default: the stored login / HF_TOKEN)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ...checkpoint_io.publish import push_to_hub
+
+    commit = push_to_hub(args.path, args.repo_id, private=True if args.private else None, token=args.token,
+                         revision=args.revision, create_pr=args.create_pr, commit_message=args.commit_message)
+    url = getattr(commit, "pr_url", None) or getattr(commit, "commit_url", None) or str(commit)
+    print(f"pushed {args.path} to {args.repo_id}: {url}")
+    return 0
