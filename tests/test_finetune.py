@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import assert_close, random_ids
 
+from hf_fam.checkpoint_io.publish import check_pushable
 from hf_fam.cli import main
 from hf_fam.tiny import make_tiny_checkpoint
 from hf_fam.training.finetune import (
@@ -94,6 +95,8 @@ def test_finetune_on_text_saves_adapter_base_and_merged(base_ckpt, text_files, t
 
     adapter, base = _adapter_equals_merged(out, rows=1)
     assert adapter_digest(adapter) == result.adapter_digests[0]
+    assert "fine_tuned: true" in (out / "merged" / "README.md").read_text()
+    check_pushable(out / "merged")  # `hf-fam push OUT/merged` would upload it: it verifies
     trained_fam = adapter.base_model.model.fam.modules_to_save.default.fam_init
     assert (trained_fam - base.fam.fam_init).abs().max() > 0, "fam_init was not trained"
     assert {"input_layernorm", "post_attention_layernorm", "norm"} <= set(adapter_config["modules_to_save"])
@@ -236,6 +239,8 @@ def test_full_trains_every_weight_and_saves_the_whole_model(base_ckpt, tmp_path)
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "train_log.jsonl", "train_summary.json"} <= names
     assert not {"adapter_config.json", "fam_base", "merged"} & names and result.fam_base_dir is None
+    assert "fine_tuned: true" in (out / "README.md").read_text()
+    check_pushable(out)
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["trained"] == "every weight" and summary["adapter_digests"] == result.adapter_digests
 

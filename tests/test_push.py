@@ -231,3 +231,20 @@ def test_cli_push_refuses_in_one_line(tmp_path, hub, capsys):
     assert err.startswith("hf-fam push: error:") and "is not a folder" in err and "\n" not in err
     assert hub.calls == []
 
+
+def test_a_fine_tuned_checkpoint_card_keeps_the_start_s_metadata_but_not_its_results(tmp_path):
+    from huggingface_hub import EvalResult
+
+    from hf_fam.training.outputs import write_fine_tuned_card
+
+    start = fam_checkpoint(tmp_path / "start")
+    result = EvalResult(task_type="text-generation", dataset_type="passkey", dataset_name="passkey",
+                        metric_type="accuracy", metric_value=0.5)
+    write_model_card(start, CardInfo(base_model="org/base-model", license="apache-2.0", eval_results=[result]))
+    trained = fam_checkpoint(tmp_path / "trained")
+    write_fine_tuned_card(trained, start)
+    card = (trained / "README.md").read_text()
+    assert "fine_tuned: true" in card and "base_model: org/base-model" in card and "license: apache-2.0" in card
+    assert "0.5" not in card and "model-index" not in card
+    write_fine_tuned_card(trained, "org/hub-id")  # a Hub id: nothing known about it
+    assert "base_model" not in (trained / "README.md").read_text().split("---")[1]

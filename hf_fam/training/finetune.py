@@ -345,7 +345,7 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path) -> Finetu
                    "base_model": str(base_path), "merged": str(merged_dir.resolve()) if merged_dir else None}
         result_model = save_run(trained, tokenizer, work, out=out, full=config.lora.full, base_path=base_path,
                                 fam_base_dir=fam_base_dir, lora_start=lora_start, merged_dir=merged_dir,
-                                summary=summary)
+                                summary=summary, card_source=config.model.path)
     return FinetuneResult(output_dir=out, steps=step, final_loss=final_loss, seconds=seconds,
                           world_size=accelerator.num_processes, adapter_digests=digests, merged_dir=merged_dir,
                           fam_base_dir=fam_base_dir, model=result_model)

@@ -49,14 +49,30 @@ def weights_digest(model) -> str:
 adapter_digest = weights_digest
 
 
+def write_fine_tuned_card(folder: Path, source) -> None:
+    """The model card of a fine-tuned FAM checkpoint (a `--full` run, or `merged/`), what `hf-fam push` uploads
+    with it: marked fine-tuned, with the metadata (base model, license, how fam_init started) of the card hf_fam
+    wrote for `source`, the checkpoint the run started from, when it is a folder with one; never its evaluation
+    results, which were measured before the training."""
+    from dataclasses import replace
+
+    from ..checkpoint_io.cards import CardInfo, fam_card_info, write_model_card
+
+    source = Path(str(source))
+    info = (fam_card_info(source) if source.is_dir() else None) or CardInfo()
+    write_model_card(folder, replace(info, fine_tuned=True, eval_results=[]))
+
+
 def save_run(trained, tokenizer, work: Path, *, out: Path, full: bool, base_path, fam_base_dir: Path | None,
-             lora_start: Path | None, merged_dir: Path | None, summary: dict) -> object:
+             lora_start: Path | None, merged_dir: Path | None, summary: dict, card_source=None) -> object:
     """Write the run's outputs into `work` (the staging folder that becomes the output): the whole model after a
     full run, else the adapter pointing to `base_path` (for a base converted on the fly, `fam_base_dir`, still in
-    `work/fam_base` while saving), and `merged/` when `merged_dir` is set; the tokenizer and `train_summary.json`.
+    `work/fam_base` while saving), and `merged/` when `merged_dir` is set; the tokenizer and `train_summary.json`;
+    a model card for a whole checkpoint (`write_fine_tuned_card` from `card_source`, the checkpoint trained).
     Returns the model the run hands back (the merged one when merging spent the PeftModel)."""
     if full:
         trained.save_pretrained(work)
+        write_fine_tuned_card(work, card_source)
     else:
         adapter_config = trained.peft_config["default"]
         if fam_base_dir is not None:  # PEFT reads the base's config while saving: here it is still in `work`
@@ -82,8 +98,9 @@ def save_run(trained, tokenizer, work: Path, *, out: Path, full: bool, base_path
     merged.save_pretrained(work / "merged")
     if tokenizer is not None:
         tokenizer.save_pretrained(work / "merged")
+    write_fine_tuned_card(work / "merged", card_source)
     logger.info("saved the merged model to %s", merged_dir)
     return merged
 
 
-__all__ = ["adapter_digest", "check_output_dir", "save_run", "weights_digest"]
+__all__ = ["adapter_digest", "check_output_dir", "save_run", "weights_digest", "write_fine_tuned_card"]
