@@ -174,7 +174,7 @@ def _peft(folder):
     return get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
 
 
-@pytest.mark.parametrize("case", ["missing tensor", "edited code", "base checkpoint", "adapter folder",
+@pytest.mark.parametrize("case", ["missing tensor", "missing code", "base checkpoint", "adapter folder",
                                   "peft model", "plain model", "no folder", "tokenizer with a folder"])
 def test_what_would_not_load_elsewhere_is_refused_before_anything_is_uploaded(converted, hub, tmp_path, case):
     import shutil
@@ -188,10 +188,10 @@ def test_what_would_not_load_elsewhere_is_refused_before_anything_is_uploaded(co
         tensors = load_file(folder / "model.safetensors")
         tensors.pop("fam.fam_init")
         save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-        message = "does not verify"
-    elif case == "edited code":
-        (folder / "fam_core.py").write_text((folder / "fam_core.py").read_text() + "\n# edited\n")
-        message = "fam_core.py differs"
+        message = "would not load elsewhere"
+    elif case == "missing code":
+        (folder / "fam_core.py").unlink()
+        message = "fam_core.py is missing"
     elif case == "base checkpoint":
         checkpoint = converted.parent / f"{converted.name}-base"
         message = "not a FAM checkpoint"
@@ -248,3 +248,30 @@ def test_a_fine_tuned_checkpoint_card_keeps_the_start_s_metadata_but_not_its_res
     assert "0.5" not in card and "model-index" not in card
     write_fine_tuned_card(trained, "org/hub-id")  # a Hub id: nothing known about it
     assert "base_model" not in (trained / "README.md").read_text().split("---")[1]
+
+
+def test_code_of_another_hf_fam_release_goes_up_as_it_is_with_a_warning(converted, hub, tmp_path, caplog):
+    """A checkpoint converted by another hf_fam release carries other code bytes: it loads with its own code, so it
+    is pushed, not refused, and the difference is reported."""
+    import shutil
+
+    folder = tmp_path / "older"
+    shutil.copytree(converted, folder)
+    edited = (folder / "fam_core.py").read_text() + "\n# another release\n"
+    (folder / "fam_core.py").write_text(edited)
+    with caplog.at_level("WARNING", logger="hf_fam.checkpoint_io.publish"):
+        push_to_hub(folder, "me/older")
+    assert "fam_core.py differs" in caplog.text
+    assert (hub.repo("me/older") / "fam_core.py").read_text() == edited
+
+
+def test_no_network_is_one_line(converted, hub, monkeypatch):
+    class ConnectError(Exception):  # what huggingface_hub's HTTP client raises without a network
+        __module__ = "httpx"
+
+    def unreachable(*args, **kwargs):
+        raise ConnectError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(hub, "create_repo", unreachable)
+    with pytest.raises(ConnectionError, match="cannot reach the Hub to push to me/x"):
+        push_to_hub(converted, "me/x")

@@ -1,9 +1,10 @@
 """Share a FAM checkpoint on the Hub: `push_to_hub(folder_or_model, repo_id)` and `hf-fam push`.
 
-What is pushed is what others load with one `from_pretrained(repo_id, trust_remote_code=True)`, so it is
-checked first: a folder must verify against the installed hf_fam (`hf-fam verify`: config.json, the
-remote-code files, every weight), a model is written with `save_pretrained` into a temporary folder. Nothing
-is uploaded when a check fails, and the folder itself is never modified.
+What is pushed is what others load with one `from_pretrained(repo_id, trust_remote_code=True)`, so a folder is
+checked first (`check_pushable`: config.json, every weight, every code file its own code imports), and a model is
+written with `save_pretrained` into a temporary folder. Code that differs from the installed hf_fam's (a checkpoint
+converted by another release) is pushed as it is, with a warning. Nothing is uploaded when a check fails, and the
+folder itself is never modified.
 
 The model card goes with it, as README.md in the same commit: a card written by hf_fam (`hf-fam convert`,
 `hf-fam card`) is rendered again with the repo's id in its usage snippet, keeping its metadata (base model,
@@ -23,19 +24,23 @@ Example:
 
 from __future__ import annotations
 
+import ast
 import logging
 import tempfile
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 from .cards import CardInfo, fam_card_info, render_model_card
-from .checkpoint import CONFIG_NAME
+from .checkpoint import CONFIG_NAME, read_config
+from .inspection import REFRESH_COMMAND
 
 logger = logging.getLogger(__name__)
 
 CARD_NAME = "README.md"
 ADAPTER_CONFIG = "adapter_config.json"
 DEFAULT_COMMIT_MESSAGE = "Upload FAM checkpoint"
+HTTP_CLIENTS = ("httpx", "httpx2", "requests", "urllib3")  # what huggingface_hub releases send requests with
 
 
 def push_to_hub(
@@ -91,8 +96,11 @@ def push_to_hub(
                             commit_description=commit_description)
 
 
-def check_pushable(folder: str | Path) -> None:
-    """Raise a one-line error unless `folder` is a FAM checkpoint that verifies against the installed hf_fam."""
+def check_pushable(folder: str | Path) -> list[str]:
+    """Raise a one-line error unless `folder` is a FAM checkpoint that loads elsewhere: config.json a FAMConfig,
+    every weight present with its shape and dtype, and every code file its auto_map reaches (by relative import)
+    present. Code that differs from the installed hf_fam's (another hf_fam release, or edited) loads as it is:
+    those differences are returned, one line each, to be reported rather than refused."""
     from .inspection import verify_checkpoint
 
     folder = Path(folder)
@@ -104,34 +112,78 @@ def check_pushable(folder: str | Path) -> None:
             "writes OUT/merged), or the adapter itself with peft_model.push_to_hub(repo_id)"
         )
     problems = verify_checkpoint(folder)  # raises for a folder without config.json or with another model type
-    if problems:
+    notes = [p for p in problems if p.startswith(("code:", "config: auto_map"))]
+    fatal = [p for p in problems if p not in notes] + _missing_code(folder)
+    if fatal:
         raise ValueError(
-            f"{folder} does not verify, so others may not load it ({len(problems)} problem(s); `hf-fam verify "
-            f"{folder}` lists them), first: {problems[0]}"
+            f"{folder} would not load elsewhere ({len(fatal)} problem(s); `hf-fam verify {folder}` explains), "
+            f"first: {fatal[0]}"
         )
+    return notes
+
+
+def _missing_code(folder: Path) -> list[str]:
+    """The code files that loading `folder` with trust_remote_code needs and it lacks: the modules its auto_map
+    names for AutoConfig and AutoModelForCausalLM, and those they import relatively, as transformers follows them."""
+    auto_map = read_config(folder).get("auto_map") or {}
+    refs = [auto_map.get(name) for name in ("AutoConfig", "AutoModelForCausalLM")]
+    if not all(isinstance(ref, str) for ref in refs):
+        return [f"config: auto_map names no AutoConfig and AutoModelForCausalLM classes; `{REFRESH_COMMAND} "
+                f"{folder}` writes the installed hf_fam's code and auto_map"]
+    todo, seen, missing = {ref.split(".")[0] for ref in refs}, set(), []
+    while todo:
+        module = todo.pop()
+        seen.add(module)
+        path = folder / f"{module}.py"
+        if not path.is_file():
+            missing.append(f"code: {path.name} is missing (imported by the checkpoint's code); `{REFRESH_COMMAND} "
+                           f"{folder}` writes the installed hf_fam's")
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                found = [node.module.split(".")[0]] if node.module else [alias.name for alias in node.names]
+                todo.update(name for name in found if name not in seen)
+    return missing
 
 
 def _push_folder(folder: Path, repo_id: str, *, card: CardInfo | None, tags, api, token, private, revision,
                  create_pr, commit_message, commit_description):
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    check_pushable(folder)
+    for note in check_pushable(folder):
+        logger.warning("%s: %s; its own code goes up as it is", folder, note)
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     api = api if api is not None else HfApi(token=token)
-    repo_id = api.create_repo(repo_id, token=token, private=private, exist_ok=True).repo_id
-    card_text = _card_text(folder, repo_id, card, tags or [])
-    operations = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in files
-                  if not (card_text is not None and p.name == CARD_NAME)]
-    if card_text is not None:
-        operations.append(CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=card_text.encode("utf-8")))
-    if revision is not None and not revision.startswith("refs/pr"):
-        api.create_branch(repo_id, branch=revision, token=token, exist_ok=True)
-    logger.info("uploading %d files to %s: %s", len(operations), repo_id,
-                ", ".join(op.path_in_repo for op in operations))
-    return api.create_commit(
-        repo_id, operations, commit_message=commit_message or DEFAULT_COMMIT_MESSAGE,
-        commit_description=commit_description, token=token, revision=revision, create_pr=create_pr,
-    )
+    with _hub_errors(repo_id):
+        repo_id = api.create_repo(repo_id, token=token, private=private, exist_ok=True).repo_id
+        card_text = _card_text(folder, repo_id, card, tags or [])
+        operations = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in files
+                      if not (card_text is not None and p.name == CARD_NAME)]
+        if card_text is not None:
+            operations.append(CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=card_text.encode("utf-8")))
+        if revision is not None and not revision.startswith("refs/pr"):
+            api.create_branch(repo_id, branch=revision, token=token, exist_ok=True)
+        logger.info("uploading %d files to %s: %s", len(operations), repo_id,
+                    ", ".join(op.path_in_repo for op in operations))
+        return api.create_commit(
+            repo_id, operations, commit_message=commit_message or DEFAULT_COMMIT_MESSAGE,
+            commit_description=commit_description, token=token, revision=revision, create_pr=create_pr,
+        )
+
+
+@contextmanager
+def _hub_errors(repo_id: str):
+    """The Hub's own errors (HTTP status, offline mode, no token) are OSErrors already; the HTTP client's
+    (no network, name not resolved) depend on the huggingface_hub release and are not: made a ConnectionError."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as err:
+        if type(err).__module__.split(".")[0] not in HTTP_CLIENTS:
+            raise
+        raise ConnectionError(f"cannot reach the Hub to push to {repo_id} ({type(err).__name__}: {err}); "
+                              "check the network, or set HF_ENDPOINT") from err
 
 
 def _card_text(folder: Path, repo_id: str, card: CardInfo | None, tags: list[str]) -> str | None:

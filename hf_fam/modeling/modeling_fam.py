@@ -98,7 +98,7 @@ class FAMPreTrainedModel(PreTrainedModel):
 
     def push_to_hub(self, repo_id: str, **kwargs):
         """transformers' `push_to_hub`; where hf_fam is installed, `hf_fam.checkpoint_io.publish.push_to_hub`: the
-        checkpoint is verified before anything is uploaded and goes with its FAM model card. As remote code (no
+        checkpoint is checked before anything is uploaded and goes with its FAM model card. As remote code (no
         hf_fam), transformers' own, with its generic card."""
         if type(self).__module__.startswith("hf_fam."):  # not as remote code, which must import no hf_fam
             return importlib.import_module("hf_fam.checkpoint_io.publish").push_to_hub(self, repo_id, **kwargs)

@@ -71,7 +71,7 @@ class FAMPatchedMixin(FAMGenerationMixin):
         return self.to_fam_model().save_pretrained(save_directory, *args, **kwargs)
 
     def push_to_hub(self, repo_id: str, **kwargs):
-        """Push the FAM checkpoint `save_pretrained` writes, verified, with its FAM model card
+        """Push the FAM checkpoint `save_pretrained` writes, checked, with its FAM model card
         (`hf_fam.checkpoint_io.publish.push_to_hub`)."""
         from ..checkpoint_io.publish import push_to_hub
 

@@ -8,11 +8,12 @@ import textwrap
 def register(sub) -> None:
     p = sub.add_parser(
         "push",
-        help="upload a FAM checkpoint folder to the Hub (verified first, with its model card)",
+        help="upload a FAM checkpoint folder to the Hub (checked first, with its model card)",
         description=textwrap.fill(
             "Upload PATH's files to the Hub model repo REPO_ID (created if missing) in one commit, so that others "
-            "load it with AutoModelForCausalLM.from_pretrained(REPO_ID, trust_remote_code=True). PATH must verify "
-            "first (as `hf-fam verify PATH`); nothing is uploaded otherwise. A card hf_fam wrote is rendered again "
+            "load it with AutoModelForCausalLM.from_pretrained(REPO_ID, trust_remote_code=True). PATH is checked "
+            "first (config.json, every weight, every code file its code imports; nothing is uploaded otherwise); "
+            "code from another hf_fam release goes up as it is, with a note. A card hf_fam wrote is rendered again "
             "with REPO_ID in its usage snippet; a card of your own is uploaded as it is; PATH itself is not "
             "modified. Log in first (`hf auth login`) or pass --token.",
             width=100,
