@@ -75,7 +75,7 @@ def push_to_hub(
 
     Raises:
         FileNotFoundError: the folder does not exist.
-        ValueError: not a FAM checkpoint or model, a PEFT adapter, or a folder that does not verify; one line
+        ValueError: not a FAM checkpoint or model, a PEFT adapter, or a folder that would not load elsewhere; one line
             naming the fix. Nothing is uploaded.
         OSError: from the Hub (not logged in, offline, no write access).
     """
