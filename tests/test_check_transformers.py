@@ -23,7 +23,7 @@ def script(tmp_path, monkeypatch):
         monkeypatch.setattr(module, name, copy)
     monkeypatch.setattr(module, "ROOT", tmp_path)
     monkeypatch.delenv("HF_FAM_ALLOW_UNTESTED_TRANSFORMERS", raising=False)  # the script decides it
-    monkeypatch.setattr(module, "prepare", lambda venv, version, floors=False: tmp_path / "python")
+    monkeypatch.setattr(module, "prepare", lambda venv, version, floors=False, torch=module.TORCH: tmp_path / "python")
     monkeypatch.setattr(module, "installed_transformers", lambda python: None)
     return module
 
@@ -84,3 +84,16 @@ def test_the_floor_environment_pins_the_dependency_floors(script):
     assert not [r for r in floors if r.startswith(script.CLIENT_TEST_ONLY)]
     newest = script.other_requirements()
     assert [r for r in newest if r.startswith("trl")] and "peft==" not in " ".join(newest)
+
+
+def test_another_torch_goes_into_the_venv_and_its_name(script, monkeypatch):
+    """`--torch torch==2.4.1` (how the torch floor was tested) reaches the environment's requirements and gets a
+    venv of its own, so the CI's torch==2.13.0 venv for the same release is not rebuilt."""
+    prepared = {}
+    monkeypatch.setattr(script, "prepare", lambda venv, version, floors=False, torch=script.TORCH:
+                        prepared.update(venv=venv, torch=torch) or venv / "python")
+    monkeypatch.setattr(subprocess, "run", lambda command, cwd, env: SimpleNamespace(returncode=0))
+    assert script.main(["--version", "5.4.0", "--torch", "torch==2.4.1"]) == 0
+    assert prepared["torch"] == "torch==2.4.1" and prepared["venv"].name == "hf_fam_transformers_5.4.0_torch_2_4_1"
+    assert script.main(["--version", "5.4.0"]) == 0
+    assert prepared["torch"] == script.TORCH and prepared["venv"].name == "hf_fam_transformers_5.4.0"
