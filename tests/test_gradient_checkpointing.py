@@ -143,3 +143,31 @@ def test_every_other_layer_and_offloaded_checkpointing_give_the_same_gradients(f
     # a forward calls each MLP once per block and once per chain step; the checkpointed layer's run again in
     # backward (its chain's results reused), the plain layer's only once
     assert calls[0] > calls[1], calls
+
+
+
+@pytest.mark.parametrize("with_lora", [False, True], ids=["full", "lora"])
+def test_bf16_autocast_with_checkpointing_runs_without_the_cast_cache(with_lora):
+    """Under autocast a checkpointed FAM forward turns autocast's cast cache off, in its recompute too: FAM uses
+    each layer's weights more than once per forward, and a cast cached in the forward that the recompute makes
+    afresh broke torch 2.6.0's checkpoint ("Recomputed values ... have different metadata"; torch 2.13 tolerates
+    it). The gradients are then exactly those of the same forward under autocast without its cache and without
+    checkpointing. (With the cache, a weight used k times gets one cast whose gradient sums the k uses in bf16;
+    without it, each use's gradient reaches the fp32 weight on its own: here 0.2 % apart, bf16's rounding.)"""
+    ids = random_ids(2, N, seed=5)
+    results, seen = [], []
+    for checkpointing in (False, True):
+        model = _model("llama", with_lora, checkpointing=checkpointing)
+        layers = hf_fam.training.unwrap_fam_model(model).get_decoder().layers
+        hook = layers[0].register_forward_pre_hook(lambda *args: seen.append(torch.is_autocast_cache_enabled()))
+        with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=checkpointing):
+            results.append(_grads(model, ids))
+            assert torch.is_autocast_cache_enabled() == checkpointing  # as the caller set it, after the forward
+        hook.remove()
+        assert len(seen) > 2 and not any(seen), "the cast cache was on in a layer of a checkpointed FAM forward"
+        seen.clear()
+    (loss, emb_grad, grads), (loss_gc, emb_grad_gc, grads_gc) = results
+    assert torch.equal(loss_gc, loss) and torch.equal(emb_grad_gc, emb_grad)
+    assert grads_gc.keys() == grads.keys()
+    for name in grads:
+        assert torch.equal(grads_gc[name], grads[name]), name

@@ -97,10 +97,11 @@ def chain_with_recompute(chain: FAMChain, layer_idx: int, kinds: list[str], stat
     return _RecomputedChain.apply(chain, layer_idx, kinds, state, recorded, state.fam, tl_k, tl_v, *params)
 
 
-def _autocast_states(device_type: str) -> list[tuple[str, torch.dtype]]:
-    """The autocast contexts active now (for the device and the CPU), to enter again in backward."""
-    types = {device_type, "cpu"}
-    return [(t, torch.get_autocast_dtype(t)) for t in sorted(types) if torch.is_autocast_enabled(t)]
+def _autocast_states(device_type: str) -> list[tuple[str, torch.dtype, bool]]:
+    """The autocast contexts active now (for the device and the CPU, with the cast cache's switch: off in a
+    checkpointed training forward), to enter again in backward."""
+    types, cache = {device_type, "cpu"}, torch.is_autocast_cache_enabled()
+    return [(t, torch.get_autocast_dtype(t), cache) for t in sorted(types) if torch.is_autocast_enabled(t)]
 
 
 def _training_graphs(chain: FAMChain, device: torch.device) -> bool:
@@ -177,8 +178,8 @@ class _RecomputedChain(torch.autograd.Function):
         grad_params: list[torch.Tensor | None] = [None] * len(params)
         graph = None
         with contextlib.ExitStack() as stack:
-            for device_type, dtype in ctx.autocast:
-                stack.enter_context(torch.autocast(device_type, dtype=dtype))
+            for device_type, dtype, cache in ctx.autocast:
+                stack.enter_context(torch.autocast(device_type, dtype=dtype, cache_enabled=cache))
             if ctx.graphs and "update" in kinds:  # each update step's backward replayed from one graph
                 first = kinds.index("update")
                 vjp = step_vjp(chain, layer_idx, first, "update", state, (needs_k, needs_v), wanted_params)

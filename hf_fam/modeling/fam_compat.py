@@ -278,6 +278,34 @@ def sdpa_supports_gqa() -> bool:
     return "enable_gqa" in inspect.signature(torch.nn.functional.scaled_dot_product_attention).parameters
 
 
+@contextlib.contextmanager
+def autocast_without_cache(device_type: str) -> Iterator[None]:
+    """The autocast now active (on `device_type` and the CPU), without its cast cache; nothing when none is.
+
+    Autocast keeps one cast of each weight that requires grad for its whole region. A checkpointed region whose
+    weights were already used (and cast) before it finds its casts made in the forward and makes them itself
+    when recomputed in backward: the saved tensors differ, and torch's non-reentrant checkpoint stops with
+    "Recomputed values ... have different metadata" (seen with torch 2.6.0 and bf16 autocast on the CPU; 2.13.0
+    tolerates it). FAM uses a layer's weights more than once per forward (the block, the chain's update steps).
+    Without the cache each use casts for itself, in the forward and in the recompute alike, and its gradient
+    reaches the fp32 weight on its own.
+    """
+    if not torch.is_autocast_cache_enabled():
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        for kind in sorted({device_type, "cpu"}):
+            if torch.is_autocast_enabled(kind):
+                stack.enter_context(torch.autocast(kind, dtype=torch.get_autocast_dtype(kind), cache_enabled=False))
+        yield
+
+
+def uses_checkpointing(decoder: nn.Module) -> bool:
+    """Whether gradient checkpointing is on: transformers 5 sets it on each layer (`GradientCheckpointingLayer`),
+    not on the decoder stack."""
+    return any(getattr(layer, "gradient_checkpointing", False) for layer in getattr(decoder, "layers", ()))
+
+
 def uses_reentrant_checkpointing(decoder: nn.Module) -> bool:
     """Whether the decoder's layers are checkpointed with torch's reentrant checkpoint."""
     for layer in getattr(decoder, "layers", ()):

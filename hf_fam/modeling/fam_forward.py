@@ -7,6 +7,7 @@ every converted checkpoint: it imports only torch, transformers and its siblings
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
@@ -18,9 +19,11 @@ from .fam_compat import (
     CACHE_KWARG,
     FAM_ATTENTION_PREFIX,
     SUPPORTED_INNER_ATTENTION,
+    autocast_without_cache,
     checkpointing_call,
     inside_fam_forward,
     set_output_cache,
+    uses_checkpointing,
     uses_reentrant_checkpointing,
 )
 from .fam_core import FAMRun
@@ -116,7 +119,7 @@ def fam_forward(
             "FAM needs non-reentrant gradient checkpointing (the FAM chain reaches into every layer): call "
             f"{checkpointing_call()}."
         )
-    if getattr(decoder, "gradient_checkpointing", False) and decoder.training and torch.is_grad_enabled():
+    if uses_checkpointing(decoder) and decoder.training and torch.is_grad_enabled():
         use_cache = False
 
     if isinstance(cache, FAMCache) and cache.started and not use_cache:
@@ -147,30 +150,31 @@ def fam_forward(
     fam_init = None
     if states is None and fam_state is None and settings.fam_length > 0:
         fam_init = fam_module(batch, adapter.embed_scale(decoder))
-    run = FAMRun.start(
-        settings=settings,
-        adapter=adapter,
-        decoder=decoder,
-        inner=inner,
-        chunk_mask=chunk_mask,
-        fam_init=fam_init,
-        states=states,
-        keep_state=bool(use_cache),
-        fam_state=fam_state,
-        position_offset=position_offset,
-        cuda_graphs=fam_cuda_graphs,
-    )
-    with inside_fam_forward():  # transformers builds no (N x N) mask in here
-        outputs = base_forward(
-            input_ids=input_ids,
-            attention_mask=None,  # padding reaches FAM through the run
-            position_ids=run.plan.position_ids,
-            inputs_embeds=inputs_embeds,
-            use_cache=False,
-            fam_run=run,
-            **{CACHE_KWARG: None},
-            **kwargs,
+    with _checkpoint_safe_autocast(decoder, ref.device.type):
+        run = FAMRun.start(
+            settings=settings,
+            adapter=adapter,
+            decoder=decoder,
+            inner=inner,
+            chunk_mask=chunk_mask,
+            fam_init=fam_init,
+            states=states,
+            keep_state=bool(use_cache),
+            fam_state=fam_state,
+            position_offset=position_offset,
+            cuda_graphs=fam_cuda_graphs,
         )
+        with inside_fam_forward():  # transformers builds no (N x N) mask in here
+            outputs = base_forward(
+                input_ids=input_ids,
+                attention_mask=None,  # padding reaches FAM through the run
+                position_ids=run.plan.position_ids,
+                inputs_embeds=inputs_embeds,
+                use_cache=False,
+                fam_run=run,
+                **{CACHE_KWARG: None},
+                **kwargs,
+            )
     if sink is not None:
         sink["last_hidden_state"] = outputs.last_hidden_state  # fam_loss_chunk's loss reads it
     if settings.fam_length > 0:
@@ -184,6 +188,13 @@ def fam_forward(
         if sink is not None:
             sink["cache"] = cache
     return outputs
+
+
+def _checkpoint_safe_autocast(decoder: nn.Module, device_type: str):
+    """While a checkpointed FAM forward trains, autocast without its cast cache (`autocast_without_cache`)."""
+    if torch.is_grad_enabled() and decoder.training and uses_checkpointing(decoder):
+        return autocast_without_cache(device_type)
+    return contextlib.nullcontext()
 
 
 def _chunk_mask(attention_mask, batch: int, n: int, device, cache: FAMCache | None) -> torch.Tensor:
