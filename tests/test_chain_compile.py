@@ -42,6 +42,19 @@ def compiled_graphs() -> int:
     return counters["stats"].get("unique_graphs", 0)
 
 
+# The graph counts below, and that no graph breaks, are torch 2.13's (CI's). torch 2.6.0 breaks its graphs at a
+# call inside the step and traces transformers' layer wrappers into graphs of their own (8 where 2.13 compiles 4),
+# with the same results: there only the results are checked.
+COUNTS_ARE_TORCHS = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
+# dynamo's limit on compiled variants per function: `recompile_limit` from torch 2.7, `cache_size_limit` before
+RECOMPILE_LIMIT = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+
+
+def assert_graphs(expected: int) -> None:
+    if COUNTS_ARE_TORCHS:
+        assert compiled_graphs() == expected
+
+
 def family_model(family: str):
     base = tiny_model(family).eval() if family in ("llama", "mistral", "gemma") else build_family(family)
     return hf_fam.FAMForCausalLM.from_base_model(base, block_size=C, memory_segments=1, fam_length=3).eval()
@@ -59,14 +72,14 @@ def test_compiled_steps_equal_the_eager_chain(compiled_on_cpu, family):
         assert compiled_graphs() == 0
         outs = [model(ids) for _ in range(3)]
     assert compiled_on_cpu.replays > 0
-    # init, probe, and update twice (on slices of the group's keys/values, and on a single step's own: other
-    # strides): one compilation serves both layers
-    assert compiled_graphs() == 4
-    assert dict(counters["graph_break"]) == {}
     for out in outs:
         assert_close(out.logits, eager.logits, atol=1e-5)
         for got, want in zip(out.fam_state, eager.fam_state):
             assert_close(got, want, atol=1e-5)
+    # init, probe, and update twice (on slices of the group's keys/values, and on a single step's own: other
+    # strides): one compilation serves both layers
+    assert_graphs(4)
+    assert dict(counters["graph_break"]) == {} or not COUNTS_ARE_TORCHS
 
 
 def test_compiled_and_plain_graphs_are_kept_apart(compiled_on_cpu, monkeypatch):
@@ -157,7 +170,7 @@ def test_inductor_compiled_steps_equal_the_eager_chain(compiled_on_cpu, monkeypa
     with torch.no_grad():
         eager = model(ids, fam_cuda_graphs=False)
         outs = [model(ids) for _ in range(2)]
-    assert compiled_graphs() == 4  # init, probe, the update in a group and alone
+    assert_graphs(4)  # init, probe, the update in a group and alone
     for out in outs:
         assert_close(out.logits, eager.logits, atol=1e-5)
         for got, want in zip(out.fam_state, eager.fam_state):
@@ -167,7 +180,7 @@ def test_inductor_compiled_steps_equal_the_eager_chain(compiled_on_cpu, monkeypa
 def test_each_model_has_its_own_compiled_functions(compiled_on_cpu, monkeypatch):
     """dynamo keeps a few compiled variants per function (`recompile_limit`) and runs the rest uncompiled: each
     model and kind of step has a function of its own, so one model's variants never use up another's."""
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    monkeypatch.setattr(torch._dynamo.config, RECOMPILE_LIMIT, 1)
     ids = random_ids(1, 10 * C, seed=4)
     with torch.no_grad():
         for family in ("llama", "qwen3"):
@@ -175,5 +188,5 @@ def test_each_model_has_its_own_compiled_functions(compiled_on_cpu, monkeypatch)
             before = compiled_graphs()
             eager = model(ids, use_cache=False, fam_cuda_graphs=False).logits
             got = model(ids, use_cache=False).logits
-            assert compiled_graphs() == before + 1, family  # the update step, compiled for this model
+            assert_graphs(before + 1)  # the update step, compiled for this model
             assert_close(got, eager, atol=1e-5)

@@ -149,7 +149,8 @@ def use_huge_pages() -> bool:
 
     Returns True when the setting is in effect (now or from an earlier call); False, changing nothing, where the
     C library is not glibc, the kernel's transparent huge pages are off, `THP_MEM_ALLOC_ENABLE` is set to something
-    other than 1, `keep_freed_memory()` came first, or PyTorch allocated before the call (it reads its switch once).
+    other than 1, `keep_freed_memory()` came first, or PyTorch allocated before the call (it reads its switch once;
+    torch 2.6 already when imported: there set `THP_MEM_ALLOC_ENABLE=1` before Python starts instead).
     """
     global _huge_pages
     if _huge_pages:
