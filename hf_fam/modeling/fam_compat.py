@@ -2,8 +2,10 @@
 
 transformers 5.x moves internals between minor releases (the cache argument's name, the output-capture
 machinery, the attention registry, the arguments attention functions take). The rest of hf_fam calls the
-helpers below and never reaches into transformers' private modules or attention functions itself. This
-file ships with every converted checkpoint, so it imports only torch and transformers.
+helpers below and never reaches into transformers' private modules or attention functions itself. The torch
+releases differ too, where FAM meets it: sdpa's GQA argument, and autocast's cast cache under gradient
+checkpointing (`autocast_without_cache`). This file ships with every converted checkpoint, so it imports only
+torch and transformers.
 
 Differences inside the supported range are detected by feature (a signature, a field, a module), never by
 version number. The range itself is checked once, at import, before anything else touches transformers'
