@@ -33,7 +33,7 @@ from pathlib import Path
 
 from .cards import CardInfo, fam_card_info, render_model_card
 from .checkpoint import CONFIG_NAME, read_config
-from .inspection import REFRESH_COMMAND
+from .inspection import REFRESH_COMMAND, verify_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +101,6 @@ def check_pushable(folder: str | Path) -> list[str]:
     every weight present with its shape and dtype, and every code file its auto_map reaches (by relative import)
     present. Code that differs from the installed hf_fam's (another hf_fam release, or edited) loads as it is:
     those differences are returned, one line each, to be reported rather than refused."""
-    from .inspection import verify_checkpoint
-
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder; pass a FAM checkpoint folder (from hf-fam convert)")
