@@ -114,12 +114,13 @@ def fam_forward(
     if use_cache is None:
         # a training forward never reuses its cache: do not build one unless asked
         use_cache = getattr(config, "use_cache", False) and not decoder.training
-    if decoder.training and torch.is_grad_enabled() and uses_reentrant_checkpointing(decoder):
+    checkpointed = decoder.training and torch.is_grad_enabled() and uses_checkpointing(decoder)
+    if checkpointed and uses_reentrant_checkpointing(decoder):
         raise ValueError(
             "FAM needs non-reentrant gradient checkpointing (the FAM chain reaches into every layer): call "
             f"{checkpointing_call()}."
         )
-    if uses_checkpointing(decoder) and decoder.training and torch.is_grad_enabled():
+    if checkpointed:
         use_cache = False
 
     if isinstance(cache, FAMCache) and cache.started and not use_cache:
@@ -150,7 +151,8 @@ def fam_forward(
     fam_init = None
     if states is None and fam_state is None and settings.fam_length > 0:
         fam_init = fam_module(batch, adapter.embed_scale(decoder))
-    with _checkpoint_safe_autocast(decoder, ref.device.type):
+    # a checkpointed training forward under autocast runs without its cast cache (see autocast_without_cache)
+    with autocast_without_cache(ref.device.type) if checkpointed else contextlib.nullcontext():
         run = FAMRun.start(
             settings=settings,
             adapter=adapter,
@@ -188,13 +190,6 @@ def fam_forward(
         if sink is not None:
             sink["cache"] = cache
     return outputs
-
-
-def _checkpoint_safe_autocast(decoder: nn.Module, device_type: str):
-    """While a checkpointed FAM forward trains, autocast without its cast cache (`autocast_without_cache`)."""
-    if torch.is_grad_enabled() and decoder.training and uses_checkpointing(decoder):
-        return autocast_without_cache(device_type)
-    return contextlib.nullcontext()
 
 
 def _chunk_mask(attention_mask, batch: int, n: int, device, cache: FAMCache | None) -> torch.Tensor:

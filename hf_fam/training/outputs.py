@@ -58,8 +58,8 @@ def write_fine_tuned_card(folder: Path, source) -> None:
 
     from ..checkpoint_io.cards import CardInfo, fam_card_info, write_model_card
 
-    source = Path(str(source))
-    info = (fam_card_info(source) if source.is_dir() else None) or CardInfo()
+    source = Path(str(source)) if source is not None else None
+    info = (fam_card_info(source) if source is not None and source.is_dir() else None) or CardInfo()
     write_model_card(folder, replace(info, fine_tuned=True, eval_results=[]))
 
 
