@@ -1,7 +1,8 @@
 """The training chain on CUDA (hf_fam/modeling/fam_chain_grad.py), a group of `cuda_checks.py`: gradients of the
 chain recomputed step by step in backward == the chain autograd records, eagerly and with CUDA graphs
 (`TRAINING_GRAPHS`: the forward's steps and each update step's backward replayed), with LoRA enabled, disabled
-and changed in place between steps, in fp32 and bf16."""
+and changed in place between steps, in fp32 and bf16; and under bf16 autocast, checkpointed (autocast's cast
+cache off, `fam_compat.autocast_without_cache`) == not checkpointed without the cache."""
 
 from __future__ import annotations
 
@@ -77,3 +78,20 @@ def training_checks(check, build, device: str, fp32: float, bf16_same: float):
                   (off[1] - off[0]).abs().max().item() / off[0].abs().max().item(), bound)
     finally:
         fam_graphs.ChainGraph.step = step
+
+    def autocast_grads(checkpointing: bool):
+        torch.manual_seed(5)
+        model = hf_fam.FAMForCausalLM.from_base_model(build("llama"), block_size=C, memory_segments=M, fam_length=F)
+        model = model.to(device).train()
+        if checkpointing:
+            enable_checkpointing(model)
+        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, cache_enabled=checkpointing):
+            embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+            model(inputs_embeds=embeds, labels=ids).loss.backward()
+        found = [p.grad for p in model.parameters() if p.grad is not None] + [embeds.grad]
+        return torch.cat([g.float().flatten() for g in found])
+
+    plain, checkpointed = autocast_grads(False), autocast_grads(True)
+    check("training, bf16 autocast, every weight: checkpointed (cast cache off) == not checkpointed without the "
+          "cache (gradients, relative)", (checkpointed - plain).abs().max().item() / plain.abs().max().item(),
+          bf16_same)
