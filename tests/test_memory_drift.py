@@ -26,8 +26,9 @@ def test_every_start_block_by_block(tmp_path):
     for start in result["starts"].values():
         assert len(start["block_loss"]) == len(start["logit_change"]) == 5 == len(start["memory_norms"])
     sink, base_row = result["starts"]["sink"], result["base"]
-    # within the window C·(M+1) the zero-shot start is the unmodified model, and its memory never changes
-    assert sink["block_loss"][:2] == base_row["block_loss"][:2]
+    # within the window C·(M+1) the zero-shot start is the unmodified model (the JSON rounds to 3 decimals: equal
+    # losses may round one step apart), and its memory never changes
+    assert all(abs(a - b) <= 0.0010001 for a, b in zip(sink["block_loss"][:2], base_row["block_loss"][:2]))
     assert len({json.dumps(row) for row in sink["memory_norms"]}) == 1
     # the paper's update changes the memory block after block
     assert len({json.dumps(row) for row in result["starts"]["paper_content"]["memory_norms"]}) > 1
