@@ -155,7 +155,7 @@ def each_minor(args, env: dict[str, str]) -> int:
         start = time.time()
         python = venv_python(venv)
         if i == 0:  # a fresh environment, unless one with this release is there
-            prepare(venv, version)
+            prepare(venv, version, torch=args.torch)
         elif installed_transformers(python) != version:
             subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
                             "--upgrade-strategy", "only-if-needed", f"transformers=={version}"], check=True)

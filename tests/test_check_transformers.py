@@ -97,3 +97,9 @@ def test_another_torch_goes_into_the_venv_and_its_name(script, monkeypatch):
     assert prepared["torch"] == "torch==2.4.1" and prepared["venv"].name == "hf_fam_transformers_5.4.0_torch_2_4_1"
     assert script.main(["--version", "5.4.0"]) == 0
     assert prepared["torch"] == script.TORCH and prepared["venv"].name == "hf_fam_transformers_5.4.0"
+    monkeypatch.setattr(script, "releases_by_minor", lambda: {(5, 4): "5.4.0"})
+    monkeypatch.setattr(subprocess, "run", lambda command, cwd, env, **kwargs: SimpleNamespace(
+        returncode=0, stdout="1 passed", stderr=""))
+    monkeypatch.setattr(script, "installed_transformers", lambda python: "5.4.0")
+    assert script.main(["--each-minor", "--torch", "torch==2.4.1"]) == 0
+    assert prepared["torch"] == "torch==2.4.1"
