@@ -24,12 +24,13 @@ Example:
 
 from __future__ import annotations
 
-import ast
 import logging
 import tempfile
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+
+from transformers.dynamic_module_utils import get_relative_imports
 
 from .cards import CardInfo, fam_card_info, render_model_card
 from .checkpoint import CONFIG_NAME, read_config
@@ -122,7 +123,8 @@ def check_pushable(folder: str | Path) -> list[str]:
 
 def _missing_code(folder: Path) -> list[str]:
     """The code files that loading `folder` with trust_remote_code needs and it lacks: the modules its auto_map
-    names for AutoConfig and AutoModelForCausalLM, and those they import relatively, as transformers follows them."""
+    names for AutoConfig and AutoModelForCausalLM, and those they import relatively (read by transformers' own
+    `get_relative_imports`, which loading follows)."""
     auto_map = read_config(folder).get("auto_map") or {}
     refs = [auto_map.get(name) for name in ("AutoConfig", "AutoModelForCausalLM")]
     if not all(isinstance(ref, str) for ref in refs):
@@ -137,10 +139,7 @@ def _missing_code(folder: Path) -> list[str]:
             missing.append(f"code: {path.name} is missing (imported by the checkpoint's code); `{REFRESH_COMMAND} "
                            f"{folder}` writes the installed hf_fam's")
             continue
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                found = [node.module.split(".")[0]] if node.module else [alias.name for alias in node.names]
-                todo.update(name for name in found if name not in seen)
+        todo.update(name for name in get_relative_imports(str(path)) if name not in seen)
     return missing
 
 
