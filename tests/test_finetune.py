@@ -239,7 +239,8 @@ def test_full_trains_every_weight_and_saves_the_whole_model(base_ckpt, tmp_path)
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "train_log.jsonl", "train_summary.json"} <= names
     assert not {"adapter_config.json", "fam_base", "merged"} & names and result.fam_base_dir is None
-    assert "fine_tuned: true" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "fine_tuned: true" in card and "\n# full\n" in card  # titled by the output, not the staging folder
     check_pushable(out)
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["trained"] == "every weight" and summary["adapter_digests"] == result.adapter_digests

@@ -49,18 +49,19 @@ def weights_digest(model) -> str:
 adapter_digest = weights_digest
 
 
-def write_fine_tuned_card(folder: Path, source) -> None:
+def write_fine_tuned_card(folder: Path, source, name: str | None = None) -> None:
     """The model card of a fine-tuned FAM checkpoint (a `--full` run, or `merged/`), what `hf-fam push` uploads
     with it: marked fine-tuned, with the metadata (base model, license, how fam_init started) of the card hf_fam
     wrote for `source`, the checkpoint the run started from, when it is a folder with one; never its evaluation
-    results, which were measured before the training."""
+    results, which were measured before the training. `name`: the id the card shows (default: the folder's
+    name; a run's staging folder passes the output's)."""
     from dataclasses import replace
 
     from ..checkpoint_io.cards import CardInfo, fam_card_info, write_model_card
 
     source = Path(str(source)) if source is not None else None
     info = (fam_card_info(source) if source is not None and source.is_dir() else None) or CardInfo()
-    write_model_card(folder, replace(info, fine_tuned=True, eval_results=[]))
+    write_model_card(folder, replace(info, fine_tuned=True, eval_results=[], repo_id=name))
 
 
 def save_run(trained, tokenizer, work: Path, *, out: Path, full: bool, base_path, fam_base_dir: Path | None,
@@ -72,7 +73,7 @@ def save_run(trained, tokenizer, work: Path, *, out: Path, full: bool, base_path
     Returns the model the run hands back (the merged one when merging spent the PeftModel)."""
     if full:
         trained.save_pretrained(work)
-        write_fine_tuned_card(work, card_source)
+        write_fine_tuned_card(work, card_source, name=out.name)
     else:
         adapter_config = trained.peft_config["default"]
         if fam_base_dir is not None:  # PEFT reads the base's config while saving: here it is still in `work`
