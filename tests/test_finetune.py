@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import assert_close, random_ids
 
+from hf_fam.checkpoint_io.cards import CARD_MARK
 from hf_fam.checkpoint_io.publish import check_pushable
 from hf_fam.cli import main
 from hf_fam.tiny import make_tiny_checkpoint
@@ -97,6 +98,9 @@ def test_finetune_on_text_saves_adapter_base_and_merged(base_ckpt, text_files, t
     assert adapter_digest(adapter) == result.adapter_digests[0]
     assert "fine_tuned: true" in (out / "merged" / "README.md").read_text()
     check_pushable(out / "merged")  # `hf-fam push OUT/merged` would upload it: it verifies
+    card = (out / "README.md").read_text()  # the adapter's card, not PEFT's template
+    assert CARD_MARK in card and "LoRA adapter" in card and "[More Information Needed]" not in card
+    assert f"`{(out / 'fam_base').resolve()}`" in card and "3 steps, text data in sequences of 64 tokens" in card
     trained_fam = adapter.base_model.model.fam.modules_to_save.default.fam_init
     assert (trained_fam - base.fam.fam_init).abs().max() > 0, "fam_init was not trained"
     assert {"input_layernorm", "post_attention_layernorm", "norm"} <= set(adapter_config["modules_to_save"])

@@ -14,6 +14,7 @@ import pytest
 from convert_helpers import make_source
 from huggingface_hub import ModelCard
 
+from hf_fam.checkpoint_io.adapter_card import ADAPTER_TEMPLATE_NAME
 from hf_fam.checkpoint_io.cards import TEMPLATE_NAME, template_text
 from hf_fam.checkpoint_io.convert import ConvertOptions, convert
 from hf_fam.cli import main
@@ -141,6 +142,7 @@ def test_installed_wheel_ships_the_template(tmp_path):
     wheel = next((tmp_path / "dist").glob("*.whl"))
     with zipfile.ZipFile(wheel) as zf:
         assert zf.read(f"hf_fam/model_cards/{TEMPLATE_NAME}").decode() == template_text()
+        assert zf.read(f"hf_fam/model_cards/{ADAPTER_TEMPLATE_NAME}").decode() == template_text(ADAPTER_TEMPLATE_NAME)
         zf.extractall(tmp_path / "site")
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
     probe = "import hf_fam.checkpoint_io.cards as c; print(c.__file__); print(len(c.template_text()))"

@@ -7,15 +7,14 @@ in a fresh process where hf_fam cannot be imported, and must give the logits of 
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 from client_helpers import fam_checkpoint
 from convert_helpers import run_without_hf_fam, tree_hashes
+from hub_helpers import FakeHub
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -24,43 +23,6 @@ from hf_fam.checkpoint_io import publish
 from hf_fam.checkpoint_io.cards import CARD_MARK, CardInfo, write_model_card
 from hf_fam.checkpoint_io.publish import push_to_hub
 from hf_fam.cli import main
-
-
-class FakeHub:
-    """Takes HfApi's create_repo / create_branch / create_commit and keeps what a commit adds, repo by repo."""
-
-    def __init__(self, root: Path, user: str = "me"):
-        self.root, self.user, self.calls = root, user, []
-
-    def create_repo(self, repo_id, *, token=None, private=None, exist_ok=False, **kwargs):
-        repo_id = repo_id if "/" in repo_id else f"{self.user}/{repo_id}"
-        self.calls.append(("create_repo", repo_id, private))
-        return SimpleNamespace(repo_id=repo_id)
-
-    def create_branch(self, repo_id, *, branch, token=None, exist_ok=False, **kwargs):
-        self.calls.append(("create_branch", repo_id, branch))
-
-    def create_commit(self, repo_id, operations, *, commit_message, commit_description=None, token=None,
-                      revision=None, create_pr=False, **kwargs):
-        self.calls.append(("create_commit", repo_id, commit_message, revision, create_pr))
-        folder = self.repo(repo_id)
-        folder.mkdir(parents=True, exist_ok=True)
-        for op in operations:
-            source = op.path_or_fileobj
-            if isinstance(source, (str, Path)):
-                data = Path(source).read_bytes()
-            elif isinstance(source, bytes):
-                data = source
-            else:
-                data = source.read() if isinstance(source, io.IOBase) else bytes(source)
-            (folder / op.path_in_repo).write_bytes(data)
-        return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/0", pr_url=None)
-
-    def repo(self, repo_id: str) -> Path:
-        return self.root / repo_id.replace("/", "--")
-
-    def committed(self) -> bool:
-        return any(call[0] == "create_commit" for call in self.calls)
 
 
 @pytest.fixture
@@ -198,10 +160,10 @@ def test_what_would_not_load_elsewhere_is_refused_before_anything_is_uploaded(co
     elif case == "adapter folder":
         _peft(converted).save_pretrained(tmp_path / "adapter")
         checkpoint = tmp_path / "adapter"
-        message = "PEFT adapter"
+        message = "which others cannot load: push the base first"  # it names a local base and no --base-model
     elif case == "peft model":
         checkpoint = _peft(converted)
-        message = "merge_and_unload"
+        message = "which others cannot load: push the base first"
     elif case == "plain model":
         checkpoint = AutoModelForCausalLM.from_pretrained(converted.parent / f"{converted.name}-base")
         message = "not a FAM model"

@@ -71,9 +71,9 @@ class CardInfo:
     tags: list[str] = field(default_factory=list)
 
 
-def template_text() -> str:
-    """The card template, from the installed package (`hf_fam/model_cards/`)."""
-    return resources.files("hf_fam").joinpath("model_cards", TEMPLATE_NAME).read_text(encoding="utf-8")
+def template_text(name: str = TEMPLATE_NAME) -> str:
+    """A card template (default: a checkpoint's), from the installed package (`hf_fam/model_cards/`)."""
+    return resources.files("hf_fam").joinpath("model_cards", name).read_text(encoding="utf-8")
 
 
 def render_model_card(folder: str | Path, info: CardInfo) -> str:

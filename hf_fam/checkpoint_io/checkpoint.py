@@ -49,6 +49,14 @@ def read_config(folder: str | Path) -> dict:
     """
     path = Path(folder) / CONFIG_NAME
     if not path.is_file():
+        adapter = Path(folder) / "adapter_config.json"
+        if adapter.is_file():  # a PEFT adapter: the model is its base
+            try:
+                base = json.loads(adapter.read_text()).get("base_model_name_or_path") or "its base"
+            except ValueError:
+                base = "its base"
+            raise FileNotFoundError(f"no config.json in {folder}: it holds a LoRA adapter (adapter_config.json); "
+                                    f"point at the checkpoint it applies to, {base}")
         raise FileNotFoundError(
             f"no config.json in {folder}: point at a Hugging Face checkpoint folder (config.json + weights)"
         )

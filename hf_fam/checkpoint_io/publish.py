@@ -15,10 +15,16 @@ through transformers, with its generic card).
 
 Only the folder's top-level files are uploaded (hidden files and subfolders are not part of a checkpoint).
 
+A LoRA adapter (a folder with adapter_config.json, or a PeftModel) goes up on its own, once its FAM base is on the
+Hub: `base_model` names the base's repo, which must hold a FAM checkpoint, the one the adapter was trained on
+(`publish_adapter.py`).
+
 Example:
 ```python
 >>> push_to_hub("llama-fam", "me/llama-fam")             # a folder from `hf-fam convert`
 >>> push_to_hub(model, "me/llama-fam", tokenizer=tok)     # a FAMForCausalLM or a patched model
+>>> push_to_hub("run/fam_base", "me/llama-fam-base")      # `hf-fam finetune`'s LoRA output: the base, then
+>>> push_to_hub("run", "me/llama-fam-lora", base_model="me/llama-fam-base")  # the adapter
 ```
 """
 
@@ -32,15 +38,17 @@ from pathlib import Path
 
 from transformers.dynamic_module_utils import get_relative_imports
 
-from .cards import CardInfo, fam_card_info, render_model_card
-from .checkpoint import CONFIG_NAME, read_config
+from . import publish_adapter
+from .adapter_card import render_adapter_card
+from .cards import CardInfo, fam_card_info, read_card_info, render_model_card
+from .checkpoint import read_config
 from .inspection import REFRESH_COMMAND, verify_checkpoint
 
 logger = logging.getLogger(__name__)
 
 CARD_NAME = "README.md"
-ADAPTER_CONFIG = "adapter_config.json"
 DEFAULT_COMMIT_MESSAGE = "Upload FAM checkpoint"
+DEFAULT_ADAPTER_COMMIT_MESSAGE = "Upload LoRA adapter for a FAM checkpoint"
 HTTP_CLIENTS = ("httpx", "httpx2", "requests", "urllib3")  # what huggingface_hub releases send requests with
 
 
@@ -49,6 +57,7 @@ def push_to_hub(
     repo_id: str,
     *,
     tokenizer=None,
+    base_model: str | None = None,
     commit_message: str | None = None,
     commit_description: str | None = None,
     private: bool | None = None,
@@ -62,9 +71,12 @@ def push_to_hub(
     """Upload a FAM checkpoint folder, or a FAM model, to a Hub model repo (created if missing).
 
     Args:
-        checkpoint: a local FAM checkpoint folder, or a `FAMForCausalLM` / model patched with `hf_fam.patch`.
+        checkpoint: a local FAM checkpoint folder, or a `FAMForCausalLM` / model patched with `hf_fam.patch`; or
+            a LoRA adapter of a FAM checkpoint: its folder, or the PeftModel.
         repo_id: "namespace/name", or "name" under the token's user.
         tokenizer: with a model, also saved and pushed (a folder carries its own tokenizer files).
+        base_model: for an adapter, the Hub repo of its FAM base (pushed first), written into the pushed
+            adapter_config.json; needed when the adapter names a local base (default: the base it names).
         commit_message, commit_description, private, token, revision, create_pr: as in transformers'
             `push_to_hub` (revision: a branch, created if missing).
         max_shard_size: with a model, the largest weight file `save_pretrained` writes.
@@ -76,25 +88,35 @@ def push_to_hub(
 
     Raises:
         FileNotFoundError: the folder does not exist.
-        ValueError: not a FAM checkpoint or model, a PEFT adapter, or a folder that would not load elsewhere; one line
-            naming the fix. Nothing is uploaded.
+        ValueError: not a FAM checkpoint, model or adapter, a folder that would not load elsewhere, or an adapter
+            whose FAM base is not on the Hub; one line naming the fix. Nothing is uploaded.
         OSError: from the Hub (not logged in, offline, no write access).
     """
+    commit = dict(tags=tags, api=api, token=token, private=private, revision=revision, create_pr=create_pr,
+                  commit_message=commit_message, commit_description=commit_description)
     if isinstance(checkpoint, (str, Path)):
         if tokenizer is not None:
             raise ValueError("tokenizer= goes with a model; a folder is pushed with the tokenizer files it holds")
-        return _push_folder(Path(checkpoint), repo_id, card=None, tags=tags, api=api, token=token, private=private,
-                            revision=revision, create_pr=create_pr, commit_message=commit_message,
-                            commit_description=commit_description)
-    _check_model(checkpoint)
+        folder = Path(checkpoint)
+        if folder.is_dir() and publish_adapter.is_adapter_folder(folder):
+            return _push_adapter_folder(folder, repo_id, base_model=base_model, **commit)
+        if base_model is not None:
+            raise ValueError(f"base_model= (--base-model) goes with a LoRA adapter; {folder} is not one")
+        return _push_folder(folder, repo_id, card=None, **commit)
+    is_peft = _check_model(checkpoint)
+    if not is_peft and base_model is not None:
+        raise ValueError("base_model= (--base-model) goes with a LoRA adapter (a PeftModel); this is a FAM model")
     with tempfile.TemporaryDirectory(prefix="hf_fam_push_") as tmp:
         folder = Path(tmp)
-        checkpoint.save_pretrained(folder, max_shard_size=max_shard_size)
+        if is_peft:
+            checkpoint.save_pretrained(folder)
+        else:
+            checkpoint.save_pretrained(folder, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
-        return _push_folder(folder, repo_id, card=_model_card_info(checkpoint), tags=tags, api=api, token=token,
-                            private=private, revision=revision, create_pr=create_pr, commit_message=commit_message,
-                            commit_description=commit_description)
+        if is_peft:
+            return _push_adapter_folder(folder, repo_id, base_model=base_model, **commit)
+        return _push_folder(folder, repo_id, card=_model_card_info(checkpoint), **commit)
 
 
 def check_pushable(folder: str | Path) -> list[str]:
@@ -105,11 +127,9 @@ def check_pushable(folder: str | Path) -> list[str]:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder; pass a FAM checkpoint folder (from hf-fam convert)")
-    if (folder / ADAPTER_CONFIG).is_file() and not (folder / CONFIG_NAME).is_file():
-        raise ValueError(
-            f"{folder} holds a PEFT adapter, not a FAM checkpoint: push the merged model (hf-fam finetune --merge "
-            "writes OUT/merged), or the adapter itself with peft_model.push_to_hub(repo_id)"
-        )
+    if publish_adapter.is_adapter_folder(folder):
+        raise ValueError(f"{folder} holds a LoRA adapter, not a FAM checkpoint: push_to_hub({str(folder)!r}, "
+                         "repo_id, base_model=...) checks an adapter and its base")
     problems = verify_checkpoint(folder)  # raises for a folder without config.json or with another model type
     notes = [p for p in problems if p.startswith(("code:", "config: auto_map"))]
     fatal = [p for p in problems if p not in notes] + _missing_code(folder)
@@ -158,14 +178,53 @@ def _push_folder(folder: Path, repo_id: str, *, card: CardInfo | None, tags, api
                       if not (card_text is not None and p.name == CARD_NAME)]
         if card_text is not None:
             operations.append(CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=card_text.encode("utf-8")))
-        if revision is not None and not revision.startswith("refs/pr"):
-            api.create_branch(repo_id, branch=revision, token=token, exist_ok=True)
-        logger.info("uploading %d files to %s: %s", len(operations), repo_id,
-                    ", ".join(op.path_in_repo for op in operations))
-        return api.create_commit(
-            repo_id, operations, commit_message=commit_message or DEFAULT_COMMIT_MESSAGE,
-            commit_description=commit_description, token=token, revision=revision, create_pr=create_pr,
-        )
+        return _commit(api, repo_id, operations, token=token, revision=revision, create_pr=create_pr,
+                       commit_message=commit_message or DEFAULT_COMMIT_MESSAGE, commit_description=commit_description)
+
+
+def _push_adapter_folder(folder: Path, repo_id: str, *, base_model: str | None, tags, api, token, private, revision,
+                         create_pr, commit_message, commit_description):
+    """Push a LoRA adapter folder once its FAM base is on the Hub (`publish_adapter.resolve_base`)."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    api = api if api is not None else HfApi(token=token)
+    with _hub_errors(repo_id):
+        base_model, base_config, local_base = publish_adapter.resolve_base(folder, base_model, api=api, token=token)
+        repo_id = api.create_repo(repo_id, token=token, private=private, exist_ok=True).repo_id
+        replace_card = publish_adapter.card_is_replaceable(folder)
+        operations = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p))
+                      for p in publish_adapter.adapter_files(folder)
+                      if p.name != publish_adapter.ADAPTER_CONFIG and not (replace_card and p.name == CARD_NAME)]
+        operations.append(CommitOperationAdd(path_in_repo=publish_adapter.ADAPTER_CONFIG,
+                                             path_or_fileobj=publish_adapter.adapter_config_bytes(folder, base_model)))
+        if replace_card:
+            # license and language are the base's; tags are an earlier hf_fam card's and the caller's
+            info = fam_card_info(local_base) if local_base is not None else None
+            info = replace(info or CardInfo(), tags=(info.tags if info else []) + _own_tags(folder) + (tags or []))
+            text = render_adapter_card(folder, repo_id=repo_id, base_model=base_model, base_config=base_config,
+                                       info=info)
+            operations.append(CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=text.encode("utf-8")))
+        elif tags:
+            logger.warning("%s is not a card hf_fam wrote: uploaded as it is, without the tags %s",
+                           folder / CARD_NAME, tags)
+        return _commit(api, repo_id, operations, token=token, revision=revision, create_pr=create_pr,
+                       commit_message=commit_message or DEFAULT_ADAPTER_COMMIT_MESSAGE,
+                       commit_description=commit_description)
+
+
+def _own_tags(folder: Path) -> list[str]:
+    """The tags of the card hf_fam wrote into an adapter folder (PEFT's template's are its own)."""
+    return read_card_info(folder).tags if fam_card_info(folder) is not None else []
+
+
+def _commit(api, repo_id: str, operations, *, token, revision, create_pr, commit_message, commit_description):
+    if revision is not None and not revision.startswith("refs/pr"):
+        api.create_branch(repo_id, branch=revision, token=token, exist_ok=True)
+    logger.info("uploading %d files to %s: %s", len(operations), repo_id,
+                ", ".join(op.path_in_repo for op in operations))
+    return api.create_commit(repo_id, operations, commit_message=commit_message,
+                             commit_description=commit_description, token=token, revision=revision,
+                             create_pr=create_pr)
 
 
 @contextmanager
@@ -196,16 +255,19 @@ def _card_text(folder: Path, repo_id: str, card: CardInfo | None, tags: list[str
     return render_model_card(folder, replace(info, repo_id=repo_id, tags=list(dict.fromkeys(info.tags + tags))))
 
 
-def _check_model(model) -> None:
-    if hasattr(model, "peft_config") and hasattr(model, "merge_and_unload"):
-        raise ValueError(
-            "a PEFT model: push the merged model (peft_model.merge_and_unload()), or the adapter itself with "
-            "peft_model.push_to_hub(repo_id)"
-        )
+def _check_model(model) -> bool:
+    """Refuse what is neither a FAM model nor a PeftModel of one; True for a PeftModel."""
+    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+        base = model.get_base_model()
+        if not hasattr(base, "fam_settings"):
+            raise ValueError(f"a PEFT model of a {type(base).__name__}, not of a FAM model: an adapter of hf_fam's "
+                             "is trained on a FAM checkpoint (hf-fam convert, then PEFT)")
+        return True
     if not hasattr(model, "fam_settings") or not hasattr(model, "save_pretrained"):
         raise ValueError(
             f"{type(model).__name__} is not a FAM model: load a FAM checkpoint, or hf_fam.patch(model, ...) first"
         )
+    return False
 
 
 def _model_card_info(model) -> CardInfo:

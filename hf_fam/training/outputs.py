@@ -11,6 +11,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from ..checkpoint_io.adapter_card import write_adapter_card
 from .lora import save_adapter
 
 logger = logging.getLogger("hf_fam.training")
@@ -57,11 +58,18 @@ def write_fine_tuned_card(folder: Path, source, name: str | None = None) -> None
     name; a run's staging folder passes the output's)."""
     from dataclasses import replace
 
-    from ..checkpoint_io.cards import CardInfo, fam_card_info, write_model_card
+    from ..checkpoint_io.cards import write_model_card
+
+    write_model_card(folder, replace(_start_card(source), fine_tuned=True, eval_results=[], repo_id=name))
+
+
+def _start_card(source):
+    """What the card hf_fam wrote for `source` (the checkpoint a run started from) records, when it is a folder
+    with one."""
+    from ..checkpoint_io.cards import CardInfo, fam_card_info
 
     source = Path(str(source)) if source is not None else None
-    info = (fam_card_info(source) if source is not None and source.is_dir() else None) or CardInfo()
-    write_model_card(folder, replace(info, fine_tuned=True, eval_results=[], repo_id=name))
+    return (fam_card_info(source) if source is not None and source.is_dir() else None) or CardInfo()
 
 
 def save_run(trained, tokenizer, work: Path, *, out: Path, full: bool, base_path, fam_base_dir: Path | None,
@@ -69,7 +77,8 @@ def save_run(trained, tokenizer, work: Path, *, out: Path, full: bool, base_path
     """Write the run's outputs into `work` (the staging folder that becomes the output): the whole model after a
     full run, else the adapter pointing to `base_path` (for a base converted on the fly, `fam_base_dir`, still in
     `work/fam_base` while saving), and `merged/` when `merged_dir` is set; the tokenizer and `train_summary.json`;
-    a model card for a whole checkpoint (`write_fine_tuned_card` from `card_source`, the checkpoint trained).
+    a model card (`write_fine_tuned_card` for a whole checkpoint, `write_adapter_card` for an adapter) with the
+    metadata of `card_source`'s, the checkpoint trained.
     Returns the model the run hands back (the merged one when merging spent the PeftModel)."""
     if full:
         trained.save_pretrained(work)
@@ -91,6 +100,9 @@ def save_run(trained, tokenizer, work: Path, *, out: Path, full: bool, base_path
     if tokenizer is not None:
         tokenizer.save_pretrained(work)
     (work / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    if not full:  # in place of PEFT's template: what the adapter is for, what `hf-fam push` renders again
+        write_adapter_card(work, base_model=str(base_path), base_config=trained.get_base_model().config.to_dict(),
+                           info=_start_card(card_source), name=out.name)
     logger.info("saved the %s to %s%s", "model" if full else "adapter", out,
                 "" if full else f" (base: {base_path})")
     if merged_dir is None:

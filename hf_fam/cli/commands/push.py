@@ -1,4 +1,5 @@
-"""`hf-fam push`: upload a FAM checkpoint folder to a Hub model repo, verified, with its model card."""
+"""`hf-fam push`: upload a FAM checkpoint folder, or a LoRA adapter of one, to a Hub model repo, verified, with its
+model card."""
 
 from __future__ import annotations
 
@@ -8,23 +9,31 @@ import textwrap
 def register(sub) -> None:
     p = sub.add_parser(
         "push",
-        help="upload a FAM checkpoint folder to the Hub (checked first, with its model card)",
+        help="upload a FAM checkpoint folder, or a LoRA adapter of one, to the Hub (checked first, with its card)",
         description=textwrap.fill(
             "Upload PATH's files to the Hub model repo REPO_ID (created if missing) in one commit, so that others "
             "load it with AutoModelForCausalLM.from_pretrained(REPO_ID, trust_remote_code=True). PATH is checked "
             "first (config.json, every weight, every code file its code imports; nothing is uploaded otherwise); "
             "code from another hf_fam release goes up as it is, with a note. A card hf_fam wrote is rendered again "
             "with REPO_ID in its usage snippet; a card of your own is uploaded as it is; PATH itself is not "
-            "modified. Log in first (`hf auth login`) or pass --token.",
+            "modified. A LoRA adapter folder (hf-fam finetune's output) goes up once its FAM base is on the Hub: "
+            "push the base first (OUT/fam_base, or the checkpoint trained), then the adapter with --base-model "
+            "naming the base's repo; others load it with peft's AutoPeftModelForCausalLM.from_pretrained(REPO_ID, "
+            "trust_remote_code=True). Log in first (`hf auth login`) or pass --token.",
             width=100,
         ),
     )
-    p.add_argument("path", metavar="PATH", help="a FAM checkpoint folder (from hf-fam convert, or a merged fine-tune)")
+    p.add_argument("path", metavar="PATH", help="a FAM checkpoint folder (from hf-fam convert, or a merged fine-tune), "
+                   "or a LoRA adapter folder (hf-fam finetune's output)")
     p.add_argument("repo_id", metavar="REPO_ID", help="the Hub repo, namespace/name (or name, under your user)")
+    p.add_argument("--base-model", metavar="REPO_ID",
+                   help="for an adapter: the Hub repo of its FAM base, pushed first (default: the base the adapter "
+                        "names, when that is a Hub repo)")
     p.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its own)")
     p.add_argument("--revision", help="branch to push to (created if missing; default: main)")
     p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
-    p.add_argument("--commit-message", help="default: 'Upload FAM checkpoint'")
+    p.add_argument("--commit-message",
+                   help="default: 'Upload FAM checkpoint' (an adapter: 'Upload LoRA adapter for a FAM checkpoint')")
     p.add_argument("--token", help="Hub token with write access (default: the stored login / HF_TOKEN)")
     p.set_defaults(func=run)
 
@@ -32,8 +41,9 @@ def register(sub) -> None:
 def run(args) -> int:
     from ...checkpoint_io.publish import push_to_hub
 
-    commit = push_to_hub(args.path, args.repo_id, private=True if args.private else None, token=args.token,
-                         revision=args.revision, create_pr=args.create_pr, commit_message=args.commit_message)
+    commit = push_to_hub(args.path, args.repo_id, base_model=args.base_model, private=True if args.private else None,
+                         token=args.token, revision=args.revision, create_pr=args.create_pr,
+                         commit_message=args.commit_message)
     url = getattr(commit, "pr_url", None) or getattr(commit, "commit_url", None) or str(commit)
     print(f"pushed {args.path} to {args.repo_id}: {url}")
     return 0

@@ -1,0 +1,133 @@
+"""The model card of a LoRA adapter for a FAM checkpoint: `ADAPTER/README.md`, from
+`model_cards/fam_adapter_card.md`.
+
+PEFT writes a generic card (its template, with `[More Information Needed]` fields) naming the base by the path it was
+trained from. This one says what the adapter is for (the FAM settings of its base, read from the base's config.json),
+what was trained (LoRA rank, targets, the modules trained in full, the run's steps and data when `hf-fam finetune`
+recorded them) and how to load it (`AutoPeftModelForCausalLM` with `trust_remote_code=True`, which fetches the
+base). `hf-fam finetune` writes it beside the adapter; `hf-fam push` renders it again for the repo it goes to and
+the base's repo id.
+
+Example:
+```python
+>>> text = render_adapter_card("run", repo_id="me/llama-fam-lora", base_model="me/llama-fam",
+...                            base_config=json.load(open("llama-fam/config.json")))
+```
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from string import Template
+
+from .cards import BASE_TAGS, CardInfo, template_text
+from .inspection import fam_summary
+
+ADAPTER_TEMPLATE_NAME = "fam_adapter_card.md"
+ADAPTER_TAGS = ("lora", "peft")
+# what `hf-fam finetune` writes beside an adapter (training/outputs.py, training/options.py)
+RUN_SUMMARY, RUN_CONFIG = "train_summary.json", "finetune_config.json"
+
+
+def render_adapter_card(folder: str | Path, *, repo_id: str | None, base_model: str, base_config: dict,
+                        info: CardInfo | None = None) -> str:
+    """The card of the adapter in `folder` (its adapter_config.json, and the run records when present).
+
+    Args:
+        folder: the adapter folder.
+        repo_id: the id shown in the usage snippet (None: the folder's name).
+        base_model: the base's Hub id, or its local path before the base is pushed.
+        base_config: the base's config.json (a FAM config).
+        info: license, language and tags to carry (those of the base's card, or of an earlier card).
+
+    Returns:
+        The README.md text: YAML metadata, then markdown.
+    """
+    from huggingface_hub import ModelCardData
+
+    import hf_fam
+
+    from .hub import looks_like_repo_id
+
+    folder = Path(folder)
+    adapter = json.loads((folder / "adapter_config.json").read_text())
+    summary = fam_summary(base_config)
+    info = info or CardInfo()
+    model_id = repo_id or folder.resolve().name
+    on_hub = looks_like_repo_id(base_model) and not Path(base_model).exists()
+    tags = [*BASE_TAGS, summary.model_type, *ADAPTER_TAGS]
+    if on_hub:
+        tags.append(f"base_model:adapter:{base_model}")
+    tags = list(dict.fromkeys(tags + [t for t in info.tags if not t.startswith("base_model:")]))
+    data = ModelCardData(
+        base_model=base_model if on_hub else None,
+        library_name="peft",
+        pipeline_tag="text-generation",
+        license=info.license,
+        license_name=info.license_name,
+        license_link=info.license_link,
+        language=info.language,
+        tags=tags,
+    )
+    rank, alpha = adapter.get("r"), adapter.get("lora_alpha")
+    values = dict(
+        metadata=data.to_yaml(),
+        title=model_id.split("/")[-1],
+        base_model_text=f"[{base_model}](https://huggingface.co/{base_model})" if on_hub else f"`{base_model}`",
+        base_model=base_model,
+        architecture=summary.architecture,
+        block_size=f"{summary.block_size:,}",
+        attention_window=f"{summary.attention_window:,}",
+        fam_length=summary.fam_length,
+        rank=rank,
+        alpha=alpha,
+        target_modules=_names(adapter.get("target_modules")),
+        modules_to_save=_names(adapter.get("modules_to_save")),
+        training=_training_text(folder),
+        model_id=model_id,
+        tokenizer_id=model_id if (folder / "tokenizer_config.json").is_file() else base_model,
+        hf_fam_version=hf_fam.__version__,
+    )
+    return Template(template_text(ADAPTER_TEMPLATE_NAME)).substitute(values)
+
+
+def write_adapter_card(folder: str | Path, *, base_model: str, base_config: dict, info: CardInfo | None = None,
+                       name: str | None = None):
+    """Render the card for the adapter where it is into `folder/README.md`; `name` is the id it shows (default:
+    the folder's name)."""
+    path = Path(folder) / "README.md"
+    path.write_text(render_adapter_card(folder, repo_id=name, base_model=base_model, base_config=base_config,
+                                        info=info), encoding="utf-8")
+    return path
+
+
+def _names(modules) -> str:
+    if not modules:
+        return "none"
+    if isinstance(modules, str):  # a regular expression
+        return f"modules matching `{modules}`"
+    return ", ".join(f"`{m}`" for m in sorted(modules))
+
+
+def _training_text(folder: Path) -> str:
+    """One line from the run records `hf-fam finetune` writes, when they are there."""
+    def read(name):
+        try:
+            return json.loads((folder / name).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    summary, config = read(RUN_SUMMARY), read(RUN_CONFIG)
+    if not summary.get("steps"):
+        return "not recorded with the adapter"
+    data = config.get("data") or {}
+    parts = [f"`hf-fam finetune`, {summary['steps']} steps"]
+    if data.get("source"):
+        parts.append(f"{data['source']} data in sequences of {data.get('seq_len', '?')} tokens")
+    if isinstance(summary.get("final_loss"), (int, float)):
+        parts.append(f"final loss {summary['final_loss']:.4g}")
+    return ", ".join(parts)
+
+
+__all__ = ["render_adapter_card", "write_adapter_card"]

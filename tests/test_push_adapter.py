@@ -1,0 +1,230 @@
+"""Sharing a LoRA adapter of a FAM checkpoint: `push_to_hub(adapter_folder_or_peft_model, repo_id, base_model=...)`
+and `hf-fam push ADAPTER REPO_ID --base-model BASE`.
+
+The stand-in Hub (`hub_helpers.FakeHub`) keeps each commit; its repos are then laid out as a Hugging Face cache,
+and the adapter is loaded by its repo id, offline, in a process where hf_fam cannot be imported, as a user
+elsewhere would: `AutoPeftModelForCausalLM.from_pretrained(repo_id, trust_remote_code=True)` fetches the FAM base
+the pushed adapter_config.json names and must give the logits of the adapter pushed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from client_helpers import fam_checkpoint
+from convert_helpers import run_without_hf_fam, tree_hashes
+from hub_helpers import FakeHub, hub_cache
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hf_fam.checkpoint_io import publish
+from hf_fam.checkpoint_io.cards import CARD_MARK
+from hf_fam.checkpoint_io.publish import push_to_hub
+from hf_fam.cli import main
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    fake = FakeHub(tmp_path / "hub")
+    monkeypatch.setattr("huggingface_hub.HfApi", lambda *args, **kwargs: fake)  # the default api= of push_to_hub
+    return fake
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A converted tiny Llama with its tokenizer (the FAM base adapters are trained on)."""
+    return fam_checkpoint(tmp_path_factory.mktemp("push_adapter") / "tiny-fam", route="converted")
+
+
+def _trained(folder):
+    """A LoRA PeftModel of the FAM checkpoint in `folder` whose adapter changes the logits (LoRA's B not zero,
+    fam_init trained in full), as `hf-fam finetune` makes one."""
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                            modules_to_save=["fam"], init_lora_weights=False))
+    with torch.no_grad():
+        peft.base_model.model.fam.modules_to_save.default.fam_init.add_(0.5)
+    return peft.eval()
+
+
+@pytest.fixture(scope="module")
+def adapter(base, tmp_path_factory):
+    """An adapter folder naming its local base, with the tokenizer and PEFT's own card, as saved."""
+    folder = tmp_path_factory.mktemp("adapters") / "tiny-fam-lora"
+    _trained(base).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(base).save_pretrained(folder)
+    assert publish.publish_adapter.PEFT_TEMPLATE_MARK in (folder / "README.md").read_text()
+    return folder
+
+
+def _ids(seed=0):
+    return torch.randint(3, 250, (1, 37), generator=torch.Generator().manual_seed(seed))
+
+
+def _adapter_logits(base_folder, adapter_folder, ids):
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_folder), adapter_folder).eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _assert_loads_by_repo_id_elsewhere(hub, repo_id, ids, expected, tmp_path):
+    """The pushed adapter, loaded by its repo id from a cache of the stand-in Hub, offline, where hf_fam cannot be
+    imported: the FAM base comes as remote code, and the logits are the adapter's."""
+    cache = hub_cache(hub, tmp_path / "cache")
+    torch.save({"ids": ids, "expected": expected}, tmp_path / "expected.pt")
+    script = f"""
+        import os
+        os.environ["HF_HUB_CACHE"], os.environ["HF_HUB_OFFLINE"] = {str(cache)!r}, "1"
+        import torch
+        from peft import AutoPeftModelForCausalLM
+        from transformers import AutoTokenizer
+        data = torch.load({str(tmp_path / "expected.pt")!r})
+        model = AutoPeftModelForCausalLM.from_pretrained({repo_id!r}, trust_remote_code=True).eval()
+        AutoTokenizer.from_pretrained({repo_id!r}, trust_remote_code=True)
+        print("BASE", type(model.get_base_model()).__name__, type(model.get_base_model()).__module__)
+        with torch.no_grad():
+            print("DIFF", (model(data["ids"]).logits - data["expected"]).abs().max().item())
+        # transformers' own PEFT integration, and so `pipeline`, loads an adapter repo as its base with the adapter
+        from transformers import AutoModelForCausalLM, pipeline
+        plain = AutoModelForCausalLM.from_pretrained({repo_id!r}, trust_remote_code=True).eval()
+        piped = pipeline("text-generation", model={repo_id!r}, trust_remote_code=True).model.eval()
+        with torch.no_grad():
+            for name, loaded in (("AUTO", plain), ("PIPELINE", piped)):
+                print(name, type(loaded).__name__, loaded._hf_peft_config_loaded,
+                      (loaded(data["ids"]).logits - data["expected"]).abs().max().item())
+    """
+    result = run_without_hf_fam(script, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "BASE FAMForCausalLM transformers_modules." in result.stdout  # the base's own code, from its repo
+    for name in ("DIFF", "AUTO FAMForCausalLM True", "PIPELINE FAMForCausalLM True"):
+        diff = float(result.stdout.split(name)[1].split()[0])
+        assert diff <= 1e-5, (name, diff)
+
+
+def test_an_adapter_goes_up_after_its_base_naming_it_and_loads_by_repo_id_without_hf_fam(base, adapter, hub,
+                                                                                         tmp_path):
+    before = tree_hashes(adapter)
+    with pytest.raises(ValueError, match="which others cannot load: push the base first"):
+        push_to_hub(adapter, "me/tiny-fam-lora")  # it names its local base
+    with pytest.raises(ValueError, match="base me/tiny-fam of .* is not on the Hub.*hf-fam push"):
+        push_to_hub(adapter, "me/tiny-fam-lora", base_model="me/tiny-fam")
+    assert not hub.committed()
+
+    push_to_hub(base, "me/tiny-fam")
+    push_to_hub(adapter, "tiny-fam-lora", base_model="me/tiny-fam")
+    assert ("create_commit", "me/tiny-fam-lora", publish.DEFAULT_ADAPTER_COMMIT_MESSAGE, None, False) in hub.calls
+    assert tree_hashes(adapter) == before  # the folder itself is never modified
+    repo = hub.repo("me/tiny-fam-lora")
+    assert {p.name for p in repo.iterdir()} == {p.name for p in adapter.iterdir() if p.is_file()}
+    pushed_config = json.loads((repo / "adapter_config.json").read_text())
+    assert pushed_config["base_model_name_or_path"] == "me/tiny-fam"
+    saved_config = json.loads((adapter / "adapter_config.json").read_text())
+    # made without a task type, it names hf_fam's class to import, which the loading process cannot
+    assert saved_config["task_type"] is None and saved_config["auto_mapping"]["parent_library"].startswith("hf_fam")
+    assert pushed_config == {**saved_config, "base_model_name_or_path": "me/tiny-fam", "task_type": "CAUSAL_LM",
+                             "auto_mapping": None}
+    assert (repo / "adapter_model.safetensors").read_bytes() == (adapter / "adapter_model.safetensors").read_bytes()
+    card = (repo / "README.md").read_text()  # PEFT's template card is replaced by one for the adapter
+    assert CARD_MARK in card and "base_model: me/tiny-fam" in card and "library_name: peft" in card
+    assert 'model_id = "me/tiny-fam-lora"' in card and "AutoPeftModelForCausalLM" in card
+    assert "base_model:adapter:me/tiny-fam" in card and "| LoRA rank r, alpha | 4, 8 |" in card
+
+    ids = _ids()
+    _assert_loads_by_repo_id_elsewhere(hub, "me/tiny-fam-lora", ids, _adapter_logits(base, adapter, ids), tmp_path)
+
+
+def test_a_peft_model_is_pushed_as_its_adapter(base, hub, tmp_path):
+    push_to_hub(base, "me/tiny-fam")
+    model = _trained(base)
+    push_to_hub(model, "me/from-peft", base_model="me/tiny-fam", tokenizer=AutoTokenizer.from_pretrained(base))
+    repo = hub.repo("me/from-peft")
+    assert json.loads((repo / "adapter_config.json").read_text())["base_model_name_or_path"] == "me/tiny-fam"
+    assert {"adapter_model.safetensors", "tokenizer.json", "README.md"} <= {p.name for p in repo.iterdir()}
+    assert 'model_id = "me/from-peft"' in (repo / "README.md").read_text()
+    ids = _ids(1)
+    with torch.no_grad():
+        expected = model(ids).logits
+    _assert_loads_by_repo_id_elsewhere(hub, "me/from-peft", ids, expected, tmp_path)
+
+
+@pytest.mark.parametrize("case", ["plain base", "another base", "no weights", "not a repo id", "base with checkpoint",
+                                  "peft of a plain model", "other adapter type"])
+def test_an_adapter_that_would_not_load_as_trained_is_refused_before_anything_is_uploaded(base, adapter, hub,
+                                                                                          tmp_path, case):
+    """Each of these would load elsewhere without FAM, or on another base than the one trained, or not at all."""
+    folder = tmp_path / "adapter"
+    shutil.copytree(adapter, folder)
+    checkpoint, base_model = folder, "me/base"
+    if case == "plain base":  # the model the FAM base was converted from: no FAM when loaded
+        plain = base.parent / f"{base.name}-base"
+        shutil.copytree(plain, hub.repo("me/base"))
+        message = "is not a FAM checkpoint \\(model_type 'llama'\\)"
+    elif case == "another base":  # a FAM checkpoint with other settings than the adapter's own base
+        other = fam_checkpoint(tmp_path / "other", block_size=16)
+        shutil.copytree(other, hub.repo("me/base"))
+        message = "me/base is not the base .* was trained on.*block_size"
+    elif case == "no weights":
+        (folder / "adapter_model.safetensors").unlink()
+        message = "no adapter_model.safetensors"
+    elif case == "not a repo id":
+        base_model = "./local/base"
+        message = "is not a Hub repo id"
+    elif case == "base with checkpoint":
+        checkpoint = base
+        message = "goes with a LoRA adapter"
+    elif case == "peft of a plain model":
+        plain = AutoModelForCausalLM.from_pretrained(base.parent / f"{base.name}-base")
+        checkpoint = get_peft_model(plain, LoraConfig(r=2, target_modules=["q_proj"]))
+        message = "not of a FAM model"
+    else:
+        config = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "IA3"}))
+        message = "holds a IA3 adapter"
+    with pytest.raises(ValueError, match=message):
+        push_to_hub(checkpoint, "me/refused", base_model=base_model)
+    assert not hub.committed()
+    assert not hub.repo("me/refused").exists()
+
+
+def test_a_card_of_ones_own_goes_up_as_it_is(base, adapter, hub, tmp_path):
+    folder = tmp_path / "adapter"
+    shutil.copytree(adapter, folder)
+    (folder / "README.md").write_text("# My adapter\n")
+    push_to_hub(base, "me/tiny-fam")
+    push_to_hub(folder, "me/own-card", base_model="me/tiny-fam")
+    assert (hub.repo("me/own-card") / "README.md").read_text() == "# My adapter\n"
+
+
+def test_cli_push_of_an_adapter(base, adapter, hub, capsys):
+    assert main(["push", str(adapter), "org/lora", "--base-model", "org/base"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hf-fam push: error:") and "not on the Hub" in err and "\n" not in err
+    assert main(["push", str(base), "org/base"]) == 0
+    assert main(["push", str(adapter), "org/lora", "--base-model", "org/base", "--private"]) == 0
+    assert "pushed" in capsys.readouterr().out
+    assert ("create_repo", "org/lora", True) in hub.calls
+    assert json.loads((hub.repo("org/lora") / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        "org/base"
+
+
+def test_no_network_is_one_line_not_a_missing_base(adapter, hub, monkeypatch):
+    """Without a network huggingface_hub raises LocalEntryNotFoundError, an EntryNotFoundError: it says nothing
+    about the base, so it must not read as "no config.json on the Hub"."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def unreachable(*args, **kwargs):
+        raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub")
+
+    monkeypatch.setattr(hub, "hf_hub_download", unreachable)
+    with pytest.raises(ConnectionError, match="cannot reach the Hub to read the base me/base's config.json"):
+        push_to_hub(adapter, "me/lora", base_model="me/base")
+    assert not hub.committed()
+
+
+def test_commands_given_an_adapter_folder_name_its_base(adapter, base, capsys):
+    assert main(["inspect", str(adapter)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "it holds a LoRA adapter" in err and str(base) in err and "\n" not in err
