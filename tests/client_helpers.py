@@ -68,3 +68,17 @@ def base_folder(fam_folder: Path) -> Path:
     """The base checkpoint `fam_checkpoint` made next to `fam_folder`."""
     fam_folder = Path(fam_folder)
     return fam_folder.parent / f"{fam_folder.name}-base"
+
+
+def trained_lora(folder: Path, task_type: str | None = None):
+    """A LoRA PeftModel of the FAM checkpoint in `folder` whose adapter changes the logits, as training leaves one
+    (LoRA's B not zero, `fam_init` trained in full via modules_to_save); in eval mode. `task_type` None is how
+    many examples write a LoraConfig."""
+    from peft import LoraConfig, get_peft_model
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                            modules_to_save=["fam"], init_lora_weights=False, task_type=task_type))
+    with torch.no_grad():
+        peft.base_model.model.fam.modules_to_save.default.fam_init.add_(0.5)
+    return peft.eval()

@@ -14,7 +14,7 @@ import shutil
 
 import pytest
 import torch
-from client_helpers import fam_checkpoint
+from client_helpers import fam_checkpoint, trained_lora
 from convert_helpers import run_without_hf_fam, tree_hashes
 from hub_helpers import FakeHub, hub_cache
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -39,22 +39,11 @@ def base(tmp_path_factory):
     return fam_checkpoint(tmp_path_factory.mktemp("push_adapter") / "tiny-fam", route="converted")
 
 
-def _trained(folder):
-    """A LoRA PeftModel of the FAM checkpoint in `folder` whose adapter changes the logits (LoRA's B not zero,
-    fam_init trained in full), as `hf-fam finetune` makes one."""
-    model = AutoModelForCausalLM.from_pretrained(folder)
-    peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
-                                            modules_to_save=["fam"], init_lora_weights=False))
-    with torch.no_grad():
-        peft.base_model.model.fam.modules_to_save.default.fam_init.add_(0.5)
-    return peft.eval()
-
-
 @pytest.fixture(scope="module")
 def adapter(base, tmp_path_factory):
     """An adapter folder naming its local base, with the tokenizer and PEFT's own card, as saved."""
     folder = tmp_path_factory.mktemp("adapters") / "tiny-fam-lora"
-    _trained(base).save_pretrained(folder)
+    trained_lora(base).save_pretrained(folder)
     AutoTokenizer.from_pretrained(base).save_pretrained(folder)
     assert publish.publish_adapter.PEFT_TEMPLATE_MARK in (folder / "README.md").read_text()
     return folder
@@ -138,7 +127,7 @@ def test_an_adapter_goes_up_after_its_base_naming_it_and_loads_by_repo_id_withou
 
 def test_a_peft_model_is_pushed_as_its_adapter(base, hub, tmp_path):
     push_to_hub(base, "me/tiny-fam")
-    model = _trained(base)
+    model = trained_lora(base)
     push_to_hub(model, "me/from-peft", base_model="me/tiny-fam", tokenizer=AutoTokenizer.from_pretrained(base))
     repo = hub.repo("me/from-peft")
     assert json.loads((repo / "adapter_config.json").read_text())["base_model_name_or_path"] == "me/tiny-fam"

@@ -60,7 +60,8 @@ def hub_access(source: str, revision: str | None = None, probe_timeout: float = 
     from huggingface_hub.errors import HFValidationError
 
     try:
-        cached = isinstance(try_to_load_from_cache(source, "config.json", revision=revision), str)
+        cached = any(isinstance(try_to_load_from_cache(source, name, revision=revision), str)
+                     for name in ("config.json", "adapter_config.json"))  # a checkpoint, or an adapter of one
     except HFValidationError:
         raise FileNotFoundError(f"no checkpoint at {source}: no such folder, and not a valid Hub id") from None
     if constants.is_offline_mode():
@@ -83,8 +84,14 @@ def hub_access(source: str, revision: str | None = None, probe_timeout: float = 
 
 def load_fam_model(source: str, *, overrides: FAMOverrides | None = None, dtype: str | None = "auto",
                    device: str = "cpu", revision: str | None = None, token: str | None = None,
-                   attn_implementation: str | None = None):
+                   attn_implementation: str | None = None, adapters: bool = False):
     """Load `source` (a local folder or a Hub id) as a FAM model, in eval mode.
+
+    With `adapters`, `source` may also be a LoRA adapter of a FAM checkpoint (a folder or Hub repo holding
+    adapter_config.json, as `hf-fam finetune` writes and `hf-fam push` shares): its base is loaded as above and
+    the adapter merged into it (merged and unmerged logits agree, tested); the tokenizer is the adapter's when it
+    carries one, else the base's. The base must be a FAM checkpoint: an adapter trained on a model put in FAM
+    mode on the fly would need the settings it was trained with, which an adapter does not record.
 
     A FAM checkpoint (model_type "fam") loads with its own settings, which `overrides` may not change.
     A base checkpoint is loaded and wrapped with `FAMForCausalLM.from_base_model`; settings not given in
@@ -105,11 +112,18 @@ def load_fam_model(source: str, *, overrides: FAMOverrides | None = None, dtype:
     local = os.path.exists(os.path.expanduser(source))
     if source.startswith(("/", "./", "../", "~")) and not local:
         raise FileNotFoundError(f"no checkpoint at {source}: no such folder")
-    if local and not os.path.isfile(os.path.join(os.path.expanduser(source), "config.json")):
-        raise FileNotFoundError(f"no checkpoint at {source} (config.json missing); pass a checkpoint folder.")
     hub = dict(revision=revision, token=token)
     if not local:
         hub.update(hub_access(source, revision))  # offline or unreachable: fail now, not after ~30 s of retries
+    adapter_config = _adapter_config(source, local, hub)
+    if adapter_config is not None:
+        if not adapters:
+            raise ValueError(f"{source} is a LoRA adapter, not a checkpoint; pass the checkpoint it applies to "
+                             f"({adapter_config.get('base_model_name_or_path')}), or its merged model")
+        return _load_adapter(source, adapter_config, overrides=overrides, dtype=dtype, device=device, hub=hub,
+                             attn_implementation=attn_implementation)
+    if local and not os.path.isfile(os.path.join(os.path.expanduser(source), "config.json")):
+        raise FileNotFoundError(f"no checkpoint at {source} (config.json missing); pass a checkpoint folder.")
     try:
         config = AutoConfig.from_pretrained(source, **hub)
     except (OSError, ValueError) as err:  # no such Hub repository, no Hub reachable, or a bad id
@@ -150,4 +164,55 @@ def load_fam_model(source: str, *, overrides: FAMOverrides | None = None, dtype:
             tokenizer = AutoTokenizer.from_pretrained(source, **hub)
         except (OSError, ValueError):
             tokenizer = None  # a checkpoint without a tokenizer
+    return model, tokenizer
+
+
+def _adapter_config(source: str, local: bool, hub: dict) -> dict | None:
+    """`source`'s adapter_config.json when it is a PEFT adapter (adapter_config.json and no config.json), else None."""
+    import json
+
+    if local:
+        folder = os.path.expanduser(source)
+        path = os.path.join(folder, "adapter_config.json")
+        if os.path.isfile(os.path.join(folder, "config.json")) or not os.path.isfile(path):
+            return None
+    else:
+        from transformers.utils import cached_file
+
+        lookup = dict(hub, _raise_exceptions_for_missing_entries=False,
+                      _raise_exceptions_for_connection_errors=False)
+        try:
+            if cached_file(source, "config.json", **lookup) is not None:
+                return None
+            path = cached_file(source, "adapter_config.json", **lookup)
+        except (OSError, ValueError):
+            return None  # the checkpoint's own loading says what is wrong
+        if path is None:
+            return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _load_adapter(source: str, adapter_config: dict, *, overrides, dtype, device, hub: dict, attn_implementation):
+    """The adapter at `source` merged into its FAM base (see `load_fam_model`)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    base = adapter_config.get("base_model_name_or_path")
+    if adapter_config.get("peft_type") != "LORA" or not base:
+        raise ValueError(f"{source} holds a {adapter_config.get('peft_type')} adapter naming base {base!r}; hf_fam "
+                         "loads LoRA adapters of a FAM checkpoint")
+    base_hub = {} if os.path.exists(os.path.expanduser(base)) else hub_access(base)
+    if AutoConfig.from_pretrained(base, token=hub.get("token"), **base_hub).model_type != "fam":
+        raise ValueError(f"the base of the adapter {source}, {base}, is not a FAM checkpoint: an adapter is loaded "
+                         "on the FAM checkpoint it was trained on (hf-fam finetune saves it as OUT/fam_base)")
+    from peft import PeftModel
+
+    model, tokenizer = load_fam_model(base, overrides=overrides, dtype=dtype, device=device, token=hub.get("token"),
+                                      attn_implementation=attn_implementation)
+    peft_hub = {k: v for k, v in hub.items() if v is not None}
+    model = PeftModel.from_pretrained(model, source, **peft_hub).merge_and_unload().eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **hub)
+    except (OSError, ValueError, TypeError):
+        pass  # no tokenizer with the adapter: the base's
     return model, tokenizer

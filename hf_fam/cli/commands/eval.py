@@ -17,7 +17,8 @@ def register(sub) -> None:
         "the perplexity of a long text read by streaming. The JSON's 'results' feed `hf-fam card --eval-results`.",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("model", help="FAM or base checkpoint (folder or Hub id)")
+    p.add_argument("model", help="FAM or base checkpoint, or a LoRA adapter of a FAM checkpoint (hf-fam finetune's "
+                   "output, merged into its base to evaluate): a folder or Hub id")
     p.add_argument("--task", choices=("passkey", "perplexity"), default="passkey", help="what to evaluate")
     p.add_argument("--out", default="eval.json", help="JSON output path")
     p.add_argument("--plot", help="PNG plot path (passkey, or perplexity with --compare); default: next to --out")
@@ -72,7 +73,8 @@ def run(args) -> int:
         tokenizer = AutoTokenizer.from_pretrained(args.model)
     else:
         overrides = FAMOverrides.from_args(args)
-        model, tokenizer = load_fam_model(args.model, overrides=overrides, dtype=args.dtype, device=args.device)
+        model, tokenizer = load_fam_model(args.model, overrides=overrides, dtype=args.dtype, device=args.device,
+                                          adapters=True)
     label = args.label or Path(args.model.rstrip("/")).name
 
     if args.task == "perplexity":

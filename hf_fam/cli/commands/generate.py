@@ -17,8 +17,8 @@ def register(sub) -> None:
         "bar over the prompt on stderr), then generate a continuation, streamed token by token to stdout.",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("model", help="FAM checkpoint, or a base checkpoint (model_type one of: %(families)s) run with "
-                   "FAM: a folder or a Hub id")
+    p.add_argument("model", help="FAM checkpoint, a base checkpoint (model_type one of: %(families)s) run with "
+                   "FAM, or a LoRA adapter of a FAM checkpoint (merged into its base): a folder or a Hub id")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompt-file", help="text file holding the prompt; any size, read piece by piece")
@@ -80,7 +80,7 @@ def run(args) -> int:
     check(args)  # also when run() is called directly
     overrides = FAMOverrides.from_args(args)
     model, tokenizer = load_fam_model(args.model, overrides=overrides, dtype=args.dtype, device=args.device,
-                                      revision=args.revision, token=args.token)
+                                      revision=args.revision, token=args.token, adapters=True)
     if tokenizer is None:
         raise CLIError(f"{args.model} has no tokenizer files: generate needs one to read text")
     torch.manual_seed(args.seed)
