@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -47,6 +46,7 @@ import torch
 
 from ..modeling.fam_compat import enable_checkpointing
 from ..tasks.passkey import SyntheticPasskeyVocab, passkey_dataset
+from . import resume
 from .data import FAMDataCollator, check_seq_len, load_text_dataset, mix_datasets, pack_dataset
 from .lora import PEFT_LORA_INITS, changes_base_weights, fam_lora_config, save_lora_start, unwrap_fam_model
 from .options import (  # noqa: F401  (DTYPES, DATA_SOURCES, SCHEDULERS: re-exported)
@@ -179,14 +179,18 @@ def finetune(config: FinetuneConfig, accelerator=None) -> FinetuneResult:
             )
     out = Path(t_opt.output_dir)
     check_output_dir(out, t_opt.overwrite)  # on every process, before any process writes
+    resume_from = resume.check_states(out, t_opt.resume, t_opt.overwrite)
     accelerator.wait_for_everyone()
+    if resume_from is None and accelerator.is_main_process:
+        resume.start_over(out)  # --force: an interrupted run's states are not mixed with this run's
     if not accelerator.is_main_process:  # only the main process writes
-        result = _train(config, accelerator, out, out)
+        result = _train(config, accelerator, out, out, resume_from)
     else:
         from ..checkpoint_io.staging import staging_folder
 
         with staging_folder(out.absolute(), force=True) as work:  # force: check_output_dir has decided
-            result = _train(config, accelerator, out, work)
+            result = _train(config, accelerator, out, work, resume_from)
+        resume.start_over(out)  # the run is complete: its states are of no more use
     accelerator.wait_for_everyone()  # every process returns with the adapter (and merged model) in place
     return result
 
@@ -221,7 +225,7 @@ def _trainable(model, lora: LoraOptions, work: Path, base_path, fam_base_dir: Pa
     return peft_model, lora_start, described
 
 
-def _train(config: FinetuneConfig, accelerator, out: Path, work: Path) -> FinetuneResult:
+def _train(config: FinetuneConfig, accelerator, out: Path, work: Path, resume_from: Path | None) -> FinetuneResult:
     """The run behind `finetune`: files go to `work` (the main process's staging folder), paths name `out`."""
     from accelerate.utils import gather_object, set_seed
     from torch.utils.data import DataLoader
@@ -284,15 +288,26 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path) -> Finetu
     if accelerator.is_main_process:
         (work / "finetune_config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
     log_path = work / "train_log.jsonl"
+    state_kwargs = dict(accelerator=accelerator, model=accelerator.unwrap_model(train_model), optimizer=optimizer,
+                        scheduler=scheduler, recipe=recipe)
+    counters = resume.LoopCounters()
+    if resume_from is not None:
+        counters = resume.restore_state(resume_from, config, log_path=log_path, **state_kwargs)
 
-    bar = tqdm(total=t_opt.max_steps, desc="finetune", unit="step", disable=not accelerator.is_local_main_process)
-    start = time.perf_counter()
-    step, epoch, tokens, loss_sum, loss_count = 0, 0, 0, torch.zeros((), device=accelerator.device), 0
-    final_loss = math.nan
+    bar = tqdm(total=t_opt.max_steps, initial=counters.step, desc="finetune", unit="step",
+               disable=not accelerator.is_local_main_process)
+    start = time.perf_counter() - counters.seconds
+    step, batches, tokens, loss_count = counters.step, counters.batches, counters.tokens, counters.loss_count
+    loss_sum = torch.tensor(counters.loss_sum, device=accelerator.device)
+    final_loss, epoch, skip = counters.final_loss, 0, counters.batches
     while step < t_opt.max_steps:
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
         for batch in loader:
+            if skip:  # a resumed run: the data order replayed up to where its state was written
+                skip -= 1
+                continue
+            batches += 1
             with accelerator.accumulate(train_model):
                 outputs = train_model(**batch, use_cache=False,
                                       **({"fam_loss_chunk": t_opt.loss_chunk} if t_opt.loss_chunk else {}))
@@ -323,6 +338,10 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path) -> Finetu
                 if accelerator.is_main_process:
                     with log_path.open("a") as f:
                         f.write(json.dumps(record) + "\n")
+            if t_opt.save_every and step % t_opt.save_every == 0 and step < t_opt.max_steps:
+                resume.save_state(out, resume.LoopCounters(step, batches, tokens, loss_sum.item(), loss_count,
+                                                           time.perf_counter() - start, final_loss),
+                                  config=config, log_path=log_path, **state_kwargs)
             if step >= t_opt.max_steps:
                 break
         epoch += 1

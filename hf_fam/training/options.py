@@ -253,6 +253,11 @@ class TrainOptions:
                                 "within rounding); 0: the model's own loss", "--loss-chunk")
     seed: int = option(0, "seed for weights, data order and the recipe", "--seed")
     log_every: int = option(10, "log every N steps", "--log-every")
+    save_every: int = option(0, "write a training state every N optimizer steps to OUTPUT.states/ (removed when the "
+                                "run completes), to continue an interrupted run with --resume; 0: never",
+                             "--save-every")
+    resume: bool = option(False, "continue an interrupted run from its newest state in OUTPUT.states/, with the same "
+                                 "options; it ends as the uninterrupted run would have", "--resume")
     merge: bool = option(False, "also save the LoRA-merged model to OUTPUT/merged", "--merge")
     overwrite: bool = option(False, "replace a non-empty --output folder, once this run is done (the run writes "
                                     "beside it and swaps; old and new files never mix)", "--force")
@@ -265,6 +270,7 @@ class TrainOptions:
         _check_int("gradient_accumulation_steps", self.gradient_accumulation_steps, 1)
         _check_int("warmup_steps", self.warmup_steps, 0)
         _check_int("log_every", self.log_every, 1)
+        _check_int("save_every", self.save_every, 0)
         _check_int("loss_chunk", self.loss_chunk, 0)
         _check_int("seed", self.seed, 0)
         if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):

@@ -187,6 +187,22 @@ class FAMTrainingRecipe:
         self.saved_state = None
         self.last_draw = None
 
+    # --- resuming ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """What the next draws depend on (the generator, the state RSP would pass, the forwards counted), to
+        continue an interrupted run exactly (`load_state_dict`)."""
+        return {"generator": self.generator.get_state(), "forwards": self.forwards,
+                "saved_state": None if self.saved_state is None else [
+                    None if s is None else s.detach().cpu() for s in self.saved_state]}
+
+    def load_state_dict(self, state: dict, device: torch.device | str | None = None) -> None:
+        """Continue from `state_dict()`'s output; the passed state moves to `device`."""
+        self.generator.set_state(state["generator"])
+        self.forwards = state["forwards"]
+        saved = state["saved_state"]
+        self.saved_state = None if saved is None else [None if s is None else s.to(device) for s in saved]
+        self.last_draw = None
+
 
 def attach_recipe(model: nn.Module, config: FAMRecipeConfig | None = None) -> FAMTrainingRecipe:
     """Apply Random State Passing and Random Position Offset to every training-mode forward of `model`.
