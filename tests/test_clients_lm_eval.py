@@ -145,3 +145,29 @@ def test_lm_eval_command_line_gives_the_same_numbers(evaluated, tmp_path):
 def _strings(value):
     """Nested responses with every leaf as a string (the samples file stores them so)."""
     return [_strings(v) for v in value] if isinstance(value, (list, tuple)) else str(value)
+
+
+def test_a_lora_adapter_through_peft_argument_equals_the_peft_model(evaluated):
+    """`HFLM(pretrained=BASE, peft=ADAPTER)` (`--model_args pretrained=...,peft=...`): lm-eval puts the adapter on
+    the FAM model with PEFT, and its loglikelihoods are the PeftModel's, past the base's position limit too."""
+    from client_helpers import trained_lora
+
+    folder, _, _, tasks = evaluated
+    adapter = folder.parent / "fam-lora"
+    peft_model = trained_lora(folder, task_type="CAUSAL_LM")
+    peft_model.save_pretrained(adapter)
+    lm = HFLM(pretrained=str(folder), peft=str(adapter), trust_remote_code=True, dtype="float32", device="cpu",
+              batch_size=2)
+    assert lm.max_length > BASE_POSITIONS
+    results = lm_eval.simple_evaluate(model=lm, tasks=["fam_local_ll"], log_samples=True, bootstrap_iters=0,
+                                      task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
+                                      random_seed=0)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    samples = sorted(results["samples"]["fam_local_ll"], key=lambda s: s["doc_id"])
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    for sample, doc in zip(samples, DOCS):
+        got = float(sample["resps"][0][0][0])
+        expected, _ = _direct_loglikelihood(peft_model, tokenizer, doc["context"], doc["continuation"])
+        without, _ = _direct_loglikelihood(base, tokenizer, doc["context"], doc["continuation"])
+        assert abs(got - expected) <= 1e-5, (doc["context"][:20], got, expected)
+        assert abs(got - without) > 1e-3  # the adapter was applied
