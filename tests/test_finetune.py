@@ -90,6 +90,11 @@ def test_finetune_on_text_saves_adapter_base_and_merged(base_ckpt, text_files, t
             "train_summary.json", "finetune_config.json", "fam_base", "merged"} <= {p.name for p in out.iterdir()}
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3] and all("loss" in r for r in log)
+    # one forward per step: its loss is logged under how its memory started, fresh or passed on by the recipe
+    for r in log:
+        assert r["loss"] == r["loss_passed_memory" if r["state_passed"] else "loss_fresh_memory"]
+        assert r["loss_fresh_memory" if r["state_passed"] else "loss_passed_memory"] is None
+    assert not log[0]["state_passed"]  # nothing to pass before the first forward
     adapter_config = json.loads((out / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == str((out / "fam_base").resolve())
     assert "fam" in adapter_config["modules_to_save"]

@@ -299,6 +299,8 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path, resume_fr
     start = time.perf_counter() - counters.seconds
     step, batches, tokens, loss_count = counters.step, counters.batches, counters.tokens, counters.loss_count
     loss_sum = torch.tensor(counters.loss_sum, device=accelerator.device)
+    # losses by how the memory started: fresh (fam_init) or passed on by Random State Passing; rows: sum, count
+    by_start = torch.tensor(counters.by_start, device=accelerator.device).view(2, 2)
     final_loss, epoch, skip = counters.final_loss, 0, counters.batches
     while step < t_opt.max_steps:
         if hasattr(loader, "set_epoch"):
@@ -318,6 +320,8 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path, resume_fr
                 optimizer.zero_grad()
             loss_sum += outputs.loss.detach()
             loss_count += 1
+            by_start[int(bool(recipe.last_draw and recipe.last_draw.used_saved_state))] += torch.stack(
+                [outputs.loss.detach().float(), torch.ones((), device=by_start.device)])
             tokens += int(batch["attention_mask"].sum())
             if not accelerator.sync_gradients:
                 continue
@@ -326,21 +330,29 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path, resume_fr
             bar.update(1)
             if step % t_opt.log_every == 0 or step == t_opt.max_steps:
                 final_loss = accelerator.reduce(loss_sum / max(loss_count, 1), reduction="mean").item()
+                fresh, passed = (accelerator.reduce(by_start, reduction="sum") if accelerator.num_processes > 1
+                                 else by_start).tolist()
                 loss_sum.zero_()
+                by_start.zero_()
                 loss_count = 0
                 elapsed = time.perf_counter() - start
                 record = {"step": step, "loss": round(final_loss, 6), "lr": scheduler.get_last_lr()[0],
                           "seconds": round(elapsed, 2), "tokens_per_s_per_process": round(tokens / elapsed, 1),
-                          "state_passed": bool(recipe.last_draw and recipe.last_draw.used_saved_state)}
+                          "state_passed": bool(recipe.last_draw and recipe.last_draw.used_saved_state),
+                          "loss_fresh_memory": round(fresh[0] / fresh[1], 6) if fresh[1] else None,
+                          "loss_passed_memory": round(passed[0] / passed[1], 6) if passed[1] else None}
                 bar.set_postfix(loss=f"{final_loss:.4f}")
-                logger.info("step %d/%d loss %.4f lr %.2e %.0f tok/s", step, t_opt.max_steps, final_loss,
+                split = "" if passed[1] == 0 else " (fresh memory %s, passed memory %.4f)" % (
+                    "-" if not fresh[1] else f"{record['loss_fresh_memory']:.4f}", record["loss_passed_memory"])
+                logger.info("step %d/%d loss %.4f%s lr %.2e %.0f tok/s", step, t_opt.max_steps, final_loss, split,
                             record["lr"], record["tokens_per_s_per_process"])
                 if accelerator.is_main_process:
                     with log_path.open("a") as f:
                         f.write(json.dumps(record) + "\n")
             if t_opt.save_every and step % t_opt.save_every == 0 and step < t_opt.max_steps:
                 resume.save_state(out, resume.LoopCounters(step, batches, tokens, loss_sum.item(), loss_count,
-                                                           time.perf_counter() - start, final_loss),
+                                                           time.perf_counter() - start, final_loss,
+                                                           by_start.flatten().tolist()),
                                   config=config, log_path=log_path, **state_kwargs)
             if step >= t_opt.max_steps:
                 break

@@ -20,7 +20,7 @@ import json
 import logging
 import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -46,6 +46,7 @@ class LoopCounters:
     loss_count: int = 0
     seconds: float = 0.0
     final_loss: float = float("nan")
+    by_start: list[float] = field(default_factory=lambda: [0.0] * 4)  # loss sum and count, fresh / passed memory
 
 
 def states_dir(out: Path) -> Path:
