@@ -90,3 +90,13 @@ def _keep_torch_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """The stand-in Hub (`hub_helpers.FakeHub`) in place of `huggingface_hub.HfApi`, the default api= of pushing."""
+    from hub_helpers import FakeHub
+
+    fake = FakeHub(tmp_path / "hub")
+    monkeypatch.setattr("huggingface_hub.HfApi", lambda *args, **kwargs: fake)
+    return fake

@@ -14,7 +14,6 @@ import pytest
 import torch
 from client_helpers import fam_checkpoint
 from convert_helpers import run_without_hf_fam, tree_hashes
-from hub_helpers import FakeHub
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -23,13 +22,6 @@ from hf_fam.checkpoint_io import publish
 from hf_fam.checkpoint_io.cards import CARD_MARK, CardInfo, write_model_card
 from hf_fam.checkpoint_io.publish import push_to_hub
 from hf_fam.cli import main
-
-
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    fake = FakeHub(tmp_path / "hub")
-    monkeypatch.setattr("huggingface_hub.HfApi", lambda *args, **kwargs: fake)  # the default api= of push_to_hub
-    return fake
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import pytest
 import torch
 from client_helpers import fam_checkpoint, trained_lora
 from convert_helpers import run_without_hf_fam, tree_hashes
-from hub_helpers import FakeHub, hub_cache
+from hub_helpers import hub_cache
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -24,13 +24,6 @@ from hf_fam.checkpoint_io import publish
 from hf_fam.checkpoint_io.cards import CARD_MARK
 from hf_fam.checkpoint_io.publish import push_to_hub
 from hf_fam.cli import main
-
-
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    fake = FakeHub(tmp_path / "hub")
-    monkeypatch.setattr("huggingface_hub.HfApi", lambda *args, **kwargs: fake)  # the default api= of push_to_hub
-    return fake
 
 
 @pytest.fixture(scope="module")

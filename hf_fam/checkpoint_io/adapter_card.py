@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 from string import Template
 
-from .cards import BASE_TAGS, CardInfo, template_text
+from .cards import BASE_TAGS, CardInfo, card_metadata, template_text
 from .inspection import fam_summary
 
 ADAPTER_TEMPLATE_NAME = "fam_adapter_card.md"
@@ -44,8 +44,6 @@ def render_adapter_card(folder: str | Path, *, repo_id: str | None, base_model: 
     Returns:
         The README.md text: YAML metadata, then markdown.
     """
-    from huggingface_hub import ModelCardData
-
     import hf_fam
 
     from .hub import looks_like_repo_id
@@ -60,16 +58,7 @@ def render_adapter_card(folder: str | Path, *, repo_id: str | None, base_model: 
     if on_hub:
         tags.append(f"base_model:adapter:{base_model}")
     tags = list(dict.fromkeys(tags + [t for t in info.tags if not t.startswith("base_model:")]))
-    data = ModelCardData(
-        base_model=base_model if on_hub else None,
-        library_name="peft",
-        pipeline_tag="text-generation",
-        license=info.license,
-        license_name=info.license_name,
-        license_link=info.license_link,
-        language=info.language,
-        tags=tags,
-    )
+    data = card_metadata(info, base_model=base_model if on_hub else None, library_name="peft", tags=tags)
     rank, alpha = adapter.get("r"), adapter.get("lora_alpha")
     values = dict(
         metadata=data.to_yaml(),

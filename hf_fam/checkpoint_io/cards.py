@@ -91,7 +91,6 @@ def render_model_card(folder: str | Path, info: CardInfo) -> str:
     >>> text = render_model_card("llama-fam", CardInfo(base_model="meta-llama/Llama-3.2-1B"))
     ```
     """
-    from huggingface_hub import ModelCardData
 
     import hf_fam
 
@@ -101,14 +100,10 @@ def render_model_card(folder: str | Path, info: CardInfo) -> str:
     title = model_id.split("/")[-1]
     tags = list(BASE_TAGS) + [summary.model_type] + [t for t in info.tags if t not in BASE_TAGS]
     tags = list(dict.fromkeys(tags))
-    data = ModelCardData(
+    data = card_metadata(
+        info,
         base_model=info.base_model,
         library_name="transformers",
-        pipeline_tag="text-generation",
-        license=info.license,
-        license_name=info.license_name,
-        license_link=info.license_link,
-        language=info.language,
         tags=tags,
         model_name=title if info.eval_results else None,
         eval_results=info.eval_results or None,
@@ -139,6 +134,15 @@ def render_model_card(folder: str | Path, info: CardInfo) -> str:
         hf_fam_version=hf_fam.__version__,
     )
     return Template(template_text()).substitute(values)
+
+
+def card_metadata(info: CardInfo, **fields):
+    """The card's `ModelCardData`: the base model's license and languages from `info`, a text-generation
+    pipeline, and `fields`."""
+    from huggingface_hub import ModelCardData
+
+    return ModelCardData(pipeline_tag="text-generation", license=info.license, license_name=info.license_name,
+                         license_link=info.license_link, language=info.language, **fields)
 
 
 def write_model_card(folder: str | Path, info: CardInfo) -> Path:
