@@ -210,3 +210,29 @@ def test_commands_given_an_adapter_folder_name_its_base(adapter, base, capsys):
     assert main(["inspect", str(adapter)]) == 2
     err = capsys.readouterr().err.strip()
     assert "it holds a LoRA adapter" in err and str(base) in err and "\n" not in err
+
+
+def test_an_adapter_s_card_takes_evaluation_results_and_they_go_up_with_it(base, adapter, hub, tmp_path, capsys):
+    """`hf-fam eval OUT` then `hf-fam card OUT --eval-results eval.json` then `hf-fam push OUT ...`: the results
+    stay in the card pushed for the repo."""
+    folder = tmp_path / "adapter"
+    shutil.copytree(adapter, folder)
+    results = tmp_path / "eval.json"
+    results.write_text(json.dumps({"results": [{"task": "passkey retrieval", "metric": "accuracy", "value": 0.75,
+                                                "setting": "4x window"}]}))
+    assert main(["card", str(folder), "--eval-results", str(results), "--license", "apache-2.0"]) == 0
+    local = (folder / "README.md").read_text()
+    assert CARD_MARK in local and "LoRA adapter" in local and f"`{base}`" in local  # the local base, by path
+    assert "| passkey retrieval | passkey retrieval | 4x window | accuracy | 0.75 |" in local
+    assert "license: apache-2.0" in local and "model-index" in local
+
+    push_to_hub(base, "me/tiny-fam")
+    push_to_hub(folder, "me/evaluated", base_model="me/tiny-fam")
+    pushed = (hub.repo("me/evaluated") / "README.md").read_text()
+    assert 'model_id = "me/evaluated"' in pushed and "base_model: me/tiny-fam" in pushed
+    assert "| passkey retrieval | passkey retrieval | 4x window | accuracy | 0.75 |" in pushed
+    assert "license: apache-2.0" in pushed
+
+    capsys.readouterr()
+    assert main(["card", str(folder), "--fine-tuned"]) == 2
+    assert "--fine-tuned is for a checkpoint's card" in capsys.readouterr().err

@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 from string import Template
 
-from .cards import BASE_TAGS, CardInfo, card_metadata, template_text
+from .cards import BASE_TAGS, CardInfo, card_metadata, evaluation_table, fam_card_info, template_text
 from .inspection import fam_summary
 
 ADAPTER_TEMPLATE_NAME = "fam_adapter_card.md"
@@ -58,11 +58,13 @@ def render_adapter_card(folder: str | Path, *, repo_id: str | None, base_model: 
     if on_hub:
         tags.append(f"base_model:adapter:{base_model}")
     tags = list(dict.fromkeys(tags + [t for t in info.tags if not t.startswith("base_model:")]))
-    data = card_metadata(info, base_model=base_model if on_hub else None, library_name="peft", tags=tags)
+    title = model_id.split("/")[-1]
+    data = card_metadata(info, base_model=base_model if on_hub else None, library_name="peft", tags=tags,
+                         model_name=title if info.eval_results else None, eval_results=info.eval_results or None)
     rank, alpha = adapter.get("r"), adapter.get("lora_alpha")
     values = dict(
         metadata=data.to_yaml(),
-        title=model_id.split("/")[-1],
+        title=title,
         base_model_text=f"[{base_model}](https://huggingface.co/{base_model})" if on_hub else f"`{base_model}`",
         base_model=base_model,
         architecture=summary.architecture,
@@ -74,6 +76,7 @@ def render_adapter_card(folder: str | Path, *, repo_id: str | None, base_model: 
         target_modules=_names(adapter.get("target_modules")),
         modules_to_save=_names(adapter.get("modules_to_save")),
         training=_training_text(folder),
+        evaluation=evaluation_table(info.eval_results),
         model_id=model_id,
         tokenizer_id=model_id if (folder / "tokenizer_config.json").is_file() else base_model,
         hf_fam_version=hf_fam.__version__,
@@ -89,6 +92,21 @@ def write_adapter_card(folder: str | Path, *, base_model: str, base_config: dict
     path.write_text(render_adapter_card(folder, repo_id=name, base_model=base_model, base_config=base_config,
                                         info=info), encoding="utf-8")
     return path
+
+
+def adapter_card_info(folder: str | Path, base_folder: str | Path | None = None) -> CardInfo:
+    """What the adapter's card carries into the next rendering: the card hf_fam wrote in `folder` (its license,
+    tags and evaluation results), with the license and languages of its base's card (`base_folder`, a local FAM
+    checkpoint) where the adapter's says none."""
+    from dataclasses import replace
+
+    own = fam_card_info(folder) or CardInfo()
+    base = (fam_card_info(base_folder) if base_folder is not None and Path(base_folder).is_dir() else None)
+    if base is None:
+        return own
+    return replace(own, license=own.license or base.license, license_name=own.license_name or base.license_name,
+                   license_link=own.license_link or base.license_link, language=own.language or base.language,
+                   tags=own.tags or base.tags)
 
 
 def _names(modules) -> str:
@@ -119,4 +137,4 @@ def _training_text(folder: Path) -> str:
     return ", ".join(parts)
 
 
-__all__ = ["render_adapter_card", "write_adapter_card"]
+__all__ = ["adapter_card_info", "render_adapter_card", "write_adapter_card"]

@@ -130,7 +130,7 @@ def render_model_card(folder: str | Path, info: CardInfo) -> str:
         cache_per_layer=format_bytes(summary.kv_cache_bytes_per_layer),
         dtype=summary.dtype,
         model_id=model_id,
-        evaluation=_evaluation_table(info.eval_results),
+        evaluation=evaluation_table(info.eval_results),
         hf_fam_version=hf_fam.__version__,
     )
     return Template(template_text()).substitute(values)
@@ -245,7 +245,8 @@ def _fam_init_text(info: CardInfo) -> str:
             "MLP, with `fam_init` trainable) before relying on what lies beyond the attention window.").strip()
 
 
-def _evaluation_table(results: list) -> str:
+def evaluation_table(results: list) -> str:
+    """The card's evaluation section: a markdown table of `results`, or a line saying there are none."""
     if not results:
         return "No evaluation results were recorded for this checkpoint."
     rows = ["| task | dataset | setting | metric | value |", "|---|---|---|---|---|"]

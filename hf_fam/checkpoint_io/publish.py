@@ -39,8 +39,8 @@ from pathlib import Path
 from transformers.dynamic_module_utils import get_relative_imports
 
 from . import publish_adapter
-from .adapter_card import render_adapter_card
-from .cards import CardInfo, fam_card_info, read_card_info, render_model_card
+from .adapter_card import adapter_card_info, render_adapter_card
+from .cards import CardInfo, fam_card_info, render_model_card
 from .checkpoint import read_config
 from .inspection import REFRESH_COMMAND, verify_checkpoint
 
@@ -197,10 +197,9 @@ def _push_adapter_folder(folder: Path, repo_id: str, *, base_model: str | None, 
                       if p.name != publish_adapter.ADAPTER_CONFIG and not (replace_card and p.name == CARD_NAME)]
         operations.append(CommitOperationAdd(path_in_repo=publish_adapter.ADAPTER_CONFIG,
                                              path_or_fileobj=publish_adapter.adapter_config_bytes(folder, base_model)))
-        if replace_card:
-            # license and language are the base's; tags are an earlier hf_fam card's and the caller's
-            info = fam_card_info(local_base) if local_base is not None else None
-            info = replace(info or CardInfo(), tags=(info.tags if info else []) + _own_tags(folder) + (tags or []))
+        if replace_card:  # what the folder's hf_fam card records (results, license, tags), the caller's tags
+            info = adapter_card_info(folder, local_base)
+            info = replace(info, tags=list(dict.fromkeys(info.tags + (tags or []))))
             text = render_adapter_card(folder, repo_id=repo_id, base_model=base_model, base_config=base_config,
                                        info=info)
             operations.append(CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=text.encode("utf-8")))
@@ -210,11 +209,6 @@ def _push_adapter_folder(folder: Path, repo_id: str, *, base_model: str | None, 
         return _commit(api, repo_id, operations, token=token, revision=revision, create_pr=create_pr,
                        commit_message=commit_message or DEFAULT_ADAPTER_COMMIT_MESSAGE,
                        commit_description=commit_description)
-
-
-def _own_tags(folder: Path) -> list[str]:
-    """The tags of the card hf_fam wrote into an adapter folder (PEFT's template's are its own)."""
-    return read_card_info(folder).tags if fam_card_info(folder) is not None else []
 
 
 def _commit(api, repo_id: str, operations, *, token, revision, create_pr, commit_message, commit_description):
