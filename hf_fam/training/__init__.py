@@ -2,10 +2,11 @@
 long-context data (packing; the passkey task is `hf_fam.tasks.passkey`) and the fine-tuning loop behind
 `hf-fam finetune`.
 
-The modules: `options` (every training option, declared once for the API and the command line), `data`,
-`lora`, `recipe`, `loss_chunk` (the chunked loss under loops such as `Trainer`) and `finetune` (the loop). The
-names below load on first use (PEP 562): importing `hf_fam.training.options` for `hf-fam finetune --help` must
-not pull in torch and PEFT. accelerate and the Trainer are imported only inside the functions that use them.
+The modules: `options` (every training option, declared once for the API and the command line), `data`, `lora`,
+`recipe` (with `recipe_callback`, its state in the `Trainer`'s checkpoints), `loss_chunk` (the chunked loss under
+loops such as `Trainer`), `finetune` (the loop), `outputs` and `resume` (what a run writes and how it resumes).
+The names below load on first use (PEP 562): importing `hf_fam.training.options` for `hf-fam finetune --help`
+must not pull in torch and PEFT. accelerate and the Trainer are imported only inside the functions that use them.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .._lazy import lazy_exports
 _EXPORTS = {
     "DataOptions": ".options",
     "FAMDataCollator": ".data",
+    "FAMRecipeCallback": ".recipe_callback",
     "FAMRecipeConfig": ".options",
     "FAMTrainingRecipe": ".recipe",
     "FinetuneConfig": ".options",
