@@ -268,6 +268,31 @@ def test_full_trains_every_weight_and_saves_the_whole_model(base_ckpt, tmp_path)
     assert "model.layers.1.mlp.down_proj.weight" in moved and "model.embed_tokens.weight" in moved
 
 
+def test_full_with_frozen_embeddings_trains_everything_else(base_ckpt, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "frozen"
+    config = FinetuneConfig(
+        model=ModelOptions(path=str(base_ckpt), block_size=16, memory_segments=1, fam_length=4),
+        data=DataOptions(passkey_form="synthetic", seq_len=48, passkey_examples=8),
+        lora=LoraOptions(full=True, train_embeddings=False),
+        train=TrainOptions(output_dir=str(out), max_steps=2, batch_size=2, learning_rate=1e-3, log_every=1),
+    )
+    try:
+        finetune(config)
+    finally:
+        _reset_accelerate()
+    saved = AutoModelForCausalLM.from_pretrained(out).eval()
+    base = dict(_converted_like_the_run(base_ckpt).named_parameters())
+    moved = {name for name, w in saved.named_parameters() if (w - base[name]).abs().max() > 0}
+    assert "model.embed_tokens.weight" not in moved
+    assert {"fam.fam_init", "model.layers.0.self_attn.q_proj.weight", "lm_head.weight"} <= moved  # untied here
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["trained"] == "every weight but the token embeddings"
+    with pytest.raises(ValueError, match="--freeze-embeddings goes with --full"):
+        FinetuneConfig(model=config.model, train=config.train, lora=LoraOptions(train_embeddings=False))
+
+
 def _converted_like_the_run(base_ckpt):
     """The tiny base converted as the run converts it (C=16, M=1, F=4, the paper's update, the start text's
     memory), so weights compare name by name."""

@@ -202,6 +202,9 @@ def _trainable(model, lora: LoraOptions, work: Path, base_path, fam_base_dir: Pa
 
     if lora.full:
         model.requires_grad_(True)
+        if not lora.train_embeddings:  # a tied LM head is the same tensor: frozen with them
+            model.get_input_embeddings().requires_grad_(False)
+            return model, None, "every weight but the token embeddings"
         return model, None, "every weight"
     peft_model = get_peft_model(model, fam_lora_config(
         model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
@@ -372,7 +375,7 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path, resume_fr
     if accelerator.is_main_process:
         summary = {"steps": step, "final_loss": final_loss, "seconds": round(seconds, 2),
                    "world_size": accelerator.num_processes, "adapter_digests": digests,
-                   "trained": "every weight" if config.lora.full else "LoRA",
+                   "trained": trained_what if config.lora.full else "LoRA",
                    "base_model": str(base_path), "merged": str(merged_dir.resolve()) if merged_dir else None}
         result_model = save_run(trained, tokenizer, work, out=out, full=config.lora.full, base_path=base_path,
                                 fam_base_dir=fam_base_dir, lora_start=lora_start, merged_dir=merged_dir,

@@ -153,6 +153,10 @@ class LoraOptions:
         False, "train every weight instead of LoRA (the other LoRA options do not apply): the output is the whole "
                "FAM checkpoint, not an adapter; learnt the memory fastest in docs/training.md's probe", "--full",
     )
+    train_embeddings: bool = option(
+        True, "with --full: keep the token embeddings (and an LM head tied to them) frozen: a quarter of "
+              "SmolLM2-135M's weights, and their optimizer state", "--freeze-embeddings", negate=True,
+    )
     r: int = option(DEFAULT_LORA_RANK, "LoRA rank (the paper's)", "--lora-rank")
     alpha: int | None = option(None, "LoRA alpha (default: the rank)", "--lora-alpha")
     dropout: float = option(0.0, "LoRA dropout", "--lora-dropout")
@@ -293,12 +297,15 @@ class FinetuneConfig:
 
     def __post_init__(self):
         if not self.lora.full:
+            if not self.lora.train_embeddings:
+                raise ValueError("--freeze-embeddings goes with --full; LoRA does not train the embeddings.")
             return
         if self.train.merge:
             raise ValueError("--merge merges a LoRA adapter; a --full run saves the whole model already: drop --merge.")
         defaults = LoraOptions()
+        full_options = ("full", "train_embeddings")
         changed = [f.metadata["flag"] for f in fields(LoraOptions)
-                   if f.name != "full" and getattr(self.lora, f.name) != getattr(defaults, f.name)]
+                   if f.name not in full_options and getattr(self.lora, f.name) != getattr(defaults, f.name)]
         if changed:
             raise ValueError(f"{', '.join(changed)} set{'s' if len(changed) == 1 else ''} LoRA, which a --full run "
                              "does not use: drop " + ("it" if len(changed) == 1 else "them") + " or --full.")
