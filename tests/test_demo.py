@@ -103,6 +103,15 @@ def test_demo_without_matplotlib_stops_before_any_work(tmp_path, capsys, monkeyp
     assert main(["eval", str(tmp_path / "no-model"), "--task", "passkey", "--out", str(result)]) == 2
     assert "hf-fam eval draws its plot with matplotlib" in capsys.readouterr().err
     assert not result.exists()
+    # --no-plot: the JSON alone, without matplotlib
+    from hf_fam.tiny import make_tiny_checkpoint
+
+    model = make_tiny_checkpoint(tmp_path / "tiny", "llama")
+    assert main(["eval", str(model), "--task", "passkey", "--form", "synthetic", "--lengths", "32", "--trials", "2",
+                 "--block-size", "8", "--memory-segments", "1", "--fam-length", "2", "--out", str(result),
+                 "--no-plot"]) == 0
+    assert result.is_file() and not result.with_suffix(".png").exists()
+    assert capsys.readouterr().out.strip().endswith(f"wrote {result}")
 
 
 def test_demo_saves_what_it_computed_before_plotting(tmp_path, monkeypatch):

@@ -76,7 +76,7 @@ def render_adapter_card(folder: str | Path, *, repo_id: str | None, base_model: 
         target_modules=_names(adapter.get("target_modules")),
         modules_to_save=_names(adapter.get("modules_to_save")),
         training=_training_text(folder),
-        evaluation=evaluation_table(info.eval_results),
+        evaluation=evaluation_table(info.eval_results, "adapter"),
         model_id=model_id,
         tokenizer_id=model_id if (folder / "tokenizer_config.json").is_file() else base_model,
         hf_fam_version=hf_fam.__version__,

@@ -245,10 +245,10 @@ def _fam_init_text(info: CardInfo) -> str:
             "MLP, with `fam_init` trainable) before relying on what lies beyond the attention window.").strip()
 
 
-def evaluation_table(results: list) -> str:
-    """The card's evaluation section: a markdown table of `results`, or a line saying there are none."""
+def evaluation_table(results: list, what: str = "checkpoint") -> str:
+    """The card's evaluation section: a markdown table of `results`, or a line saying there are none for `what`."""
     if not results:
-        return "No evaluation results were recorded for this checkpoint."
+        return f"No evaluation results were recorded for this {what}."
     rows = ["| task | dataset | setting | metric | value |", "|---|---|---|---|---|"]
     for r in results:
         cells = [r.task_name or r.task_type, r.dataset_name, r.dataset_config or "", r.metric_name or r.metric_type,

@@ -22,6 +22,7 @@ def register(sub) -> None:
     p.add_argument("--task", choices=("passkey", "perplexity"), default="passkey", help="what to evaluate")
     p.add_argument("--out", default="eval.json", help="JSON output path")
     p.add_argument("--plot", help="PNG plot path (passkey, or perplexity with --compare); default: next to --out")
+    p.add_argument("--no-plot", action="store_true", help="write the JSON only (no matplotlib needed)")
     p.add_argument("--compare", nargs="+", choices=("base", "bswa", "fam"), metavar="VARIANT",
                    help="perplexity: also read the text with the same weights as BSWA (no memory) and/or the base "
                    "model (full attention), and plot perplexity against position for all of them, e.g. "
@@ -46,10 +47,12 @@ def check(args) -> None:
 
     from ..errors import CLIError
 
-    plots = args.task == "passkey" or bool(args.compare)
+    if args.no_plot and args.plot:
+        raise CLIError("--plot names the plot that --no-plot skips: pass one of them")
+    plots = (args.task == "passkey" or bool(args.compare)) and not args.no_plot
     if plots and importlib.util.find_spec("matplotlib") is None:
         raise CLIError("hf-fam eval draws its plot with matplotlib, which is not installed: "
-                       "pip install 'hf-fam[demo]' (or pip install matplotlib)")
+                       "pip install 'hf-fam[demo]' (or pip install matplotlib), or pass --no-plot")
 
 
 def run(args) -> int:
@@ -97,11 +100,12 @@ def run(args) -> int:
                      "fam": f"FAM C={s.block_size} M={s.memory_segments} F={s.fam_length}"}
             result = {"label": label, "models": {names[k]: v for k, v in runs.items()}}
             write_json(result, args.out)
-            plot = args.plot or str(Path(args.out).with_suffix(".png"))
-            plot_perplexity(result["models"], plot, title=f"{label}: perplexity by position")
+            plot = None if args.no_plot else args.plot or str(Path(args.out).with_suffix(".png"))
+            if plot:
+                plot_perplexity(result["models"], plot, title=f"{label}: perplexity by position")
             for name, run in result["models"].items():
                 print(f"{name}: perplexity {run['perplexity']:.3f} over {run['tokens']} tokens")
-            print(f"wrote {args.out} and {plot}")
+            print(f"wrote {args.out}" + (f" and {plot}" if plot else ""))
             return 0
         chunks = iter_text_file_tokens(tokenizer, args.text_file, chunk_tokens=args.chunk_tokens)
         result = {"label": label, **evaluate_perplexity(model, chunks, max_tokens=args.max_tokens, progress=True)}
@@ -121,11 +125,12 @@ def run(args) -> int:
     config = options_from_args(PasskeyEvalConfig, args, lengths=lengths)
     result = evaluate_passkey(model, config, tokenizer, progress=True, label=label)
     write_json(result, args.out)
-    plot = args.plot or str(Path(args.out).with_suffix(".png"))
-    plot_passkey([result], plot)
+    plot = None if args.no_plot else args.plot or str(Path(args.out).with_suffix(".png"))
+    if plot:
+        plot_passkey([result], plot)
     for row in result["rows"]:
         far = row.get("beyond_reach_accuracy")
         far_text = f", beyond reach {100 * far:.1f}% of {row['beyond_reach_trials']}" if far is not None else ""
         print(f"{label}: {row['length']} tokens: {100 * row['accuracy']:.1f}%{far_text}")
-    print(f"wrote {args.out} and {plot}")
+    print(f"wrote {args.out}" + (f" and {plot}" if plot else ""))
     return 0
