@@ -97,3 +97,20 @@ def test_generate_and_eval_take_an_adapter_folder_and_its_hub_repo(base, adapter
                             env=env, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout == outputs["merged text"]
+
+
+def test_eval_no_fam_refuses_what_loads_as_a_fam_model(base, adapter, tmp_path, capsys):
+    """--no-fam reads a base checkpoint as is: a FAM checkpoint, or an adapter of one, would run FAM under its
+    no-FAM label."""
+    folder, _ = adapter
+    text = tmp_path / "text.txt"
+    text.write_text("a feedback attention memory reads long input block by block. " * 2)
+    for source in (base, folder):
+        capsys.readouterr()
+        assert main(["eval", str(source), "--no-fam", "--task", "perplexity", "--text-file", str(text),
+                     "--out", str(tmp_path / "x.json")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "--no-fam reads a base checkpoint as is" in err, err
+    assert not (tmp_path / "x.json").exists()
+    assert main(["eval", str(base_folder(base)), "--no-fam", "--task", "perplexity", "--text-file", str(text),
+                 "--out", str(tmp_path / "plain.json")]) == 0  # a base checkpoint as is

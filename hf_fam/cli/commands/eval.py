@@ -73,6 +73,10 @@ def run(args) -> int:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=resolve_dtype(args.dtype)).to(args.device)
+        if getattr(model.config, "model_type", None) == "fam":  # a FAM checkpoint, or an adapter of one, loads so
+            raise CLIError(f"--no-fam reads a base checkpoint as is, and {args.model} loads as a FAM model (it would "
+                           "run FAM under a no-FAM label); for its weights with full attention use --task "
+                           "perplexity --compare base fam")
         tokenizer = AutoTokenizer.from_pretrained(args.model)
     else:
         overrides = FAMOverrides.from_args(args)
