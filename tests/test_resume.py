@@ -65,12 +65,17 @@ def _losses(out):
     return [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("full", [False, True], ids=["lora", "full"])
+@pytest.mark.parametrize("full", [False, True, "pissa"], ids=["lora", "full", "pissa"])
 def test_an_interrupted_run_resumed_ends_as_the_uninterrupted_run(base_ckpt, tmp_path, monkeypatch, full):
-    whole = _run(_config(base_ckpt, tmp_path / "whole", full=full))
+    """`pissa`: a PiSSA start, whose saved adapter is converted at the end against the start kept in the run."""
+    def config_for(out, **train):
+        config = _config(base_ckpt, out, full=full is True, **train)
+        return replace(config, lora=replace(config.lora, init="pissa")) if full == "pissa" else config
+
+    whole = _run(config_for(tmp_path / "whole"))
 
     out = tmp_path / "run"
-    config = _config(base_ckpt, out, full=full, save_every=2)
+    config = config_for(out, save_every=2)
     with pytest.raises(Interrupted):
         _run(config, interrupt_at_forward=9, monkeypatch=monkeypatch)  # step 5 of 6: states of steps 2 and 4 written
     assert not out.exists()  # no output from an interrupted run
@@ -83,7 +88,7 @@ def test_an_interrupted_run_resumed_ends_as_the_uninterrupted_run(base_ckpt, tmp
     assert _losses(out) == _losses(tmp_path / "whole")  # steps 1-4 from the state's log, 5-6 computed again
     assert resumed.final_loss == whole.final_loss
     assert not states_dir(out).exists()  # removed once the run is complete
-    name = "model.safetensors" if full else "adapter_model.safetensors"
+    name = "model.safetensors" if full is True else "adapter_model.safetensors"
     assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
 
 
