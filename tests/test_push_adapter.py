@@ -217,6 +217,8 @@ def test_an_adapter_s_card_takes_evaluation_results_and_they_go_up_with_it(base,
     stay in the card pushed for the repo."""
     folder = tmp_path / "adapter"
     shutil.copytree(adapter, folder)
+    summary = {"steps": 3, "final_loss": 0.5, "base_model": str(base), "merged": str(tmp_path / "adapter" / "merged")}
+    (folder / "train_summary.json").write_text(json.dumps(summary))  # as hf-fam finetune writes it
     results = tmp_path / "eval.json"
     results.write_text(json.dumps({"results": [{"task": "passkey retrieval", "metric": "accuracy", "value": 0.75,
                                                 "setting": "4x window"}]}))
@@ -232,6 +234,10 @@ def test_an_adapter_s_card_takes_evaluation_results_and_they_go_up_with_it(base,
     assert 'model_id = "me/evaluated"' in pushed and "base_model: me/tiny-fam" in pushed
     assert "| passkey retrieval | passkey retrieval | 4x window | accuracy | 0.75 |" in pushed
     assert "license: apache-2.0" in pushed
+    # the run's summary names the base's repo, not the local folder, and no local merged model
+    assert json.loads((hub.repo("me/evaluated") / "train_summary.json").read_text()) == {
+        "steps": 3, "final_loss": 0.5, "base_model": "me/tiny-fam"}
+    assert json.loads((folder / "train_summary.json").read_text()) == summary  # the folder's own is kept
 
     capsys.readouterr()
     assert main(["card", str(folder), "--fine-tuned"]) == 2

@@ -39,7 +39,7 @@ from pathlib import Path
 from transformers.dynamic_module_utils import get_relative_imports
 
 from . import publish_adapter
-from .adapter_card import adapter_card_info, render_adapter_card
+from .adapter_card import RUN_SUMMARY, adapter_card_info, render_adapter_card
 from .cards import CardInfo, fam_card_info, render_model_card
 from .checkpoint import read_config
 from .inspection import REFRESH_COMMAND, verify_checkpoint
@@ -192,11 +192,13 @@ def _push_adapter_folder(folder: Path, repo_id: str, *, base_model: str | None, 
         base_model, base_config, local_base = publish_adapter.resolve_base(folder, base_model, api=api, token=token)
         repo_id = api.create_repo(repo_id, token=token, private=private, exist_ok=True).repo_id
         replace_card = publish_adapter.card_is_replaceable(folder)
+        rewritten = {publish_adapter.ADAPTER_CONFIG: publish_adapter.adapter_config_bytes(folder, base_model),
+                     RUN_SUMMARY: publish_adapter.run_summary_bytes(folder, base_model)}  # naming the base's repo
+        rewritten = {name: data for name, data in rewritten.items() if data is not None}
         operations = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p))
                       for p in publish_adapter.adapter_files(folder)
-                      if p.name != publish_adapter.ADAPTER_CONFIG and not (replace_card and p.name == CARD_NAME)]
-        operations.append(CommitOperationAdd(path_in_repo=publish_adapter.ADAPTER_CONFIG,
-                                             path_or_fileobj=publish_adapter.adapter_config_bytes(folder, base_model)))
+                      if p.name not in rewritten and not (replace_card and p.name == CARD_NAME)]
+        operations += [CommitOperationAdd(path_in_repo=name, path_or_fileobj=data) for name, data in rewritten.items()]
         if replace_card:  # what the folder's hf_fam card records (results, license, tags), the caller's tags
             info = adapter_card_info(folder, local_base)
             info = replace(info, tags=list(dict.fromkeys(info.tags + (tags or []))))
