@@ -174,7 +174,7 @@ def test_what_would_not_load_elsewhere_is_refused_before_anything_is_uploaded(co
 def test_cli_push(converted, hub, capsys):
     assert main(["push", str(converted), "org/cli", "--revision", "dev", "--commit-message", "from the CLI"]) == 0
     out = capsys.readouterr().out
-    assert "pushed" in out and "https://huggingface.co/org/cli/commit/0" in out
+    assert "pushed" in out and f"https://huggingface.co/org/cli/commit/{hub.head('org/cli')}" in out
     assert ("create_commit", "org/cli", "from the CLI", "dev", False) in hub.calls
     assert 'model_id = "org/cli"' in (hub.repo("org/cli") / "README.md").read_text()
 

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -52,11 +55,14 @@ def _adapter_logits(base_folder, adapter_folder, ids):
         return model(ids).logits
 
 
-def _assert_loads_by_repo_id_elsewhere(hub, repo_id, ids, expected, tmp_path):
+def _assert_loads_by_repo_id_elsewhere(hub, repo_id, ids, expected, tmp_path, transformers_expected=None):
     """The pushed adapter, loaded by its repo id from a cache of the stand-in Hub, offline, where hf_fam cannot be
-    imported: the FAM base comes as remote code, and the logits are the adapter's."""
+    imported: the FAM base comes as remote code, and the logits are the adapter's. `transformers_expected`: what
+    transformers' own loading gives where it differs (it takes the base's newest commit, not the pinned one)."""
     cache = hub_cache(hub, tmp_path / "cache")
-    torch.save({"ids": ids, "expected": expected}, tmp_path / "expected.pt")
+    torch.save({"ids": ids, "expected": expected,
+                "transformers": expected if transformers_expected is None else transformers_expected},
+               tmp_path / "expected.pt")
     script = f"""
         import os
         os.environ["HF_HUB_CACHE"], os.environ["HF_HUB_OFFLINE"] = {str(cache)!r}, "1"
@@ -76,7 +82,7 @@ def _assert_loads_by_repo_id_elsewhere(hub, repo_id, ids, expected, tmp_path):
         with torch.no_grad():
             for name, loaded in (("AUTO", plain), ("PIPELINE", piped)):
                 print(name, type(loaded).__name__, loaded._hf_peft_config_loaded,
-                      (loaded(data["ids"]).logits - data["expected"]).abs().max().item())
+                      (loaded(data["ids"]).logits - data["transformers"]).abs().max().item())
     """
     result = run_without_hf_fam(script, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -106,13 +112,15 @@ def test_an_adapter_goes_up_after_its_base_naming_it_and_loads_by_repo_id_withou
     saved_config = json.loads((adapter / "adapter_config.json").read_text())
     # made without a task type, it names hf_fam's class to import, which the loading process cannot
     assert saved_config["task_type"] is None and saved_config["auto_mapping"]["parent_library"].startswith("hf_fam")
+    assert saved_config["revision"] is None and len(hub.head("me/tiny-fam")) == 40
     assert pushed_config == {**saved_config, "base_model_name_or_path": "me/tiny-fam", "task_type": "CAUSAL_LM",
-                             "auto_mapping": None}
+                             "auto_mapping": None, "revision": hub.head("me/tiny-fam")}  # the base's commit
     assert (repo / "adapter_model.safetensors").read_bytes() == (adapter / "adapter_model.safetensors").read_bytes()
     card = (repo / "README.md").read_text()  # PEFT's template card is replaced by one for the adapter
     assert CARD_MARK in card and "base_model: me/tiny-fam" in card and "library_name: peft" in card
     assert 'model_id = "me/tiny-fam-lora"' in card and "AutoPeftModelForCausalLM" in card
     assert "base_model:adapter:me/tiny-fam" in card and "| LoRA rank r, alpha | 4, 8 |" in card
+    assert f"/me/tiny-fam/tree/{hub.head('me/tiny-fam')})" in card and "does not read the pin" in card
 
     ids = _ids()
     _assert_loads_by_repo_id_elsewhere(hub, "me/tiny-fam-lora", ids, _adapter_logits(base, adapter, ids), tmp_path)
@@ -156,7 +164,7 @@ def test_an_adapter_that_would_not_load_as_trained_is_refused_before_anything_is
         message = "is not a Hub repo id"
     elif case == "base with checkpoint":
         checkpoint = base
-        message = "goes with a LoRA adapter"
+        message = "go with a LoRA adapter"
     elif case == "peft of a plain model":
         plain = AutoModelForCausalLM.from_pretrained(base.parent / f"{base.name}-base")
         checkpoint = get_peft_model(plain, LoraConfig(r=2, target_modules=["q_proj"]))
@@ -192,18 +200,81 @@ def test_cli_push_of_an_adapter(base, adapter, hub, capsys):
         "org/base"
 
 
-def test_no_network_is_one_line_not_a_missing_base(adapter, hub, monkeypatch):
-    """Without a network huggingface_hub raises LocalEntryNotFoundError, an EntryNotFoundError: it says nothing
-    about the base, so it must not read as "no config.json on the Hub"."""
-    from huggingface_hub.errors import LocalEntryNotFoundError
+class _NoNetwork(Exception):
+    """What huggingface_hub's HTTP client raises when the Hub cannot be reached (httpx.ConnectError)."""
+
+
+_NoNetwork.__module__ = "httpx"
+
+
+@pytest.mark.parametrize("where", ["offline mode", "no network", "download"])
+def test_no_network_is_one_line_not_a_missing_base(base, adapter, hub, monkeypatch, where):
+    """Without a network huggingface_hub raises its HTTP client's error (model_info), OfflineModeIsEnabled (with
+    HF_HUB_OFFLINE) or LocalEntryNotFoundError (hf_hub_download), an EntryNotFoundError: none says anything about
+    the base, so none may read as "not on the Hub" or "no config.json on the Hub"."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    raised = {"offline mode": OfflineModeIsEnabled("Cannot reach https://huggingface.co/api/models/me/base: offline "
+                                                   "mode is enabled"),
+              "no network": _NoNetwork("[Errno -2] Name or service not known"),
+              "download": LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub")}
 
     def unreachable(*args, **kwargs):
-        raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub")
+        raise raised[where]
 
-    monkeypatch.setattr(hub, "hf_hub_download", unreachable)
-    with pytest.raises(ConnectionError, match="cannot reach the Hub to read the base me/base's config.json"):
+    push_to_hub(base, "me/base")
+    monkeypatch.setattr(hub, "hf_hub_download" if where == "download" else "model_info", unreachable)
+    message = {"offline mode": "offline mode is enabled", "no network": "cannot reach the Hub to push to me/lora",
+               "download": "cannot reach the Hub to read the base me/base's config.json"}[where]
+    with pytest.raises(ConnectionError, match=message):
         push_to_hub(adapter, "me/lora", base_model="me/base")
-    assert not hub.committed()
+    assert not hub.repo("me/lora").exists()
+
+
+def test_the_base_s_commit_is_pinned_so_a_base_pushed_again_does_not_change_the_adapter(base, adapter, hub,
+                                                                                        tmp_path, capsys):
+    """The pushed adapter_config.json names the commit of the base that was checked (PEFT's `revision`):
+    `AutoPeftModelForCausalLM` and `hf-fam` load the base at it after the base's repo moves on; transformers' own
+    loading takes the newest base, as the card says. --base-revision picks another commit, checked against it."""
+    push_to_hub(base, "me/tiny-fam")
+    first = hub.head("me/tiny-fam")
+    push_to_hub(adapter, "me/tiny-fam-lora", base_model="me/tiny-fam")
+    pushed = json.loads((hub.repo("me/tiny-fam-lora") / "adapter_config.json").read_text())
+    assert pushed["revision"] == first
+    other = fam_checkpoint(tmp_path / "retrained" / "tiny-fam", route="converted", seed=1)  # other weights
+    push_to_hub(other, "me/tiny-fam")
+    assert hub.head("me/tiny-fam") != first
+    ids = _ids(2)
+    expected = _adapter_logits(base, adapter, ids)
+    _assert_loads_by_repo_id_elsewhere(hub, "me/tiny-fam-lora", ids, expected, tmp_path / "elsewhere",
+                                       transformers_expected=_adapter_logits(other, adapter, ids))
+    script = f"""
+        import os
+        os.environ["HF_HUB_CACHE"], os.environ["HF_HUB_OFFLINE"] = {str(tmp_path / "elsewhere" / "cache")!r}, "1"
+        import torch
+        from hf_fam.runtime.loading import load_fam_model
+        model = load_fam_model("me/tiny-fam-lora", adapters=True)[0]  # what hf-fam eval / generate load
+        data = torch.load({str(tmp_path / "elsewhere" / "expected.pt")!r})
+        with torch.no_grad():
+            print("DIFF", (model(data["ids"]).logits - data["expected"]).abs().max().item())
+    """
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert float(result.stdout.split("DIFF")[1].split()[0]) <= 1e-5
+
+    # a base whose main now has other settings: refused at main, taken at the commit the adapter was trained on
+    moved = fam_checkpoint(tmp_path / "moved" / "tiny-fam", route="converted", block_size=16)
+    push_to_hub(moved, "me/tiny-fam")
+    with pytest.raises(ValueError, match="me/tiny-fam is not the base .*block_size.*or name the commit of it the "
+                       "adapter was trained on with --base-revision"):
+        push_to_hub(adapter, "me/again", base_model="me/tiny-fam")
+    with pytest.raises(ValueError, match="has no revision 'v0' on the Hub: name a branch, tag or commit"):
+        push_to_hub(adapter, "me/again", base_model="me/tiny-fam", base_revision="v0")
+    assert main(["push", str(adapter), "me/again", "--base-model", "me/tiny-fam", "--base-revision", first]) == 0
+    assert json.loads((hub.repo("me/again") / "adapter_config.json").read_text())["revision"] == first
+    assert main(["push", str(base), "me/x", "--base-revision", first]) == 2
+    assert "go with a LoRA adapter" in capsys.readouterr().err
 
 
 def test_commands_given_an_adapter_folder_name_its_base(adapter, base, capsys):

@@ -31,7 +31,7 @@ RUN_SUMMARY, RUN_CONFIG = "train_summary.json", "finetune_config.json"
 
 
 def render_adapter_card(folder: str | Path, *, repo_id: str | None, base_model: str, base_config: dict,
-                        info: CardInfo | None = None) -> str:
+                        info: CardInfo | None = None, base_revision: str | None = None) -> str:
     """The card of the adapter in `folder` (its adapter_config.json, and the run records when present).
 
     Args:
@@ -40,6 +40,7 @@ def render_adapter_card(folder: str | Path, *, repo_id: str | None, base_model: 
         base_model: the base's Hub id, or its local path before the base is pushed.
         base_config: the base's config.json (a FAM config).
         info: license, language and tags to carry (those of the base's card, or of an earlier card).
+        base_revision: the base's commit the pushed adapter_config.json pins (None: not pinned).
 
     Returns:
         The README.md text: YAML metadata, then markdown.
@@ -67,6 +68,9 @@ def render_adapter_card(folder: str | Path, *, repo_id: str | None, base_model: 
         title=title,
         base_model_text=f"[{base_model}](https://huggingface.co/{base_model})" if on_hub else f"`{base_model}`",
         base_model=base_model,
+        base_pin=_pin_text(base_model, base_revision) if on_hub and base_revision else "",
+        transformers_pin=" (at the base's newest commit: transformers does not read the pin)"
+        if on_hub and base_revision else "",
         architecture=summary.architecture,
         block_size=f"{summary.block_size:,}",
         attention_window=f"{summary.attention_window:,}",
@@ -82,6 +86,11 @@ def render_adapter_card(folder: str | Path, *, repo_id: str | None, base_model: 
         hf_fam_version=hf_fam.__version__,
     )
     return Template(template_text(ADAPTER_TEMPLATE_NAME)).substitute(values)
+
+
+def _pin_text(base_model: str, revision: str) -> str:
+    return (f" at the commit the adapter was pushed against, [`{revision[:7]}`](https://huggingface.co/{base_model}/"
+            f"tree/{revision}) (adapter_config.json's `revision`: pushing the base again does not change it)")
 
 
 def write_adapter_card(folder: str | Path, *, base_model: str, base_config: dict, info: CardInfo | None = None,

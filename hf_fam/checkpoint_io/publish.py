@@ -58,6 +58,7 @@ def push_to_hub(
     *,
     tokenizer=None,
     base_model: str | None = None,
+    base_revision: str | None = None,
     commit_message: str | None = None,
     commit_description: str | None = None,
     private: bool | None = None,
@@ -77,6 +78,8 @@ def push_to_hub(
         tokenizer: with a model, also saved and pushed (a folder carries its own tokenizer files).
         base_model: for an adapter, the Hub repo of its FAM base (pushed first), written into the pushed
             adapter_config.json; needed when the adapter names a local base (default: the base it names).
+        base_revision: for an adapter, the branch, tag or commit of `base_model` it applies to (default: the
+            revision the adapter names, else main); pinned as a commit in the pushed adapter_config.json.
         commit_message, commit_description, private, token, revision, create_pr: as in transformers'
             `push_to_hub` (revision: a branch, created if missing).
         max_shard_size: with a model, the largest weight file `save_pretrained` writes.
@@ -99,13 +102,16 @@ def push_to_hub(
             raise ValueError("tokenizer= goes with a model; a folder is pushed with the tokenizer files it holds")
         folder = Path(checkpoint)
         if folder.is_dir() and publish_adapter.is_adapter_folder(folder):
-            return _push_adapter_folder(folder, repo_id, base_model=base_model, **commit)
-        if base_model is not None:
-            raise ValueError(f"base_model= (--base-model) goes with a LoRA adapter; {folder} is not one")
+            return _push_adapter_folder(folder, repo_id, base_model=base_model, base_revision=base_revision,
+                                        **commit)
+        if base_model is not None or base_revision is not None:
+            raise ValueError(f"base_model= / base_revision= (--base-model / --base-revision) go with a LoRA adapter; "
+                             f"{folder} is not one")
         return _push_folder(folder, repo_id, card=None, **commit)
     is_peft = _check_model(checkpoint)
-    if not is_peft and base_model is not None:
-        raise ValueError("base_model= (--base-model) goes with a LoRA adapter (a PeftModel); this is a FAM model")
+    if not is_peft and (base_model is not None or base_revision is not None):
+        raise ValueError("base_model= / base_revision= (--base-model / --base-revision) go with a LoRA adapter (a "
+                         "PeftModel); this is a FAM model")
     with tempfile.TemporaryDirectory(prefix="hf_fam_push_") as tmp:
         folder = Path(tmp)
         if is_peft:
@@ -115,7 +121,8 @@ def push_to_hub(
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
         if is_peft:
-            return _push_adapter_folder(folder, repo_id, base_model=base_model, **commit)
+            return _push_adapter_folder(folder, repo_id, base_model=base_model, base_revision=base_revision,
+                                        **commit)
         return _push_folder(folder, repo_id, card=_model_card_info(checkpoint), **commit)
 
 
@@ -182,28 +189,28 @@ def _push_folder(folder: Path, repo_id: str, *, card: CardInfo | None, tags, api
                        commit_message=commit_message or DEFAULT_COMMIT_MESSAGE, commit_description=commit_description)
 
 
-def _push_adapter_folder(folder: Path, repo_id: str, *, base_model: str | None, tags, api, token, private, revision,
-                         create_pr, commit_message, commit_description):
+def _push_adapter_folder(folder: Path, repo_id: str, *, base_model: str | None, base_revision: str | None, tags, api,
+                         token, private, revision, create_pr, commit_message, commit_description):
     """Push a LoRA adapter folder once its FAM base is on the Hub (`publish_adapter.resolve_base`)."""
     from huggingface_hub import CommitOperationAdd, HfApi
 
     api = api if api is not None else HfApi(token=token)
     with _hub_errors(repo_id):
-        base_model, base_config, local_base = publish_adapter.resolve_base(folder, base_model, api=api, token=token)
+        base = publish_adapter.resolve_base(folder, base_model, base_revision=base_revision, api=api, token=token)
         repo_id = api.create_repo(repo_id, token=token, private=private, exist_ok=True).repo_id
         replace_card = publish_adapter.card_is_replaceable(folder)
-        rewritten = {publish_adapter.ADAPTER_CONFIG: publish_adapter.adapter_config_bytes(folder, base_model),
-                     RUN_SUMMARY: publish_adapter.run_summary_bytes(folder, base_model)}  # naming the base's repo
+        rewritten = {publish_adapter.ADAPTER_CONFIG: publish_adapter.adapter_config_bytes(folder, base),
+                     RUN_SUMMARY: publish_adapter.run_summary_bytes(folder, base.repo_id)}  # naming the base's repo
         rewritten = {name: data for name, data in rewritten.items() if data is not None}
         operations = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p))
                       for p in publish_adapter.adapter_files(folder)
                       if p.name not in rewritten and not (replace_card and p.name == CARD_NAME)]
         operations += [CommitOperationAdd(path_in_repo=name, path_or_fileobj=data) for name, data in rewritten.items()]
         if replace_card:  # what the folder's hf_fam card records (results, license, tags), the caller's tags
-            info = adapter_card_info(folder, local_base)
+            info = adapter_card_info(folder, base.local)
             info = replace(info, tags=list(dict.fromkeys(info.tags + (tags or []))))
-            text = render_adapter_card(folder, repo_id=repo_id, base_model=base_model, base_config=base_config,
-                                       info=info)
+            text = render_adapter_card(folder, repo_id=repo_id, base_model=base.repo_id, base_config=base.config,
+                                       info=info, base_revision=base.revision)
             operations.append(CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=text.encode("utf-8")))
         elif tags:
             logger.warning("%s is not a card hf_fam wrote: uploaded as it is, without the tags %s",

@@ -6,14 +6,17 @@ it was converted from, the same adapter loads without a word and runs full atten
 the Hub as a FAM checkpoint before the adapter goes up: `base_model` names its repo (needed when the adapter names
 a local folder, as after `hf-fam finetune`, whose base is `OUT/fam_base` or the folder trained from), the Hub's
 config.json of that repo must be a FAM config and, when the local base is still there, the same config as the one
-the adapter was trained on. The adapter's `adapter_config.json` goes up naming that repo (the folder's own file is
-not modified), with a card saying what the adapter is for and how to load it (`adapter_card.py`).
+the adapter was trained on. The adapter's `adapter_config.json` goes up naming that repo and the commit of it that
+was checked (PEFT's `revision`, which `AutoPeftModelForCausalLM` loads the base at: a base pushed again later with
+other weights does not change what the adapter applies to); the folder's own file is not modified. A card saying
+what the adapter is for and how to load it goes with it (`adapter_card.py`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint import CONFIG_NAME, read_config
@@ -34,11 +37,22 @@ def is_adapter_folder(folder: Path) -> bool:
     return (folder / ADAPTER_CONFIG).is_file() and not (folder / CONFIG_NAME).is_file()
 
 
-def resolve_base(folder: Path, base_model: str | None, *, api, token) -> tuple[str, dict, Path | None]:
-    """The base the adapter in `folder` goes up with: (its repo id, the Hub's config.json of it, the local base
-    folder the adapter names, or None). Raises a one-line ValueError, before anything is uploaded, when the
-    adapter lacks its weights, the base is not on the Hub, is not a FAM checkpoint, or is another than the one
-    the adapter was trained on."""
+@dataclass(frozen=True)
+class HubBase:
+    """The FAM base an adapter goes up with."""
+
+    repo_id: str
+    revision: str  # the commit (40 hex digits) whose config.json was checked, pinned in the adapter's config
+    config: dict  # that commit's config.json
+    local: Path | None  # the local base folder the adapter names, when it is still there
+
+
+def resolve_base(folder: Path, base_model: str | None, *, base_revision: str | None = None, api,
+                 token) -> HubBase:
+    """The base the adapter in `folder` goes up with, at `base_revision` (a branch, tag or commit of it; default:
+    the revision the adapter names for that repo, else its main branch), resolved to a commit. Raises a one-line
+    ValueError, before anything is uploaded, when the adapter lacks its weights, the base (or that revision) is
+    not on the Hub, is not a FAM checkpoint, or is another than the one the adapter was trained on."""
     adapter = json.loads((folder / ADAPTER_CONFIG).read_text())
     if adapter.get("peft_type") != "LORA":
         raise ValueError(f"{folder} holds a {adapter.get('peft_type')} adapter; hf_fam pushes LoRA adapters")
@@ -58,16 +72,19 @@ def resolve_base(folder: Path, base_model: str | None, *, api, token) -> tuple[s
     elif not looks_like_repo_id(base_model):
         raise ValueError(f"--base-model {base_model!r} is not a Hub repo id (namespace/name): push the base first "
                          "and name its repo")
-    base_config = _hub_config(base_model, folder, local, api=api, token=token)
+    if base_revision is None and base_model == named:
+        base_revision = adapter.get("revision")  # trained on that revision of a Hub base
+    revision, base_config = _hub_config(base_model, base_revision, folder, local, api=api, token=token)
     if local is not None and (local / CONFIG_NAME).is_file():
         differ = _differences(base_config, read_config(local))
         if differ:
             key, there, here = differ[0]
             raise ValueError(
                 f"{base_model} is not the base {folder}'s adapter was trained on: its config.json differs from "
-                f"{local}'s ({key}: {there!r} there, {here!r} here); push {local} there first"
+                f"{local}'s ({key}: {there!r} there, {here!r} here); push {local} there first, or name the commit "
+                "of it the adapter was trained on with --base-revision"
             )
-    return base_model, base_config, local
+    return HubBase(base_model, revision, base_config, local)
 
 
 def adapter_files(folder: Path) -> list[Path]:
@@ -76,8 +93,8 @@ def adapter_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
-def adapter_config_bytes(folder: Path, base_model: str) -> bytes:
-    """The folder's adapter_config.json as it goes up: naming `base_model`, and a causal-LM adapter.
+def adapter_config_bytes(folder: Path, base: HubBase) -> bytes:
+    """The folder's adapter_config.json as it goes up: naming `base`'s repo and commit, and a causal-LM adapter.
 
     An adapter made without a task type (`LoraConfig()` with no `task_type`, as many examples write it) records
     the class it was trained on as an `auto_mapping` to import: `hf_fam.modeling.modeling_fam.FAMForCausalLM`, or
@@ -85,7 +102,7 @@ def adapter_config_bytes(folder: Path, base_model: str) -> bytes:
     adapter is loaded (`AutoPeftModelForCausalLM` refuses it even where hf_fam is installed), so it goes up as
     what it is, `task_type` CAUSAL_LM, which loads the base with `AutoModelForCausalLM`; the weights are the same."""
     adapter = json.loads((folder / ADAPTER_CONFIG).read_text())
-    adapter["base_model_name_or_path"] = base_model
+    adapter["base_model_name_or_path"], adapter["revision"] = base.repo_id, base.revision
     if adapter.get("task_type") is None and adapter.get("auto_mapping"):
         logger.info("%s: task_type CAUSAL_LM in the pushed adapter_config.json, in place of an auto_mapping to %s, "
                     "which loading elsewhere cannot import", folder, adapter["auto_mapping"].get("parent_library"))
@@ -133,7 +150,9 @@ def _differences(there: dict, here: dict, prefix: str = "") -> list[tuple[str, o
     return found
 
 
-def _hub_config(base_model: str, folder: Path, local: Path | None, *, api, token) -> dict:
+def _hub_config(base_model: str, revision: str | None, folder: Path, local: Path | None, *, api,
+                token) -> tuple[str, dict]:
+    """(the commit `revision` of `base_model` is at, that commit's config.json)."""
     from huggingface_hub.errors import (
         EntryNotFoundError,
         LocalEntryNotFoundError,
@@ -143,7 +162,15 @@ def _hub_config(base_model: str, folder: Path, local: Path | None, *, api, token
 
     push_first = f"push it first (hf-fam push {local or 'BASE'} {base_model})"
     try:
-        path = api.hf_hub_download(repo_id=base_model, filename=CONFIG_NAME, token=token)
+        commit = api.model_info(base_model, revision=revision, token=token).sha
+    except RepositoryNotFoundError:
+        raise ValueError(f"the base {base_model} of {folder}'s adapter is not on the Hub (or not visible with this "
+                         f"token): {push_first}") from None
+    except RevisionNotFoundError:
+        raise ValueError(f"the base {base_model} of {folder}'s adapter has no revision {revision!r} on the Hub: name "
+                         "a branch, tag or commit of it with --base-revision") from None
+    try:
+        path = api.hf_hub_download(repo_id=base_model, filename=CONFIG_NAME, revision=commit, token=token)
     except LocalEntryNotFoundError as err:  # no network, or offline mode: says nothing about the repo
         raise ConnectionError(f"cannot reach the Hub to read the base {base_model}'s config.json ({err}); check "
                               "the network, or set HF_ENDPOINT") from None
@@ -159,8 +186,8 @@ def _hub_config(base_model: str, folder: Path, local: Path | None, *, api, token
             f"{base_model} is not a FAM checkpoint (model_type {config.get('model_type')!r}): the adapter would load "
             f"on it without FAM and run full attention; push the FAM checkpoint it was trained on and name that repo"
         )
-    return config
+    return commit, config
 
 
-__all__ = ["adapter_config_bytes", "adapter_files", "card_is_replaceable", "is_adapter_folder", "resolve_base",
-           "run_summary_bytes"]
+__all__ = ["HubBase", "adapter_config_bytes", "adapter_files", "card_is_replaceable", "is_adapter_folder",
+           "resolve_base", "run_summary_bytes"]

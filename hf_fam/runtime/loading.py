@@ -88,7 +88,8 @@ def load_fam_model(source: str, *, overrides: FAMOverrides | None = None, dtype:
     """Load `source` (a local folder or a Hub id) as a FAM model, in eval mode.
 
     With `adapters`, `source` may also be a LoRA adapter of a FAM checkpoint (a folder or Hub repo holding
-    adapter_config.json, as `hf-fam finetune` writes and `hf-fam push` shares): its base is loaded as above and
+    adapter_config.json, as `hf-fam finetune` writes and `hf-fam push` shares): its base is loaded as above (a Hub
+    base at the `revision` the adapter's config pins, as `AutoPeftModelForCausalLM` loads it) and
     the adapter merged into it (merged and unmerged logits agree, tested); the tokenizer is the adapter's when it
     carries one, else the base's. The base must be a FAM checkpoint: an adapter trained on a model put in FAM
     mode on the fly would need the settings it was trained with, which an adapter does not record.
@@ -201,14 +202,16 @@ def _load_adapter(source: str, adapter_config: dict, *, overrides, dtype, device
     if adapter_config.get("peft_type") != "LORA" or not base:
         raise ValueError(f"{source} holds a {adapter_config.get('peft_type')} adapter naming base {base!r}; hf_fam "
                          "loads LoRA adapters of a FAM checkpoint")
-    base_hub = {} if os.path.exists(os.path.expanduser(base)) else hub_access(base)
-    if AutoConfig.from_pretrained(base, token=hub.get("token"), **base_hub).model_type != "fam":
+    local_base = os.path.exists(os.path.expanduser(base))
+    revision = None if local_base else adapter_config.get("revision")  # the base's commit `hf-fam push` pinned
+    base_hub = {} if local_base else hub_access(base, revision)
+    if AutoConfig.from_pretrained(base, token=hub.get("token"), revision=revision, **base_hub).model_type != "fam":
         raise ValueError(f"the base of the adapter {source}, {base}, is not a FAM checkpoint: an adapter is loaded "
                          "on the FAM checkpoint it was trained on (hf-fam finetune saves it as OUT/fam_base)")
     from peft import PeftModel
 
     model, tokenizer = load_fam_model(base, overrides=overrides, dtype=dtype, device=device, token=hub.get("token"),
-                                      attn_implementation=attn_implementation)
+                                      revision=revision, attn_implementation=attn_implementation)
     peft_hub = {k: v for k, v in hub.items() if v is not None}
     model = PeftModel.from_pretrained(model, source, **peft_hub).merge_and_unload().eval()
     try:

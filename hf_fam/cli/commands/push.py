@@ -29,6 +29,9 @@ def register(sub) -> None:
     p.add_argument("--base-model", metavar="REPO_ID",
                    help="for an adapter: the Hub repo of its FAM base, pushed first (default: the base the adapter "
                         "names, when that is a Hub repo)")
+    p.add_argument("--base-revision", metavar="REV",
+                   help="for an adapter: the branch, tag or commit of the base it applies to, pinned as a commit in "
+                        "the pushed adapter_config.json (default: the revision the adapter names, else main)")
     p.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its own)")
     p.add_argument("--revision", help="branch to push to (created if missing; default: main)")
     p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
@@ -41,7 +44,8 @@ def register(sub) -> None:
 def run(args) -> int:
     from ...checkpoint_io.publish import push_to_hub
 
-    commit = push_to_hub(args.path, args.repo_id, base_model=args.base_model, private=True if args.private else None,
+    commit = push_to_hub(args.path, args.repo_id, base_model=args.base_model,
+                         base_revision=args.base_revision, private=True if args.private else None,
                          token=args.token, revision=args.revision, create_pr=args.create_pr,
                          commit_message=args.commit_message)
     url = getattr(commit, "pr_url", None) or getattr(commit, "commit_url", None) or str(commit)
