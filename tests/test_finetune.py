@@ -95,6 +95,10 @@ def test_finetune_on_text_saves_adapter_base_and_merged(base_ckpt, text_files, t
         assert r["loss"] == r["loss_passed_memory" if r["state_passed"] else "loss_fresh_memory"]
         assert r["loss_fresh_memory" if r["state_passed"] else "loss_passed_memory"] is None
     assert not log[0]["state_passed"]  # nothing to pass before the first forward
+    summary = json.loads((out / "train_summary.json").read_text())
+    final = (log[-1]["loss_fresh_memory"], log[-1]["loss_passed_memory"])  # the final loss, split the same way
+    assert (summary["final_loss_fresh_memory"], summary["final_loss_passed_memory"]) == final
+    assert (result.final_loss_fresh_memory, result.final_loss_passed_memory) == final
     adapter_config = json.loads((out / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == str((out / "fam_base").resolve())
     assert "fam" in adapter_config["modules_to_save"]
@@ -147,15 +151,22 @@ def test_mix_trains_on_passkey_and_text_together(base_ckpt, text_files, tmp_path
     assert len(data) == 12 and len(answer_only) == 6
     assert sum(row == ids for row, ids in zip(data["labels"], data["input_ids"])) == 6
     out = tmp_path / "mix"
+    capsys.readouterr()
     try:
-        code, _, everything = _cli(["finetune", str(base_ckpt), "--output", str(out), *SMALL, "--steps", "2",
-                                    "--data", "mix", "--text-files", str(text_files[0]), "--seq-len", "64",
-                                    "--passkey-form", "synthetic", "--passkey-examples", "6", "--batch-size", "2"],
-                                   capsys)
+        code = main(["finetune", str(base_ckpt), "--output", str(out), *SMALL, "--steps", "2", "--data", "mix",
+                     "--text-files", str(text_files[0]), "--seq-len", "64", "--passkey-form", "synthetic",
+                     "--passkey-examples", "6", "--batch-size", "2"])
     finally:
         _reset_accelerate()
-    assert code == 0, everything
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
     assert json.loads((out / "finetune_config.json").read_text())["data"]["source"] == "mix"
+    # one log window of two steps, the second from the memory the first passed on: the final line splits its loss
+    summary = json.loads((out / "train_summary.json").read_text())
+    fresh, passed = summary["final_loss_fresh_memory"], summary["final_loss_passed_memory"]
+    assert f"final loss {summary['final_loss']:.4f} (fresh memory {fresh:.4f}, passed memory {passed:.4f})" in \
+        printed.out
+    assert abs(summary["final_loss"] - (fresh + passed) / 2) < 1e-6
 
 
 def _cli(argv, capsys):

@@ -288,7 +288,8 @@ def test_an_adapter_s_card_takes_evaluation_results_and_they_go_up_with_it(base,
     stay in the card pushed for the repo."""
     folder = tmp_path / "adapter"
     shutil.copytree(adapter, folder)
-    summary = {"steps": 3, "final_loss": 0.5, "base_model": str(base), "merged": str(tmp_path / "adapter" / "merged")}
+    summary = {"steps": 3, "final_loss": 0.5, "final_loss_fresh_memory": 0.25, "final_loss_passed_memory": 0.75,
+               "base_model": str(base), "merged": str(tmp_path / "adapter" / "merged")}
     (folder / "train_summary.json").write_text(json.dumps(summary))  # as hf-fam finetune writes it
     results = tmp_path / "eval.json"
     results.write_text(json.dumps({"results": [{"task": "passkey retrieval", "metric": "accuracy", "value": 0.75,
@@ -298,6 +299,7 @@ def test_an_adapter_s_card_takes_evaluation_results_and_they_go_up_with_it(base,
     assert CARD_MARK in local and "LoRA adapter" in local and f"`{base}`" in local  # the local base, by path
     assert "| passkey retrieval | passkey retrieval | 4x window | accuracy | 0.75 |" in local
     assert "license: apache-2.0" in local and "model-index" in local
+    assert "final loss 0.5 (from a fresh memory 0.25, from a memory passed on 0.75)" in local
 
     push_to_hub(base, "me/tiny-fam")
     push_to_hub(folder, "me/evaluated", base_model="me/tiny-fam")
@@ -307,7 +309,8 @@ def test_an_adapter_s_card_takes_evaluation_results_and_they_go_up_with_it(base,
     assert "license: apache-2.0" in pushed
     # the run's summary names the base's repo, not the local folder, and no local merged model
     assert json.loads((hub.repo("me/evaluated") / "train_summary.json").read_text()) == {
-        "steps": 3, "final_loss": 0.5, "base_model": "me/tiny-fam"}
+        "steps": 3, "final_loss": 0.5, "final_loss_fresh_memory": 0.25, "final_loss_passed_memory": 0.75,
+        "base_model": "me/tiny-fam"}
     assert json.loads((folder / "train_summary.json").read_text()) == summary  # the folder's own is kept
 
     capsys.readouterr()

@@ -143,6 +143,10 @@ def _training_text(folder: Path) -> str:
         parts.append(f"{data['source']} data in sequences of {data.get('seq_len', '?')} tokens")
     if isinstance(summary.get("final_loss"), (int, float)):
         parts.append(f"final loss {summary['final_loss']:.4g}")
+        fresh, passed = summary.get("final_loss_fresh_memory"), summary.get("final_loss_passed_memory")
+        if isinstance(passed, (int, float)):  # Random State Passing: the whole loss mixes two kinds of forward
+            parts[-1] += (f" (from a fresh memory {fresh:.4g}, " if isinstance(fresh, (int, float)) else " (") + \
+                f"from a memory passed on {passed:.4g})"
     return ", ".join(parts)
 
 

@@ -59,6 +59,7 @@ from .options import (  # noqa: F401  (DTYPES, DATA_SOURCES, SCHEDULERS: re-expo
     LoraOptions,
     ModelOptions,
     TrainOptions,
+    split_text,
 )
 from .outputs import adapter_digest, check_output_dir, save_run, weights_digest
 from .recipe import attach_recipe
@@ -304,7 +305,7 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path, resume_fr
     loss_sum = torch.tensor(counters.loss_sum, device=accelerator.device)
     # losses by how the memory started: fresh (fam_init) or passed on by Random State Passing; rows: sum, count
     by_start = torch.tensor(counters.by_start, device=accelerator.device).view(2, 2)
-    final_loss, epoch, skip = counters.final_loss, 0, counters.batches
+    final_loss, final_split, epoch, skip = counters.final_loss, counters.final_split, 0, counters.batches
     while step < t_opt.max_steps:
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
@@ -345,8 +346,8 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path, resume_fr
                           "loss_fresh_memory": round(fresh[0] / fresh[1], 6) if fresh[1] else None,
                           "loss_passed_memory": round(passed[0] / passed[1], 6) if passed[1] else None}
                 bar.set_postfix(loss=f"{final_loss:.4f}")
-                split = "" if passed[1] == 0 else " (fresh memory %s, passed memory %.4f)" % (
-                    "-" if not fresh[1] else f"{record['loss_fresh_memory']:.4f}", record["loss_passed_memory"])
+                final_split = [record["loss_fresh_memory"], record["loss_passed_memory"]]
+                split = split_text(*final_split)
                 logger.info("step %d/%d loss %.4f%s lr %.2e %.0f tok/s", step, t_opt.max_steps, final_loss, split,
                             record["lr"], record["tokens_per_s_per_process"])
                 if accelerator.is_main_process:
@@ -355,7 +356,7 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path, resume_fr
             if t_opt.save_every and step % t_opt.save_every == 0 and step < t_opt.max_steps:
                 resume.save_state(out, resume.LoopCounters(step, batches, tokens, loss_sum.item(), loss_count,
                                                            time.perf_counter() - start, final_loss,
-                                                           by_start.flatten().tolist()),
+                                                           by_start.flatten().tolist(), final_split),
                                   config=config, log_path=log_path, **state_kwargs)
             if step >= t_opt.max_steps:
                 break
@@ -373,7 +374,8 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path, resume_fr
     merged_dir = out / "merged" if t_opt.merge else None
     result_model = trained
     if accelerator.is_main_process:
-        summary = {"steps": step, "final_loss": final_loss, "seconds": round(seconds, 2),
+        summary = {"steps": step, "final_loss": final_loss, "final_loss_fresh_memory": final_split[0],
+                   "final_loss_passed_memory": final_split[1], "seconds": round(seconds, 2),
                    "world_size": accelerator.num_processes, "adapter_digests": digests,
                    "trained": trained_what if config.lora.full else "LoRA",
                    "base_model": str(base_path), "merged": str(merged_dir.resolve()) if merged_dir else None}
@@ -382,7 +384,8 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path, resume_fr
                                 summary=summary, card_source=config.model.path)
     return FinetuneResult(output_dir=out, steps=step, final_loss=final_loss, seconds=seconds,
                           world_size=accelerator.num_processes, adapter_digests=digests, merged_dir=merged_dir,
-                          fam_base_dir=fam_base_dir, model=result_model)
+                          fam_base_dir=fam_base_dir, model=result_model, final_loss_fresh_memory=final_split[0],
+                          final_loss_passed_memory=final_split[1])
 
 
 __all__ = ["DataOptions", "FinetuneConfig", "FinetuneResult", "LoraOptions", "ModelOptions", "TrainOptions",

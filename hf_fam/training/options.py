@@ -311,13 +311,21 @@ class FinetuneConfig:
                              "does not use: drop " + ("it" if len(changed) == 1 else "them") + " or --full.")
 
 
+def split_text(fresh: float | None, passed: float | None) -> str:
+    """The loss by how the memory started, as the log and the final line show it after the whole loss: "" when no
+    forward of the window started from a passed-on memory (then every loss is a fresh memory's)."""
+    if passed is None:
+        return ""
+    return f" (fresh memory {'-' if fresh is None else f'{fresh:.4f}'}, passed memory {passed:.4f})"
+
+
 @dataclass
 class FinetuneResult:
     """What a run produced."""
 
     output_dir: Path
     steps: int
-    final_loss: float
+    final_loss: float  # the last log window's mean loss; split below by how each forward's memory started
     seconds: float
     world_size: int
     adapter_digests: list[str]  # of the trained weights, one per process (a --full run's: every weight)
@@ -325,3 +333,5 @@ class FinetuneResult:
     fam_base_dir: Path | None = None
     # the trained PeftModel; with merge=True, on the main process, the merged FAM model instead; a --full run's model
     model: object = field(default=None, repr=False)
+    final_loss_fresh_memory: float | None = None  # forwards from fam_init (None: none in the last window)
+    final_loss_passed_memory: float | None = None  # forwards from a state Random State Passing kept

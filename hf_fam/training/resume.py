@@ -47,6 +47,7 @@ class LoopCounters:
     seconds: float = 0.0
     final_loss: float = float("nan")
     by_start: list[float] = field(default_factory=lambda: [0.0] * 4)  # loss sum and count, fresh / passed memory
+    final_split: list = field(default_factory=lambda: [None, None])  # final_loss's fresh / passed memory means
 
 
 def states_dir(out: Path) -> Path:

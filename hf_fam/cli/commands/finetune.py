@@ -77,6 +77,7 @@ def run(args) -> int:
     from accelerate import PartialState
 
     from hf_fam.training.finetune import finetune
+    from hf_fam.training.options import split_text
 
     result = finetune(config)
     # Close the process group before the interpreter exits: a gloo process left to tear it down at exit
@@ -84,7 +85,8 @@ def run(args) -> int:
     PartialState().destroy_process_group()
     if main_process:
         saved = "model" if config.lora.full else "adapter"
-        print(f"{saved}: {result.output_dir} ({result.steps} steps, final loss {result.final_loss:.4f}, "
+        split = split_text(result.final_loss_fresh_memory, result.final_loss_passed_memory)
+        print(f"{saved}: {result.output_dir} ({result.steps} steps, final loss {result.final_loss:.4f}{split}, "
               f"{result.seconds:.1f} s, {result.world_size} process(es))")
         if result.merged_dir:
             print(f"merged model: {result.merged_dir}")
