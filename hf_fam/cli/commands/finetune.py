@@ -86,8 +86,8 @@ def run(args) -> int:
     if main_process:
         saved = "model" if config.lora.full else "adapter"
         split = split_text(result.final_loss_fresh_memory, result.final_loss_passed_memory)
-        print(f"{saved}: {result.output_dir} ({result.steps} steps, final loss {result.final_loss:.4f}{split}, "
-              f"{result.seconds:.1f} s, {result.world_size} process(es))")
+        print(f"{saved}: {result.output_dir} ({result.steps} steps in {result.seconds:.1f} s, {result.world_size} "
+              f"process(es)); final loss {result.final_loss:.4f}{split}")
         if result.merged_dir:
             print(f"merged model: {result.merged_dir}")
     return 0
