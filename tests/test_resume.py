@@ -65,11 +65,19 @@ def _losses(out):
     return [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("full", [False, True, "pissa"], ids=["lora", "full", "pissa"])
+@pytest.mark.parametrize("full", [False, True, "pissa", "continued"], ids=["lora", "full", "pissa", "continued"])
 def test_an_interrupted_run_resumed_ends_as_the_uninterrupted_run(base_ckpt, tmp_path, monkeypatch, full):
-    """`pissa`: a PiSSA start, whose saved adapter is converted at the end against the start kept in the run."""
+    """`pissa`: a PiSSA start, whose saved adapter is converted at the end against the start kept in the run;
+    `continued`: a finished run's adapter trained further (`hf-fam finetune ADAPTER`)."""
+    start = None
+    if full == "continued":
+        start = tmp_path / "start"
+        _run(replace(_config(base_ckpt, start), train=replace(_config(base_ckpt, start).train, max_steps=2)))
+
     def config_for(out, **train):
         config = _config(base_ckpt, out, full=full is True, **train)
+        if start is not None:  # the adapter fixes its LoRA settings and its base's C, M, F
+            return replace(config, model=ModelOptions(path=str(start)), lora=LoraOptions())
         return replace(config, lora=replace(config.lora, init="pissa")) if full == "pissa" else config
 
     whole = _run(config_for(tmp_path / "whole"))

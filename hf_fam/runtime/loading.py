@@ -194,9 +194,22 @@ def _adapter_config(source: str, local: bool, hub: dict) -> dict | None:
         return json.load(f)
 
 
-def _load_adapter(source: str, adapter_config: dict, *, overrides, dtype, device, hub: dict, attn_implementation):
-    """The adapter at `source` merged into its FAM base (see `load_fam_model`)."""
-    from transformers import AutoConfig, AutoTokenizer
+def find_adapter(source: str, *, revision: str | None = None, token: str | None = None) -> dict | None:
+    """`source`'s adapter_config.json when it is a PEFT adapter (a folder or Hub repo with adapter_config.json and
+    no config.json), else None (a checkpoint, or nothing: loading it says what is wrong)."""
+    source = str(source)
+    local = os.path.exists(os.path.expanduser(source))
+    hub = dict(revision=revision, token=token)
+    if not local:
+        hub.update(hub_access(source, revision))
+    return _adapter_config(source, local, hub)
+
+
+def adapter_base(source: str, adapter_config: dict, token: str | None = None) -> tuple[str, str | None, object]:
+    """The FAM checkpoint the LoRA adapter at `source` applies to: (its path or Hub id, the commit `hf-fam push`
+    pinned or None, its config). Raises a one-line ValueError for another kind of adapter or a base that is not
+    a FAM checkpoint."""
+    from transformers import AutoConfig
 
     base = adapter_config.get("base_model_name_or_path")
     if adapter_config.get("peft_type") != "LORA" or not base:
@@ -205,9 +218,18 @@ def _load_adapter(source: str, adapter_config: dict, *, overrides, dtype, device
     local_base = os.path.exists(os.path.expanduser(base))
     revision = None if local_base else adapter_config.get("revision")  # the base's commit `hf-fam push` pinned
     base_hub = {} if local_base else hub_access(base, revision)
-    if AutoConfig.from_pretrained(base, token=hub.get("token"), revision=revision, **base_hub).model_type != "fam":
+    config = AutoConfig.from_pretrained(base, token=token, revision=revision, **base_hub)
+    if config.model_type != "fam":
         raise ValueError(f"the base of the adapter {source}, {base}, is not a FAM checkpoint: an adapter is loaded "
                          "on the FAM checkpoint it was trained on (hf-fam finetune saves it as OUT/fam_base)")
+    return base, revision, config
+
+
+def _load_adapter(source: str, adapter_config: dict, *, overrides, dtype, device, hub: dict, attn_implementation):
+    """The adapter at `source` merged into its FAM base (see `load_fam_model`)."""
+    from transformers import AutoTokenizer
+
+    base, revision, _ = adapter_base(source, adapter_config, token=hub.get("token"))
     from peft import PeftModel
 
     model, tokenizer = load_fam_model(base, overrides=overrides, dtype=dtype, device=device, token=hub.get("token"),

@@ -46,7 +46,7 @@ import torch
 
 from ..modeling.fam_compat import enable_checkpointing
 from ..tasks.passkey import SyntheticPasskeyVocab, passkey_dataset
-from . import resume
+from . import continued, resume
 from .data import FAMDataCollator, check_seq_len, load_text_dataset, mix_datasets, pack_dataset
 from .lora import PEFT_LORA_INITS, changes_base_weights, fam_lora_config, save_lora_start, unwrap_fam_model
 from .options import (  # noqa: F401  (DTYPES, DATA_SOURCES, SCHEDULERS: re-exported)
@@ -239,15 +239,20 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path, resume_fr
     t_opt = config.train
     set_seed(t_opt.seed)
 
-    # model (+ the FAM checkpoint the adapter applies to, for a converted base)
-    model, tokenizer, converted = load_fam_model(config.model)
-    if getattr(model.config, "fam_update", "paper") == "sink":
+    # model (+ the FAM checkpoint the adapter applies to, for a converted base), or an adapter's base
+    adapter = continued.adapter_to_continue(config)
+    if adapter is not None:
+        model, tokenizer, base = continued.load_adapter_base(config.model.path, adapter, config.model)
+        converted = False
+    else:
+        model, tokenizer, converted = load_fam_model(config.model)
+    if adapter is None and getattr(model.config, "fam_update", "paper") == "sink":
         # a checkpoint in its zero-shot start: training learns the paper's update, and the adapter applies to a
         # copy whose config says so
         logger.info("switching fam_update from the zero-shot 'sink' start to 'paper' for training")
         model.config.fam_update = "paper"
         converted = True
-    if _content_slots(model, tokenizer, config.model.memory_start_text):
+    if adapter is None and _content_slots(model, tokenizer, config.model.memory_start_text):
         converted = True  # the adapter applies to a copy with this memory
     fam_base_dir = None
     if converted and not config.lora.full:  # a full run saves the whole model instead
@@ -256,8 +261,8 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path, resume_fr
             model.save_pretrained(work / "fam_base")
             if tokenizer is not None:
                 tokenizer.save_pretrained(work / "fam_base")
-    model_path = Path(config.model.path)
-    base_path = (fam_base_dir or model_path).resolve() if fam_base_dir or model_path.exists() else config.model.path
+    model_path = Path(config.model.path if adapter is None else base)
+    base_path = (fam_base_dir or model_path).resolve() if fam_base_dir or model_path.exists() else str(model_path)
     settings = model.fam_settings
     logger.info("model: %s (%s), C=%d M=%d F=%d", config.model.path, "converted on the fly" if converted else "FAM",
                 settings.block_size, settings.memory_segments, settings.fam_length)
@@ -270,8 +275,11 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path, resume_fr
 
     if t_opt.gradient_checkpointing:
         enable_checkpointing(model)
-    target, lora_start, trained_what = _trainable(model, config.lora, work, base_path, fam_base_dir,
-                                                  accelerator.is_main_process)
+    if adapter is not None:
+        (target, trained_what), lora_start = continued.trainable_adapter(model, config.model.path), None
+    else:
+        target, lora_start, trained_what = _trainable(model, config.lora, work, base_path, fam_base_dir,
+                                                      accelerator.is_main_process)
     recipe = attach_recipe(target, config.recipe)
 
     pad_id = getattr(tokenizer, "pad_token_id", None)
@@ -378,7 +386,8 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path, resume_fr
                    "final_loss_passed_memory": final_split[1], "seconds": round(seconds, 2),
                    "world_size": accelerator.num_processes, "adapter_digests": digests,
                    "trained": trained_what if config.lora.full else "LoRA",
-                   "base_model": str(base_path), "merged": str(merged_dir.resolve()) if merged_dir else None}
+                   "base_model": str(base_path), "merged": str(merged_dir.resolve()) if merged_dir else None,
+                   **({"continued_from": config.model.path} if adapter is not None else {})}
         result_model = save_run(trained, tokenizer, work, out=out, full=config.lora.full, base_path=base_path,
                                 fam_base_dir=fam_base_dir, lora_start=lora_start, merged_dir=merged_dir,
                                 summary=summary, card_source=config.model.path)

@@ -120,7 +120,8 @@ class ModelOptions:
     """Which model to fine-tune."""
 
     path: str = option(help="FAM checkpoint, or a base checkpoint (model_type one of: %(families)s), converted on "
-                            "the fly with --block-size/--memory-segments/--fam-length: a folder or a Hub id")
+                            "the fly with --block-size/--memory-segments/--fam-length, or a LoRA adapter of a FAM "
+                            "checkpoint (an earlier run's output), trained further as it is: a folder or a Hub id")
     # None: the FAMSettings defaults, for a base checkpoint; a FAM checkpoint keeps its own
     block_size: int | None = option(None, "C, for a base checkpoint")
     memory_segments: int | None = option(None, "M, for a base checkpoint")

@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from ..checkpoint_io.adapter_card import write_adapter_card
@@ -56,7 +57,6 @@ def write_fine_tuned_card(folder: Path, source, name: str | None = None) -> None
     wrote for `source`, the checkpoint the run started from, when it is a folder with one; never its evaluation
     results, which were measured before the training. `name`: the id the card shows (default: the folder's
     name; a run's staging folder passes the output's)."""
-    from dataclasses import replace
 
     from ..checkpoint_io.cards import write_model_card
 
@@ -101,8 +101,9 @@ def save_run(trained, tokenizer, work: Path, *, out: Path, full: bool, base_path
         tokenizer.save_pretrained(work)
     (work / "train_summary.json").write_text(json.dumps(summary, indent=2))
     if not full:  # in place of PEFT's template: what the adapter is for, what `hf-fam push` renders again
+        # the start's license and tags; not its evaluation results, which are the start's, not this adapter's
         write_adapter_card(work, base_model=str(base_path), base_config=trained.get_base_model().config.to_dict(),
-                           info=_start_card(card_source), name=out.name)
+                           info=replace(_start_card(card_source), eval_results=[]), name=out.name)
     logger.info("saved the %s to %s%s", "model" if full else "adapter", out,
                 "" if full else f" (base: {base_path})")
     if merged_dir is None:

@@ -1,0 +1,139 @@
+"""`hf-fam finetune ADAPTER`: a finished run's adapter trained further, saved as a new adapter for the same base,
+starting from the adapter's weights; options the adapter fixes are refused in one line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hf_fam.cli import main
+from hf_fam.runtime.loading import load_fam_model
+from hf_fam.tiny import make_tiny_checkpoint
+from hf_fam.training.finetune import DataOptions, FinetuneConfig, LoraOptions, ModelOptions, TrainOptions, finetune
+
+WEIGHTS = "adapter_model.safetensors"
+
+
+def _reset_accelerate():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def _finetune(config):
+    try:
+        return finetune(config)
+    finally:
+        _reset_accelerate()
+
+
+def _config(path, out, lr=1e-2, steps=3, lora=None, **model):
+    return FinetuneConfig(
+        model=ModelOptions(path=str(path), **model),
+        data=DataOptions(passkey_form="synthetic", seq_len=24, passkey_examples=8),
+        lora=lora or LoraOptions(),
+        train=TrainOptions(output_dir=str(out), max_steps=steps, batch_size=2, learning_rate=lr, log_every=1),
+    )
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    """An adapter as `hf-fam finetune` leaves it: trained 3 steps on a base converted on the fly (OUT/fam_base)."""
+    root = tmp_path_factory.mktemp("continue")
+    base = make_tiny_checkpoint(root / "tiny-llama", "llama")
+    out = root / "first"
+    _finetune(_config(base, out, block_size=8, memory_segments=1, fam_length=4,
+                      lora=LoraOptions(r=4, init="peft")))
+    return out
+
+
+def _ids():
+    return torch.randint(3, 250, (2, 30), generator=torch.Generator().manual_seed(0))
+
+
+def _logits(source):
+    model = load_fam_model(str(source), adapters=True)[0]
+    with torch.no_grad():
+        return model(_ids()).logits
+
+
+def test_an_adapter_trains_further_from_its_own_weights_for_the_same_base(first_run, tmp_path):
+    first_config = json.loads((first_run / "adapter_config.json").read_text())
+    # a learning rate too small to move any weight: the new adapter is the first one, so training started there
+    still = tmp_path / "still"
+    _finetune(_config(first_run, still, lr=1e-30, steps=2))
+    before, after = load_file(first_run / WEIGHTS), load_file(still / WEIGHTS)
+    assert before.keys() == after.keys() and any("fam_init" in k for k in before)
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+    assert torch.equal(_logits(still), _logits(first_run))
+
+    more = tmp_path / "more"
+    result = _finetune(_config(first_run, more, lr=1e-2, steps=3))
+    assert result.steps == 3
+    saved = json.loads((more / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == first_config["base_model_name_or_path"] == str(first_run / "fam_base")
+    assert {k: saved[k] for k in ("r", "lora_alpha", "target_modules", "modules_to_save")} == \
+        {k: first_config[k] for k in ("r", "lora_alpha", "target_modules", "modules_to_save")}
+    assert not (more / "fam_base").exists()  # the base is the first run's, not copied
+    summary = json.loads((more / "train_summary.json").read_text())
+    assert summary["continued_from"] == str(first_run) and summary["base_model"] == str(first_run / "fam_base")
+    changed = load_file(more / WEIGHTS)
+    assert any(not torch.equal(before[k], changed[k]) for k in before)
+    assert (_logits(more) - _logits(first_run)).abs().max() > 1e-4  # trained further
+
+
+def test_the_card_of_the_new_adapter_does_not_carry_the_start_s_results(first_run, tmp_path, capsys):
+    start = tmp_path / "start"
+    shutil.copytree(first_run, start)
+    results = tmp_path / "eval.json"
+    results.write_text(json.dumps({"results": [{"task": "passkey retrieval", "metric": "accuracy", "value": 0.75,
+                                                "setting": "4x window"}]}))
+    assert main(["card", str(start), "--eval-results", str(results), "--license", "apache-2.0"]) == 0
+    assert "| passkey retrieval |" in (start / "README.md").read_text()
+    out = tmp_path / "out"
+    assert main(["finetune", str(start), "--output", str(out), "--steps", "1", "--passkey-form", "synthetic",
+                 "--seq-len", "24", "--passkey-examples", "4", "--batch-size", "2"]) == 0
+    _reset_accelerate()
+    card = (out / "README.md").read_text()
+    assert "license: apache-2.0" in card and "| passkey retrieval |" not in card  # measured on the start
+    assert json.loads((out / "train_summary.json").read_text())["continued_from"] == str(start)
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--lora-rank", "8"], "drop --lora-rank, or train a new adapter from its base"),
+    (["--lora-targets", "q_proj", "--freeze-norms"], "drop --lora-targets, --freeze-norms"),
+    (["--memory-start-text", "hello"], "drop --memory-start-text"),
+    (["--full"], "--full trains every weight of a checkpoint"),
+    (["--block-size", "16"], "block_size 8; --block-size 16 only applies to base checkpoints"),
+])
+def test_what_the_adapter_fixes_is_refused_in_one_line(first_run, tmp_path, capsys, extra, needle):
+    out = tmp_path / "out"
+    assert main(["finetune", str(first_run), "--output", str(out), "--steps", "1", *extra]) == 2
+    _reset_accelerate()
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("hf-fam finetune: error:") and needle in err, err
+    assert not out.exists()
+
+
+def test_an_adapter_on_a_zero_shot_base_is_refused(first_run, tmp_path, capsys):
+    """An adapter naming a checkpoint in the zero-shot start was trained with the paper's update, which that base
+    does not run; its run saved the base it trained on as OUT/fam_base."""
+    from hf_fam.checkpoint_io.convert import ConvertOptions, convert
+
+    sink = tmp_path / "sink-fam"
+    convert(first_run.parent / "tiny-llama", sink, ConvertOptions(block_size=8, memory_segments=1, fam_length=4,
+                                                                  progress=False))
+    adapter = tmp_path / "adapter"
+    shutil.copytree(first_run, adapter, ignore=shutil.ignore_patterns("fam_base"))
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(sink)}))
+    assert main(["finetune", str(adapter), "--output", str(tmp_path / "out"), "--steps", "1"]) == 2
+    _reset_accelerate()
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "is in the zero-shot start (fam_update 'sink')" in err and "OUT/fam_base" in err, err
