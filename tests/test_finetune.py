@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -421,3 +422,46 @@ def test_two_processes_under_accelerate_launch_end_with_the_same_adapter(base_ck
     assert adapter_digest(saved) == digests[0]
     lora_b = [p for n, p in saved.named_parameters() if "lora_B" in n]
     assert any(p.abs().max() > 0 for p in lora_b), "no training happened"
+
+
+def test_the_loss_on_held_out_sequences_is_measured_before_and_after(base_ckpt, tmp_path):
+    """`--heldout N` keeps N sequences out of training and measures the loss on them for the model as given (the
+    base converted on the fly: the zero-shot start), at the training start (fam_base: the paper's update, content
+    slots) and at the end (the adapter): each figure is the one a separate evaluation of that model gives."""
+    from hf_fam.runtime.loading import FAMOverrides
+    from hf_fam.runtime.loading import load_fam_model as load
+    from hf_fam.training.data import FAMDataCollator, build_train_dataset
+    from hf_fam.training.heldout import heldout_loss, split_heldout
+
+    out = tmp_path / "run"
+    model_options = ModelOptions(path=str(base_ckpt), block_size=8, memory_segments=1, fam_length=4)
+    data = DataOptions(passkey_form="synthetic", seq_len=24, passkey_examples=40, heldout=4)
+    config = FinetuneConfig(model=model_options, data=data, lora=LoraOptions(r=4),
+                            train=TrainOptions(output_dir=str(out), max_steps=3, batch_size=2, learning_rate=1e-2))
+    try:
+        result = finetune(config)
+    finally:
+        _reset_accelerate()
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["heldout_sequences"] == result.heldout_sequences == 4
+    assert summary["heldout_loss"] == result.heldout_losses
+    assert set(result.heldout_losses) == {"given", "start", "final"}
+
+    given, _ = load(str(base_ckpt), overrides=FAMOverrides(8, 1, 4))  # as hf-fam eval reads the base with C, M, F
+    dataset, held = split_heldout(build_train_dataset(data, given, None), 4, seed=0)
+    assert len(dataset) == 36 and not {tuple(x) for x in held["input_ids"]} & {tuple(x) for x in dataset["input_ids"]}
+    collator = FAMDataCollator(0)
+    expected = {"given": given, "start": load(str(out / "fam_base"))[0],
+                "final": load(str(out), adapters=True)[0]}  # the adapter merged into fam_base
+    for name, model in expected.items():
+        measured = heldout_loss(model, held, collator, 2, "cpu")
+        assert abs(measured - summary["heldout_loss"][name]) <= 1e-5 * max(1.0, measured), name
+    assert len(set(summary["heldout_loss"].values())) == 3  # three different models
+
+    none = tmp_path / "none"
+    try:
+        finetune(replace(config, data=replace(data, heldout=0), train=replace(config.train, output_dir=str(none))))
+    finally:
+        _reset_accelerate()
+    summary = json.loads((none / "train_summary.json").read_text())
+    assert summary["heldout_sequences"] == 0 and summary["heldout_loss"] == {}

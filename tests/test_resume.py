@@ -95,6 +95,9 @@ def test_an_interrupted_run_resumed_ends_as_the_uninterrupted_run(base_ckpt, tmp
     assert resumed.adapter_digests == whole.adapter_digests  # the same trained weights, bit for bit
     assert _losses(out) == _losses(tmp_path / "whole")  # steps 1-4 from the state's log, 5-6 computed again
     assert resumed.final_loss == whole.final_loss
+    # the held-out loss at the start comes from the state, the one at the end is measured again: the same figures
+    assert resumed.heldout_sequences == whole.heldout_sequences == 1
+    assert resumed.heldout_losses == whole.heldout_losses and "start" in whole.heldout_losses
     assert not states_dir(out).exists()  # removed once the run is complete
     name = "model.safetensors" if full is True else "adapter_model.safetensors"
     assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()

@@ -147,6 +147,12 @@ def _training_text(folder: Path) -> str:
         if isinstance(passed, (int, float)):  # Random State Passing: the whole loss mixes two kinds of forward
             parts[-1] += (f" (from a fresh memory {fresh:.4g}, " if isinstance(fresh, (int, float)) else " (") + \
                 f"from a memory passed on {passed:.4g})"
+    heldout = summary.get("heldout_loss") or {}
+    if all(isinstance(heldout.get(k), (int, float)) for k in ("start", "final")):
+        parts.append(f"loss on {summary.get('heldout_sequences', '?')} held-out sequences {heldout['start']:.4g} at "
+                     f"the start, {heldout['final']:.4g} at the end"
+                     + (f" ({heldout['given']:.4g} for the checkpoint as converted)"
+                        if isinstance(heldout.get("given"), (int, float)) else ""))
     return ", ".join(parts)
 
 

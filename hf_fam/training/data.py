@@ -273,5 +273,45 @@ class FAMDataCollator:
         return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
 
 
-__all__ = ["IGNORE_INDEX", "FAMDataCollator", "check_seq_len", "check_text_column", "load_text_dataset", "mix_datasets",
-           "pack_dataset"]
+def build_train_dataset(options, model, tokenizer, seed: int = 0):
+    """The training dataset for `options` (a `DataOptions`: packed text, passkey, or both mixed), checked against
+    the model."""
+    if options.source == "text":
+        return _text_dataset(options, model, tokenizer, seed)
+    passkey = _passkey_dataset(options, model, tokenizer, seed)
+    if options.source == "passkey":
+        return passkey
+    return mix_datasets(passkey, _text_dataset(options, model, tokenizer, seed), options.text_fraction, seed=seed)
+
+
+def _text_dataset(options, model, tokenizer, seed: int):
+    from .lora import unwrap_fam_model
+
+    settings = unwrap_fam_model(model).fam_settings
+    if tokenizer is None:
+        raise ValueError(f"{options.text_files[0]}: text data needs a tokenizer, and the checkpoint has none.")
+    check_seq_len(options.seq_len, settings.block_size)
+    docs = load_text_dataset(options.text_files, text_column=options.text_column)
+    return pack_dataset(docs, tokenizer, options.seq_len, text_column=options.text_column,
+                        block_size=settings.block_size, seed=seed)
+
+
+def _passkey_dataset(options, model, tokenizer, seed: int):
+    from ..tasks.passkey import SyntheticPasskeyVocab, passkey_dataset
+
+    vocab_size = model.get_input_embeddings().weight.shape[0]
+    passkey = options.passkey_config(seed=seed)
+    if passkey.form == "synthetic":
+        needed = SyntheticPasskeyVocab(passkey.vocab_offset).size
+        if needed > vocab_size:
+            raise ValueError(f"the synthetic passkey uses token ids up to {needed - 1}, the model's vocabulary has "
+                             f"{vocab_size}; lower --passkey-vocab-offset.")
+    elif tokenizer is None:
+        raise ValueError(
+            "the text passkey needs a tokenizer and the checkpoint has none; use --passkey-form synthetic."
+        )
+    return passkey_dataset(passkey, tokenizer)
+
+
+__all__ = ["IGNORE_INDEX", "FAMDataCollator", "build_train_dataset", "check_seq_len", "check_text_column",
+           "load_text_dataset", "mix_datasets", "pack_dataset"]

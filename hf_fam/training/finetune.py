@@ -45,9 +45,9 @@ from pathlib import Path
 import torch
 
 from ..modeling.fam_compat import enable_checkpointing
-from ..tasks.passkey import SyntheticPasskeyVocab, passkey_dataset
 from . import continued, resume
-from .data import FAMDataCollator, check_seq_len, load_text_dataset, mix_datasets, pack_dataset
+from .data import FAMDataCollator, build_train_dataset
+from .heldout import heldout_loss, heldout_text, split_heldout
 from .lora import PEFT_LORA_INITS, changes_base_weights, fam_lora_config, save_lora_start, unwrap_fam_model
 from .options import (  # noqa: F401  (DTYPES, DATA_SOURCES, SCHEDULERS: re-exported)
     DATA_SOURCES,
@@ -92,41 +92,6 @@ def load_fam_model(options: ModelOptions):
     hub = {} if Path(options.path).expanduser().exists() else hub_access(options.path)
     converted = AutoConfig.from_pretrained(options.path, **hub).model_type != "fam"
     return model, tokenizer, converted
-
-
-def build_train_dataset(options: DataOptions, model, tokenizer, seed: int = 0):
-    """The training dataset for `options` (packed text, passkey, or both mixed), checked against the model."""
-    if options.source == "text":
-        return _text_dataset(options, model, tokenizer, seed)
-    passkey = _passkey_dataset(options, model, tokenizer, seed)
-    if options.source == "passkey":
-        return passkey
-    return mix_datasets(passkey, _text_dataset(options, model, tokenizer, seed), options.text_fraction, seed=seed)
-
-
-def _text_dataset(options: DataOptions, model, tokenizer, seed: int):
-    settings = unwrap_fam_model(model).fam_settings
-    if tokenizer is None:
-        raise ValueError(f"{options.text_files[0]}: text data needs a tokenizer, and the checkpoint has none.")
-    check_seq_len(options.seq_len, settings.block_size)
-    docs = load_text_dataset(options.text_files, text_column=options.text_column)
-    return pack_dataset(docs, tokenizer, options.seq_len, text_column=options.text_column,
-                        block_size=settings.block_size, seed=seed)
-
-
-def _passkey_dataset(options: DataOptions, model, tokenizer, seed: int):
-    vocab_size = model.get_input_embeddings().weight.shape[0]
-    passkey = options.passkey_config(seed=seed)
-    if passkey.form == "synthetic":
-        needed = SyntheticPasskeyVocab(passkey.vocab_offset).size
-        if needed > vocab_size:
-            raise ValueError(f"the synthetic passkey uses token ids up to {needed - 1}, the model's vocabulary has "
-                             f"{vocab_size}; lower --passkey-vocab-offset.")
-    elif tokenizer is None:
-        raise ValueError(
-            "the text passkey needs a tokenizer and the checkpoint has none; use --passkey-form synthetic."
-        )
-    return passkey_dataset(passkey, tokenizer)
 
 
 def _content_slots(model, tokenizer, text: str) -> bool:
@@ -246,6 +211,25 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path, resume_fr
         converted = False
     else:
         model, tokenizer, converted = load_fam_model(config.model)
+    settings = model.fam_settings
+    with accelerator.main_process_first():
+        dataset = build_train_dataset(config.data, model, tokenizer, seed=t_opt.seed)
+    if settings.fam_length > 0 and config.data.seq_len <= settings.block_size:
+        logger.warning("seq_len %d <= block_size %d: every sequence is one block and the memory is never read.",
+                       config.data.seq_len, settings.block_size)
+    dataset, heldout_set = split_heldout(dataset, config.data.heldout, t_opt.seed)
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    if pad_id is None:
+        pad_id = getattr(tokenizer, "eos_token_id", None) or 0
+    collator = FAMDataCollator(pad_id)
+    heldout = {}  # the held-out loss of the model as given, at the training start and at the end
+
+    def measure(name, measured_model):
+        heldout[name] = heldout_loss(measured_model.to(accelerator.device), heldout_set, collator,
+                                     t_opt.batch_size, accelerator.device)
+
+    if heldout_set is not None and resume_from is None and adapter is None:
+        measure("given", model)  # before training changes the update and the memory
     if adapter is None and getattr(model.config, "fam_update", "paper") == "sink":
         # a checkpoint in its zero-shot start: training learns the paper's update, and the adapter applies to a
         # copy whose config says so
@@ -263,15 +247,10 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path, resume_fr
                 tokenizer.save_pretrained(work / "fam_base")
     model_path = Path(config.model.path if adapter is None else base)
     base_path = (fam_base_dir or model_path).resolve() if fam_base_dir or model_path.exists() else str(model_path)
-    settings = model.fam_settings
     logger.info("model: %s (%s), C=%d M=%d F=%d", config.model.path, "converted on the fly" if converted else "FAM",
                 settings.block_size, settings.memory_segments, settings.fam_length)
-
-    with accelerator.main_process_first():
-        dataset = build_train_dataset(config.data, model, tokenizer, seed=t_opt.seed)
-    if settings.fam_length > 0 and config.data.seq_len <= settings.block_size:
-        logger.warning("seq_len %d <= block_size %d: every sequence is one block and the memory is never read.",
-                       config.data.seq_len, settings.block_size)
+    if not converted:
+        heldout.pop("given", None)  # the training start is the model as given
 
     if t_opt.gradient_checkpointing:
         enable_checkpointing(model)
@@ -280,12 +259,11 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path, resume_fr
     else:
         target, lora_start, trained_what = _trainable(model, config.lora, work, base_path, fam_base_dir,
                                                       accelerator.is_main_process)
+    if heldout_set is not None and resume_from is None:
+        measure("start", target)
     recipe = attach_recipe(target, config.recipe)
 
-    pad_id = getattr(tokenizer, "pad_token_id", None)
-    if pad_id is None:
-        pad_id = getattr(tokenizer, "eos_token_id", None) or 0
-    loader = DataLoader(dataset, batch_size=t_opt.batch_size, shuffle=True, collate_fn=FAMDataCollator(pad_id),
+    loader = DataLoader(dataset, batch_size=t_opt.batch_size, shuffle=True, collate_fn=collator,
                         generator=torch.Generator().manual_seed(t_opt.seed))
     params = [p for p in target.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t_opt.learning_rate, weight_decay=t_opt.weight_decay)
@@ -295,8 +273,9 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path, resume_fr
     train_model, optimizer, loader = accelerator.prepare(target, optimizer, loader)
     train_model.train()
 
-    logger.info("%d trainable parameters (%s); %d training sequences; %d process(es)",
-                sum(p.numel() for p in params), trained_what, len(dataset), accelerator.num_processes)
+    logger.info("%d trainable parameters (%s); %d training sequences%s; %d process(es)",
+                sum(p.numel() for p in params), trained_what, len(dataset),
+                f" ({len(heldout_set)} held out)" if heldout_set is not None else "", accelerator.num_processes)
     if accelerator.is_main_process:
         (work / "finetune_config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
     log_path = work / "train_log.jsonl"
@@ -305,6 +284,10 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path, resume_fr
     counters = resume.LoopCounters()
     if resume_from is not None:
         counters = resume.restore_state(resume_from, config, log_path=log_path, **state_kwargs)
+        heldout = dict(counters.heldout)
+    elif heldout:
+        logger.info("held-out loss at the start %.4f%s", heldout["start"],
+                    f" (the model as given: {heldout['given']:.4f})" if "given" in heldout else "")
 
     bar = tqdm(total=t_opt.max_steps, initial=counters.step, desc="finetune", unit="step",
                disable=not accelerator.is_local_main_process)
@@ -364,7 +347,7 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path, resume_fr
             if t_opt.save_every and step % t_opt.save_every == 0 and step < t_opt.max_steps:
                 resume.save_state(out, resume.LoopCounters(step, batches, tokens, loss_sum.item(), loss_count,
                                                            time.perf_counter() - start, final_loss,
-                                                           by_start.flatten().tolist(), final_split),
+                                                           by_start.flatten().tolist(), final_split, heldout),
                                   config=config, log_path=log_path, **state_kwargs)
             if step >= t_opt.max_steps:
                 break
@@ -376,6 +359,9 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path, resume_fr
     # save: the adapter (LoRA + fam_init) and optionally the merged model, or the whole model of a full run
     accelerator.wait_for_everyone()
     trained = accelerator.unwrap_model(train_model)
+    if heldout_set is not None:
+        measure("final", trained)
+        logger.info(heldout_text(heldout.get("given"), heldout.get("start"), heldout["final"], len(heldout_set)))
     digests = gather_object([weights_digest(trained)])
     if len(set(digests)) > 1:
         logger.warning("trained weights differ between processes: %s", digests)
@@ -383,7 +369,8 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path, resume_fr
     result_model = trained
     if accelerator.is_main_process:
         summary = {"steps": step, "final_loss": final_loss, "final_loss_fresh_memory": final_split[0],
-                   "final_loss_passed_memory": final_split[1], "seconds": round(seconds, 2),
+                   "final_loss_passed_memory": final_split[1], "heldout_sequences": len(heldout_set or []),
+                   "heldout_loss": heldout, "seconds": round(seconds, 2),
                    "world_size": accelerator.num_processes, "adapter_digests": digests,
                    "trained": trained_what if config.lora.full else "LoRA",
                    "base_model": str(base_path), "merged": str(merged_dir.resolve()) if merged_dir else None,
@@ -394,7 +381,8 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path, resume_fr
     return FinetuneResult(output_dir=out, steps=step, final_loss=final_loss, seconds=seconds,
                           world_size=accelerator.num_processes, adapter_digests=digests, merged_dir=merged_dir,
                           fam_base_dir=fam_base_dir, model=result_model, final_loss_fresh_memory=final_split[0],
-                          final_loss_passed_memory=final_split[1])
+                          final_loss_passed_memory=final_split[1], heldout_losses=heldout,
+                          heldout_sequences=len(heldout_set or []))
 
 
 __all__ = ["DataOptions", "FinetuneConfig", "FinetuneResult", "LoraOptions", "ModelOptions", "TrainOptions",

@@ -40,6 +40,9 @@ DEFAULT_LORA_RANK = 64
 # (the passkey filler's plain sentences; measured to learn, where "Summary of the text so far:" did not in 50 steps)
 DEFAULT_MEMORY_START_TEXT = "".join(PASSKEY_FILLER[:4])
 
+# held out of the training data by `hf-fam finetune` to tell whether the run helped (training/heldout.py)
+DEFAULT_HELDOUT_SEQUENCES = 16
+
 # Paper Appendix B / Table 4 defaults
 DEFAULT_STATE_PASSING_PROB = 0.8
 DEFAULT_POSITION_OFFSET_PROB = 0.5
@@ -211,8 +214,13 @@ class DataOptions:
     passkey_depth: float | None = option(None, "key depth in the filler, 0 (start) to 1 (end); default random",
                                          "--passkey-depth")
     passkey_vocab_offset: int = option(0, "first token id of the synthetic form", "--passkey-vocab-offset")
+    heldout: int = option(
+        DEFAULT_HELDOUT_SEQUENCES, "sequences kept out of training (at most a tenth of the data) to measure the loss "
+        "on, before and after the run (0 = none)", "--heldout", metavar="N",
+    )
 
     def __post_init__(self):
+        _check_int("heldout", self.heldout, 0)
         if self.source not in DATA_SOURCES:
             raise ValueError(f"data source must be one of {', '.join(DATA_SOURCES)}, got {self.source!r}")
         self.text_files = tuple(str(p) for p in self.text_files)
@@ -336,3 +344,6 @@ class FinetuneResult:
     model: object = field(default=None, repr=False)
     final_loss_fresh_memory: float | None = None  # forwards from fam_init (None: none in the last window)
     final_loss_passed_memory: float | None = None  # forwards from a state Random State Passing kept
+    # the loss on the held-out sequences (None: none held out): the model as given, at the start, at the end
+    heldout_losses: dict = field(default_factory=dict)
+    heldout_sequences: int = 0

@@ -48,6 +48,7 @@ class LoopCounters:
     final_loss: float = float("nan")
     by_start: list[float] = field(default_factory=lambda: [0.0] * 4)  # loss sum and count, fresh / passed memory
     final_split: list = field(default_factory=lambda: [None, None])  # final_loss's fresh / passed memory means
+    heldout: dict = field(default_factory=dict)  # the held-out losses measured before the first step
 
 
 def states_dir(out: Path) -> Path:

@@ -77,6 +77,7 @@ def run(args) -> int:
     from accelerate import PartialState
 
     from hf_fam.training.finetune import finetune
+    from hf_fam.training.heldout import heldout_text
     from hf_fam.training.options import split_text
 
     result = finetune(config)
@@ -88,6 +89,10 @@ def run(args) -> int:
         split = split_text(result.final_loss_fresh_memory, result.final_loss_passed_memory)
         print(f"{saved}: {result.output_dir} ({result.steps} steps in {result.seconds:.1f} s, {result.world_size} "
               f"process(es)); final loss {result.final_loss:.4f}{split}")
+        losses = result.heldout_losses
+        if "final" in losses:
+            print(heldout_text(losses.get("given"), losses.get("start"), losses["final"],
+                               result.heldout_sequences))
         if result.merged_dir:
             print(f"merged model: {result.merged_dir}")
     return 0
