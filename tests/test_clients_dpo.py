@@ -1,0 +1,113 @@
+"""TRL's DPOTrainer with a PEFT LoRA config trains the FAM model on preference pairs: the loss it optimises is the
+DPO loss of the FAM model's own log-probabilities, each completion read one sequence at a time without padding
+(the policy with the adapter, the reference with it disabled), and `fam_init` trains.
+
+DPO batches chosen and rejected completions of different lengths with right padding and reads per-token
+log-probabilities through `model(..., fused_lm_head=True).log_probs` (issue 15's route): a path that skipped FAM,
+or a padding mask lost on the way, would change them.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from client_helpers import TEXTS, base_folder, fam_checkpoint
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+trl = pytest.importorskip("trl")
+
+from hf_fam.training import unwrap_fam_model  # noqa: E402
+
+BETA = 0.5
+
+
+def _pairs():
+    """Prompts of several FAM blocks (C = 8), completions of different lengths, so that rows are padded."""
+    rows = {"prompt": [], "chosen": [], "rejected": []}
+    for i, text in enumerate(TEXTS[:4]):
+        rows["prompt"].append(f"{text} {TEXTS[(i + 1) % len(TEXTS)]}:")
+        rows["chosen"].append(f" {TEXTS[(i + 2) % len(TEXTS)]}")
+        rows["rejected"].append(f" {TEXTS[(i + 3) % len(TEXTS)][: 12 + 5 * i]}")
+    return Dataset.from_dict(rows)
+
+
+def _sequence_logps(model, ids, completion):
+    """The sum of log-probabilities of the completion tokens of each row, read alone (its padding cut off)."""
+    sums = []
+    for row_ids, row_completion in zip(ids, completion):
+        length = int(row_completion.nonzero().max()) + 1  # right padding: the real tokens end with the completion
+        row_ids, row_completion = row_ids[:length], row_completion[:length]
+        with torch.no_grad():
+            logps = model(input_ids=row_ids[None], use_cache=False).logits[0, :-1].float().log_softmax(-1)
+        token_logps = logps.gather(-1, row_ids[1:, None])[:, 0]
+        sums.append((token_logps * row_completion[1:]).sum())
+    return torch.stack(sums)
+
+
+def _dpo_loss(policy, ids, completion, reference_context):
+    chosen, rejected = _sequence_logps(policy, ids, completion).chunk(2)
+    with reference_context():
+        ref_chosen, ref_rejected = _sequence_logps(policy, ids, completion).chunk(2)
+    return -F.logsigmoid(BETA * ((chosen - ref_chosen) - (rejected - ref_rejected))).mean()
+
+
+class RecordingDPOTrainer(trl.DPOTrainer):
+    """Records the loss DPO optimises at every step and the DPO loss recomputed from the FAM model's logits."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        batch = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        loss = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+        trained = loss[0] if isinstance(loss, tuple) else loss
+        peft_model = self.accelerator.unwrap_model(model)
+        was_training = peft_model.training
+        peft_model.eval()  # no dropout: DPO's forward ran without (lora_dropout 0)
+        try:
+            direct = _dpo_loss(peft_model, batch["input_ids"], batch["completion_mask"], peft_model.disable_adapter)
+        finally:
+            peft_model.train(was_training)
+        self.records.append(dict(batch=batch, trained=trained.detach().float().item(), direct=direct.item()))
+        return loss
+
+
+@pytest.fixture(scope="module")
+def fam_folder(tmp_path_factory):
+    return fam_checkpoint(tmp_path_factory.mktemp("dpo") / "fam")
+
+
+def test_dpo_trainer_optimises_the_dpo_loss_of_the_fam_model(fam_folder, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(fam_folder, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(fam_folder)
+    fam_init = model.fam.fam_init.detach().clone()
+    config = trl.DPOConfig(output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=2, beta=BETA,
+                           learning_rate=5e-2, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
+                           report_to=[], use_cpu=True, max_length=256, bf16=False, seed=0, data_seed=0,
+                           dataloader_num_workers=0, disable_tqdm=True)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"],
+                      modules_to_save=["fam"], task_type="CAUSAL_LM")
+    trainer = RecordingDPOTrainer(model=model, args=config, train_dataset=_pairs(), processing_class=tokenizer,
+                                  peft_config=lora)
+    trainer.records = []
+    trainer.train()
+
+    assert len(trainer.records) == 3
+    padded = [r for r in trainer.records if not bool(r["batch"]["attention_mask"].all())]
+    assert padded, "no batch had padding: the test would not see a lost padding mask"
+    for record in trainer.records:
+        assert abs(record["trained"] - record["direct"]) <= 1e-5, record
+    # from step 2 on the adapter differs from the reference: the loss is no longer log 2
+    assert abs(trainer.records[-1]["trained"] - 0.6931472) > 1e-3
+    trained_init = unwrap_fam_model(trainer.model).fam.modules_to_save["default"].fam_init
+    assert (trained_init.detach() - fam_init).abs().max() > 1e-4  # the memory trained
+
+    # a route that skipped FAM would have read other log-probabilities: the plain model's, against FAM's reference
+    base = AutoModelForCausalLM.from_pretrained(base_folder(fam_folder), dtype=torch.float32).eval()
+    batch = trainer.records[-1]["batch"]
+    plain = _sequence_logps(base, batch["input_ids"], batch["completion_mask"])
+    peft_model = trainer.model.eval()
+    with peft_model.disable_adapter():
+        reference = _sequence_logps(peft_model, batch["input_ids"], batch["completion_mask"])
+    assert (plain - reference).abs().max() > 1e-2
