@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -74,7 +75,8 @@ def test_an_adapter_trains_further_from_its_own_weights_for_the_same_base(first_
     assert torch.equal(_logits(still), _logits(first_run))
 
     more = tmp_path / "more"
-    result = _finetune(_config(first_run, more, lr=1e-2, steps=3))
+    config = _config(first_run, more, lr=1e-2, steps=3)
+    result = _finetune(replace(config, train=replace(config.train, merge=True)))
     assert result.steps == 3
     saved = json.loads((more / "adapter_config.json").read_text())
     assert saved["base_model_name_or_path"] == first_config["base_model_name_or_path"] == str(first_run / "fam_base")
@@ -86,6 +88,9 @@ def test_an_adapter_trains_further_from_its_own_weights_for_the_same_base(first_
     changed = load_file(more / WEIGHTS)
     assert any(not torch.equal(before[k], changed[k]) for k in before)
     assert (_logits(more) - _logits(first_run)).abs().max() > 1e-4  # trained further
+    merged = load_fam_model(str(more / "merged"))[0]
+    with torch.no_grad():
+        assert (merged(_ids()).logits - _logits(more)).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("start_kind", ["adapter", "checkpoint"])
