@@ -119,6 +119,7 @@ def test_the_card_of_the_new_adapter_does_not_carry_the_start_s_results(first_ru
     assert "license: apache-2.0" in card and "| passkey retrieval |" not in card
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary.get("continued_from") == (str(start) if start_kind == "adapter" else None)
+    assert ("1 steps more, from an earlier adapter's weights" in card) == (start_kind == "adapter")
 
 
 @pytest.mark.parametrize("extra, needle", [

@@ -138,7 +138,8 @@ def _training_text(folder: Path) -> str:
     if not summary.get("steps"):
         return "not recorded with the adapter"
     data = config.get("data") or {}
-    parts = [f"`hf-fam finetune`, {summary['steps']} steps"]
+    parts = [f"`hf-fam finetune`, {summary['steps']} steps"
+             + (" more, from an earlier adapter's weights" if summary.get("continued_from") else "")]
     if data.get("source"):
         parts.append(f"{data['source']} data in sequences of {data.get('seq_len', '?')} tokens")
     if isinstance(summary.get("final_loss"), (int, float)):
