@@ -78,14 +78,17 @@ def fam_folder(tmp_path_factory):
     return fam_checkpoint(tmp_path_factory.mktemp("dpo") / "fam")
 
 
-def test_dpo_trainer_optimises_the_dpo_loss_of_the_fam_model(fam_folder, tmp_path):
+@pytest.mark.parametrize("precompute", [False, True], ids=["reference-per-step", "reference-precomputed"])
+def test_dpo_trainer_optimises_the_dpo_loss_of_the_fam_model(fam_folder, tmp_path, precompute):
+    """`precompute_ref_log_probs`: the reference's log-probabilities are read once, before training, through
+    another call (`compute_ref_log_probs`)."""
     model = AutoModelForCausalLM.from_pretrained(fam_folder, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(fam_folder)
     fam_init = model.fam.fam_init.detach().clone()
     config = trl.DPOConfig(output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=2, beta=BETA,
                            learning_rate=5e-2, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
                            report_to=[], use_cpu=True, max_length=256, bf16=False, seed=0, data_seed=0,
-                           dataloader_num_workers=0, disable_tqdm=True)
+                           dataloader_num_workers=0, disable_tqdm=True, precompute_ref_log_probs=precompute)
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"],
                       modules_to_save=["fam"], task_type="CAUSAL_LM")
     trainer = RecordingDPOTrainer(model=model, args=config, train_dataset=_pairs(), processing_class=tokenizer,

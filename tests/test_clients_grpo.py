@@ -80,15 +80,18 @@ def fam_folder(tmp_path_factory):
     return fam_checkpoint(tmp_path_factory.mktemp("grpo") / "fam")
 
 
-def test_grpo_scores_completions_with_the_fam_model_s_log_probabilities(fam_folder, tmp_path):
+@pytest.mark.parametrize("beta", [0.0, 0.1], ids=["no-reference", "kl-to-reference"])
+def test_grpo_scores_completions_with_the_fam_model_s_log_probabilities(fam_folder, tmp_path, beta):
+    """beta > 0 adds a KL term to the reference (the adapter disabled): its log-probabilities are scored too."""
     model = AutoModelForCausalLM.from_pretrained(fam_folder, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(fam_folder)
-    trainer = RecordingGRPOTrainer(model=model, reward_funcs=_reward, args=_config(tmp_path / "out"),
+    trainer = RecordingGRPOTrainer(model=model, reward_funcs=_reward, args=_config(tmp_path / "out", beta=beta),
                                    train_dataset=_prompts(), processing_class=tokenizer, peft_config=_lora())
     trainer.records = []
     trainer.train()
 
-    assert trainer.records, "GRPO scored no completions"
+    # one scoring per step, and with beta > 0 one more of the reference
+    assert len(trainer.records) == (4 if beta else 2), len(trainer.records)
     left_padded = right_padded = False
     for record in trainer.records:
         mask, direct = record["mask"], record["direct"]
