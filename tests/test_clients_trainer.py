@@ -11,7 +11,7 @@ from datasets import Dataset
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
-from hf_fam.training import FAMDataCollator, fam_lora_config, unwrap_fam_model
+from hf_fam.training import FAMDataCollator, fam_lora_config, save_training_base, unwrap_fam_model
 
 
 def _checkpointing(model) -> bool:
@@ -37,6 +37,7 @@ def test_trainer_with_the_fam_collator_optimises_the_fam_loss(tmp_path):
     folder = fam_checkpoint(tmp_path / "fam", route="converted")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    save_training_base(model, tmp_path / "train-base", tokenizer)  # a converted checkpoint is in its zero-shot start
     fam_init = model.fam.fam_init.detach().clone()
     peft_model = get_peft_model(model, fam_lora_config(model, r=4, lora_dropout=0.0))
     rows = [tokenizer(t).input_ids for t in TEXTS]  # 35-77 tokens (bytes), unequal: the collator pads

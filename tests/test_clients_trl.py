@@ -137,3 +137,28 @@ def test_sft_trainer_wrapped_packing_runs_fam(fam_folder, tmp_path):
     for r in trainer.records:
         assert "cu_seq_lens_q" not in r["batch"]
         assert abs(r["trained"] - r["direct"]) <= 1e-5, (r["trained"], r["direct"])
+
+
+def test_sft_trainer_on_a_converted_checkpoint_asks_for_the_training_base(tmp_path):
+    """A converted checkpoint's config.json says fam_update "sink": the adapter would load on it without the update
+    it was trained with. The first step refuses in one line; on the base `save_training_base` saved, it trains."""
+    from hf_fam.training import save_training_base
+
+    converted = fam_checkpoint(tmp_path / "fam", route="converted")
+    model = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(converted)
+    trainer = trl.SFTTrainer(model=model, args=_config(tmp_path / "out", max_steps=1), train_dataset=_dataset(),
+                             processing_class=tokenizer, peft_config=_lora())
+    with pytest.raises(ValueError, match="save_training_base"):
+        trainer.train()
+
+    model = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32)
+    save_training_base(model, tmp_path / "train-base", tokenizer)
+    trainer = trl.SFTTrainer(model=model, args=_config(tmp_path / "out2", max_steps=1), train_dataset=_dataset(),
+                             processing_class=tokenizer, peft_config=_lora())
+    trainer.train()
+    trainer.save_model(tmp_path / "adapter")
+    import json
+
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == str(tmp_path / "train-base")

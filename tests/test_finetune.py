@@ -310,12 +310,13 @@ def _converted_like_the_run(base_ckpt):
     memory), so weights compare name by name."""
     from transformers import AutoTokenizer
 
-    from hf_fam.training.finetune import _content_slots, load_fam_model
+    from hf_fam.training.finetune import load_fam_model
+    from hf_fam.training.training_base import content_slots
 
     model, tokenizer, _ = load_fam_model(ModelOptions(path=str(base_ckpt), block_size=16, memory_segments=1,
                                                       fam_length=4))
     model.config.fam_update = "paper"
-    _content_slots(model, AutoTokenizer.from_pretrained(base_ckpt), ModelOptions(path="x").memory_start_text)
+    content_slots(model, AutoTokenizer.from_pretrained(base_ckpt), ModelOptions(path="x").memory_start_text)
     return model.eval()
 
 

@@ -17,7 +17,7 @@ from test_families import build
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
 import hf_fam
-from hf_fam.training import FAMDataCollator, enable_loss_chunk, fam_lora_config, unwrap_fam_model
+from hf_fam.training import FAMDataCollator, enable_loss_chunk, fam_lora_config, save_training_base, unwrap_fam_model
 
 K = 16
 
@@ -47,6 +47,7 @@ def test_trainer_trains_with_the_chunked_loss(tmp_path):
     folder = fam_checkpoint(tmp_path / "fam", route="converted")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    save_training_base(model, tmp_path / "train-base", tokenizer)  # out of the zero-shot start
     peft_model = get_peft_model(model, fam_lora_config(model, r=4, lora_dropout=0.0))
     rows = [tokenizer(" ".join([t] * 2)).input_ids for t in TEXTS]  # 70-150 tokens: several chunks of K
     args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2,

@@ -12,12 +12,23 @@ from datasets import Dataset
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
-from hf_fam.training import FAMDataCollator, FAMRecipeCallback, FAMRecipeConfig, attach_recipe, fam_lora_config
+from hf_fam.training import (
+    FAMDataCollator,
+    FAMRecipeCallback,
+    FAMRecipeConfig,
+    attach_recipe,
+    fam_lora_config,
+    save_training_base,
+)
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    return fam_checkpoint(tmp_path_factory.mktemp("recipe_callback") / "fam", route="converted")
+    """A converted checkpoint saved as the base adapters train on (the paper's update, content slots)."""
+    root = tmp_path_factory.mktemp("recipe_callback")
+    converted = fam_checkpoint(root / "fam", route="converted")
+    model = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32)
+    return save_training_base(model, root / "train-base", AutoTokenizer.from_pretrained(converted))
 
 
 def _train(folder, out, *, max_steps, resume=None, callback=True):

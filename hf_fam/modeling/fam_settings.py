@@ -111,3 +111,36 @@ FAM_UPDATE_CHOICES = ("paper", "sink")
 def validate_fam_update(fam_update) -> None:
     if fam_update not in FAM_UPDATE_CHOICES:
         raise ValueError(f"fam_update must be one of {', '.join(FAM_UPDATE_CHOICES)}, got {fam_update!r}")
+
+
+def zero_shot_adapter_bases(model) -> list[tuple[str, str]]:
+    """(adapter name, base) for each PEFT adapter on `model` (a PeftModel's inner model, or one with transformers'
+    `add_adapter`) whose named base checkpoint is a FAM checkpoint in the zero-shot start: its config.json, read
+    from the folder or the local Hub cache (never the network), says fam_update "sink". Training such an adapter
+    runs the paper's update, which that base, when the adapter is loaded on it, does not."""
+    import json
+    import os
+
+    found = []
+    for name, config in (getattr(model, "peft_config", None) or {}).items():
+        base = getattr(config, "base_model_name_or_path", None)
+        if not base:
+            continue
+        path = os.path.join(os.path.expanduser(str(base)), "config.json")
+        if not os.path.isfile(path):
+            from transformers.utils import cached_file
+
+            try:
+                path = cached_file(str(base), "config.json", local_files_only=True,
+                                   _raise_exceptions_for_missing_entries=False,
+                                   _raise_exceptions_for_connection_errors=False)
+            except (OSError, ValueError):
+                path = None
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+        except (OSError, TypeError, ValueError):
+            continue  # not readable here: nothing to say
+        if saved.get("model_type") == "fam" and saved.get("fam_update") == ZERO_SHOT_FAM_UPDATE:
+            found.append((name, str(base)))
+    return found

@@ -5,7 +5,8 @@ long-context data (packing; the passkey task is `hf_fam.tasks.passkey`) and the 
 The modules: `options` (every training option, declared once for the API and the command line), `data`, `lora`,
 `recipe` (with `recipe_callback`, its state in the `Trainer`'s checkpoints), `loss_chunk` (the chunked loss under
 loops such as `Trainer`), `finetune` (the loop), `continued` (an adapter trained further), `heldout` (the loss on
-sequences kept out of training), `outputs` and `resume` (what a run writes and how it resumes).
+sequences kept out of training), `training_base` (the base an adapter trains on), `outputs` and `resume` (what a
+run writes and how it resumes).
 The names below load on first use (PEP 562): importing `hf_fam.training.options` for `hf-fam finetune --help`
 must not pull in torch and PEFT. accelerate and the Trainer are imported only inside the functions that use them.
 """
@@ -42,6 +43,7 @@ _EXPORTS = {
     "pack_dataset": ".data",
     "save_adapter": ".lora",
     "save_lora_start": ".lora",
+    "save_training_base": ".training_base",
     "passkey_dataset": "hf_fam.tasks.passkey",
     "passkey_exact_match": "hf_fam.tasks.passkey",
     "unwrap_fam_model": ".lora",

@@ -63,6 +63,7 @@ from .options import (  # noqa: F401  (DTYPES, DATA_SOURCES, SCHEDULERS: re-expo
 )
 from .outputs import adapter_digest, check_output_dir, save_run, weights_digest
 from .recipe import attach_recipe
+from .training_base import training_start
 
 logger = logging.getLogger("hf_fam.training")
 # inside the run's staging folder, removed once the adapter is saved
@@ -92,24 +93,6 @@ def load_fam_model(options: ModelOptions):
     hub = {} if Path(options.path).expanduser().exists() else hub_access(options.path)
     converted = AutoConfig.from_pretrained(options.path, **hub).model_type != "fam"
     return model, tokenizer, converted
-
-
-def _content_slots(model, tokenizer, text: str) -> bool:
-    """Give a BOS-start memory content slots before training (`training_fam_init`); anything else is kept.
-    Returns whether the memory changed."""
-    from ..checkpoint_io.fam_init import training_fam_init
-
-    if tokenizer is None:
-        return False
-    memory = unwrap_fam_model(model).fam
-    start = training_fam_init(memory.fam_init, tokenizer, model.get_input_embeddings().weight, text)
-    if start is None:
-        return False
-    with torch.no_grad():
-        memory.fam_init.copy_(start)
-    logger.info("memory slots 1..%d start as the token embeddings of %r; slot 0 keeps the sink",
-                start.shape[0] - 1, text)
-    return True
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -230,14 +213,8 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path, resume_fr
 
     if heldout_set is not None and resume_from is None and adapter is None:
         measure("given", model)  # before training changes the update and the memory
-    if adapter is None and getattr(model.config, "fam_update", "paper") == "sink":
-        # a checkpoint in its zero-shot start: training learns the paper's update, and the adapter applies to a
-        # copy whose config says so
-        logger.info("switching fam_update from the zero-shot 'sink' start to 'paper' for training")
-        model.config.fam_update = "paper"
-        converted = True
-    if adapter is None and _content_slots(model, tokenizer, config.model.memory_start_text):
-        converted = True  # the adapter applies to a copy with this memory
+    if adapter is None and training_start(model, tokenizer, config.model.memory_start_text):
+        converted = True  # the paper's update, content slots: the adapter applies to a copy saved so (fam_base)
     fam_base_dir = None
     if converted and not config.lora.full:  # a full run saves the whole model instead
         fam_base_dir = out / "fam_base"
