@@ -227,8 +227,6 @@ def adapter_base(source: str, adapter_config: dict, token: str | None = None) ->
 
 def _load_adapter(source: str, adapter_config: dict, *, overrides, dtype, device, hub: dict, attn_implementation):
     """The adapter at `source` merged into its FAM base (see `load_fam_model`)."""
-    from transformers import AutoTokenizer
-
     base, revision, _ = adapter_base(source, adapter_config, token=hub.get("token"))
     from peft import PeftModel
 
@@ -236,8 +234,14 @@ def _load_adapter(source: str, adapter_config: dict, *, overrides, dtype, device
                                       revision=revision, attn_implementation=attn_implementation)
     peft_hub = {k: v for k, v in hub.items() if v is not None}
     model = PeftModel.from_pretrained(model, source, **peft_hub).merge_and_unload().eval()
+    return model, adapter_tokenizer(source, tokenizer, hub)
+
+
+def adapter_tokenizer(source: str, base_tokenizer, hub: dict | None = None):
+    """The tokenizer an adapter folder or repo carries, else its base's (`base_tokenizer`)."""
+    from transformers import AutoTokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **hub)
+        return AutoTokenizer.from_pretrained(source, **(hub or {}))
     except (OSError, ValueError, TypeError):
-        pass  # no tokenizer with the adapter: the base's
-    return model, tokenizer
+        return base_tokenizer  # no tokenizer with the adapter

@@ -48,9 +48,7 @@ def load_adapter_base(source: str, adapter: dict, options: ModelOptions):
     """(the FAM base of the adapter at `source`, in train mode, the tokenizer (the adapter's, else the base's), the
     base's path or Hub id). Refuses a base in the zero-shot start: training switches it to the paper's update,
     and `hf-fam finetune` saved the base it trained on as OUT/fam_base."""
-    from transformers import AutoTokenizer
-
-    from ..runtime.loading import FAMOverrides, adapter_base, load_fam_model
+    from ..runtime.loading import FAMOverrides, adapter_base, adapter_tokenizer, load_fam_model
 
     base, revision, base_config = adapter_base(source, adapter)
     if getattr(base_config, "fam_update", "paper") == "sink":
@@ -59,10 +57,7 @@ def load_adapter_base(source: str, adapter: dict, options: ModelOptions):
                          "checkpoint its run trained on (hf-fam finetune's OUT/fam_base)")
     overrides = FAMOverrides(options.block_size, options.memory_segments, options.fam_length, options.fam_layers)
     model, tokenizer = load_fam_model(base, overrides=overrides, dtype=options.dtype, revision=revision)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError, TypeError):
-        pass  # no tokenizer with the adapter: the base's
+    tokenizer = adapter_tokenizer(source, tokenizer)
     logger.info("continuing the adapter %s on its base %s%s", source, base, f" at {revision}" if revision else "")
     return model.train(), tokenizer, base
 
