@@ -82,3 +82,37 @@ def test_an_adapter_trained_on_the_saved_training_base_loads_with_its_trained_lo
 
     with pytest.raises(ValueError, match="before PEFT wraps it"):
         save_training_base(peft_model, tmp_path / "again")
+
+
+@pytest.mark.parametrize("how", ["from_base_model", "hf_fam.patch"])
+def test_an_adapter_of_a_model_put_in_fam_mode_in_memory_needs_the_saved_training_base(converted, tmp_path, how):
+    """Put in FAM mode in memory, the model's name is the plain checkpoint's: an adapter trained on it would load
+    there without FAM. Refused in one line; `save_training_base` saves the FAM checkpoint the adapter then names."""
+    from client_helpers import SETTINGS, base_folder
+
+    import hf_fam
+
+    def fam_model():
+        plain = AutoModelForCausalLM.from_pretrained(base_folder(converted), dtype=torch.float32)
+        if how == "hf_fam.patch":
+            return hf_fam.patch(plain, **SETTINGS)
+        return hf_fam.FAMForCausalLM.from_base_model(plain, **SETTINGS)
+
+    if how == "hf_fam.patch":  # named after the plain checkpoint (from_base_model's model names none)
+        trained = get_peft_model(fam_model(), fam_lora_config(fam_model(), r=4)).train()
+        with pytest.raises(ValueError, match="which is not a FAM checkpoint: the adapter loaded on that base would "
+                                             "run without FAM.*save_training_base"):
+            trained(input_ids=_ids(), labels=_ids())
+
+    model = fam_model()
+    save_training_base(model, tmp_path / "train-base", AutoTokenizer.from_pretrained(converted))
+    saved = json.loads((tmp_path / "train-base" / "config.json").read_text())
+    assert saved["model_type"] == "fam" and saved["fam_update"] == "paper"
+    peft_model = get_peft_model(model, fam_lora_config(model, r=4, init_lora_weights=False))
+    _train_step(peft_model)
+    with torch.no_grad():
+        expected = peft_model(_ids()).logits
+    peft_model.save_pretrained(tmp_path / "adapter")
+    loaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter", trust_remote_code=True).eval()
+    with torch.no_grad():
+        assert (loaded(_ids()).logits - expected).abs().max() <= 1e-5

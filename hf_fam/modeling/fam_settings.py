@@ -113,11 +113,13 @@ def validate_fam_update(fam_update) -> None:
         raise ValueError(f"fam_update must be one of {', '.join(FAM_UPDATE_CHOICES)}, got {fam_update!r}")
 
 
-def zero_shot_adapter_bases(model) -> list[tuple[str, str]]:
-    """(adapter name, base) for each PEFT adapter on `model` (a PeftModel's inner model, or one with transformers'
-    `add_adapter`) whose named base checkpoint is a FAM checkpoint in the zero-shot start: its config.json, read
-    from the folder or the local Hub cache (never the network), says fam_update "sink". Training such an adapter
-    runs the paper's update, which that base, when the adapter is loaded on it, does not."""
+def adapter_bases_unlike_training(model) -> list[tuple[str, str, str]]:
+    """(adapter name, base, what the base is) for each PEFT adapter on `model` (a FAM model: a PeftModel's inner
+    model, or one with transformers' `add_adapter`) whose named base would not run what training runs: a FAM
+    checkpoint in the zero-shot start ("zero-shot": its config.json says fam_update "sink", and training runs the
+    paper's update) or a checkpoint that is not a FAM checkpoint at all ("plain": the adapter would load on it
+    without FAM). The config.json is read from the folder or the local Hub cache, never the network; a base not
+    readable there is not judged."""
     import json
     import os
 
@@ -141,6 +143,8 @@ def zero_shot_adapter_bases(model) -> list[tuple[str, str]]:
                 saved = json.load(f)
         except (OSError, TypeError, ValueError):
             continue  # not readable here: nothing to say
-        if saved.get("model_type") == "fam" and saved.get("fam_update") == ZERO_SHOT_FAM_UPDATE:
-            found.append((name, str(base)))
+        if saved.get("model_type") != "fam":
+            found.append((name, str(base), "plain"))
+        elif saved.get("fam_update") == ZERO_SHOT_FAM_UPDATE:
+            found.append((name, str(base), "zero-shot"))
     return found

@@ -46,7 +46,7 @@ from .fam_graphs import graphs_usable  # noqa: F401
 from .fam_loss import chunked_lm_loss  # noqa: F401
 from .fam_packing import refuse_packed_inputs  # noqa: F401
 from .fam_plan import FAMPlan  # noqa: F401
-from .fam_settings import FAMSettings, zero_shot_adapter_bases
+from .fam_settings import FAMSettings, adapter_bases_unlike_training
 from .fam_split_attention import split_attention  # noqa: F401
 from .fam_state import FAMLayerState  # noqa: F401
 from .fam_wrapping import child_name, decoder_slot, detached_copy, fam_lm_forward
@@ -140,19 +140,21 @@ def _keep_attention_implementation(config: FAMConfig, module: nn.Module | None, 
         config.base_config._attn_implementation = "eager"
 
 
-def _refuse_adapter_on_zero_shot_base(owner) -> None:
-    """A PEFT adapter in training whose base checkpoint says fam_update "sink" would be loaded on a base that runs
-    without the memory update it was trained with: a silent wrong result. Checked once per set of adapters."""
+def _refuse_adapter_unlike_training(owner) -> None:
+    """A PEFT adapter in training whose named base would not run what training runs, once loaded on it: a base
+    in the zero-shot start (no memory update) or a plain checkpoint (no FAM): a silent wrong result. Checked once
+    per set of adapters."""
     adapters = tuple(sorted(getattr(owner, "peft_config", None) or {}))
     if not adapters or getattr(owner, "_fam_checked_adapters", None) == adapters:
         return
-    found = zero_shot_adapter_bases(owner)
+    found = adapter_bases_unlike_training(owner)
     if found:
-        name, base = found[0]
+        name, base, kind = found[0]
+        why = ("whose config.json runs the zero-shot start (fam_update='sink'): training uses the paper's memory "
+               "update, which the adapter loaded on that base would run without" if kind == "zero-shot" else
+               "which is not a FAM checkpoint: the adapter loaded on that base would run without FAM")
         raise ValueError(
-            f"training the adapter {name!r} of {base}, whose config.json runs the zero-shot start "
-            "(fam_update='sink'): training uses the paper's memory update, which the adapter loaded on that base "
-            "would run without. Save the base for training first, before wrapping it: "
+            f"training the adapter {name!r} of {base}, {why}. Save the base for training first, before wrapping it: "
             "hf_fam.training.save_training_base(model, DIR) (or train with hf-fam finetune, which does)"
         )
     object.__setattr__(owner, "_fam_checked_adapters", adapters)
@@ -237,7 +239,7 @@ class FAMModel(FAMPreTrainedModel):
         decoder = self._fam_decoder
         decoder.training = self.training  # the decoder object is not registered, so .train() does not reach it
         if self.training and torch.is_grad_enabled():
-            _refuse_adapter_on_zero_shot_base(self._fam_owner if self._fam_owner is not None else self)
+            _refuse_adapter_unlike_training(self._fam_owner if self._fam_owner is not None else self)
         if self.training and torch.is_grad_enabled() and self.config.fam_update == "sink":
             # the zero-shot start never updates the memory, so training in it would never train the memory:
             # training means the paper's update (as `hf-fam finetune` sets), and the saved config says so

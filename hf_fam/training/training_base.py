@@ -4,8 +4,9 @@ A converted checkpoint is saved in its zero-shot start (`fam_update="sink"`, a m
 training cannot use: training runs the paper's update (a training forward switches to it) and gives a BOS memory
 content slots (docs/training.md, "Where training starts the memory"). A full model saved after training carries
 its config; an adapter does not, and names its base by path. So an adapter must name a base saved as it was
-trained: this module saves it, and FAM refuses to train an adapter whose base's config.json says "sink"
-(`modeling_fam._refuse_adapter_on_zero_shot_base`). `hf-fam finetune` saves the same base as OUT/fam_base.
+trained: this module saves it, and FAM refuses to train an adapter whose base's config.json says "sink", or is
+not a FAM checkpoint at all, as for a model put in FAM mode in memory (`modeling_fam._refuse_adapter_unlike_training`).
+`hf-fam finetune` saves the same base as OUT/fam_base.
 
 Example:
 ```python
@@ -53,11 +54,21 @@ def training_start(model, tokenizer=None, memory_start_text: str = DEFAULT_MEMOR
     Returns whether anything changed."""
     fam_model = unwrap_fam_model(model)
     changed = False
-    if getattr(fam_model.config, "fam_update", "paper") == ZERO_SHOT_FAM_UPDATE:
-        logger.info("switching fam_update from the zero-shot 'sink' start to 'paper' for training")
-        fam_model.config.fam_update = "paper"
-        changed = True
+    for config in _fam_configs(fam_model):
+        if getattr(config, "fam_update", "paper") == ZERO_SHOT_FAM_UPDATE:
+            logger.info("switching fam_update from the zero-shot 'sink' start to 'paper' for training")
+            config.fam_update = "paper"
+            changed = True
     return content_slots(fam_model, tokenizer, memory_start_text) or changed
+
+
+def _fam_configs(model) -> list:
+    """The FAM configs `model` runs by: its own (a FAMForCausalLM, hf_fam's class or a checkpoint's remote code)
+    and its FAM backbone's (the one a model patched with `hf_fam.patch` keeps beside its own base config)."""
+    found = [m.config for m in model.modules() if type(m).__name__ == "FAMModel"]
+    if getattr(model.config, "model_type", None) == "fam":
+        found.append(model.config)
+    return list({id(c): c for c in found}.values())
 
 
 def save_training_base(model, folder, tokenizer=None, memory_start_text: str = DEFAULT_MEMORY_START_TEXT) -> Path:
