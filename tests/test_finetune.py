@@ -466,3 +466,19 @@ def test_the_loss_on_held_out_sequences_is_measured_before_and_after(base_ckpt, 
         _reset_accelerate()
     summary = json.loads((none / "train_summary.json").read_text())
     assert summary["heldout_sequences"] == 0 and summary["heldout_loss"] == {}
+
+
+def test_a_run_that_leaves_the_held_out_loss_above_the_model_as_given_warns(caplog):
+    """Above the model as given (or above the start, when that is the model as given): the trained model is worse
+    on sequences it did not see, which the training loss does not show."""
+    import logging
+
+    from hf_fam.training.heldout import worse_than
+
+    with caplog.at_level(logging.WARNING, logger="hf_fam.training"):
+        assert worse_than({"given": 0.7342, "start": 0.7811, "final": 0.7389})  # SmolLM2's 6-step run
+        assert not worse_than({"given": 0.74, "start": 0.78, "final": 0.73})
+        assert worse_than({"start": 1.0, "final": 1.2})  # a start that is the model as given
+        assert not worse_than({"start": 1.0, "final": 0.9}) and not worse_than({})
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2 and "(0.7389 > 0.7342)" in warnings[0] and "(1.2000 > 1.0000)" in warnings[1]

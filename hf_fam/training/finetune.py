@@ -47,7 +47,7 @@ import torch
 from ..modeling.fam_compat import enable_checkpointing
 from . import continued, resume
 from .data import FAMDataCollator, build_train_dataset
-from .heldout import heldout_loss, heldout_text, split_heldout
+from .heldout import heldout_loss, heldout_text, split_heldout, worse_than
 from .lora import PEFT_LORA_INITS, changes_base_weights, fam_lora_config, save_lora_start, unwrap_fam_model
 from .options import (  # noqa: F401  (DTYPES, DATA_SOURCES, SCHEDULERS: re-exported)
     DATA_SOURCES,
@@ -339,6 +339,7 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path, resume_fr
     if heldout_set is not None:
         measure("final", trained)
         logger.info(heldout_text(heldout.get("given"), heldout.get("start"), heldout["final"], len(heldout_set)))
+        worse_than(heldout)
     digests = gather_object([weights_digest(trained)])
     if len(set(digests)) > 1:
         logger.warning("trained weights differ between processes: %s", digests)

@@ -49,6 +49,18 @@ def heldout_loss(model, heldout, collator, batch_size: int, device) -> float:
     return total / max(count, 1)
 
 
+def worse_than(losses: dict) -> bool:
+    """Warn when the run left the held-out loss above the model it was given (or, for a start that is the model
+    as given, above the start): the trained model is worse on data it did not see. Returns whether it warned."""
+    reference = losses.get("given", losses.get("start"))
+    if reference is None or losses.get("final") is None or losses["final"] <= reference:
+        return False
+    logger.warning("the held-out loss ended above the model as given (%.4f > %.4f): the trained model is worse on "
+                   "sequences it did not see; train longer, with a lower --lr, or keep the model as given",
+                   losses["final"], reference)
+    return True
+
+
 def heldout_text(given: float | None, start: float | None, final: float | None, count: int) -> str:
     """"held-out loss 6.17 -> 3.02 (as given 2.59; 16 sequences)", or "" when nothing was held out."""
     if final is None:
@@ -58,4 +70,4 @@ def heldout_text(given: float | None, start: float | None, final: float | None, 
     return f"{text} ({'; '.join(extra)})"
 
 
-__all__ = ["heldout_loss", "heldout_text", "split_heldout"]
+__all__ = ["heldout_loss", "heldout_text", "split_heldout", "worse_than"]
