@@ -154,3 +154,16 @@ def test_an_adapter_on_a_zero_shot_base_is_refused(first_run, tmp_path, capsys):
     _reset_accelerate()
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "is in the zero-shot start (fam_update 'sink')" in err and "OUT/fam_base" in err, err
+
+
+def test_an_adapter_targeting_a_regular_expression_is_described_as_one(first_run, tmp_path, capsys):
+    """PEFT takes `target_modules` as a list or as a regular expression: the refusal names the expression, not its
+    characters one by one."""
+    adapter = tmp_path / "regex"
+    shutil.copytree(first_run, adapter, ignore=shutil.ignore_patterns("fam_base"))
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "target_modules": r".*\.(q|v)_proj"}))
+    assert main(["finetune", str(adapter), "--output", str(tmp_path / "out"), "--lora-rank", "8"]) == 2
+    _reset_accelerate()
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert r"targets modules matching .*\.(q|v)_proj, its own fam_init" in err, err

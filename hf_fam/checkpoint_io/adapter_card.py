@@ -77,8 +77,8 @@ def render_adapter_card(folder: str | Path, *, repo_id: str | None, base_model: 
         fam_length=summary.fam_length,
         rank=rank,
         alpha=alpha,
-        target_modules=_names(adapter.get("target_modules")),
-        modules_to_save=_names(adapter.get("modules_to_save")),
+        target_modules=module_names(adapter.get("target_modules")),
+        modules_to_save=module_names(adapter.get("modules_to_save")),
         training=_training_text(folder),
         evaluation=evaluation_table(info.eval_results, "adapter"),
         model_id=model_id,
@@ -118,12 +118,14 @@ def adapter_card_info(folder: str | Path, base_folder: str | Path | None = None)
                    tags=own.tags or base.tags)
 
 
-def _names(modules) -> str:
+def module_names(modules, quote: str = "`") -> str:
+    """An adapter config's `target_modules` / `modules_to_save` as text: a list of names (sorted, each in `quote`),
+    or the regular expression PEFT also takes there."""
     if not modules:
         return "none"
     if isinstance(modules, str):  # a regular expression
-        return f"modules matching `{modules}`"
-    return ", ".join(f"`{m}`" for m in sorted(modules))
+        return f"modules matching {quote}{modules}{quote}"
+    return ", ".join(f"{quote}{m}{quote}" for m in sorted(modules))
 
 
 def _training_text(folder: Path) -> str:
@@ -157,4 +159,4 @@ def _training_text(folder: Path) -> str:
     return ", ".join(parts)
 
 
-__all__ = ["adapter_card_info", "render_adapter_card", "write_adapter_card"]
+__all__ = ["adapter_card_info", "module_names", "render_adapter_card", "write_adapter_card"]

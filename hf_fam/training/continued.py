@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import fields
 
+from ..checkpoint_io.adapter_card import module_names
 from .options import FinetuneConfig, LoraOptions, ModelOptions
 
 logger = logging.getLogger("hf_fam.training")
@@ -38,7 +39,7 @@ def adapter_to_continue(config: FinetuneConfig) -> dict | None:
     if given:
         raise ValueError(
             f"{source} is a LoRA adapter, trained further as it is (r={adapter.get('r')}, targets "
-            f"{', '.join(sorted(adapter.get('target_modules') or []))}, its own fam_init): drop {', '.join(given)}, "
+            f"{module_names(adapter.get('target_modules'), quote='')}, its own fam_init): drop {', '.join(given)}, "
             f"or train a new adapter from its base {adapter.get('base_model_name_or_path')}"
         )
     return adapter
@@ -68,9 +69,9 @@ def trainable_adapter(model, source: str):
 
     peft_model = PeftModel.from_pretrained(model, source, is_trainable=True)
     config = peft_model.peft_config["default"]
-    trained = ", ".join(sorted(config.modules_to_save or []))
-    return peft_model, (f"LoRA r={config.r} on {', '.join(sorted(config.target_modules))}"
-                        + (f" + {trained}" if trained else "") + f", continued from {source}")
+    trained = f" + {module_names(config.modules_to_save, quote='')}" if config.modules_to_save else ""
+    return peft_model, (f"LoRA r={config.r} on {module_names(config.target_modules, quote='')}{trained}, "
+                        f"continued from {source}")
 
 
 def _flag(options, name: str) -> str:

@@ -66,7 +66,7 @@ def heldout_text(given: float | None, start: float | None, final: float | None, 
     if final is None:
         return ""
     text = f"held-out loss {start:.4f} -> {final:.4f}" if start is not None else f"held-out loss {final:.4f}"
-    extra = ([f"as given {given:.4f}"] if given is not None and given != start else []) + [f"{count} sequences"]
+    extra = ([f"as given {given:.4f}"] if given is not None else []) + [f"{count} sequences"]
     return f"{text} ({'; '.join(extra)})"
 
 

@@ -344,6 +344,7 @@ class FinetuneResult:
     model: object = field(default=None, repr=False)
     final_loss_fresh_memory: float | None = None  # forwards from fam_init (None: none in the last window)
     final_loss_passed_memory: float | None = None  # forwards from a state Random State Passing kept
-    # the loss on the held-out sequences (None: none held out): the model as given, at the start, at the end
+    # the loss on the held-out sequences, by when: "given" (the model as given, when training changed its start),
+    # "start", "final"; empty when none were held out
     heldout_losses: dict = field(default_factory=dict)
     heldout_sequences: int = 0
