@@ -15,6 +15,7 @@ from hf_fam.cli import main
 from hf_fam.runtime.loading import load_fam_model
 from hf_fam.tiny import make_tiny_checkpoint
 from hf_fam.training.finetune import DataOptions, FinetuneConfig, LoraOptions, ModelOptions, TrainOptions, finetune
+from hf_fam.training.options import DEFAULT_LORA_RANK
 
 WEIGHTS = "adapter_model.safetensors"
 
@@ -124,6 +125,8 @@ def test_the_card_of_the_new_adapter_does_not_carry_the_start_s_results(first_ru
 
 @pytest.mark.parametrize("extra, needle", [
     (["--lora-rank", "8"], "drop --lora-rank, or train a new adapter from its base"),
+    # given at their defaults: still not the adapter's to change (its rank is 4, its dropout 0)
+    (["--lora-rank", str(DEFAULT_LORA_RANK), "--lora-dropout", "0"], "drop --lora-rank, --lora-dropout, or train"),
     (["--lora-targets", "q_proj", "--freeze-norms"], "drop --lora-targets, --freeze-norms"),
     (["--memory-start-text", "hello"], "drop --memory-start-text"),
     (["--full"], "--full trains every weight of a checkpoint"),

@@ -1,5 +1,6 @@
 """Shared command-line options: the four FAM settings, declared once for every command that takes them, and
-the options of an options dataclass (`add_options`, `options_from_args`).
+the options of an options dataclass (`add_options`, `options_from_args`, and `given_options`: which of them the
+command line set, even to their default).
 
 Defaults and validation come from `FAMSettings` (hf_fam/modeling/fam_settings.py), the one place they live.
 """
@@ -9,6 +10,9 @@ from __future__ import annotations
 import argparse
 
 from ..modeling.fam_settings import FAM_LAYER_CHOICES, FAMSettings
+
+# the parsed namespace's attribute naming the options the command line set (`given_options`)
+_GIVEN = "_fam_given_options"
 
 # (flag, field, metavar, help)
 FAM_OPTIONS = (
@@ -62,8 +66,9 @@ def add_options(group, options, only: tuple[str, ...] | None = None, skip: tuple
         kwargs = {"dest": f.name, "help": meta["help"]}
         annotation = str(f.type).replace(" | None", "")
         if annotation == "bool":
-            kwargs["action"] = "store_false" if meta.get("negate") else "store_true"
+            kwargs["action"] = _GivenStoreFalse if meta.get("negate") else _GivenStoreTrue
         else:
+            kwargs["action"] = _GivenStore
             kwargs["type"] = meta.get("type", kinds.get(annotation, str))
             kwargs["metavar"] = flags[0].lstrip("-").replace("-", "_").upper()  # --lr LR, not the field's name
             for key in ("choices", "metavar", "nargs"):
@@ -78,6 +83,32 @@ def add_options(group, options, only: tuple[str, ...] | None = None, skip: tuple
         if isinstance(group, argparse._ActionsContainer) and any(a.dest == f.name for a in group._actions):
             raise ValueError(f"two options set {f.name}")  # the dataclasses' field names must not collide
         group.add_argument(*flags, **kwargs)
+
+
+def given_options(args: argparse.Namespace) -> frozenset[str]:
+    """The field names of the options (`add_options`) the command line set, whatever their value: `--lora-rank 64`
+    is given even where 64 is the default."""
+    return frozenset(getattr(args, _GIVEN, ()))
+
+
+class _Given(argparse.Action):
+    """Records its dest in the namespace's given options, then stores as its base action does."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, values, option_string)
+        setattr(namespace, _GIVEN, {*getattr(namespace, _GIVEN, ()), self.dest})
+
+
+class _GivenStore(_Given, argparse._StoreAction):
+    pass
+
+
+class _GivenStoreTrue(_Given, argparse._StoreTrueAction):
+    pass
+
+
+class _GivenStoreFalse(_Given, argparse._StoreFalseAction):
+    pass
 
 
 def options_from_args(options, args, **given):

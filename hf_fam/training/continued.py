@@ -12,6 +12,7 @@ and Random State Passing start anew (`--resume` continues an interrupted run; th
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import fields
 
 from ..checkpoint_io.adapter_card import module_names
@@ -20,9 +21,12 @@ from .options import FinetuneConfig, LoraOptions, ModelOptions
 logger = logging.getLogger("hf_fam.training")
 
 
-def adapter_to_continue(config: FinetuneConfig) -> dict | None:
+def adapter_to_continue(config: FinetuneConfig, given: Iterable[str] | None = None) -> dict | None:
     """The adapter_config.json of `config.model.path` when it is a LoRA adapter to train further, with the options
-    checked; None for a checkpoint."""
+    checked; None for a checkpoint.
+
+    `given`: the names of the options that were set (the command line knows them, a default included: `--lora-rank
+    64`); None counts those that differ from their defaults, all an options object can tell."""
     from ..runtime.loading import find_adapter
 
     adapter = find_adapter(config.model.path)
@@ -32,14 +36,15 @@ def adapter_to_continue(config: FinetuneConfig) -> dict | None:
     if config.lora.full:
         raise ValueError(f"{source} is a LoRA adapter: --full trains every weight of a checkpoint; train the adapter "
                          "further without --full, or pass its merged model (hf-fam finetune --merge)")
-    given = [_flag(LoraOptions, f.name) for f in fields(LoraOptions)
-             if f.name not in ("full", "train_embeddings") and getattr(config.lora, f.name) != f.default]
-    if config.model.memory_start_text != ModelOptions.memory_start_text:
-        given.append(_flag(ModelOptions, "memory_start_text"))
-    if given:
+    given = None if given is None else set(given)
+    fixed = [(config.lora, f) for f in fields(LoraOptions) if f.name not in ("full", "train_embeddings")]
+    fixed.append((config.model, ModelOptions.__dataclass_fields__["memory_start_text"]))
+    named = [_flag(type(options), f.name) for options, f in fixed
+             if (f.name in given if given is not None else getattr(options, f.name) != f.default)]
+    if named:
         raise ValueError(
             f"{source} is a LoRA adapter, trained further as it is (r={adapter.get('r')}, targets "
-            f"{module_names(adapter.get('target_modules'), quote='')}, its own fam_init): drop {', '.join(given)}, "
+            f"{module_names(adapter.get('target_modules'), quote='')}, its own fam_init): drop {', '.join(named)}, "
             f"or train a new adapter from its base {adapter.get('base_model_name_or_path')}"
         )
     return adapter

@@ -14,7 +14,7 @@ Examples:
 from __future__ import annotations
 
 from ...runtime import cpu_memory
-from ..fam_args import add_fam_arguments, add_options, options_from_args
+from ..fam_args import add_fam_arguments, add_options, given_options, options_from_args
 from ..formatting import HelpFormatter
 
 HELP = ("LoRA fine-tuning with the paper's recipe (PEFT adapter + trained fam_init), or every weight with --full; "
@@ -67,7 +67,12 @@ def run(args) -> int:
     import logging
     import os
 
+    from hf_fam.training.continued import adapter_to_continue
+
     config = config_from_args(args)  # bad options fail here, before anything heavy loads
+    # an adapter to train further fixes its LoRA options: refused when given, even at their defaults (finetune
+    # itself can only see values that differ from them)
+    adapter_to_continue(config, given=given_options(args))
     main_process = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
     logging.basicConfig(level=logging.INFO if main_process else logging.WARNING,
                         format="hf-fam finetune: %(message)s")
