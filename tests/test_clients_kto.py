@@ -1,0 +1,132 @@
+"""TRL's KTOTrainer with a PEFT LoRA config trains the FAM model on unpaired feedback (a completion labelled
+desirable or not): the loss it optimises is the KTO loss of the FAM model's own log-probabilities, each sequence
+read alone without padding (the policy with the adapter, the reference with it disabled), its KL estimate
+included, and `fam_init` trains.
+
+KTO batches completions of different lengths with right padding, reads a second, mismatched batch for the KL
+estimate (each prompt with another row's completion) and reads per-token log-probabilities through
+`model(..., fused_lm_head=True).log_probs`: a path that skipped FAM, or a padding mask lost on the way, would change
+them.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from client_helpers import TEXTS, base_folder, fam_checkpoint
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+trl = pytest.importorskip("trl")
+
+from hf_fam.training import unwrap_fam_model  # noqa: E402
+
+BETA = 0.5
+BATCH = 4
+
+
+def _feedback():
+    """Prompts of several FAM blocks (C = 8), completions of different lengths (so that rows are padded), half of
+    them desirable; in each batch of four both labels occur."""
+    rows = {"prompt": [], "completion": [], "label": []}
+    for i, text in enumerate(TEXTS):
+        rows["prompt"].append(f"{text} {TEXTS[(i + 1) % len(TEXTS)]}:")
+        rows["completion"].append(f" {TEXTS[(i + 2) % len(TEXTS)][: 10 + 6 * i]}")
+        rows["label"].append(i % 2 == 0)
+    return Dataset.from_dict(rows)
+
+
+def _sequence_logps(model, ids, attention, completion):
+    """The sum of log-probabilities of the completion tokens of each row, read alone (its padding cut off)."""
+    sums = []
+    for row_ids, row_attention, row_completion in zip(ids, attention, completion):
+        length = int(row_attention.sum())  # right padding: the real tokens come first
+        row_ids, row_completion = row_ids[:length], row_completion[:length]
+        with torch.no_grad():
+            logps = model(input_ids=row_ids[None], use_cache=False).logits[0, :-1].float().log_softmax(-1)
+        token_logps = logps.gather(-1, row_ids[1:, None])[:, 0]
+        sums.append((token_logps * row_completion[1:]).sum())
+    return torch.stack(sums)
+
+
+def _kto_loss(policy, batch, reference_context):
+    """KTO's loss (arXiv 2402.01306, Eq. 7, TRL's weights 1): desirable rows 1 - σ(β(r - z)), undesirable
+    1 - σ(β(z - r)), r the log-ratio of policy to reference, z the KL estimate on the mismatched batch (≥ 0)."""
+    def logps(model):
+        matched = _sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        mismatched = _sequence_logps(model, batch["KL_input_ids"], batch["KL_attention_mask"],
+                                     batch["KL_completion_mask"])
+        return matched, mismatched
+
+    policy_logps, policy_kl = logps(policy)
+    with reference_context():
+        reference_logps, reference_kl = logps(policy)
+    kl = (policy_kl - reference_kl).mean().clamp(min=0)
+    ratio = policy_logps - reference_logps
+    desirable = batch["label"].bool()
+    losses = torch.where(desirable, 1 - torch.sigmoid(BETA * (ratio - kl)), 1 - torch.sigmoid(BETA * (kl - ratio)))
+    return losses.mean()
+
+
+class RecordingKTOTrainer(trl.KTOTrainer):
+    """Records the loss KTO optimises at every step and the KTO loss recomputed from the FAM model's logits."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        batch = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        loss = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+        trained = loss[0] if isinstance(loss, tuple) else loss
+        peft_model = self.accelerator.unwrap_model(model)
+        was_training = peft_model.training
+        peft_model.eval()  # no dropout: KTO's forward ran without (lora_dropout 0)
+        try:
+            direct = _kto_loss(peft_model, batch, peft_model.disable_adapter)
+        finally:
+            peft_model.train(was_training)
+        self.records.append(dict(batch=batch, trained=trained.detach().float().item(), direct=direct.item()))
+        return loss
+
+
+@pytest.fixture(scope="module")
+def fam_folder(tmp_path_factory):
+    return fam_checkpoint(tmp_path_factory.mktemp("kto") / "fam")
+
+
+def test_kto_trainer_optimises_the_kto_loss_of_the_fam_model(fam_folder, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(fam_folder, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(fam_folder)
+    fam_init = model.fam.fam_init.detach().clone()
+    config = trl.KTOConfig(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=BATCH,
+                           beta=BETA, learning_rate=5e-2, lr_scheduler_type="constant", logging_steps=1,
+                           save_strategy="no", report_to=[], use_cpu=True, max_length=256, bf16=False, seed=0,
+                           data_seed=0, dataloader_num_workers=0, disable_tqdm=True)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"],
+                      modules_to_save=["fam"], task_type="CAUSAL_LM")
+    trainer = RecordingKTOTrainer(model=model, args=config, train_dataset=_feedback(), processing_class=tokenizer,
+                                  peft_config=lora)
+    trainer.records = []
+    trainer.train()
+
+    assert len(trainer.records) == 2
+    for record in trainer.records:
+        batch = record["batch"]
+        assert "KL_input_ids" in batch, "no KL batch: the test would not check the KL estimate"
+        assert not bool(batch["attention_mask"].all()), "no padding: the test would not see a lost padding mask"
+        assert 0 < int(batch["label"].sum()) < BATCH  # both kinds of feedback in the batch
+        assert abs(record["trained"] - record["direct"]) <= 1e-5, record
+    # at step 1 the adapter is the reference (loss 1 - σ(0) = 0.5); at step 2 it is no longer
+    assert abs(trainer.records[0]["trained"] - 0.5) <= 1e-6
+    assert abs(trainer.records[-1]["trained"] - 0.5) > 1e-3
+    trained_init = unwrap_fam_model(trainer.model).fam.modules_to_save["default"].fam_init
+    assert (trained_init.detach() - fam_init).abs().max() > 1e-4  # the memory trained
+
+    # a route that skipped FAM would have read other log-probabilities: the plain model's, against FAM's reference
+    base = AutoModelForCausalLM.from_pretrained(base_folder(fam_folder), dtype=torch.float32).eval()
+    batch = trainer.records[-1]["batch"]
+    rows = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+    plain = _sequence_logps(base, *rows)
+    peft_model = trainer.model.eval()
+    with peft_model.disable_adapter():
+        reference = _sequence_logps(peft_model, *rows)
+    assert (plain - reference).abs().max() > 1e-2
