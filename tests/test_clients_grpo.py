@@ -1,4 +1,5 @@
-"""TRL's GRPOTrainer with a PEFT LoRA config runs the FAM model both ways it uses a model: `generate` for the
+"""TRL's GRPOTrainer and RLOOTrainer (the same two uses, another advantage) with a PEFT LoRA config run the FAM
+model both ways they use a model: `generate` for the
 completions (prompts left-padded, FAM's streaming cache) and `model(..., fused_lm_head=True).log_probs` for the
 completions' per-token log-probabilities (rows with left padding before the prompt and right padding after the
 completion). Those log-probabilities are the FAM model's, each row read alone without padding; transformers'
@@ -26,13 +27,16 @@ def _reward(completions, **kwargs):
     return [float(len(set(c))) for c in completions]  # any score that varies: advantages are not all zero
 
 
-def _config(out, **overrides):
+TRAINERS = {"grpo": (trl.GRPOTrainer, trl.GRPOConfig), "rloo": (trl.RLOOTrainer, trl.RLOOConfig)}
+
+
+def _config(kind, out, **overrides):
     kwargs = dict(output_dir=str(out), max_steps=2, per_device_train_batch_size=4, num_generations=2,
                   max_completion_length=6, learning_rate=5e-2, lr_scheduler_type="constant", logging_steps=1,
                   save_strategy="no", report_to=[], use_cpu=True, bf16=False, seed=0, data_seed=0,
                   dataloader_num_workers=0, disable_tqdm=True)
     kwargs.update(overrides)
-    return trl.GRPOConfig(**kwargs)
+    return TRAINERS[kind][1](**kwargs)
 
 
 def _lora():
@@ -40,16 +44,16 @@ def _lora():
                       modules_to_save=["fam"], task_type="CAUSAL_LM")
 
 
-class RecordingGRPOTrainer(trl.GRPOTrainer):
-    """Records every call that scores completions: the padded rows, the log-probabilities GRPO got, and those of
-    each row read alone by the model as it is at that moment."""
+class Recording:
+    """Records every call that scores completions: the padded rows, the log-probabilities the trainer got, and those
+    of each row read alone by the model as it is at that moment."""
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
         result = super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
                                                             *args, **kwargs)
         peft_model = self.accelerator.unwrap_model(model)
         was_training = peft_model.training
-        peft_model.eval()  # no dropout: GRPO's forward ran without (lora_dropout 0)
+        peft_model.eval()  # no dropout: the trainer's forward ran without (lora_dropout 0)
         try:
             direct = _direct_logps(peft_model, input_ids, attention_mask, logits_to_keep)
         finally:
@@ -80,18 +84,22 @@ def fam_folder(tmp_path_factory):
     return fam_checkpoint(tmp_path_factory.mktemp("grpo") / "fam")
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.1], ids=["no-reference", "kl-to-reference"])
-def test_grpo_scores_completions_with_the_fam_model_s_log_probabilities(fam_folder, tmp_path, beta):
+@pytest.mark.parametrize("kind, beta", [("grpo", 0.0), ("grpo", 0.1), ("rloo", 0.1)],
+                         ids=["grpo-no-reference", "grpo-kl-to-reference", "rloo-kl-to-reference"])
+def test_completions_are_scored_with_the_fam_model_s_log_probabilities(fam_folder, tmp_path, kind, beta):
     """beta > 0 adds a KL term to the reference (the adapter disabled): its log-probabilities are scored too."""
     model = AutoModelForCausalLM.from_pretrained(fam_folder, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(fam_folder)
-    trainer = RecordingGRPOTrainer(model=model, reward_funcs=_reward, args=_config(tmp_path / "out", beta=beta),
-                                   train_dataset=_prompts(), processing_class=tokenizer, peft_config=_lora())
+    recording = type("Recording" + TRAINERS[kind][0].__name__, (Recording, TRAINERS[kind][0]), {})
+    trainer = recording(model=model, reward_funcs=_reward, args=_config(kind, tmp_path / "out", beta=beta),
+                        train_dataset=_prompts(), processing_class=tokenizer, peft_config=_lora())
     trainer.records = []
     trainer.train()
 
-    # one scoring per step, and with beta > 0 one more of the reference
-    assert len(trainer.records) == (4 if beta else 2), len(trainer.records)
+    # per step: the policy trained, with beta > 0 the reference, and for RLOO the policy as it generated (its
+    # sequence log-probability, in the reward)
+    per_step = 1 + (beta > 0) + (kind == "rloo")
+    assert len(trainer.records) == 2 * per_step, len(trainer.records)
     left_padded = right_padded = False
     for record in trainer.records:
         mask, direct = record["mask"], record["direct"]
@@ -104,11 +112,12 @@ def test_grpo_scores_completions_with_the_fam_model_s_log_probabilities(fam_fold
     assert left_padded and right_padded, "no row padded on both sides: the test would not see a lost padding mask"
 
 
-def test_continuous_batching_is_refused_in_one_line(fam_folder, tmp_path):
+@pytest.mark.parametrize("kind", TRAINERS)
+def test_continuous_batching_is_refused_in_one_line(fam_folder, tmp_path, kind):
     model = AutoModelForCausalLM.from_pretrained(fam_folder, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(fam_folder)
-    trainer = trl.GRPOTrainer(model=model, reward_funcs=_reward, processing_class=tokenizer, peft_config=_lora(),
-                              args=_config(tmp_path / "out", use_transformers_continuous_batching=True),
-                              train_dataset=_prompts())
+    trainer = TRAINERS[kind][0](model=model, reward_funcs=_reward, processing_class=tokenizer, peft_config=_lora(),
+                                args=_config(kind, tmp_path / "out", use_transformers_continuous_batching=True),
+                                train_dataset=_prompts())
     with pytest.raises(ValueError, match="FAM models do not support continuous batching"):
         trainer.train()
