@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import random_ids, tiny_model
+from conftest import assert_close, random_ids, tiny_model
 
 import hf_fam
 from hf_fam.modeling.fam_compat import checkpointing_call
@@ -58,16 +58,29 @@ def test_reentrant_checkpointing_is_refused_with_a_clear_error():
     model(random_ids(1, 9), labels=random_ids(1, 9)).loss.backward()
 
 
-def test_checkpointing_kwargs_without_use_reentrant_are_refused_as_reentrant():
-    """Checkpointing kwargs that leave use_reentrant out get torch's default, reentrant: refused the same way, not
-    left to fail in backward with "Trying to backward through the graph a second time"."""
-    import pytest
+def test_checkpointing_kwargs_without_use_reentrant_run_non_reentrant():
+    """Checkpointing kwargs that leave use_reentrant out (PEFT's prepare_model_for_kbit_training passes none) would
+    get torch's reentrant variant, which fails in backward ("Trying to backward through the graph a second time"):
+    FAM runs them non-reentrant, with the gradients of a model that does not checkpoint."""
+    import warnings
 
-    model = hf_fam.FAMForCausalLM.from_base_model(tiny_model("llama"), block_size=4, memory_segments=1, fam_length=2)
-    model.train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"preserve_rng_state": True})
-    with pytest.raises(ValueError, match="non-reentrant gradient checkpointing"):
-        model(random_ids(1, 9), labels=random_ids(1, 9))
+    def grads(checkpointing_kwargs):
+        torch.manual_seed(0)
+        model = hf_fam.FAMForCausalLM.from_base_model(tiny_model("llama"), block_size=4, memory_segments=1,
+                                                      fam_length=2)
+        model.train()
+        if checkpointing_kwargs is not None:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
+        ids = random_ids(2, 13, seed=5)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # torch warns when checkpoint is called without the choice
+            model(ids, labels=ids).loss.backward()
+        return {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+
+    plain, unstated = grads(None), grads({"preserve_rng_state": True})
+    assert plain.keys() == unstated.keys()
+    for name in plain:
+        assert_close(unstated[name], plain[name], atol=1e-6, msg=name)
 
 
 def test_training_forward_builds_no_cache_unless_asked():

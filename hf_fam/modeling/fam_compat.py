@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import inspect
 import os
 import sys
@@ -319,3 +320,17 @@ def uses_reentrant_checkpointing(decoder: nn.Module) -> bool:
             # torch's checkpoint is reentrant when not told (with a warning): kwargs without the key are reentrant
             return bool(keywords.get("use_reentrant", True))
     return False
+
+
+def settle_unstated_reentrancy(decoder: nn.Module) -> None:
+    """Checkpointed layers whose checkpoint kwargs leave `use_reentrant` out run non-reentrant.
+
+    torch picks the reentrant variant when not told (warning that the choice should be explicit, and recommending
+    the other), and PEFT's `prepare_model_for_kbit_training` (the QLoRA recipe) turns checkpointing on with empty
+    kwargs. FAM needs the non-reentrant variant (`enable_checkpointing`); both compute the same gradients, so the
+    unstated choice is made for it. A stated `use_reentrant=True` is kept, for the caller to refuse."""
+    for layer in getattr(decoder, "layers", ()):
+        func = getattr(layer, "_gradient_checkpointing_func", None)
+        keywords = getattr(func, "keywords", None)
+        if getattr(layer, "gradient_checkpointing", False) and keywords is not None and "use_reentrant" not in keywords:
+            layer._gradient_checkpointing_func = functools.partial(func, use_reentrant=False)

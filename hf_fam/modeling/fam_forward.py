@@ -23,6 +23,7 @@ from .fam_compat import (
     checkpointing_call,
     inside_fam_forward,
     set_output_cache,
+    settle_unstated_reentrancy,
     uses_checkpointing,
     uses_reentrant_checkpointing,
 )
@@ -115,6 +116,8 @@ def fam_forward(
         # a training forward never reuses its cache: do not build one unless asked
         use_cache = getattr(config, "use_cache", False) and not decoder.training
     checkpointed = decoder.training and torch.is_grad_enabled() and uses_checkpointing(decoder)
+    if checkpointed:
+        settle_unstated_reentrancy(decoder)  # PEFT's QLoRA recipe states none
     if checkpointed and uses_reentrant_checkpointing(decoder):
         raise ValueError(
             "FAM needs non-reentrant gradient checkpointing (the FAM chain reaches into every layer): call "

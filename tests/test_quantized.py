@@ -1,0 +1,116 @@
+"""Quantized weights (bitsandbytes 4-bit and 8-bit, `BitsAndBytesConfig`) and QLoRA: FAM runs the checkpoint's own
+modules, so a quantized FAM model computes FAM on the quantized layers, exactly.
+
+- A FAM checkpoint loaded in 4 or 8 bits = the reference FAM computation (tests/fam_reference.py) on the plain
+  base loaded the same way, with the checkpoint's `fam_init`; its parallel, chunked and token-by-token schedules
+  agree.
+- `hf_fam.patch` of a quantized plain model = the quantized FAM checkpoint; with the memory off and a window covering
+  the input, it is the quantized model itself.
+- QLoRA (`prepare_model_for_kbit_training`, `fam_lora_config`) trains the adapter and `fam_init` on the 4-bit model,
+  and the saved adapter, loaded on a fresh 4-bit base, gives the trained model's logits.
+
+bitsandbytes runs these on the CPU from 0.48 (its CPU backend); tests skip where it cannot.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from client_helpers import SETTINGS, base_folder, fam_checkpoint
+from conftest import assert_close, padding_mask
+from fam_reference import reference_fam_logits
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+import hf_fam
+from hf_fam.training import fam_lora_config, unwrap_fam_model
+
+bnb = pytest.importorskip("bitsandbytes")
+try:
+    bnb.functional.quantize_4bit(torch.ones(64, 64))
+except Exception as error:  # no backend for this machine
+    pytest.skip(f"bitsandbytes cannot quantize here: {error}", allow_module_level=True)
+
+C, M, F = SETTINGS["block_size"], SETTINGS["memory_segments"], SETTINGS["fam_length"]
+BITS = {
+    "4bit": dict(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_type="nf4"),
+    "8bit": dict(load_in_8bit=True),
+}
+
+
+def _load(path, bits, **kwargs):
+    config = BitsAndBytesConfig(**BITS[bits])
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map="cpu",
+                                                dtype=torch.float32, **kwargs).eval()
+
+
+def _ids(batch=2, length=5 * C + 3, seed=0):
+    return torch.randint(3, 250, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def fam_folder(tmp_path_factory):
+    return fam_checkpoint(tmp_path_factory.mktemp("quantized") / "fam")
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_a_quantized_fam_checkpoint_computes_fam_on_its_quantized_layers(fam_folder, bits):
+    model = _load(fam_folder, bits)
+    linear = model.model.layers[0].self_attn.q_proj
+    assert type(linear).__module__.startswith("bitsandbytes"), type(linear)
+    plain = _load(base_folder(fam_folder), bits)
+    ids = _ids()
+    mask = padding_mask([ids.shape[1], ids.shape[1] - 7], ids.shape[1], side="left")
+    with torch.no_grad():
+        got = model(ids, attention_mask=mask).logits
+        expected = reference_fam_logits(plain, ids, mask, C, M, F, model.fam.fam_init.detach().float())
+    assert_close(got, expected, atol=1e-5, mask=mask)
+
+    # the streaming schedules: chunked prefill through the cache, and token by token
+    with torch.no_grad():
+        parallel = model(ids, use_cache=False).logits
+        for chunk in (1, 3 * C + 5):
+            cache, outs = None, []
+            for start in range(0, ids.shape[1], chunk):
+                out = model(ids[:, start:start + chunk], past_key_values=cache, use_cache=True)
+                cache, outs = out.past_key_values, outs + [out.logits]
+            assert_close(torch.cat(outs, 1), parallel, atol=1e-5, msg=f"{bits} chunk {chunk}")
+
+
+def test_patching_a_quantized_model_is_the_quantized_fam_checkpoint(fam_folder):
+    ids = _ids(seed=1)
+    checkpoint = _load(fam_folder, "4bit")
+    patched = hf_fam.patch(_load(base_folder(fam_folder), "4bit"), **SETTINGS,
+                           fam_init=checkpoint.fam.fam_init.detach().clone(), fam_update="paper")
+    plain = _load(base_folder(fam_folder), "4bit")
+    off = hf_fam.patch(_load(base_folder(fam_folder), "4bit"), block_size=ids.shape[1], memory_segments=0,
+                       fam_length=0)
+    with torch.no_grad():
+        assert_close(patched(ids).logits, checkpoint(ids).logits, atol=1e-5)
+        assert_close(off(ids).logits, plain(ids).logits, atol=1e-5)
+
+
+def test_qlora_trains_the_memory_and_its_adapter_reloads_on_a_4bit_base(fam_folder, tmp_path):
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    model = prepare_model_for_kbit_training(_load(fam_folder, "4bit"), use_gradient_checkpointing=True)
+    fam_init = model.fam.fam_init.detach().clone()
+    peft_model = get_peft_model(model, fam_lora_config(model, r=4))
+    peft_model.train()
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=5e-2)
+    ids, losses = _ids(batch=2, length=4 * C, seed=2), []
+    for _ in range(3):
+        loss = peft_model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+    trained_init = unwrap_fam_model(peft_model).fam.modules_to_save["default"].fam_init
+    assert (trained_init.detach() - fam_init).abs().max() > 1e-4  # the memory trained through the 4-bit layers
+
+    peft_model.eval()
+    peft_model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(_load(fam_folder, "4bit"), tmp_path / "adapter").eval()
+    test_ids = _ids(seed=3)
+    with torch.no_grad():
+        assert_close(reloaded(test_ids).logits, peft_model(test_ids).logits, atol=1e-5)
