@@ -245,3 +245,25 @@ def test_lora_and_recipe_on_other_families(name):
     assert recipe.last_draw.used_saved_state
     if fam_layers == "global":
         assert recipe.saved_state[0] is None and recipe.saved_state[1].shape == (1, 2, 64)
+
+
+@pytest.mark.parametrize("kind", ["FAMForCausalLM", "patched"])
+def test_trained_weights_kept_in_bf16_run_with_the_model_s_dtype(kind):
+    """TRL keeps a QLoRA adapter's trained weights in bf16 (fam_init and the norms among them) while the layers
+    compute in fp32: the memory enters in the tokens' dtype, as if fam_init had been cast first, and its gradient
+    reaches the bf16 weight."""
+    torch.manual_seed(0)
+    model = _fam(kind=kind, fam_update="paper")  # the update training uses (a patched model starts in "sink")
+    with torch.no_grad():
+        model.fam.fam_init.normal_()
+        model.fam.fam_init.copy_(model.fam.fam_init.to(torch.bfloat16))  # values bf16 can hold exactly
+    ids = random_ids(2, 13, seed=7)
+    with torch.no_grad():
+        expected = model(ids).logits
+    model.fam.fam_init.data = model.fam.fam_init.data.to(torch.bfloat16)
+    model.train()
+    logits = model(ids).logits
+    assert logits.dtype == torch.float32
+    assert_close(logits, expected, atol=1e-6)
+    logits.sum().backward()
+    assert model.fam.fam_init.grad.dtype == torch.bfloat16 and model.fam.fam_init.grad.abs().sum() > 0

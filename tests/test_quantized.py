@@ -114,3 +114,42 @@ def test_qlora_trains_the_memory_and_its_adapter_reloads_on_a_4bit_base(fam_fold
     test_ids = _ids(seed=3)
     with torch.no_grad():
         assert_close(reloaded(test_ids).logits, peft_model(test_ids).logits, atol=1e-5)
+
+
+def test_trl_sft_trainer_trains_a_4bit_fam_model(fam_folder, tmp_path):
+    """TRL's SFTTrainer on a 4-bit model: it prepares the model for k-bit training itself and keeps the adapter's
+    trained weights in bf16, fam_init among them, while the layers compute in fp32. The loss it optimises is the
+    FAM model's on the batch, and the bf16 fam_init trains."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    model = _load(fam_folder, "4bit")
+    fam_init = model.fam.fam_init.detach().clone()
+    texts = [f"{text} {text}" for text in ("the quick brown fox jumps over the lazy dog",
+                                           "a feedback attention memory reads long input block by block")] * 2
+    config = trl.SFTConfig(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2,
+                           learning_rate=5e-2, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                           bf16=False, gradient_checkpointing=True, seed=0, disable_tqdm=True)
+    losses = []
+
+    class Recording(trl.SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+            with torch.no_grad():
+                direct = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+                               labels=inputs["labels"], use_cache=False).loss
+            losses.append(((loss[0] if isinstance(loss, tuple) else loss).item(), direct.item()))
+            return loss
+
+    trainer = Recording(model=model, args=config, train_dataset=Dataset.from_dict({"text": texts}),
+                        processing_class=AutoTokenizer.from_pretrained(fam_folder),
+                        peft_config=fam_lora_config(model, r=4))
+    trainer.train()
+    assert len(losses) == 2
+    for trained, direct in losses:
+        assert abs(trained - direct) <= 1e-5, losses
+    trained_init = unwrap_fam_model(trainer.model).fam.modules_to_save["default"].fam_init
+    assert trained_init.dtype == torch.bfloat16  # TRL's QLoRA convention: the case this test is about
+    assert (trained_init.detach().float() - fam_init).abs().max() > 1e-3

@@ -154,6 +154,10 @@ def fam_forward(
     fam_init = None
     if states is None and fam_state is None and settings.fam_length > 0:
         fam_init = fam_module(batch, adapter.embed_scale(decoder))
+        # the memory enters as the tokens' embeddings do: TRL keeps a QLoRA adapter's trained weights, fam_init
+        # among them, in bf16 while the layers compute in the model's dtype
+        embeds_dtype = ref.dtype if inputs_embeds is not None else base_model.get_input_embeddings().weight.dtype
+        fam_init = fam_init.to(embeds_dtype)
     # a checkpointed training forward under autocast runs without its cast cache (see autocast_without_cache)
     with autocast_without_cache(ref.device.type) if checkpointed else contextlib.nullcontext():
         run = FAMRun.start(
