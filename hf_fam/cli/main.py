@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             cpu_memory.apply(cpu_memory.mode(args))  # before torch allocates: it reads its huge page switch once
         import hf_fam
 
+        _quiet_upstream_deprecations()
         hf_fam.load()  # torch, transformers and the `fam` model type, now that the arguments are valid
         result = args.func(args)
     except (CLIError, ValueError, OSError) as err:
@@ -72,3 +73,16 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     return int(result or 0)
 
+
+
+# deprecations one library's call of another raises on every command, which a user of the command cannot act on
+UPSTREAM_DEPRECATIONS = (
+    "`is_gradient_checkpointing` is deprecated",  # PEFT 0.21 reads transformers 5.25's old property name
+)
+
+
+def _quiet_upstream_deprecations() -> None:
+    import warnings
+
+    for message in UPSTREAM_DEPRECATIONS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)

@@ -36,6 +36,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -182,6 +183,7 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path, resume_fr
     from accelerate.utils import gather_object, set_seed
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
     from transformers import get_scheduler
 
     t_opt = config.train
@@ -208,12 +210,17 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path, resume_fr
     heldout = {}  # the held-out loss of the model as given, at the training start and at the end
 
     def measure(name, measured_model):
+        what = {"given": "the model as given", "start": "the training start", "final": "the trained model"}[name]
+        progress = f"held-out loss of {what}" if accelerator.is_local_main_process else None
         heldout[name] = heldout_loss(measured_model.to(accelerator.device), heldout_set, collator,
-                                     t_opt.batch_size, accelerator.device)
+                                     t_opt.batch_size, accelerator.device, progress=progress)
 
     if heldout_set is not None and resume_from is None and adapter is None:
         measure("given", model)  # before training changes the update and the memory
+    source_kind = "converted on the fly" if converted else "FAM"
     if adapter is None and training_start(model, tokenizer, config.model.memory_start_text):
+        if not converted:
+            source_kind = "FAM, saved in the training start as fam_base"
         converted = True  # the paper's update, content slots: the adapter applies to a copy saved so (fam_base)
     fam_base_dir = None
     if converted and not config.lora.full:  # a full run saves the whole model instead
@@ -224,8 +231,8 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path, resume_fr
                 tokenizer.save_pretrained(work / "fam_base")
     model_path = Path(config.model.path if adapter is None else base)
     base_path = (fam_base_dir or model_path).resolve() if fam_base_dir or model_path.exists() else str(model_path)
-    logger.info("model: %s (%s), C=%d M=%d F=%d", config.model.path, "converted on the fly" if converted else "FAM",
-                settings.block_size, settings.memory_segments, settings.fam_length)
+    logger.info("model: %s (%s), C=%d M=%d F=%d", config.model.path, source_kind, settings.block_size,
+                settings.memory_segments, settings.fam_length)
     if not converted:
         heldout.pop("given", None)  # the training start is the model as given
 
@@ -274,61 +281,63 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path, resume_fr
     # losses by how the memory started: fresh (fam_init) or passed on by Random State Passing; rows: sum, count
     by_start = torch.tensor(counters.by_start, device=accelerator.device).view(2, 2)
     final_loss, final_split, epoch, skip = counters.final_loss, counters.final_split, 0, counters.batches
-    while step < t_opt.max_steps:
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        for batch in loader:
-            if skip:  # a resumed run: the data order replayed up to where its state was written
-                skip -= 1
-                continue
-            batches += 1
-            with accelerator.accumulate(train_model):
-                outputs = train_model(**batch, use_cache=False,
-                                      **({"fam_loss_chunk": t_opt.loss_chunk} if t_opt.loss_chunk else {}))
-                accelerator.backward(outputs.loss)
-                if accelerator.sync_gradients and t_opt.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(params, t_opt.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-            loss_sum += outputs.loss.detach()
-            loss_count += 1
-            by_start[int(bool(recipe.last_draw and recipe.last_draw.used_saved_state))] += torch.stack(
-                [outputs.loss.detach().float(), torch.ones((), device=by_start.device)])
-            tokens += int(batch["attention_mask"].sum())
-            if not accelerator.sync_gradients:
-                continue
-            scheduler.step()
-            step += 1
-            bar.update(1)
-            if step % t_opt.log_every == 0 or step == t_opt.max_steps:
-                final_loss = accelerator.reduce(loss_sum / max(loss_count, 1), reduction="mean").item()
-                fresh, passed = (accelerator.reduce(by_start, reduction="sum") if accelerator.num_processes > 1
-                                 else by_start).tolist()
-                loss_sum.zero_()
-                by_start.zero_()
-                loss_count = 0
-                elapsed = time.perf_counter() - start
-                record = {"step": step, "loss": round(final_loss, 6), "lr": scheduler.get_last_lr()[0],
-                          "seconds": round(elapsed, 2), "tokens_per_s_per_process": round(tokens / elapsed, 1),
-                          "state_passed": bool(recipe.last_draw and recipe.last_draw.used_saved_state),
-                          "loss_fresh_memory": round(fresh[0] / fresh[1], 6) if fresh[1] else None,
-                          "loss_passed_memory": round(passed[0] / passed[1], 6) if passed[1] else None}
-                bar.set_postfix(loss=f"{final_loss:.4f}")
-                final_split = [record["loss_fresh_memory"], record["loss_passed_memory"]]
-                split = split_text(*final_split)
-                logger.info("step %d/%d loss %.4f%s lr %.2e %.0f tok/s", step, t_opt.max_steps, final_loss, split,
-                            record["lr"], record["tokens_per_s_per_process"])
-                if accelerator.is_main_process:
-                    with log_path.open("a") as f:
-                        f.write(json.dumps(record) + "\n")
-            if t_opt.save_every and step % t_opt.save_every == 0 and step < t_opt.max_steps:
-                resume.save_state(out, resume.LoopCounters(step, batches, tokens, loss_sum.item(), loss_count,
-                                                           time.perf_counter() - start, final_loss,
-                                                           by_start.flatten().tolist(), final_split, heldout),
-                                  config=config, log_path=log_path, **state_kwargs)
-            if step >= t_opt.max_steps:
-                break
-        epoch += 1
+    # log lines go above the bar, not onto its line (where a handler prints them: hf-fam finetune's)
+    with logging_redirect_tqdm() if logging.root.handlers else contextlib.nullcontext():
+        while step < t_opt.max_steps:
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(epoch)
+            for batch in loader:
+                if skip:  # a resumed run: the data order replayed up to where its state was written
+                    skip -= 1
+                    continue
+                batches += 1
+                with accelerator.accumulate(train_model):
+                    outputs = train_model(**batch, use_cache=False,
+                                          **({"fam_loss_chunk": t_opt.loss_chunk} if t_opt.loss_chunk else {}))
+                    accelerator.backward(outputs.loss)
+                    if accelerator.sync_gradients and t_opt.max_grad_norm is not None:
+                        accelerator.clip_grad_norm_(params, t_opt.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                loss_sum += outputs.loss.detach()
+                loss_count += 1
+                by_start[int(bool(recipe.last_draw and recipe.last_draw.used_saved_state))] += torch.stack(
+                    [outputs.loss.detach().float(), torch.ones((), device=by_start.device)])
+                tokens += int(batch["attention_mask"].sum())
+                if not accelerator.sync_gradients:
+                    continue
+                scheduler.step()
+                step += 1
+                bar.update(1)
+                if step % t_opt.log_every == 0 or step == t_opt.max_steps:
+                    final_loss = accelerator.reduce(loss_sum / max(loss_count, 1), reduction="mean").item()
+                    fresh, passed = (accelerator.reduce(by_start, reduction="sum") if accelerator.num_processes > 1
+                                     else by_start).tolist()
+                    loss_sum.zero_()
+                    by_start.zero_()
+                    loss_count = 0
+                    elapsed = time.perf_counter() - start
+                    record = {"step": step, "loss": round(final_loss, 6), "lr": scheduler.get_last_lr()[0],
+                              "seconds": round(elapsed, 2), "tokens_per_s_per_process": round(tokens / elapsed, 1),
+                              "state_passed": bool(recipe.last_draw and recipe.last_draw.used_saved_state),
+                              "loss_fresh_memory": round(fresh[0] / fresh[1], 6) if fresh[1] else None,
+                              "loss_passed_memory": round(passed[0] / passed[1], 6) if passed[1] else None}
+                    bar.set_postfix(loss=f"{final_loss:.4f}")
+                    final_split = [record["loss_fresh_memory"], record["loss_passed_memory"]]
+                    split = split_text(*final_split)
+                    logger.info("step %d/%d loss %.4f%s lr %.2e %.0f tok/s", step, t_opt.max_steps, final_loss, split,
+                                record["lr"], record["tokens_per_s_per_process"])
+                    if accelerator.is_main_process:
+                        with log_path.open("a") as f:
+                            f.write(json.dumps(record) + "\n")
+                if t_opt.save_every and step % t_opt.save_every == 0 and step < t_opt.max_steps:
+                    resume.save_state(out, resume.LoopCounters(step, batches, tokens, loss_sum.item(), loss_count,
+                                                               time.perf_counter() - start, final_loss,
+                                                               by_start.flatten().tolist(), final_split, heldout),
+                                      config=config, log_path=log_path, **state_kwargs)
+                if step >= t_opt.max_steps:
+                    break
+            epoch += 1
     bar.close()
     seconds = time.perf_counter() - start
     recipe.remove()

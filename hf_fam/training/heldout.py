@@ -31,13 +31,17 @@ def split_heldout(dataset, count: int, seed: int):
 
 
 @torch.no_grad()
-def heldout_loss(model, heldout, collator, batch_size: int, device) -> float:
-    """The mean loss per labelled token of `model` on `heldout`, each sequence from the initial memory."""
+def heldout_loss(model, heldout, collator, batch_size: int, device, progress: str | None = None) -> float:
+    """The mean loss per labelled token of `model` on `heldout`, each sequence from the initial memory.
+    `progress`: a progress bar's description (a pass over long sequences takes minutes on a CPU); None: none."""
+    from tqdm.auto import tqdm
+
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     try:
-        for start in range(0, len(heldout), batch_size):
+        for start in tqdm(range(0, len(heldout), batch_size), desc=progress, unit="batch", disable=progress is None,
+                          leave=False):
             batch = collator([heldout[i] for i in range(start, min(start + batch_size, len(heldout)))])
             batch = {k: v.to(device) for k, v in batch.items()}
             tokens = int((batch["labels"][:, 1:] != -100).sum())
