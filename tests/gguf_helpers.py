@@ -41,6 +41,8 @@ def write_tiny_gguf(path: Path, *, architecture: str = "llama", seed: int = 0, n
     cfg = model.config
     writer = gguf.GGUFWriter(str(path), architecture)
     writer.add_name(name)
+    writer.add_license("apache-2.0")
+    writer.add_languages(["en"])
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_block_count(cfg.num_hidden_layers)

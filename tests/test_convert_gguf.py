@@ -85,6 +85,15 @@ def test_tokenizer_is_carried(capsys, tmp_path, tiny_gguf):
     assert ours.eos_token == theirs.eos_token == "<|endoftext|>"
 
 
+def test_the_card_carries_the_license_and_languages_the_file_records(capsys, tmp_path, tiny_gguf):
+    from huggingface_hub import metadata_load
+
+    path, _ = tiny_gguf
+    assert convert(capsys, path, tmp_path / "out")[0] == 0
+    card = metadata_load(tmp_path / "out" / "README.md")
+    assert card["license"] == "apache-2.0" and card["language"] == ["en"], card
+
+
 def test_folder_plus_gguf_file_and_dtype(capsys, tmp_path, tiny_gguf):
     path, reference = tiny_gguf
     code, err = convert(capsys, path.parent, tmp_path / "out", "--gguf-file", path.name, "--dtype", "bfloat16")

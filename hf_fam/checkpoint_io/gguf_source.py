@@ -139,7 +139,32 @@ def dequantise(path: Path, dtype: torch.dtype, folder: Path) -> Path:
     plain.save_pretrained(str(folder))
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=name)
     tokenizer.save_pretrained(str(folder))
+    card = card_metadata(path)
+    if card:  # what a Hub checkpoint's README says: the converted model's card carries it on
+        from huggingface_hub import metadata_save
+
+        metadata_save(folder / "README.md", card)
     return folder
+
+
+# GGUF's general.* keys that say what a model card's metadata says, by the card's key
+CARD_FIELDS = {"license": "general.license", "license_name": "general.license.name",
+               "license_link": "general.license.link", "language": "general.languages"}
+
+
+def card_metadata(path: Path) -> dict:
+    """The license and languages a GGUF file records (general.license, .license.name, .license.link,
+    general.languages), as model-card metadata; {} when it records none."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(path)).fields
+    found = {}
+    for key, gguf_key in CARD_FIELDS.items():
+        if gguf_key in fields:
+            value = fields[gguf_key].contents()
+            if value not in (None, "", []):
+                found[key] = value
+    return found
 
 
 @contextlib.contextmanager

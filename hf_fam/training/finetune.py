@@ -45,6 +45,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint_io.adapter_card import module_names
 from ..modeling.fam_compat import enable_checkpointing
 from . import continued, resume
 from .data import FAMDataCollator, build_train_dataset
@@ -172,7 +173,7 @@ def _trainable(model, lora: LoraOptions, work: Path, base_path, fam_base_dir: Pa
         adapter_config.base_model_name_or_path = str(base_path)
     settings = unwrap_fam_model(model).fam_settings
     described = (f"LoRA r={lora.r}" + ("" if lora.init == "peft" else f", {lora.init} start") + " on "
-                 + ", ".join(adapter_config.target_modules)
+                 + module_names(adapter_config.target_modules, quote="")
                  + (" + fam_init" if lora.train_fam_init and settings.fam_length else "")
                  + (" + norms" if lora.train_norms else ""))
     return peft_model, lora_start, described

@@ -22,7 +22,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, nargs="+", default=[0],
                    help="seed(s); several seeds run one after the other and add a mean/spread summary")
     p.add_argument("--full", action="store_true",
-                   help="the long run (~35 min on 2 cores): fine-tunes up to 16x the window, for memory that far back")
+                   help="the long run (~32 min on 2 cores): fine-tunes up to 16x the window, for memory that far back")
     p.add_argument("--steps", type=int,
                    help=f"fine-tuning steps per model (default {d.max_steps}, --full: {full.max_steps})")
     p.add_argument("--train-seconds", type=float, help=f"cap on fine-tuning time per model (default "
