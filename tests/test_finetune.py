@@ -12,11 +12,13 @@ from dataclasses import replace
 import pytest
 import torch
 from conftest import assert_close, random_ids
+from transformers import AutoTokenizer
 
 from hf_fam.checkpoint_io.cards import CARD_MARK
 from hf_fam.checkpoint_io.publish import check_pushable
 from hf_fam.cli import main
 from hf_fam.tiny import make_tiny_checkpoint
+from hf_fam.training import text_check
 from hf_fam.training.finetune import (
     DataOptions,
     FinetuneConfig,
@@ -458,6 +460,13 @@ def test_the_loss_on_held_out_sequences_is_measured_before_and_after(base_ckpt, 
         measured = heldout_loss(model, held, collator, 2, "cpu")
         assert abs(measured - summary["heldout_loss"][name]) <= 1e-5 * max(1.0, measured), name
     assert len(set(summary["heldout_loss"].values())) == 3  # three different models
+    # and plain text within one block, by the model as given and the trained one (training/text_check.py)
+    ids = text_check.text_ids(AutoTokenizer.from_pretrained(base_ckpt), 8)
+    assert ids.shape == (1, 8)
+    for name in ("given", "final"):
+        measured = text_check.text_loss(expected[name], ids, "cpu")
+        assert abs(measured - summary["text_loss"][name]) <= 1e-5 * max(1.0, measured), name
+    assert result.text_line.startswith("text within one block (Python's documentation, 8 tokens): loss ")
 
     none = tmp_path / "none"
     try:
@@ -466,6 +475,19 @@ def test_the_loss_on_held_out_sequences_is_measured_before_and_after(base_ckpt, 
         _reset_accelerate()
     summary = json.loads((none / "train_summary.json").read_text())
     assert summary["heldout_sequences"] == 0 and summary["heldout_loss"] == {}
+
+
+def test_a_run_that_leaves_plain_text_much_worse_warns(caplog):
+    """Perplexity more than doubled on text within one block: the run may have cost the model its language, which
+    a held-out loss on passkey answers does not show."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="hf_fam.training"):
+        text_check.check(2.8966, 4.5785, 256)  # SmolLM2 at the paper's settings, 4 passkey steps
+        text_check.check(2.8966, 2.8966 + 0.69, 256)  # just under double
+    assert [r.levelname for r in caplog.records] == ["WARNING", "INFO"]
+    assert "perplexity 5.4 times the model as given's" in caplog.records[0].getMessage()
+    assert text_check.check(None, 3.0, 256) == ""
 
 
 def test_a_run_that_leaves_the_held_out_loss_above_the_model_as_given_warns(caplog):

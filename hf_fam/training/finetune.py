@@ -47,7 +47,7 @@ import torch
 
 from ..checkpoint_io.adapter_card import module_names
 from ..modeling.fam_compat import enable_checkpointing
-from . import continued, resume
+from . import continued, resume, text_check
 from .data import FAMDataCollator, build_train_dataset
 from .heldout import heldout_loss, heldout_text, split_heldout, worse_than
 from .lora import PEFT_LORA_INITS, changes_base_weights, fam_lora_config, save_lora_start, unwrap_fam_model
@@ -218,6 +218,9 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path, resume_fr
 
     if heldout_set is not None and resume_from is None and adapter is None:
         measure("given", model)  # before training changes the update and the memory
+    plain_text = text_check.text_ids(tokenizer, settings.block_size)
+    text = {"given": None if adapter is not None else  # an adapter's model as given: below, once it is on
+            text_check.text_loss(model.to(accelerator.device), plain_text, accelerator.device)}
     source_kind = "converted on the fly" if converted else "FAM"
     if adapter is None and training_start(model, tokenizer, config.model.memory_start_text):
         if not converted:
@@ -241,6 +244,7 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path, resume_fr
         enable_checkpointing(model)
     if adapter is not None:
         (target, trained_what), lora_start = continued.trainable_adapter(model, config.model.path), None
+        text["given"] = text_check.text_loss(target.to(accelerator.device), plain_text, accelerator.device)
     else:
         target, lora_start, trained_what = _trainable(model, config.lora, work, base_path, fam_base_dir,
                                                       accelerator.is_main_process)
@@ -350,6 +354,8 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path, resume_fr
         measure("final", trained)
         logger.info(heldout_text(heldout.get("given"), heldout.get("start"), heldout["final"], len(heldout_set)))
         worse_than(heldout)
+    text["final"] = text_check.text_loss(trained, plain_text, accelerator.device)
+    text_line = text_check.check(text["given"], text["final"], 0 if plain_text is None else plain_text.shape[1])
     digests = gather_object([weights_digest(trained)])
     if len(set(digests)) > 1:
         logger.warning("trained weights differ between processes: %s", digests)
@@ -358,7 +364,7 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path, resume_fr
     if accelerator.is_main_process:
         summary = {"steps": step, "final_loss": final_loss, "final_loss_fresh_memory": final_split[0],
                    "final_loss_passed_memory": final_split[1], "heldout_sequences": len(heldout_set or []),
-                   "heldout_loss": heldout, "seconds": round(seconds, 2),
+                   "heldout_loss": heldout, "text_loss": text, "seconds": round(seconds, 2),
                    "world_size": accelerator.num_processes, "adapter_digests": digests,
                    "trained": trained_what if config.lora.full else "LoRA",
                    "base_model": str(base_path), "merged": str(merged_dir.resolve()) if merged_dir else None,
@@ -370,7 +376,7 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path, resume_fr
                           world_size=accelerator.num_processes, adapter_digests=digests, merged_dir=merged_dir,
                           fam_base_dir=fam_base_dir, model=result_model, final_loss_fresh_memory=final_split[0],
                           final_loss_passed_memory=final_split[1], heldout_losses=heldout,
-                          heldout_sequences=len(heldout_set or []))
+                          heldout_sequences=len(heldout_set or []), text_line=text_line)
 
 
 __all__ = ["DataOptions", "FinetuneConfig", "FinetuneResult", "LoraOptions", "ModelOptions", "TrainOptions",

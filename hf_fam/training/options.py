@@ -348,3 +348,4 @@ class FinetuneResult:
     # "start", "final"; empty when none were held out
     heldout_losses: dict = field(default_factory=dict)
     heldout_sequences: int = 0
+    text_line: str = ""  # the loss on plain text within one block, as given and trained (training/text_check.py)

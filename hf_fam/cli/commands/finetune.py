@@ -98,6 +98,8 @@ def run(args) -> int:
         if "final" in losses:
             print(heldout_text(losses.get("given"), losses.get("start"), losses["final"],
                                result.heldout_sequences))
+        if result.text_line:
+            print(result.text_line)
         if result.merged_dir:
             print(f"merged model: {result.merged_dir}")
     return 0
