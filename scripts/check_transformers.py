@@ -83,8 +83,9 @@ def newest_on_pypi() -> str:
 
 # at the floor, these are installed at their own declared floors, so the oldest releases are tested together
 FLOOR_PINNED = ("peft", "accelerate", "datasets")
-# the client tests' libraries (not among COMPAT_TESTS) need newer PEFT/accelerate/datasets than those floors
-CLIENT_TEST_ONLY = ("trl", "lm-eval")
+# the client tests' libraries (not among COMPAT_TESTS), not installed at the floor: trl and lm-eval need newer
+# PEFT/accelerate/datasets than those floors; bitsandbytes only serves tests/test_quantized.py
+CLIENT_TEST_ONLY = ("trl", "lm-eval", "bitsandbytes")
 
 
 def other_requirements(floors: bool = False) -> list[str]:
