@@ -463,7 +463,7 @@ def test_the_loss_on_held_out_sequences_is_measured_before_and_after(base_ckpt, 
     # and plain text within one block, by the model as given and the trained one (training/text_check.py)
     ids = text_check.text_ids(AutoTokenizer.from_pretrained(base_ckpt), 8)
     assert ids.shape == (1, 8)
-    for name in ("given", "final"):
+    for name in ("given", "start", "final"):
         measured = text_check.text_loss(expected[name], ids, "cpu")
         assert abs(measured - summary["text_loss"][name]) <= 1e-5 * max(1.0, measured), name
     assert result.text_line.startswith("text within one block (Python's documentation, 8 tokens): loss ")
@@ -483,10 +483,11 @@ def test_a_run_that_leaves_plain_text_much_worse_warns(caplog):
     import logging
 
     with caplog.at_level(logging.INFO, logger="hf_fam.training"):
-        text_check.check(2.8966, 4.5785, 256)  # SmolLM2 at the paper's settings, 4 passkey steps
+        text_check.check(2.8966, 4.5785, 256, start=4.5639)  # SmolLM2 at the paper's settings, 4 passkey steps
         text_check.check(2.8966, 2.8966 + 0.69, 256)  # just under double
     assert [r.levelname for r in caplog.records] == ["WARNING", "INFO"]
-    assert "perplexity 5.4 times the model as given's" in caplog.records[0].getMessage()
+    assert "loss 2.8966 as given, 4.5639 at the training start -> 4.5785: perplexity 5.4 times the model as given's" \
+        in caplog.records[0].getMessage()
     assert text_check.check(None, 3.0, 256) == ""
 
 

@@ -248,6 +248,8 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path, resume_fr
     else:
         target, lora_start, trained_what = _trainable(model, config.lora, work, base_path, fam_base_dir,
                                                       accelerator.is_main_process)
+        if converted:  # the training start is not the model as given
+            text["start"] = text_check.text_loss(target.to(accelerator.device), plain_text, accelerator.device)
     if heldout_set is not None and resume_from is None:
         measure("start", target)
     recipe = attach_recipe(target, config.recipe)
@@ -355,7 +357,8 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path, resume_fr
         logger.info(heldout_text(heldout.get("given"), heldout.get("start"), heldout["final"], len(heldout_set)))
         worse_than(heldout)
     text["final"] = text_check.text_loss(trained, plain_text, accelerator.device)
-    text_line = text_check.check(text["given"], text["final"], 0 if plain_text is None else plain_text.shape[1])
+    text_line = text_check.check(text["given"], text["final"], 0 if plain_text is None else plain_text.shape[1],
+                                 start=text.get("start"))
     digests = gather_object([weights_digest(trained)])
     if len(set(digests)) > 1:
         logger.warning("trained weights differ between processes: %s", digests)

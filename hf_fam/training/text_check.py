@@ -50,12 +50,14 @@ def text_loss(model, ids: torch.Tensor | None, device) -> float | None:
         model.train(was_training)
 
 
-def check(given: float | None, final: float | None, tokens: int) -> str:
+def check(given: float | None, final: float | None, tokens: int, start: float | None = None) -> str:
     """The line `hf-fam finetune` logs, a warning when the trained model reads text much worse than the model as
-    given; "" when either is unknown."""
+    given; "" when either is unknown. `start`: the training start's loss, where it is not the model as given."""
     if given is None or final is None:
         return ""
-    line = f"text within one block (Python's documentation, {tokens} tokens): loss {given:.4f} as given -> {final:.4f}"
+    at_start = "" if start is None else f", {start:.4f} at the training start"
+    line = (f"text within one block (Python's documentation, {tokens} tokens): loss {given:.4f} as given{at_start} "
+            f"-> {final:.4f}")
     if final - given > math.log(WORSE_BY):
         logger.warning("%s: perplexity %.1f times the model as given's; the trained model may no longer produce text: "
                        "mix text into the data (--data mix) or train longer", line, math.exp(final - given))
