@@ -82,3 +82,44 @@ def trained_lora(folder: Path, task_type: str | None = None):
     with torch.no_grad():
         peft.base_model.model.fam.modules_to_save.default.fam_init.add_(0.5)
     return peft.eval()
+
+
+def completion_logps(model, ids, attention, completion):
+    """The sum of log-probabilities of the completion tokens of each row (right padding), each row read alone by
+    `model` with its padding cut off: what a preference trainer's loss must be built from."""
+    sums = []
+    for row_ids, row_attention, row_completion in zip(ids, attention, completion):
+        length = int(row_attention.sum())  # right padding: the real tokens come first
+        row_ids, row_completion = row_ids[:length], row_completion[:length]
+        with torch.no_grad():
+            logps = model(input_ids=row_ids[None], use_cache=False).logits[0, :-1].float().log_softmax(-1)
+        token_logps = logps.gather(-1, row_ids[1:, None])[:, 0]
+        sums.append((token_logps * row_completion[1:]).sum())
+    return torch.stack(sums)
+
+
+def recording_trainer(trainer_class, direct_loss):
+    """A subclass of a TRL preference trainer that records, at every step, the batch, the loss the trainer
+    optimises and `direct_loss(peft_model, batch)`: the same loss recomputed from the FAM model's logits (the
+    model in eval mode: the trainer's forward ran without dropout, lora_dropout 0)."""
+
+    class Recording(trainer_class):
+        records: list
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            batch = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+            loss = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+            trained = loss[0] if isinstance(loss, tuple) else loss
+            peft_model = self.accelerator.unwrap_model(model)
+            was_training = peft_model.training
+            peft_model.eval()
+            try:
+                direct = direct_loss(peft_model, batch)
+            finally:
+                peft_model.train(was_training)
+            self.records.append(dict(batch=batch, trained=trained.detach().float().item(), direct=direct.item()))
+            return loss
+
+    Recording.__name__ = f"Recording{trainer_class.__name__}"
+    return Recording

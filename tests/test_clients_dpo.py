@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from client_helpers import TEXTS, base_folder, fam_checkpoint
+from client_helpers import TEXTS, base_folder, completion_logps, fam_checkpoint, recording_trainer
 from datasets import Dataset
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -34,43 +34,16 @@ def _pairs():
     return Dataset.from_dict(rows)
 
 
-def _sequence_logps(model, ids, completion):
-    """The sum of log-probabilities of the completion tokens of each row, read alone (its padding cut off)."""
-    sums = []
-    for row_ids, row_completion in zip(ids, completion):
-        length = int(row_completion.nonzero().max()) + 1  # right padding: the real tokens end with the completion
-        row_ids, row_completion = row_ids[:length], row_completion[:length]
-        with torch.no_grad():
-            logps = model(input_ids=row_ids[None], use_cache=False).logits[0, :-1].float().log_softmax(-1)
-        token_logps = logps.gather(-1, row_ids[1:, None])[:, 0]
-        sums.append((token_logps * row_completion[1:]).sum())
-    return torch.stack(sums)
-
-
-def _dpo_loss(policy, ids, completion, reference_context):
-    chosen, rejected = _sequence_logps(policy, ids, completion).chunk(2)
-    with reference_context():
-        ref_chosen, ref_rejected = _sequence_logps(policy, ids, completion).chunk(2)
+def _dpo_loss(policy, batch):
+    """DPO's loss from the FAM model's log-probabilities (the reference: the adapter disabled)."""
+    rows = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+    chosen, rejected = completion_logps(policy, *rows).chunk(2)
+    with policy.disable_adapter():
+        ref_chosen, ref_rejected = completion_logps(policy, *rows).chunk(2)
     return -F.logsigmoid(BETA * ((chosen - ref_chosen) - (rejected - ref_rejected))).mean()
 
 
-class RecordingDPOTrainer(trl.DPOTrainer):
-    """Records the loss DPO optimises at every step and the DPO loss recomputed from the FAM model's logits."""
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        batch = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-        loss = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                    num_items_in_batch=num_items_in_batch)
-        trained = loss[0] if isinstance(loss, tuple) else loss
-        peft_model = self.accelerator.unwrap_model(model)
-        was_training = peft_model.training
-        peft_model.eval()  # no dropout: DPO's forward ran without (lora_dropout 0)
-        try:
-            direct = _dpo_loss(peft_model, batch["input_ids"], batch["completion_mask"], peft_model.disable_adapter)
-        finally:
-            peft_model.train(was_training)
-        self.records.append(dict(batch=batch, trained=trained.detach().float().item(), direct=direct.item()))
-        return loss
+RecordingDPOTrainer = recording_trainer(trl.DPOTrainer, _dpo_loss)
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +82,9 @@ def test_dpo_trainer_optimises_the_dpo_loss_of_the_fam_model(fam_folder, tmp_pat
     # a route that skipped FAM would have read other log-probabilities: the plain model's, against FAM's reference
     base = AutoModelForCausalLM.from_pretrained(base_folder(fam_folder), dtype=torch.float32).eval()
     batch = trainer.records[-1]["batch"]
-    plain = _sequence_logps(base, batch["input_ids"], batch["completion_mask"])
+    rows = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+    plain = completion_logps(base, *rows)
     peft_model = trainer.model.eval()
     with peft_model.disable_adapter():
-        reference = _sequence_logps(peft_model, batch["input_ids"], batch["completion_mask"])
+        reference = completion_logps(peft_model, *rows)
     assert (plain - reference).abs().max() > 1e-2

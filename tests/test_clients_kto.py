@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from client_helpers import TEXTS, base_folder, fam_checkpoint
+from client_helpers import TEXTS, base_folder, completion_logps, fam_checkpoint, recording_trainer
 from datasets import Dataset
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -37,30 +37,17 @@ def _feedback():
     return Dataset.from_dict(rows)
 
 
-def _sequence_logps(model, ids, attention, completion):
-    """The sum of log-probabilities of the completion tokens of each row, read alone (its padding cut off)."""
-    sums = []
-    for row_ids, row_attention, row_completion in zip(ids, attention, completion):
-        length = int(row_attention.sum())  # right padding: the real tokens come first
-        row_ids, row_completion = row_ids[:length], row_completion[:length]
-        with torch.no_grad():
-            logps = model(input_ids=row_ids[None], use_cache=False).logits[0, :-1].float().log_softmax(-1)
-        token_logps = logps.gather(-1, row_ids[1:, None])[:, 0]
-        sums.append((token_logps * row_completion[1:]).sum())
-    return torch.stack(sums)
-
-
-def _kto_loss(policy, batch, reference_context):
+def _kto_loss(policy, batch):
     """KTO's loss (arXiv 2402.01306, Eq. 7, TRL's weights 1): desirable rows 1 - σ(β(r - z)), undesirable
     1 - σ(β(z - r)), r the log-ratio of policy to reference, z the KL estimate on the mismatched batch (≥ 0)."""
     def logps(model):
-        matched = _sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-        mismatched = _sequence_logps(model, batch["KL_input_ids"], batch["KL_attention_mask"],
+        matched = completion_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        mismatched = completion_logps(model, batch["KL_input_ids"], batch["KL_attention_mask"],
                                      batch["KL_completion_mask"])
         return matched, mismatched
 
     policy_logps, policy_kl = logps(policy)
-    with reference_context():
+    with policy.disable_adapter():
         reference_logps, reference_kl = logps(policy)
     kl = (policy_kl - reference_kl).mean().clamp(min=0)
     ratio = policy_logps - reference_logps
@@ -69,23 +56,7 @@ def _kto_loss(policy, batch, reference_context):
     return losses.mean()
 
 
-class RecordingKTOTrainer(trl.KTOTrainer):
-    """Records the loss KTO optimises at every step and the KTO loss recomputed from the FAM model's logits."""
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        batch = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-        loss = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                    num_items_in_batch=num_items_in_batch)
-        trained = loss[0] if isinstance(loss, tuple) else loss
-        peft_model = self.accelerator.unwrap_model(model)
-        was_training = peft_model.training
-        peft_model.eval()  # no dropout: KTO's forward ran without (lora_dropout 0)
-        try:
-            direct = _kto_loss(peft_model, batch, peft_model.disable_adapter)
-        finally:
-            peft_model.train(was_training)
-        self.records.append(dict(batch=batch, trained=trained.detach().float().item(), direct=direct.item()))
-        return loss
+RecordingKTOTrainer = recording_trainer(trl.KTOTrainer, _kto_loss)
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +96,8 @@ def test_kto_trainer_optimises_the_kto_loss_of_the_fam_model(fam_folder, tmp_pat
     base = AutoModelForCausalLM.from_pretrained(base_folder(fam_folder), dtype=torch.float32).eval()
     batch = trainer.records[-1]["batch"]
     rows = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
-    plain = _sequence_logps(base, *rows)
+    plain = completion_logps(base, *rows)
     peft_model = trainer.model.eval()
     with peft_model.disable_adapter():
-        reference = _sequence_logps(peft_model, *rows)
+        reference = completion_logps(peft_model, *rows)
     assert (plain - reference).abs().max() > 1e-2
