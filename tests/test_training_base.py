@@ -7,6 +7,7 @@ trained there loads with its trained logits."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -116,3 +117,23 @@ def test_an_adapter_of_a_model_put_in_fam_mode_in_memory_needs_the_saved_trainin
     loaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter", trust_remote_code=True).eval()
     with torch.no_grad():
         assert (loaded(_ids()).logits - expected).abs().max() <= 1e-5
+
+
+def test_saving_the_training_base_says_what_the_start_costs_plain_text(converted, tmp_path, caplog):
+    """A TRL user gets no held-out or text line from hf-fam finetune: saving the training base says how the start
+    reads plain text within one block against the model as given (each figure what text_check measures alone)."""
+    import logging
+
+    from hf_fam.training import text_check
+
+    tokenizer = AutoTokenizer.from_pretrained(converted)
+    model = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32)
+    ids = text_check.text_ids(tokenizer, model.fam_settings.block_size)
+    given = text_check.text_loss(model, ids, "cpu")
+    with caplog.at_level(logging.INFO, logger="hf_fam.training"):
+        save_training_base(model, tmp_path / "train-base", tokenizer)
+    start = text_check.text_loss(model, ids, "cpu")
+    said = [r for r in caplog.records if "the training start reads plain text" in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in caplog.records]
+    assert f"at loss {start:.4f} where the model as given reads {given:.4f}" in said[0].getMessage()
+    assert said[0].levelname == ("WARNING" if start - given > math.log(text_check.WORSE_BY) else "INFO")

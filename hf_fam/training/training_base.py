@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -90,7 +91,18 @@ def save_training_base(model, folder, tokenizer=None, memory_start_text: str = D
     if getattr(fam_model, "peft_config", None):
         raise ValueError("save_training_base takes the model before PEFT wraps it (its adapter would be saved into "
                          "the base): call it first, then get_peft_model or the trainer")
-    training_start(fam_model, tokenizer, memory_start_text)
+    from . import text_check
+
+    device = next(fam_model.parameters()).device
+    text = text_check.text_ids(tokenizer, fam_model.fam_settings.block_size)
+    given = text_check.text_loss(fam_model, text, device)
+    if training_start(fam_model, tokenizer, memory_start_text) and given is not None:
+        start = text_check.text_loss(fam_model, text, device)
+        worse = start - given > math.log(text_check.WORSE_BY)  # perplexity more than doubled: say so loudly
+        (logger.warning if worse else logger.info)(
+            "the training start reads plain text within one block (Python's documentation, %d tokens) at loss %.4f "
+            "where the model as given reads %.4f: training begins from a worse language model, which a short run "
+            "does not repair (docs/training.md, 'Where training starts the memory')", text.shape[1], start, given)
     fam_model.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
