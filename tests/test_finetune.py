@@ -427,7 +427,7 @@ def test_two_processes_under_accelerate_launch_end_with_the_same_adapter(base_ck
     assert any(p.abs().max() > 0 for p in lora_b), "no training happened"
 
 
-def test_the_loss_on_held_out_sequences_is_measured_before_and_after(base_ckpt, tmp_path):
+def test_the_loss_on_held_out_sequences_is_measured_before_and_after(base_ckpt, tmp_path, monkeypatch):
     """`--heldout N` keeps N sequences out of training and measures the loss on them for the model as given (the
     base converted on the fly: the zero-shot start), at the training start (fam_base: the paper's update, content
     slots) and at the end (the adapter): each figure is the one a separate evaluation of that model gives."""
@@ -467,6 +467,27 @@ def test_the_loss_on_held_out_sequences_is_measured_before_and_after(base_ckpt, 
         measured = text_check.text_loss(expected[name], ids, "cpu")
         assert abs(measured - summary["text_loss"][name]) <= 1e-5 * max(1.0, measured), name
     assert result.text_line.startswith("text within one block (Python's documentation, 8 tokens): loss ")
+
+    # a model already in the training start (the run's fam_base) is not measured as given: two passes, not three
+    import importlib
+
+    finetune_module = importlib.import_module("hf_fam.training.finetune")  # the package exports the function
+
+    passes = []
+    measured_loss = finetune_module.heldout_loss
+
+    def counted(*args, **kwargs):
+        passes.append(kwargs.get("progress"))
+        return measured_loss(*args, **kwargs)
+
+    again = tmp_path / "again"
+    monkeypatch.setattr(finetune_module, "heldout_loss", counted)
+    try:
+        rerun = finetune(replace(config, model=ModelOptions(path=str(out / "fam_base")),
+                                 train=replace(config.train, output_dir=str(again))))
+    finally:
+        _reset_accelerate()
+    assert set(rerun.heldout_losses) == {"start", "final"} and len(passes) == 2, passes
 
     none = tmp_path / "none"
     try:

@@ -65,7 +65,7 @@ from .options import (  # noqa: F401  (DTYPES, DATA_SOURCES, SCHEDULERS: re-expo
 )
 from .outputs import adapter_digest, check_output_dir, save_run, weights_digest
 from .recipe import attach_recipe
-from .training_base import training_start
+from .training_base import is_training_start, training_start
 
 logger = logging.getLogger("hf_fam.training")
 # inside the run's staging folder, removed once the adapter is saved
@@ -216,7 +216,8 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path, resume_fr
         heldout[name] = heldout_loss(measured_model.to(accelerator.device), heldout_set, collator,
                                      t_opt.batch_size, accelerator.device, progress=progress)
 
-    if heldout_set is not None and resume_from is None and adapter is None:
+    if heldout_set is not None and resume_from is None and adapter is None and \
+            not is_training_start(model, tokenizer, config.model.memory_start_text):
         measure("given", model)  # before training changes the update and the memory
     plain_text = text_check.text_ids(tokenizer, settings.block_size)
     text = {"given": None if adapter is not None else  # an adapter's model as given: below, once it is on

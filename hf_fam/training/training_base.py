@@ -49,6 +49,17 @@ def content_slots(model, tokenizer, text: str) -> bool:
     return True
 
 
+def is_training_start(model, tokenizer=None, memory_start_text: str = DEFAULT_MEMORY_START_TEXT) -> bool:
+    """Whether `training_start` would leave `model` as it is (the paper's update, and no content slots to give)."""
+    from ..checkpoint_io.fam_init import training_fam_init
+
+    fam_model = unwrap_fam_model(model)
+    if any(getattr(c, "fam_update", "paper") == ZERO_SHOT_FAM_UPDATE for c in _fam_configs(fam_model)):
+        return False
+    return tokenizer is None or training_fam_init(fam_model.fam.fam_init, tokenizer,
+                                                  model.get_input_embeddings().weight, memory_start_text) is None
+
+
 def training_start(model, tokenizer=None, memory_start_text: str = DEFAULT_MEMORY_START_TEXT) -> bool:
     """Put `model` (a FAM model, not yet wrapped by PEFT) in the start training uses, in place: the paper's
     update, and content slots for a BOS-start memory (with a tokenizer; `memory_start_text` '' keeps it).
@@ -110,4 +121,4 @@ def save_training_base(model, folder, tokenizer=None, memory_start_text: str = D
     return folder
 
 
-__all__ = ["content_slots", "save_training_base", "training_start"]
+__all__ = ["content_slots", "is_training_start", "save_training_base", "training_start"]
