@@ -45,6 +45,18 @@ def test_non_fam_cache_with_content():
         model(random_ids(1, 3), cache=cache, use_cache=True)
 
 
+def test_peft_prefix_tuning_is_refused_in_one_line():
+    """Prefix tuning hands the model a cache of learned keys and values, which no FAM memory goes with."""
+    from peft import PrefixTuningConfig, get_peft_model
+
+    model = fam_model()
+    config = model.config
+    prefix = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, token_dim=config.hidden_size,
+                                num_attention_heads=config.num_attention_heads, num_layers=config.num_hidden_layers)
+    with pytest.raises(ValueError, match="PEFT prefix tuning's, have no FAM memory to continue: use LoRA"):
+        get_peft_model(model, prefix)(input_ids=random_ids(1, 9))
+
+
 def test_mismatched_attention_mask():
     model = fam_model()
     cache = model(random_ids(2, 6), attention_mask=torch.tensor([[1] * 6, [0, 0] + [1] * 4]), use_cache=True).cache

@@ -132,7 +132,8 @@ def fam_forward(
         if cache.get_seq_length() > 0:
             raise ValueError(
                 f"A FAM model continues only a FAMCache, got a non-empty {type(cache).__name__}. "
-                "Pass the cache a previous FAM forward returned, or none."
+                "Pass the cache a previous FAM forward returned, or none (keys and values made elsewhere, such as "
+                "PEFT prefix tuning's, have no FAM memory to continue: use LoRA)."
             )
         cache = None  # an empty cache of another type (e.g. made by generate) is replaced
     if cache is None and use_cache:
