@@ -267,3 +267,23 @@ def test_trained_weights_kept_in_bf16_run_with_the_model_s_dtype(kind):
     assert_close(logits, expected, atol=1e-6)
     logits.sum().backward()
     assert model.fam.fam_init.grad.dtype == torch.bfloat16 and model.fam.fam_init.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("variant", [{"use_dora": True}, {"use_rslora": True}], ids=["dora", "rslora"])
+def test_lora_variants_train_and_round_trip(variant, tmp_path):
+    """DoRA (a trained magnitude per output) and rsLoRA (scaling alpha / sqrt(r)) through `fam_lora_config`'s
+    keywords: they change the FAM model's logits, and the saved adapter and the merged model give the same ones."""
+    base = _fam()
+    base.save_pretrained(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    config = fam_lora_config(model, r=4, init_lora_weights=False, **variant)
+    peft_model = _train_a_little(get_peft_model(model, config))
+    ids = random_ids(2, 23, seed=9)
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits
+        assert (expected - base.eval()(ids).logits).abs().max() > 1e-2  # the adapter matters
+    peft_model.save_pretrained(tmp_path / "adapter")
+    reloaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert_close(reloaded(input_ids=ids).logits, expected, atol=1e-5, msg="reloaded")
+        assert_close(reloaded.merge_and_unload()(ids).logits, expected, atol=1e-5, msg="merged")
