@@ -170,3 +170,15 @@ def test_an_adapter_targeting_a_regular_expression_is_described_as_one(first_run
     _reset_accelerate()
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert r"targets modules matching .*\.(q|v)_proj, its own fam_init" in err, err
+
+
+def test_a_moved_run_folder_loads_its_adapter_on_the_base_inside_it(first_run, tmp_path):
+    """An adapter names its base by the absolute path where the run was made (OUT/fam_base); the run's folder,
+    copied to another machine, holds that base: hf_fam's loaders read it there (PEFT's own loader would not)."""
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(first_run, moved)
+    config = json.loads((moved / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(first_run / "fam_base")
+    gone = "/no/such/machine/runs/first/fam_base"  # the path it was made at, absent here
+    (moved / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": gone}))
+    assert torch.equal(_logits(moved), _logits(first_run))

@@ -216,6 +216,11 @@ def adapter_base(source: str, adapter_config: dict, token: str | None = None) ->
         raise ValueError(f"{source} holds a {adapter_config.get('peft_type')} adapter naming base {base!r}; hf_fam "
                          "loads LoRA adapters of a FAM checkpoint")
     local_base = os.path.exists(os.path.expanduser(base))
+    moved = os.path.join(source, os.path.basename(base.rstrip("/")))
+    if not local_base and os.path.isabs(os.path.expanduser(base)) and os.path.isdir(moved):
+        # a run folder moved or copied elsewhere: its adapter still names the base where it was made
+        # (OUT/fam_base, an absolute path), which travelled inside it
+        base, local_base = moved, True
     revision = None if local_base else adapter_config.get("revision")  # the base's commit `hf-fam push` pinned
     base_hub = {} if local_base else hub_access(base, revision)
     config = AutoConfig.from_pretrained(base, token=token, revision=revision, **base_hub)
