@@ -74,7 +74,6 @@ def main(argv: list[str] | None = None) -> int:
     return int(result or 0)
 
 
-
 # deprecations one library's call of another raises on every command, which a user of the command cannot act on
 UPSTREAM_DEPRECATIONS = (
     "`is_gradient_checkpointing` is deprecated",  # PEFT 0.21 reads transformers 5.25's old property name
