@@ -123,3 +123,21 @@ def recording_trainer(trainer_class, direct_loss):
 
     Recording.__name__ = f"Recording{trainer_class.__name__}"
     return Recording
+
+
+def assert_trained_on_fam(trainer, fam_init, fam_folder):
+    """After a preference trainer's run: `fam_init` trained, and the log-probabilities of its last batch tell the
+    FAM model from the plain base (a route that skipped FAM would have read the plain model's, against FAM's
+    reference)."""
+    from hf_fam.training import unwrap_fam_model
+
+    trained_init = unwrap_fam_model(trainer.model).fam.modules_to_save["default"].fam_init
+    assert (trained_init.detach() - fam_init).abs().max() > 1e-4  # the memory trained
+    base = AutoModelForCausalLM.from_pretrained(base_folder(fam_folder), dtype=torch.float32).eval()
+    batch = trainer.records[-1]["batch"]
+    rows = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+    plain = completion_logps(base, *rows)
+    peft_model = trainer.model.eval()
+    with peft_model.disable_adapter():
+        reference = completion_logps(peft_model, *rows)
+    assert (plain - reference).abs().max() > 1e-2

@@ -12,14 +12,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from client_helpers import TEXTS, base_folder, completion_logps, fam_checkpoint, recording_trainer
+from client_helpers import TEXTS, assert_trained_on_fam, completion_logps, fam_checkpoint, recording_trainer
 from datasets import Dataset
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 trl = pytest.importorskip("trl")
 
-from hf_fam.training import unwrap_fam_model  # noqa: E402
 
 BETA = 0.5
 
@@ -76,15 +75,4 @@ def test_dpo_trainer_optimises_the_dpo_loss_of_the_fam_model(fam_folder, tmp_pat
         assert abs(record["trained"] - record["direct"]) <= 1e-5, record
     # from step 2 on the adapter differs from the reference: the loss is no longer log 2
     assert abs(trainer.records[-1]["trained"] - 0.6931472) > 1e-3
-    trained_init = unwrap_fam_model(trainer.model).fam.modules_to_save["default"].fam_init
-    assert (trained_init.detach() - fam_init).abs().max() > 1e-4  # the memory trained
-
-    # a route that skipped FAM would have read other log-probabilities: the plain model's, against FAM's reference
-    base = AutoModelForCausalLM.from_pretrained(base_folder(fam_folder), dtype=torch.float32).eval()
-    batch = trainer.records[-1]["batch"]
-    rows = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
-    plain = completion_logps(base, *rows)
-    peft_model = trainer.model.eval()
-    with peft_model.disable_adapter():
-        reference = completion_logps(peft_model, *rows)
-    assert (plain - reference).abs().max() > 1e-2
+    assert_trained_on_fam(trainer, fam_init, fam_folder)

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from client_helpers import TEXTS, base_folder, completion_logps, fam_checkpoint, recording_trainer
+from client_helpers import TEXTS, assert_trained_on_fam, completion_logps, fam_checkpoint, recording_trainer
 from datasets import Dataset
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 trl = pytest.importorskip("trl")
 
-from hf_fam.training import unwrap_fam_model  # noqa: E402
 
 BETA = 0.5
 BATCH = 4
@@ -89,15 +88,4 @@ def test_kto_trainer_optimises_the_kto_loss_of_the_fam_model(fam_folder, tmp_pat
     # at step 1 the adapter is the reference (loss 1 - σ(0) = 0.5); at step 2 it is no longer
     assert abs(trainer.records[0]["trained"] - 0.5) <= 1e-6
     assert abs(trainer.records[-1]["trained"] - 0.5) > 1e-3
-    trained_init = unwrap_fam_model(trainer.model).fam.modules_to_save["default"].fam_init
-    assert (trained_init.detach() - fam_init).abs().max() > 1e-4  # the memory trained
-
-    # a route that skipped FAM would have read other log-probabilities: the plain model's, against FAM's reference
-    base = AutoModelForCausalLM.from_pretrained(base_folder(fam_folder), dtype=torch.float32).eval()
-    batch = trainer.records[-1]["batch"]
-    rows = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
-    plain = completion_logps(base, *rows)
-    peft_model = trainer.model.eval()
-    with peft_model.disable_adapter():
-        reference = completion_logps(peft_model, *rows)
-    assert (plain - reference).abs().max() > 1e-2
+    assert_trained_on_fam(trainer, fam_init, fam_folder)
