@@ -141,3 +141,12 @@ def assert_trained_on_fam(trainer, fam_init, fam_folder):
     with peft_model.disable_adapter():
         reference = completion_logps(peft_model, *rows)
     assert (plain - reference).abs().max() > 1e-2
+
+
+def client_lora():
+    """The LoRA config the TRL client tests give their trainers: a few projections, `fam_init` trained in full, no
+    dropout (so that a forward outside the trainer reads the same model)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"],
+                      modules_to_save=["fam"], task_type="CAUSAL_LM")

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from client_helpers import TEXTS, base_folder, fam_checkpoint
+from client_helpers import TEXTS, base_folder, client_lora, fam_checkpoint
 from datasets import Dataset
-from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 trl = pytest.importorskip("trl")
@@ -75,8 +74,7 @@ def test_distillation_reads_the_fam_student_s_hidden_states(fam_folder, tmp_path
                                     logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=False,
                                     seed=0, data_seed=0, dataloader_num_workers=0, disable_tqdm=True,
                                     disable_dropout=True)
-    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"],
-                      modules_to_save=["fam"], task_type="CAUSAL_LM")
+    lora = client_lora()
     trainer = RecordingDistillationTrainer(model=student, teacher_model=teacher, args=config,
                                            train_dataset=_prompts(), processing_class=tokenizer, peft_config=lora)
     trainer.records = []

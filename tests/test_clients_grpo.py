@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from client_helpers import TEXTS, fam_checkpoint
+from client_helpers import TEXTS, client_lora, fam_checkpoint
 from datasets import Dataset
-from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 trl = pytest.importorskip("trl")
@@ -37,11 +36,6 @@ def _config(kind, out, **overrides):
                   dataloader_num_workers=0, disable_tqdm=True)
     kwargs.update(overrides)
     return TRAINERS[kind][1](**kwargs)
-
-
-def _lora():
-    return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"],
-                      modules_to_save=["fam"], task_type="CAUSAL_LM")
 
 
 class Recording:
@@ -92,7 +86,7 @@ def test_completions_are_scored_with_the_fam_model_s_log_probabilities(fam_folde
     tokenizer = AutoTokenizer.from_pretrained(fam_folder)
     recording = type("Recording" + TRAINERS[kind][0].__name__, (Recording, TRAINERS[kind][0]), {})
     trainer = recording(model=model, reward_funcs=_reward, args=_config(kind, tmp_path / "out", beta=beta),
-                        train_dataset=_prompts(), processing_class=tokenizer, peft_config=_lora())
+                        train_dataset=_prompts(), processing_class=tokenizer, peft_config=client_lora())
     trainer.records = []
     trainer.train()
 
@@ -116,8 +110,8 @@ def test_completions_are_scored_with_the_fam_model_s_log_probabilities(fam_folde
 def test_continuous_batching_is_refused_in_one_line(fam_folder, tmp_path, kind):
     model = AutoModelForCausalLM.from_pretrained(fam_folder, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(fam_folder)
-    trainer = TRAINERS[kind][0](model=model, reward_funcs=_reward, processing_class=tokenizer, peft_config=_lora(),
-                                args=_config(kind, tmp_path / "out", use_transformers_continuous_batching=True),
-                                train_dataset=_prompts())
+    trainer = TRAINERS[kind][0](model=model, reward_funcs=_reward, processing_class=tokenizer,
+                                peft_config=client_lora(), train_dataset=_prompts(),
+                                args=_config(kind, tmp_path / "out", use_transformers_continuous_batching=True))
     with pytest.raises(ValueError, match="FAM models do not support continuous batching"):
         trainer.train()

@@ -13,9 +13,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from client_helpers import TEXTS, assert_trained_on_fam, completion_logps, fam_checkpoint, recording_trainer
+from client_helpers import (
+    TEXTS,
+    assert_trained_on_fam,
+    client_lora,
+    completion_logps,
+    fam_checkpoint,
+    recording_trainer,
+)
 from datasets import Dataset
-from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 trl = pytest.importorskip("trl")
@@ -71,8 +77,7 @@ def test_kto_trainer_optimises_the_kto_loss_of_the_fam_model(fam_folder, tmp_pat
                            beta=BETA, learning_rate=5e-2, lr_scheduler_type="constant", logging_steps=1,
                            save_strategy="no", report_to=[], use_cpu=True, max_length=256, bf16=False, seed=0,
                            data_seed=0, dataloader_num_workers=0, disable_tqdm=True)
-    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"],
-                      modules_to_save=["fam"], task_type="CAUSAL_LM")
+    lora = client_lora()
     trainer = RecordingKTOTrainer(model=model, args=config, train_dataset=_feedback(), processing_class=tokenizer,
                                   peft_config=lora)
     trainer.records = []
