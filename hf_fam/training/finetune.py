@@ -216,17 +216,20 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path, resume_fr
         heldout[name] = heldout_loss(measured_model.to(accelerator.device), heldout_set, collator,
                                      t_opt.batch_size, accelerator.device, progress=progress)
 
-    if heldout_set is not None and resume_from is None and adapter is None and \
-            not is_training_start(model, tokenizer, config.model.memory_start_text):
+    # the paper's update and content slots, where the model as given is not already so (then the adapter applies
+    # to a copy saved in that start: fam_base)
+    start_differs = adapter is None and not is_training_start(model, tokenizer, config.model.memory_start_text)
+    if heldout_set is not None and resume_from is None and start_differs:
         measure("given", model)  # before training changes the update and the memory
     plain_text = text_check.text_ids(tokenizer, settings.block_size)
     text = {"given": None if adapter is not None else  # an adapter's model as given: below, once it is on
             text_check.text_loss(model.to(accelerator.device), plain_text, accelerator.device)}
     source_kind = "converted on the fly" if converted else "FAM"
-    if adapter is None and training_start(model, tokenizer, config.model.memory_start_text):
+    if start_differs:
+        training_start(model, tokenizer, config.model.memory_start_text)
         if not converted:
             source_kind = "FAM, saved in the training start as fam_base"
-        converted = True  # the paper's update, content slots: the adapter applies to a copy saved so (fam_base)
+        converted = True
     fam_base_dir = None
     if converted and not config.lora.full:  # a full run saves the whole model instead
         fam_base_dir = out / "fam_base"
@@ -238,8 +241,6 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path, resume_fr
     base_path = (fam_base_dir or model_path).resolve() if fam_base_dir or model_path.exists() else str(model_path)
     logger.info("model: %s (%s), C=%d M=%d F=%d", config.model.path, source_kind, settings.block_size,
                 settings.memory_segments, settings.fam_length)
-    if not converted:
-        heldout.pop("given", None)  # the training start is the model as given
 
     if t_opt.gradient_checkpointing:
         enable_checkpointing(model)
@@ -249,7 +250,7 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path, resume_fr
     else:
         target, lora_start, trained_what = _trainable(model, config.lora, work, base_path, fam_base_dir,
                                                       accelerator.is_main_process)
-        if converted:  # the training start is not the model as given
+        if start_differs:
             text["start"] = text_check.text_loss(target.to(accelerator.device), plain_text, accelerator.device)
     if heldout_set is not None and resume_from is None:
         measure("start", target)
