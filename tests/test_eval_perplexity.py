@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -20,13 +21,17 @@ def direct_perplexity(model, ids: torch.Tensor) -> float:
     return math.exp(torch.nn.functional.cross_entropy(logits.float(), ids[1:]).item())
 
 
-def test_compare_writes_three_curves_and_matches_direct_runs(tmp_path, capsys):
+@pytest.mark.parametrize("max_tokens", [150, None])
+def test_compare_writes_three_curves_and_matches_direct_runs(tmp_path, capsys, max_tokens):
+    """With --max-tokens, and without: the whole text, its full attention one block as long as the text (a block
+    of 2**31 tokens, the earlier bound, asked for 17 GB)."""
     src = make_tiny_checkpoint(tmp_path / "base", "llama")
     text = tmp_path / "text.txt"
     text.write_text(" ".join(f"word{i % 37} and more {i}" for i in range(60)))
     out = tmp_path / "ppl.json"
+    limit = ["--max-tokens", str(max_tokens)] if max_tokens else []
     code = main(["eval", str(src), "--task", "perplexity", "--text-file", str(text), "--compare", "base", "bswa",
-                 "fam", "--block-size", "16", "--memory-segments", "1", "--fam-length", "4", "--max-tokens", "150",
+                 "fam", "--block-size", "16", "--memory-segments", "1", "--fam-length", "4", *limit,
                  "--chunk-tokens", "40", "--out", str(out), "--dtype", "float32"])
     assert code == 0, capsys.readouterr().err
     result = json.loads(out.read_text())
@@ -36,7 +41,8 @@ def test_compare_writes_three_curves_and_matches_direct_runs(tmp_path, capsys):
 
     tokenizer = AutoTokenizer.from_pretrained(src)
     ids = torch.tensor([tokenizer.bos_token_id] + tokenizer(text.read_text(), add_special_tokens=False)["input_ids"])
-    ids = ids[:150]
+    ids = ids[:max_tokens]
+    assert result["models"]["base (full attention)"]["tokens"] == len(ids) > (0 if max_tokens else 150)
     base = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     expected_base = direct_perplexity(base, ids)
     bswa = hf_fam.FAMForCausalLM.from_base_model(base, block_size=16, memory_segments=1, fam_length=0).eval()

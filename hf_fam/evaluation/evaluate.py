@@ -259,7 +259,10 @@ def compare_perplexity(model, make_chunks, *, variants=("base", "bswa", "fam"), 
             if variant == "bswa":
                 config.fam_length = 0
             elif variant == "base":
-                longest = max_tokens or 2**31 - 1
+                # one block as long as what is read, counted first: a longer block would only cost memory (the
+                # plan's positions span it; 2**31 tokens were 17 GB)
+                length = sum(len(chunk) for chunk in make_chunks())
+                longest = max(1, min(length, max_tokens) if max_tokens else length)
                 config.block_size, config.memory_segments, config.fam_length = longest, 0, 0
             elif variant != "fam":
                 raise ValueError(f"unknown variant {variant!r}; expected base, bswa or fam")
