@@ -90,7 +90,38 @@ def test_get_peft_model_trains_lora_and_fam_init(family, kind):
     assert (trained - fam_init).abs().max() > 1e-3, "fam_init did not train"
     assert_close(peft_model.base_model.model.fam.original_module.fam_init, fam_init, atol=0.0)
     assert (layer_norm.modules_to_save.default.weight - norm_before).abs().max() > 1e-3, "the norms did not train"
+    final_norm = peft_model.base_model.model.get_decoder().norm  # on the backbone, not in a layer: it trains too
+    assert (final_norm.modules_to_save.default.weight - final_norm.original_module.weight).abs().max() > 1e-3
     assert_close(layer_norm.original_module.weight, norm_before, atol=0.0)
+
+
+@pytest.mark.parametrize("kind", ["FAMForCausalLM", "patched"])
+def test_what_peft_wraps_outside_the_layers_runs_in_the_forward(kind):
+    """PEFT puts its wrappers in place with setattr on the module's parent: for the final norm, the embeddings and
+    the LM head that is the FAM model (or its backbone), not the base module whose forward runs. Every trained
+    weight gets a gradient, the final norm trains (a `fam_lora_config` default), and unmerged = merged."""
+    from peft import LoraConfig
+
+    model = _fam("llama", kind)
+    base_logits_ids = random_ids(2, 18, seed=3)
+    with torch.no_grad():
+        base_logits = model.eval()(base_logits_ids).logits
+    config = LoraConfig(r=4, target_modules=["q_proj", "lm_head"], modules_to_save=["fam", "norm", "embed_tokens"],
+                        init_lora_weights=False)
+    peft_model = get_peft_model(model, config).train()
+    ids = random_ids(2, 18, seed=4)
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    missing = [n for n, p in peft_model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    assert not missing, missing
+    peft_model.zero_grad()
+    _train_a_little(peft_model)
+    norm = peft_model.base_model.model.get_decoder().norm
+    assert (norm.modules_to_save.default.weight - norm.original_module.weight).abs().max() > 1e-3
+    with torch.no_grad():
+        unmerged = peft_model(input_ids=base_logits_ids).logits
+        merged = peft_model.merge_and_unload().eval()(base_logits_ids).logits
+    assert (unmerged - base_logits).abs().max() > 1e-2
+    assert_close(merged, unmerged, atol=1e-5)
 
 
 def test_adapter_round_trip_and_merge(family, tmp_path):

@@ -119,6 +119,16 @@ class FAMPreTrainedModel(PreTrainedModel):
     def get_input_embeddings(self):
         return self._fam_base().get_input_embeddings()
 
+    def __setattr__(self, name: str, value) -> None:
+        """A child module replaced on this model is replaced in the module it wraps too, whose own forward runs on
+        its own attributes: PEFT puts its wrappers in place so (`modules_to_save` of the final `norm`, `lm_head` or
+        `embed_tokens`, LoRA on `lm_head`), and unwrapped on this model alone they would never run."""
+        super().__setattr__(name, value)
+        if isinstance(value, nn.Module):
+            base = self.__dict__.get("_fam_decoder", self.__dict__.get("_fam_head"))
+            if base is not None and base._modules.get(name, value) is not value:
+                setattr(base, name, value)
+
     def _adopt(self, base: nn.Module, skip: tuple[str, ...] = ()) -> None:
         """Make `base`'s child modules ours under the same names (weight names stay the checkpoint's),
         and take over what transformers reads from its class (tied weights, split rules, ...)."""
