@@ -116,6 +116,48 @@ def test_qlora_trains_the_memory_and_its_adapter_reloads_on_a_4bit_base(fam_fold
         assert_close(reloaded(test_ids).logits, peft_model(test_ids).logits, atol=1e-5)
 
 
+@pytest.mark.parametrize("bits", BITS)
+def test_qlora_gradients_are_lora_gradients_on_the_dequantized_weights(fam_folder, bits):
+    """The gradients a QLoRA step computes (LoRA, fam_init, norms) are those of the same LoRA on a full-precision
+    model holding the quantized weights dequantized: nothing of FAM's gradient is lost in the quantized layers."""
+    from peft import get_peft_model
+
+    from hf_fam.runtime.quantize import keep_trainable
+
+    quantized = _load(fam_folder, bits)
+    keep_trainable(quantized)
+    plain = AutoModelForCausalLM.from_pretrained(fam_folder, dtype=torch.float32)
+    with torch.no_grad():
+        for name, module in quantized.named_modules():
+            if type(module).__module__.startswith("bitsandbytes"):
+                weight = module.weight
+                if bits == "4bit":
+                    dense = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+                else:  # LLM.int8: int8 rows and a scale per row
+                    dense = weight.data.float() * weight.SCB.float()[:, None] / 127
+                plain.get_submodule(name).weight.copy_(dense)
+    models = []
+    for model in (quantized, plain):
+        torch.manual_seed(0)
+        peft_model = get_peft_model(model, fam_lora_config(model, r=4)).train()
+        with torch.no_grad():  # B = 0 at the start would leave A without gradient
+            for name, param in peft_model.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
+        models.append(peft_model)
+    ids = _ids(batch=2, length=3 * C + 5, seed=4)
+    mask = padding_mask([ids.shape[1], ids.shape[1] - 5], ids.shape[1], side="left")
+    grads = []
+    for peft_model in models:
+        loss = peft_model(input_ids=ids, attention_mask=mask, labels=ids).loss
+        loss.backward()
+        grads.append({n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and any("fam_init" in n for n in grads[0])
+    for name in grads[0]:
+        assert grads[0][name] is not None and grads[0][name].abs().max() > 0, name
+        assert_close(grads[0][name], grads[1][name], atol=1e-5, msg=name)
+
+
 def test_trl_sft_trainer_trains_a_4bit_fam_model(fam_folder, tmp_path):
     """TRL's SFTTrainer on a 4-bit model: it prepares the model for k-bit training itself and keeps the adapter's
     trained weights in bf16, fam_init among them, while the layers compute in fp32. The loss it optimises is the

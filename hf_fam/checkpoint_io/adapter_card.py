@@ -142,6 +142,8 @@ def _training_text(folder: Path) -> str:
     data = config.get("data") or {}
     parts = [f"`hf-fam finetune`, {summary['steps']} steps"
              + (" more, from an earlier adapter's weights" if summary.get("continued_from") else "")]
+    if summary.get("quantized"):  # QLoRA: the base's weights were quantized while training, not in the adapter
+        parts[0] += f" on the base loaded in {summary['quantized']} (QLoRA)"
     if data.get("source"):
         parts.append(f"{data['source']} data in sequences of {data.get('seq_len', '?')} tokens")
     if isinstance(summary.get("final_loss"), (int, float)):

@@ -44,6 +44,14 @@ def add_fam_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
                                  f"(default {default})", **extra)
 
 
+def add_quantize_argument(parser) -> None:
+    """--quantize 4bit|8bit: load the weights quantized by bitsandbytes (`hf_fam.runtime.quantize`)."""
+    from ..runtime.quantize import QUANTIZATIONS
+
+    parser.add_argument("--quantize", choices=QUANTIZATIONS, help="load the weights quantized by bitsandbytes "
+                        "(4-bit NF4 or 8-bit), on --device; an adapter stays unmerged on its quantized base")
+
+
 def settings_from_args(args: argparse.Namespace) -> FAMSettings:
     """The FAMSettings the parsed options name (defaults filled in)."""
     given = {field: getattr(args, field) for _, field, _, _ in FAM_OPTIONS if getattr(args, field, None) is not None}

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_upstream_deprecations()
         hf_fam.load()  # torch, transformers and the `fam` model type, now that the arguments are valid
         result = args.func(args)
-    except (CLIError, ValueError, OSError) as err:
+    except (CLIError, ValueError, OSError, ImportError) as err:  # ImportError: an optional package to install
         if os.environ.get("HF_FAM_DEBUG"):
             raise
         message = " ".join(str(err).split()) or type(err).__name__

@@ -4,7 +4,8 @@ transformers 5.x moves internals between minor releases (the cache argument's na
 machinery, the attention registry, the arguments attention functions take). The rest of hf_fam calls the
 helpers below and never reaches into transformers' private modules or attention functions itself. The torch
 releases differ too, where FAM meets it: sdpa's GQA argument, and autocast's cast cache under gradient
-checkpointing (`autocast_without_cache`). This file ships with every converted checkpoint, so it imports only
+checkpointing (`autocast_without_cache`). So does a bitsandbytes quirk FAM training must refuse
+(`refuse_repacked_4bit_layers`). This file ships with every converted checkpoint, so it imports only
 torch and transformers.
 
 Differences inside the supported range are detected by feature (a signature, a field, a module), never by
@@ -334,3 +335,25 @@ def settle_unstated_reentrancy(decoder: nn.Module) -> None:
         keywords = getattr(func, "keywords", None)
         if getattr(layer, "gradient_checkpointing", False) and keywords is not None and "use_reentrant" not in keywords:
             layer._gradient_checkpointing_func = functools.partial(func, use_reentrant=False)
+
+
+def repacked_4bit_layers(module: nn.Module) -> list[str]:
+    """The names of the bitsandbytes 4-bit layers in `module` whose weights its CPU backend repacked for its
+    inference kernel (bitsandbytes 0.50, on CPUs with AVX512-BF16, at the layer's first forward in eval mode
+    without gradients). That kernel has no backward: the layer passes no gradient to its input, and torch only
+    warns. Read from the weights' quantization state, without importing bitsandbytes."""
+    return [name for name, m in module.named_modules()
+            if getattr(getattr(getattr(m, "weight", None), "quant_state", None), "packing_format_for_cpu", False)]
+
+
+def refuse_repacked_4bit_layers(decoder: nn.Module) -> None:
+    """Refuse a training forward through repacked 4-bit layers (`repacked_4bit_layers`): every gradient below
+    them, the memory's among them, would be silently lost."""
+    repacked = repacked_4bit_layers(decoder)
+    if repacked:
+        raise ValueError(
+            f"{len(repacked)} 4-bit layers (first {repacked[0]}) were repacked for bitsandbytes' CPU inference kernel "
+            "by a forward in eval mode, and pass no gradients: training through them would lose every gradient "
+            "below them. Load the model again and call hf_fam.runtime.quantize.keep_trainable(model) before its "
+            "first forward."
+        )

@@ -22,6 +22,7 @@ from .fam_compat import (
     autocast_without_cache,
     checkpointing_call,
     inside_fam_forward,
+    refuse_repacked_4bit_layers,
     set_output_cache,
     settle_unstated_reentrancy,
     uses_checkpointing,
@@ -125,6 +126,8 @@ def fam_forward(
         )
     if checkpointed:
         use_cache = False
+    if decoder.training and torch.is_grad_enabled():
+        refuse_repacked_4bit_layers(decoder)
 
     if isinstance(cache, FAMCache) and cache.started and not use_cache:
         use_cache = True  # continuing a stream always updates its cache

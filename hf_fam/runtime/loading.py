@@ -84,8 +84,12 @@ def hub_access(source: str, revision: str | None = None, probe_timeout: float = 
 
 def load_fam_model(source: str, *, overrides: FAMOverrides | None = None, dtype: str | None = "auto",
                    device: str = "cpu", revision: str | None = None, token: str | None = None,
-                   attn_implementation: str | None = None, adapters: bool = False):
+                   attn_implementation: str | None = None, adapters: bool = False, quantize: str | None = None):
     """Load `source` (a local folder or a Hub id) as a FAM model, in eval mode.
+
+    `quantize` ("4bit" or "8bit", `hf_fam.runtime.quantize`) loads the weights quantized by bitsandbytes, placed
+    on `device` as they load; an adapter then stays unmerged on its quantized base (merging into quantized
+    weights would round it).
 
     With `adapters`, `source` may also be a LoRA adapter of a FAM checkpoint (a folder or Hub repo holding
     adapter_config.json, as `hf-fam finetune` writes and `hf-fam push` shares): its base is loaded as above (a Hub
@@ -122,7 +126,7 @@ def load_fam_model(source: str, *, overrides: FAMOverrides | None = None, dtype:
             raise ValueError(f"{source} is a LoRA adapter, not a checkpoint; pass the checkpoint it applies to "
                              f"({adapter_config.get('base_model_name_or_path')}), or its merged model")
         return _load_adapter(source, adapter_config, overrides=overrides, dtype=dtype, device=device, hub=hub,
-                             attn_implementation=attn_implementation)
+                             attn_implementation=attn_implementation, quantize=quantize)
     if local and not os.path.isfile(os.path.join(os.path.expanduser(source), "config.json")):
         raise FileNotFoundError(f"no checkpoint at {source} (config.json missing); pass a checkpoint folder.")
     try:
@@ -136,6 +140,9 @@ def load_fam_model(source: str, *, overrides: FAMOverrides | None = None, dtype:
         kwargs["adapter_kwargs"] = {"local_files_only": True}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    from .quantize import loading_kwargs
+
+    kwargs.update(loading_kwargs(quantize, kwargs["dtype"], config, device))
     if config.model_type == "fam":
         for name, value in vars(overrides).items():
             if value is not None and value != getattr(config, name):
@@ -157,7 +164,7 @@ def load_fam_model(source: str, *, overrides: FAMOverrides | None = None, dtype:
             base, **{**settings.as_kwargs(), "fam_update": ZERO_SHOT_FAM_UPDATE},
             fam_init=bos_fam_init(base, settings.fam_length) if settings.fam_length else None,
         )
-    model.to(device).eval()
+    (model if quantize else model.to(device)).eval()
     tokenizer = None
     folder = os.path.expanduser(source)
     if not local or any(os.path.isfile(os.path.join(folder, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
@@ -230,15 +237,17 @@ def adapter_base(source: str, adapter_config: dict, token: str | None = None) ->
     return base, revision, config
 
 
-def _load_adapter(source: str, adapter_config: dict, *, overrides, dtype, device, hub: dict, attn_implementation):
-    """The adapter at `source` merged into its FAM base (see `load_fam_model`)."""
+def _load_adapter(source: str, adapter_config: dict, *, overrides, dtype, device, hub: dict, attn_implementation,
+                  quantize: str | None = None):
+    """The adapter at `source` merged into its FAM base (see `load_fam_model`); on a quantized base, unmerged."""
     base, revision, _ = adapter_base(source, adapter_config, token=hub.get("token"))
     from peft import PeftModel
 
     model, tokenizer = load_fam_model(base, overrides=overrides, dtype=dtype, device=device, token=hub.get("token"),
-                                      revision=revision, attn_implementation=attn_implementation)
+                                      revision=revision, attn_implementation=attn_implementation, quantize=quantize)
     peft_hub = {k: v for k, v in hub.items() if v is not None}
-    model = PeftModel.from_pretrained(model, source, **peft_hub).merge_and_unload().eval()
+    model = PeftModel.from_pretrained(model, source, **peft_hub)
+    model = (model if quantize else model.merge_and_unload()).eval()
     return model, adapter_tokenizer(source, tokenizer, hub)
 
 

@@ -47,8 +47,10 @@ import torch
 
 from ..checkpoint_io.adapter_card import module_names
 from ..modeling.fam_compat import enable_checkpointing
+from ..runtime.quantize import keep_trainable
 from . import continued, resume, text_check
 from .data import FAMDataCollator, build_train_dataset
+from .fam_base_files import write_fam_base
 from .heldout import heldout_loss, heldout_text, split_heldout, worse_than
 from .lora import PEFT_LORA_INITS, changes_base_weights, fam_lora_config, save_lora_start, unwrap_fam_model
 from .options import (  # noqa: F401  (DTYPES, DATA_SOURCES, SCHEDULERS: re-exported)
@@ -74,12 +76,13 @@ LORA_START_FOLDER = "lora_start"  # PEFT loads it as an adapter named after the 
 # ----------------------------------------------------------------------------------------------------------
 # loading
 # ----------------------------------------------------------------------------------------------------------
-def load_fam_model(options: ModelOptions):
+def load_fam_model(options: ModelOptions, device="cpu"):
     """Load a FAM checkpoint, or a base checkpoint wrapped with `FAMForCausalLM.from_base_model`.
 
     Args:
         options: the path, and C/M/F for a base checkpoint (a FAM checkpoint keeps its own; differing values
-            are an error).
+            are an error); `quantize` loads the weights quantized.
+        device: where quantized weights load (others load on the CPU and move with the training).
 
     Returns:
         (model, tokenizer or None, converted): `converted` is True for a base checkpoint.
@@ -90,7 +93,8 @@ def load_fam_model(options: ModelOptions):
     from ..runtime.loading import load_fam_model as load
 
     overrides = FAMOverrides(options.block_size, options.memory_segments, options.fam_length, options.fam_layers)
-    model, tokenizer = load(options.path, overrides=overrides, dtype=options.dtype)
+    model, tokenizer = load(options.path, overrides=overrides, dtype=options.dtype, quantize=options.quantize,
+                            device=str(device) if options.quantize else "cpu")
     model.train()
     hub = {} if Path(options.path).expanduser().exists() else hub_access(options.path)
     converted = AutoConfig.from_pretrained(options.path, **hub).model_type != "fam"
@@ -193,10 +197,14 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path, resume_fr
     # model (+ the FAM checkpoint the adapter applies to, for a converted base), or an adapter's base
     adapter = continued.adapter_to_continue(config)
     if adapter is not None:
-        model, tokenizer, base = continued.load_adapter_base(config.model.path, adapter, config.model)
+        model, tokenizer, base = continued.load_adapter_base(config.model.path, adapter, config.model,
+                                                             device=accelerator.device)
         converted = False
     else:
-        model, tokenizer, converted = load_fam_model(config.model)
+        model, tokenizer, converted = load_fam_model(config.model, accelerator.device)
+    base_checkpoint = converted  # a base checkpoint, converted on the fly
+    if config.model.quantize:
+        keep_trainable(model)  # before the passes that measure the model as given, in eval mode
     settings = model.fam_settings
     with accelerator.main_process_first():
         dataset = build_train_dataset(config.data, model, tokenizer, seed=t_opt.seed)
@@ -234,12 +242,16 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path, resume_fr
     if converted and not config.lora.full:  # a full run saves the whole model instead
         fam_base_dir = out / "fam_base"
         if accelerator.is_main_process:
-            model.save_pretrained(work / "fam_base")
+            if config.model.quantize:  # from the source's files: the adapter applies to the unquantized weights
+                write_fam_base(config.model.path, work / "fam_base", model, base_checkpoint=base_checkpoint)
+            else:
+                model.save_pretrained(work / "fam_base")
             if tokenizer is not None:
                 tokenizer.save_pretrained(work / "fam_base")
     model_path = Path(config.model.path if adapter is None else base)
     base_path = (fam_base_dir or model_path).resolve() if fam_base_dir or model_path.exists() else str(model_path)
-    logger.info("model: %s (%s), C=%d M=%d F=%d", config.model.path, source_kind, settings.block_size,
+    logger.info("model: %s (%s%s), C=%d M=%d F=%d", config.model.path, source_kind,
+                f", {config.model.quantize} weights" if config.model.quantize else "", settings.block_size,
                 settings.memory_segments, settings.fam_length)
 
     if t_opt.gradient_checkpointing:
@@ -373,15 +385,27 @@ def _train(config: FinetuneConfig, accelerator, out: Path, work: Path, resume_fr
                    "world_size": accelerator.num_processes, "adapter_digests": digests,
                    "trained": trained_what if config.lora.full else "LoRA",
                    "base_model": str(base_path), "merged": str(merged_dir.resolve()) if merged_dir else None,
+                   "quantized": config.model.quantize,
                    **({"continued_from": config.model.path} if adapter is not None else {})}
         result_model = save_run(trained, tokenizer, work, out=out, full=config.lora.full, base_path=base_path,
                                 fam_base_dir=fam_base_dir, lora_start=lora_start, merged_dir=merged_dir,
-                                summary=summary, card_source=config.model.path)
+                                summary=summary, card_source=config.model.path,
+                                merge_base=_unquantized_base(config.model, work, fam_base_dir, base_path))
     return FinetuneResult(output_dir=out, steps=step, final_loss=final_loss, seconds=seconds,
                           world_size=accelerator.num_processes, adapter_digests=digests, merged_dir=merged_dir,
                           fam_base_dir=fam_base_dir, model=result_model, final_loss_fresh_memory=final_split[0],
                           final_loss_passed_memory=final_split[1], heldout_losses=heldout,
                           heldout_sequences=len(heldout_set or []), text_line=text_line)
+
+
+def _unquantized_base(options: ModelOptions, work: Path, fam_base_dir: Path | None, base_path):
+    """For a run on quantized weights, what loads the unquantized base its adapter merges into (`--merge`):
+    merging into 4- or 8-bit weights would round the merged model. None for a run in full precision."""
+    if not options.quantize:
+        return None
+    from ..runtime.loading import load_fam_model as load
+
+    return lambda: load(str(work / "fam_base" if fam_base_dir is not None else base_path), dtype=options.dtype)[0]
 
 
 __all__ = ["DataOptions", "FinetuneConfig", "FinetuneResult", "LoraOptions", "ModelOptions", "TrainOptions",

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..modeling.fam_settings import DEFAULT_LOSS_CHUNK_TOKENS, FAM_LAYER_CHOICES
+from ..runtime.quantize import QUANTIZATIONS
 from ..tasks import PASSKEY_FILLER, PASSKEY_FORMS
 
 if TYPE_CHECKING:
@@ -130,7 +131,13 @@ class ModelOptions:
     memory_segments: int | None = option(None, "M, for a base checkpoint")
     fam_length: int | None = option(None, "F, for a base checkpoint")
     fam_layers: str | None = option(None, "all or global, for a base checkpoint")
-    dtype: str = option("float32", "weights dtype", "--dtype", choices=DTYPES)
+    dtype: str = option("float32", "weights dtype (with --quantize: of the unquantized weights and of the "
+                                   "computation)", "--dtype", choices=DTYPES)
+    quantize: str | None = option(
+        None, "load the weights quantized by bitsandbytes and train LoRA beside them (QLoRA); the adapter applies "
+              "to the unquantized checkpoint (docs/training.md, 'Quantized models and QLoRA')",
+        "--quantize", choices=QUANTIZATIONS,
+    )
     memory_start_text: str = option(
         DEFAULT_MEMORY_START_TEXT,
         "a memory at the BOS start (hf-fam convert's default: one repeated row) is trained from slot 0 as the sink "
@@ -147,6 +154,8 @@ class ModelOptions:
             raise ValueError(f"fam_layers must be one of {', '.join(FAM_LAYER_CHOICES)}, got {self.fam_layers!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.quantize is not None and self.quantize not in QUANTIZATIONS:
+            raise ValueError(f"quantize must be one of {', '.join(QUANTIZATIONS)} or None, got {self.quantize!r}")
 
 
 @dataclass
@@ -305,6 +314,13 @@ class FinetuneConfig:
     recipe: FAMRecipeConfig = field(default_factory=FAMRecipeConfig)
 
     def __post_init__(self):
+        quantize = self.model.quantize
+        if quantize and self.lora.full:
+            raise ValueError(f"--full trains every weight, and {quantize} weights cannot be trained: drop --quantize "
+                             "(LoRA beside quantized weights is QLoRA) or --full.")
+        if quantize and self.lora.init != "peft":
+            raise ValueError(f"--lora-init {self.lora.init} moves part of each base weight into LoRA, which "
+                             f"{quantize} weights cannot give back exactly: drop --quantize or --lora-init.")
         if not self.lora.full:
             if not self.lora.train_embeddings:
                 raise ValueError("--freeze-embeddings goes with --full; LoRA does not train the embeddings.")

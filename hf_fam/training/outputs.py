@@ -73,12 +73,14 @@ def _start_card(source):
 
 
 def save_run(trained, tokenizer, work: Path, *, out: Path, full: bool, base_path, fam_base_dir: Path | None,
-             lora_start: Path | None, merged_dir: Path | None, summary: dict, card_source=None) -> object:
+             lora_start: Path | None, merged_dir: Path | None, summary: dict, card_source=None,
+             merge_base=None) -> object:
     """Write the run's outputs into `work` (the staging folder that becomes the output): the whole model after a
     full run, else the adapter pointing to `base_path` (for a base converted on the fly, `fam_base_dir`, still in
     `work/fam_base` while saving), and `merged/` when `merged_dir` is set; the tokenizer and `train_summary.json`;
     a model card (`write_fine_tuned_card` for a whole checkpoint, `write_adapter_card` for an adapter) with the
-    metadata of `card_source`'s, the checkpoint trained.
+    metadata of `card_source`'s, the checkpoint trained. `merge_base`, for a run on quantized weights: loads the
+    unquantized base the saved adapter is merged into for `merged/`.
     Returns the model the run hands back (the merged one when merging spent the PeftModel)."""
     if full:
         trained.save_pretrained(work)
@@ -108,7 +110,12 @@ def save_run(trained, tokenizer, work: Path, *, out: Path, full: bool, base_path
                 "" if full else f" (base: {base_path})")
     if merged_dir is None:
         return trained
-    merged = trained.merge_and_unload()  # the PeftModel is spent after this
+    if merge_base is not None:  # the saved adapter on the unquantized base, not the quantized one trained
+        from peft import PeftModel
+
+        merged = PeftModel.from_pretrained(merge_base(), work).merge_and_unload()
+    else:
+        merged = trained.merge_and_unload()  # the PeftModel is spent after this
     merged.save_pretrained(work / "merged")
     if tokenizer is not None:
         tokenizer.save_pretrained(work / "merged")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..fam_args import add_fam_arguments, add_options, options_from_args
+from ..fam_args import add_fam_arguments, add_options, add_quantize_argument, options_from_args
 from ..formatting import HelpFormatter
 
 
@@ -38,6 +38,7 @@ def register(sub) -> None:
     p.add_argument("--label", help="name of this model in the JSON and the plot")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    add_quantize_argument(p)
     p.set_defaults(func=run, check=check)
 
 
@@ -70,9 +71,15 @@ def run(args) -> int:
     from ..errors import CLIError
 
     if args.no_fam:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=resolve_dtype(args.dtype)).to(args.device)
+        from ...runtime.quantize import loading_kwargs
+
+        dtype = resolve_dtype(args.dtype)
+        quantized = loading_kwargs(args.quantize, dtype, AutoConfig.from_pretrained(args.model),
+                                   args.device) if args.quantize else {}
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, **quantized)
+        model = model if quantized else model.to(args.device)
         if getattr(model.config, "model_type", None) == "fam":  # a FAM checkpoint, or an adapter of one, loads so
             raise CLIError(f"--no-fam reads a base checkpoint as is, and {args.model} loads as a FAM model (it would "
                            "run FAM under a no-FAM label); for its weights with full attention use --task "
@@ -81,7 +88,7 @@ def run(args) -> int:
     else:
         overrides = FAMOverrides.from_args(args)
         model, tokenizer = load_fam_model(args.model, overrides=overrides, dtype=args.dtype, device=args.device,
-                                          adapters=True)
+                                          adapters=True, quantize=args.quantize)
     label = args.label or Path(args.model.rstrip("/")).name
 
     if args.task == "perplexity":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from ...modeling.fam_settings import DEFAULT_CHUNK_TOKENS
-from ..fam_args import add_fam_arguments
+from ..fam_args import add_fam_arguments, add_quantize_argument
 from ..formatting import HelpFormatter
 
 
@@ -37,6 +37,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    add_quantize_argument(p)
     p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
     p.add_argument("--token", help="Hub token for gated or private models")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -80,7 +81,8 @@ def run(args) -> int:
     check(args)  # also when run() is called directly
     overrides = FAMOverrides.from_args(args)
     model, tokenizer = load_fam_model(args.model, overrides=overrides, dtype=args.dtype, device=args.device,
-                                      revision=args.revision, token=args.token, adapters=True)
+                                      revision=args.revision, token=args.token, adapters=True,
+                                      quantize=args.quantize)
     if tokenizer is None:
         raise CLIError(f"{args.model} has no tokenizer files: generate needs one to read text")
     torch.manual_seed(args.seed)
