@@ -115,6 +115,28 @@ def test_model_push_to_hub_pushes_the_fam_checkpoint_with_its_card(converted, hu
     _assert_loads_elsewhere(repo, ids, expected, tmp_path)
 
 
+def test_a_full_run_s_records_go_up_without_local_paths(converted, hub, tmp_path):
+    """A `hf-fam finetune --full` output is a checkpoint with the run's records: they go up naming local folders
+    by their last part (a Hub id as it is); every other file byte for byte."""
+    import shutil
+
+    folder = tmp_path / "full-run"
+    shutil.copytree(converted, folder)
+    summary = {"steps": 3, "base_model": str(converted), "merged": None, "continued_from": "me/earlier"}
+    run_config = {"model": {"path": str(converted)}, "train": {"output_dir": str(folder), "merge": False}}
+    (folder / "train_summary.json").write_text(json.dumps(summary))
+    (folder / "finetune_config.json").write_text(json.dumps(run_config))
+    (folder / "train_log.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    push_to_hub(folder, "me/full-run")
+    repo = hub.repo("me/full-run")
+    assert json.loads((repo / "train_summary.json").read_text()) == {
+        "steps": 3, "base_model": converted.name, "continued_from": "me/earlier"}
+    assert json.loads((repo / "finetune_config.json").read_text()) == {
+        "model": {"path": converted.name}, "train": {"output_dir": "full-run", "merge": False}}
+    assert (repo / "train_log.jsonl").read_bytes() == (folder / "train_log.jsonl").read_bytes()
+    assert json.loads((folder / "train_summary.json").read_text()) == summary  # the folder's own is kept
+
+
 def test_push_with_a_tokenizer_to_a_branch(converted, hub):
     model = AutoModelForCausalLM.from_pretrained(converted)
     push_to_hub(model, "me/branch", tokenizer=AutoTokenizer.from_pretrained(converted), revision="v1", create_pr=True)

@@ -291,6 +291,10 @@ def test_an_adapter_s_card_takes_evaluation_results_and_they_go_up_with_it(base,
     summary = {"steps": 3, "final_loss": 0.5, "final_loss_fresh_memory": 0.25, "final_loss_passed_memory": 0.75,
                "base_model": str(base), "merged": str(tmp_path / "adapter" / "merged")}
     (folder / "train_summary.json").write_text(json.dumps(summary))  # as hf-fam finetune writes it
+    (tmp_path / "corpus").mkdir()
+    run_config = {"model": {"path": str(base), "dtype": "float32"}, "train": {"output_dir": str(folder)},
+                  "data": {"source": "text", "text_files": [str(tmp_path / "corpus"), "someone/a-dataset"]}}
+    (folder / "finetune_config.json").write_text(json.dumps(run_config))
     results = tmp_path / "eval.json"
     results.write_text(json.dumps({"results": [{"task": "passkey retrieval", "metric": "accuracy", "value": 0.75,
                                                 "setting": "4x window"}]}))
@@ -312,6 +316,11 @@ def test_an_adapter_s_card_takes_evaluation_results_and_they_go_up_with_it(base,
         "steps": 3, "final_loss": 0.5, "final_loss_fresh_memory": 0.25, "final_loss_passed_memory": 0.75,
         "base_model": "me/tiny-fam"}
     assert json.loads((folder / "train_summary.json").read_text()) == summary  # the folder's own is kept
+    # the run's options: local paths by their last part (a Hub id as it is), nothing else changed
+    assert json.loads((hub.repo("me/evaluated") / "finetune_config.json").read_text()) == {
+        "model": {"path": base.name, "dtype": "float32"}, "train": {"output_dir": "adapter"},
+        "data": {"source": "text", "text_files": ["corpus", "someone/a-dataset"]}}
+    assert json.loads((folder / "finetune_config.json").read_text()) == run_config
 
     capsys.readouterr()
     assert main(["card", str(folder), "--fine-tuned"]) == 2

@@ -39,10 +39,11 @@ from pathlib import Path
 from transformers.dynamic_module_utils import get_relative_imports
 
 from . import publish_adapter
-from .adapter_card import RUN_SUMMARY, adapter_card_info, render_adapter_card
+from .adapter_card import adapter_card_info, render_adapter_card
 from .cards import CardInfo, fam_card_info, render_model_card
 from .checkpoint import read_config
 from .inspection import REFRESH_COMMAND, verify_checkpoint
+from .run_records import public_run_records
 
 logger = logging.getLogger(__name__)
 
@@ -181,8 +182,10 @@ def _push_folder(folder: Path, repo_id: str, *, card: CardInfo | None, tags, api
     with _hub_errors(repo_id):
         repo_id = api.create_repo(repo_id, token=token, private=private, exist_ok=True).repo_id
         card_text = _card_text(folder, repo_id, card, tags or [])
+        rewritten = public_run_records(folder)  # a --full run's records, without its local paths
         operations = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in files
-                      if not (card_text is not None and p.name == CARD_NAME)]
+                      if not (card_text is not None and p.name == CARD_NAME) and p.name not in rewritten]
+        operations += [CommitOperationAdd(path_in_repo=name, path_or_fileobj=data) for name, data in rewritten.items()]
         if card_text is not None:
             operations.append(CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=card_text.encode("utf-8")))
         return _commit(api, repo_id, operations, token=token, revision=revision, create_pr=create_pr,
@@ -200,8 +203,7 @@ def _push_adapter_folder(folder: Path, repo_id: str, *, base_model: str | None, 
         repo_id = api.create_repo(repo_id, token=token, private=private, exist_ok=True).repo_id
         replace_card = publish_adapter.card_is_replaceable(folder)
         rewritten = {publish_adapter.ADAPTER_CONFIG: publish_adapter.adapter_config_bytes(folder, base),
-                     RUN_SUMMARY: publish_adapter.run_summary_bytes(folder, base.repo_id)}  # naming the base's repo
-        rewritten = {name: data for name, data in rewritten.items() if data is not None}
+                     **public_run_records(folder, base_model=base.repo_id)}  # no local paths; the base's repo
         operations = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p))
                       for p in publish_adapter.adapter_files(folder)
                       if p.name not in rewritten and not (replace_card and p.name == CARD_NAME)]

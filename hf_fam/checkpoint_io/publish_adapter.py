@@ -110,23 +110,6 @@ def adapter_config_bytes(folder: Path, base: HubBase) -> bytes:
     return (json.dumps(adapter, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
-def run_summary_bytes(folder: Path, base_model: str) -> bytes | None:
-    """`hf-fam finetune`'s train_summary.json as it goes up: naming the base's repo instead of the local folder
-    the run trained on, without the local path of a merged model that is not in the repo; None when the folder
-    has none (or one that is not JSON: it goes up as it is)."""
-    from .adapter_card import RUN_SUMMARY
-
-    try:
-        summary = json.loads((folder / RUN_SUMMARY).read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(summary, dict):
-        return None
-    summary = {**summary, "base_model": base_model}
-    summary.pop("merged", None)
-    return (json.dumps(summary, indent=2) + "\n").encode("utf-8")
-
-
 def card_is_replaceable(folder: Path) -> bool:
     """Whether README.md is missing or a card that is not the user's own: one hf_fam wrote, or PEFT's template."""
     from .cards import CARD_MARK
@@ -190,4 +173,4 @@ def _hub_config(base_model: str, revision: str | None, folder: Path, local: Path
 
 
 __all__ = ["HubBase", "adapter_config_bytes", "adapter_files", "card_is_replaceable", "is_adapter_folder",
-           "resolve_base", "run_summary_bytes"]
+           "resolve_base"]
