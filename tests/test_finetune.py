@@ -217,6 +217,27 @@ def test_bad_input_gives_one_line_errors(base_ckpt, text_files, tmp_path, capsys
         _reset_accelerate()
 
 
+def test_text_data_that_cannot_load_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    import importlib
+
+    loop = importlib.import_module("hf_fam.training.finetune")  # the module (the package exports the function)
+    monkeypatch.setattr(loop, "load_fam_model", lambda *args, **kwargs: pytest.fail("the model loaded first"))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.doc").write_text("words")
+    cases = [(tmp_path / "missing", "text data not found"), (tmp_path / "empty", "holds no text files"),
+             (tmp_path / "notes.doc", "unknown file type '.doc'")]
+    try:
+        for path, needle in cases:
+            config = FinetuneConfig(model=ModelOptions(path="some-model"),
+                                    data=DataOptions(source="mix", text_files=(str(path),)),
+                                    train=TrainOptions(output_dir=str(tmp_path / "out")))
+            with pytest.raises((ValueError, FileNotFoundError), match=needle):
+                finetune(config)
+    finally:
+        _reset_accelerate()
+    assert not (tmp_path / "out").exists()
+
+
 def test_fam_checkpoint_keeps_its_settings(base_ckpt, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 

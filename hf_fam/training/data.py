@@ -78,6 +78,23 @@ def _expand(paths: Iterable[str | Path]) -> list[Path]:
     return files
 
 
+def _is_saved_dataset(path: str | Path) -> bool:
+    """Whether `path` is a folder written by `datasets.Dataset.save_to_disk` (or a DatasetDict's)."""
+    path = Path(path)
+    return path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists())
+
+
+def check_text_files(options) -> None:
+    """Refuse text data `load_text_dataset` would refuse for its paths alone (missing, a folder without text
+    files, an unknown file type), before anything heavy loads: a run stops on a typo in a second, not after the
+    model has loaded. `options`: a `DataOptions`."""
+    if options.source == "passkey" or not options.text_files:
+        return
+    paths = list(options.text_files)
+    if not (len(paths) == 1 and _is_saved_dataset(paths[0])):
+        _expand(paths)
+
+
 def load_text_dataset(
     paths: Iterable[str | Path] | str | Path, text_column: str = "text", cache_dir: str | None = None
 ):
@@ -102,9 +119,7 @@ def load_text_dataset(
     if isinstance(paths, (str, Path)):
         paths = [paths]
     paths = list(paths)
-    if len(paths) == 1 and Path(paths[0]).is_dir() and (
-        (Path(paths[0]) / "dataset_info.json").exists() or (Path(paths[0]) / "dataset_dict.json").exists()
-    ):
+    if len(paths) == 1 and _is_saved_dataset(paths[0]):
         loaded = datasets.load_from_disk(str(paths[0]))
         if isinstance(loaded, datasets.DatasetDict):
             if "train" not in loaded:

@@ -49,7 +49,7 @@ from ..checkpoint_io.adapter_card import module_names
 from ..modeling.fam_compat import enable_checkpointing
 from ..runtime.quantize import keep_trainable
 from . import continued, resume, text_check
-from .data import FAMDataCollator, build_train_dataset
+from .data import FAMDataCollator, build_train_dataset, check_text_files
 from .fam_base_files import write_fam_base
 from .heldout import heldout_loss, heldout_text, split_heldout, worse_than
 from .lora import PEFT_LORA_INITS, changes_base_weights, fam_lora_config, save_lora_start, unwrap_fam_model
@@ -134,6 +134,7 @@ def finetune(config: FinetuneConfig, accelerator=None) -> FinetuneResult:
             )
     out = Path(t_opt.output_dir)
     check_output_dir(out, t_opt.overwrite)  # on every process, before any process writes
+    check_text_files(config.data)  # before the model loads
     resume_from = resume.check_states(out, t_opt.resume, t_opt.overwrite)
     accelerator.wait_for_everyone()
     if resume_from is None and accelerator.is_main_process:
