@@ -416,12 +416,15 @@ def test_help_explains_every_option(capsys):
         assert option in text
 
 
-@pytest.mark.parametrize("trained", ["lora", "full"])
+@pytest.mark.parametrize("trained", ["lora", "full", "qlora"])
 def test_two_processes_under_accelerate_launch_end_with_the_same_adapter(base_ckpt, tmp_path, trained):
     """Two CPU processes over gloo (`accelerate launch --multi_gpu` with `--cpu`: the plain `--cpu` launch starts
-    one process), LoRA and every weight (--full). About 15-25 s each here, most of it starting the processes."""
+    one process), LoRA, every weight (--full) and QLoRA (--quantize 4bit, each process loading its own quantized
+    weights). About 15-25 s each here, most of it starting the processes."""
     out = tmp_path / "ddp"
-    what = SMALL if trained == "lora" else [*SMALL[:-2], "--full"]
+    what = {"lora": SMALL, "full": [*SMALL[:-2], "--full"], "qlora": [*SMALL, "--quantize", "4bit"]}[trained]
+    if trained == "qlora":
+        pytest.importorskip("bitsandbytes")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hf_fam.cli",
            "finetune", str(base_ckpt), "--output", str(out), *what, "--seq-len", "64", "--passkey-form", "synthetic",
