@@ -76,6 +76,32 @@ def test_a_quantized_fam_checkpoint_computes_fam_on_its_quantized_layers(fam_fol
             assert_close(torch.cat(outs, 1), parallel, atol=1e-5, msg=f"{bits} chunk {chunk}")
 
 
+@pytest.mark.parametrize("route", ["checkpoint", "patched"])
+@pytest.mark.parametrize("bits", BITS)
+def test_a_quantized_fam_model_saved_in_its_bits_loads_as_it_was(fam_folder, tmp_path, bits, route):
+    """Saved = loaded in 4 and 8 bits, for a FAM checkpoint loaded quantized and for a quantized model patched
+    (repacking for bitsandbytes' CPU kernel kept off: a model saved after it reloads 0.03 off, plain models too)."""
+    from hf_fam.runtime.quantize import keep_trainable
+
+    if route == "checkpoint":
+        model = _load(fam_folder, bits)
+    else:
+        model = hf_fam.patch(_load(base_folder(fam_folder), bits), block_size=C, memory_segments=M, fam_length=F)
+        with torch.no_grad():
+            unwrap_fam_model(model).fam.fam_init.normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
+    keep_trainable(model)
+    ids = _ids(seed=5)
+    with torch.no_grad():
+        expected = model(ids).logits
+    model.save_pretrained(tmp_path / "saved")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", device_map="cpu").eval()
+    keep_trainable(again)
+    assert type(again.model.layers[0].self_attn.q_proj).__module__.startswith("bitsandbytes")
+    assert type(again).__name__ == "FAMForCausalLM"
+    with torch.no_grad():
+        assert_close(again(ids).logits, expected, atol=0.0)
+
+
 def test_patching_a_quantized_model_is_the_quantized_fam_checkpoint(fam_folder):
     ids = _ids(seed=1)
     checkpoint = _load(fam_folder, "4bit")
