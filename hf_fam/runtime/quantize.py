@@ -66,7 +66,8 @@ def keep_trainable(model) -> None:
     bitsandbytes' CPU backend (0.50, on a CPU with AVX512-BF16) repacks a 4-bit layer's weights for its fast kernel
     at the layer's first forward in eval mode without gradients, and from then on that layer passes no gradient
     to its input: only torch's warning that `bitsandbytes::gemv_4bit` has no autograd kernel says so, and
-    training through it silently loses every gradient below it (fam_init's among them; tests/test_quantized.py).
+    training through it silently loses every gradient below it (fam_init's among them;
+    tests/test_finetune_quantized.py).
     A run that measures the model before training does exactly that. This turns the repacking off; weights
     already repacked are refused in one line, as a FAM training forward refuses them.
     """
@@ -78,10 +79,4 @@ def keep_trainable(model) -> None:
     refuse_repacked_4bit_layers(model)
 
 
-def is_quantized(model) -> bool:
-    """Whether `model` (or the model a FAM model or PeftModel wraps) holds bitsandbytes-quantized layers."""
-    return any(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
-
-
-__all__ = ["QUANTIZATIONS", "compute_dtype", "is_quantized", "keep_trainable", "loading_kwargs",
-           "quantization_config"]
+__all__ = ["QUANTIZATIONS", "compute_dtype", "keep_trainable", "loading_kwargs", "quantization_config"]
