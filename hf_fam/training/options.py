@@ -179,8 +179,8 @@ class LoraOptions:
     )
     train_fam_init: bool = option(True, "do not train the initial memory fam_init", "--freeze-fam-init", negate=True)
     train_norms: bool = option(
-        True, "do not train the normalization layers' weights (trained in full by default: with LoRA alone the "
-              "memory of a pretrained model does not learn, docs/training.md)", "--freeze-norms", negate=True,
+        True, "do not train the decoder layers' normalization weights (trained in full by default: with LoRA alone "
+              "the memory of a pretrained model does not learn, docs/training.md)", "--freeze-norms", negate=True,
     )
     init: str = option(
         "peft", "LoRA's start: peft (PEFT's, B = 0) or pissa (A and B from each weight's top singular vectors; "
