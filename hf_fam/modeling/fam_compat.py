@@ -349,6 +349,8 @@ def repacked_4bit_layers(module: nn.Module) -> list[str]:
 def refuse_repacked_4bit_layers(decoder: nn.Module) -> None:
     """Refuse a training forward through repacked 4-bit layers (`repacked_4bit_layers`): every gradient below
     them, the memory's among them, would be silently lost."""
+    if "bitsandbytes" not in sys.modules:  # nothing can be quantized: no walk over the modules on every step
+        return
     repacked = repacked_4bit_layers(decoder)
     if repacked:
         raise ValueError(
