@@ -22,6 +22,7 @@ from fam_reference import reference_fam_logits
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import hf_fam
+from hf_fam import FAMForCausalLM
 from hf_fam.training import fam_lora_config, unwrap_fam_model
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -76,15 +77,18 @@ def test_a_quantized_fam_checkpoint_computes_fam_on_its_quantized_layers(fam_fol
             assert_close(torch.cat(outs, 1), parallel, atol=1e-5, msg=f"{bits} chunk {chunk}")
 
 
-@pytest.mark.parametrize("route", ["checkpoint", "patched"])
+@pytest.mark.parametrize("route", ["checkpoint", "patched", "wrapped"])
 @pytest.mark.parametrize("bits", BITS)
 def test_a_quantized_fam_model_saved_in_its_bits_loads_as_it_was(fam_folder, tmp_path, bits, route):
-    """Saved = loaded in 4 and 8 bits, for a FAM checkpoint loaded quantized and for a quantized model patched
-    (repacking for bitsandbytes' CPU kernel kept off: a model saved after it reloads 0.03 off, plain models too)."""
+    """Saved = loaded in 4 and 8 bits, for a FAM checkpoint loaded quantized, a quantized model patched and one
+    wrapped by `FAMForCausalLM.from_base_model` (repacking for bitsandbytes' CPU kernel kept off: a model saved after
+    it reloads 0.03 off, plain models too)."""
     from hf_fam.runtime.quantize import keep_trainable
 
     if route == "checkpoint":
         model = _load(fam_folder, bits)
+    elif route == "wrapped":
+        model = FAMForCausalLM.from_base_model(_load(base_folder(fam_folder), bits), **SETTINGS)
     else:
         model = hf_fam.patch(_load(base_folder(fam_folder), bits), block_size=C, memory_segments=M, fam_length=F)
         with torch.no_grad():
@@ -100,6 +104,30 @@ def test_a_quantized_fam_model_saved_in_its_bits_loads_as_it_was(fam_folder, tmp
     assert type(again).__name__ == "FAMForCausalLM"
     with torch.no_grad():
         assert_close(again(ids).logits, expected, atol=0.0)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_a_wrapped_quantized_base_tells_the_clients_it_is_quantized(fam_folder, tmp_path, bits):
+    """PEFT's QLoRA preparation, TRL and the Trainer ask the model whether it is quantized (`is_loaded_in_4bit`,
+    `quantization_method`, `hf_quantizer`, ...). `from_base_model` over a quantized base answers as the base
+    does. Without that, `prepare_model_for_kbit_training` left checkpointing off, the Trainer set out to fine-tune
+    the quantized weights in full, and a cast to another dtype went through."""
+    from peft import prepare_model_for_kbit_training
+    from transformers import Trainer, TrainingArguments
+
+    from hf_fam.modeling.fam_compat import QUANTIZATION_MARKERS
+
+    base = _load(base_folder(fam_folder), bits)
+    model = FAMForCausalLM.from_base_model(base, **SETTINGS)
+    markers = {name: getattr(base, name) for name in QUANTIZATION_MARKERS if hasattr(base, name)}
+    assert markers["is_quantized"] and markers["hf_quantizer"] is not None
+    assert {name: getattr(model, name, None) for name in markers} == markers
+    with pytest.raises(ValueError, match="cannot cast a bitsandbytes model"):
+        model.to(torch.float16)
+    with pytest.raises(ValueError, match="purely quantized"):
+        Trainer(model=model, args=TrainingArguments(str(tmp_path / "out"), use_cpu=True, report_to=[]))
+    prepare_model_for_kbit_training(model)
+    assert getattr(unwrap_fam_model(model).model.layers[0], "gradient_checkpointing", False)
 
 
 def test_patching_a_quantized_model_is_the_quantized_fam_checkpoint(fam_folder):

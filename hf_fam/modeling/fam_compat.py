@@ -359,3 +359,19 @@ def refuse_repacked_4bit_layers(decoder: nn.Module) -> None:
             "below them. Load the model again and call hf_fam.runtime.quantize.keep_trainable(model) before its "
             "first forward."
         )
+
+
+# What transformers' quantizers set on the model they load (HfQuantizer.preprocess_model / postprocess_model and
+# the bitsandbytes quantizers), and what PEFT (`prepare_model_for_kbit_training`), TRL and the Trainer read to
+# know a model is quantized.
+QUANTIZATION_MARKERS = ("hf_quantizer", "is_quantized", "quantization_method", "is_loaded_in_4bit",
+                        "is_loaded_in_8bit", "hqq_quantized")
+
+
+def copy_quantization_markers(source: nn.Module, target: nn.Module) -> None:
+    """Give `target`, a model wrapping the quantized `source`, the markers `source` was loaded with: without them
+    PEFT's QLoRA preparation and TRL skip the model silently, the Trainer fine-tunes it in full and a cast to
+    another dtype is let through."""
+    for name in QUANTIZATION_MARKERS:
+        if name in vars(source):
+            setattr(target, name, getattr(source, name))
