@@ -1,14 +1,17 @@
 """`from_pretrained(DIR, device_map=...)` on a FAM checkpoint: "auto" loads (decoder layers are the model's
 `_no_split_modules`), and a map that offloads a decoder layer and the head to disk (accelerate's hooks load their
-weights per call, FAM's nested layer calls included) gives the logits and the greedy tokens of a plain load.
-Splits over several GPUs are not checked here (no GPU)."""
+weights per call, FAM's nested layer calls included) gives the logits and the greedy tokens of a plain load. A
+plain base loaded with such a map, patched or wrapped by `FAMForCausalLM.from_base_model`, computes and saves as
+the same model loaded whole. Splits over several GPUs are not checked here (no GPU)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from client_helpers import fam_checkpoint
+from client_helpers import SETTINGS, base_folder, fam_checkpoint
 from transformers import AutoModelForCausalLM
+
+import hf_fam
 
 pytest.importorskip("accelerate")
 
@@ -46,3 +49,36 @@ def test_decoder_layer_and_head_offloaded_to_disk(loaded, tmp_path):
     assert diff <= 1e-5, diff
     kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(model.generate(ids[:1, :37], **kwargs), reference.generate(ids[:1, :37], **kwargs))
+
+
+OFFLOADING_MAP = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
+                  "model.rotary_emb": "cpu", "lm_head": "disk"}
+
+
+@pytest.mark.parametrize("route", ["patched", "wrapped"])
+def test_a_base_loaded_with_an_offloading_map_runs_and_saves_fam(loaded, tmp_path, route):
+    """The wrapper (`from_base_model`, and `save_pretrained` of a patched model, which goes through it) carries
+    the base's `hf_device_map`: without it `save_pretrained` wrote the offloaded weights as meta tensors and
+    failed ("Cannot copy out of meta tensor")."""
+    folder, _ = loaded
+    settings = dict(SETTINGS, fam_update="paper")
+
+    def fam(base):
+        init = torch.randn(SETTINGS["fam_length"], base.config.hidden_size, generator=torch.Generator().manual_seed(1))
+        if route == "patched":
+            return hf_fam.patch(base, **settings, fam_init=init)
+        return hf_fam.FAMForCausalLM.from_base_model(base, **settings, fam_init=init)
+
+    whole = fam(AutoModelForCausalLM.from_pretrained(base_folder(folder))).eval()
+    base = AutoModelForCausalLM.from_pretrained(base_folder(folder), device_map=OFFLOADING_MAP,
+                                                offload_folder=str(tmp_path / "offload"))
+    assert base.model.layers[1].self_attn.q_proj.weight.device.type == "meta"  # really offloaded
+    model = fam(base).eval()
+    ids = _ids()
+    with torch.no_grad():
+        expected = whole(ids).logits
+        assert (model(ids).logits - expected).abs().max().item() <= 1e-5
+        model.save_pretrained(tmp_path / "saved")
+        again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()
+        assert type(again).__name__ == "FAMForCausalLM"
+        assert (again(ids).logits - expected).abs().max().item() <= 1e-5

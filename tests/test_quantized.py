@@ -115,11 +115,11 @@ def test_a_wrapped_quantized_base_tells_the_clients_it_is_quantized(fam_folder, 
     from peft import prepare_model_for_kbit_training
     from transformers import Trainer, TrainingArguments
 
-    from hf_fam.modeling.fam_compat import QUANTIZATION_MARKERS
+    from hf_fam.modeling.fam_compat import LOAD_MARKERS
 
     base = _load(base_folder(fam_folder), bits)
     model = FAMForCausalLM.from_base_model(base, **SETTINGS)
-    markers = {name: getattr(base, name) for name in QUANTIZATION_MARKERS if hasattr(base, name)}
+    markers = {name: getattr(base, name) for name in LOAD_MARKERS if hasattr(base, name)}
     assert markers["is_quantized"] and markers["hf_quantizer"] is not None
     assert {name: getattr(model, name, None) for name in markers} == markers
     with pytest.raises(ValueError, match="cannot cast a bitsandbytes model"):

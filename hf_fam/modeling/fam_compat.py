@@ -361,17 +361,19 @@ def refuse_repacked_4bit_layers(decoder: nn.Module) -> None:
         )
 
 
-# What transformers' quantizers set on the model they load (HfQuantizer.preprocess_model / postprocess_model and
-# the bitsandbytes quantizers), and what PEFT (`prepare_model_for_kbit_training`), TRL and the Trainer read to
-# know a model is quantized.
-QUANTIZATION_MARKERS = ("hf_quantizer", "is_quantized", "quantization_method", "is_loaded_in_4bit",
-                        "is_loaded_in_8bit", "hqq_quantized")
+# What loading sets on a model and its clients read: the quantizers' markers (HfQuantizer.preprocess_model /
+# postprocess_model and the bitsandbytes quantizers), read by PEFT (`prepare_model_for_kbit_training`), TRL and the
+# Trainer to know a model is quantized, and the device map accelerate dispatched it with, read by the Trainer
+# (a model spread over devices is not moved) and by `save_pretrained` (offloaded weights are read back to be saved).
+LOAD_MARKERS = ("hf_quantizer", "is_quantized", "quantization_method", "is_loaded_in_4bit", "is_loaded_in_8bit",
+                "hqq_quantized", "hf_device_map")
 
 
-def copy_quantization_markers(source: nn.Module, target: nn.Module) -> None:
-    """Give `target`, a model wrapping the quantized `source`, the markers `source` was loaded with: without them
-    PEFT's QLoRA preparation and TRL skip the model silently, the Trainer fine-tunes it in full and a cast to
-    another dtype is let through."""
-    for name in QUANTIZATION_MARKERS:
+def copy_load_markers(source: nn.Module, target: nn.Module) -> None:
+    """Give `target`, a model wrapping `source` module for module under the same names, the markers `source` was
+    loaded with. Without them PEFT's QLoRA preparation and TRL skip a quantized model silently, the Trainer
+    fine-tunes its quantized weights in full, a cast to another dtype is let through, and weights offloaded to disk
+    are saved as meta tensors."""
+    for name in LOAD_MARKERS:
         if name in vars(source):
             setattr(target, name, getattr(source, name))

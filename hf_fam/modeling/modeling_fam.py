@@ -35,7 +35,7 @@ from .fam_chain import FAMChain  # noqa: F401
 from .fam_chain_grad import chain_with_recompute  # noqa: F401
 from .fam_compat import (
     CACHE_KWARG,
-    copy_quantization_markers,
+    copy_load_markers,
     needs_eager_attention,
     register_attention,
 )
@@ -322,8 +322,8 @@ class FAMForCausalLM(FAMPreTrainedModel, FAMGenerationMixin, GenerationMixin):
             fam_module = FAMMemory(config.fam_length, base_model.config.hidden_size, dtype=dtype)
         self.fam = fam_module
         self.post_init()
-        if given:  # a base loaded quantized: the clients ask this model whether it is
-            copy_quantization_markers(base_model, self)
+        if given:  # a base loaded quantized or spread over devices: clients ask this model
+            copy_load_markers(base_model, self)
 
     @classmethod
     def from_base_model(
