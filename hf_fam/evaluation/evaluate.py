@@ -256,17 +256,25 @@ def compare_perplexity(model, make_chunks, *, variants=("base", "bswa", "fam"), 
     out = {}
     try:
         for variant in variants:
+            chunks = None
             if variant == "bswa":
                 config.fam_length = 0
             elif variant == "base":
                 # one block as long as what is read, counted first: a longer block would only cost memory (the
-                # plan's positions span it; 2**31 tokens were 17 GB)
-                length = sum(len(chunk) for chunk in make_chunks())
+                # plan's positions span it; 2**31 tokens were 17 GB). The chunks are kept for the read: full
+                # attention holds what it reads anyway, and the text is tokenized once, up to max_tokens.
+                chunks, length = [], 0
+                for chunk in make_chunks():
+                    if max_tokens and length >= max_tokens:
+                        break
+                    chunks.append(chunk)
+                    length += len(chunk)
                 longest = max(1, min(length, max_tokens) if max_tokens else length)
                 config.block_size, config.memory_segments, config.fam_length = longest, 0, 0
             elif variant != "fam":
                 raise ValueError(f"unknown variant {variant!r}; expected base, bswa or fam")
-            out[variant] = evaluate_perplexity(model, make_chunks(), max_tokens=max_tokens, progress=progress)
+            out[variant] = evaluate_perplexity(model, make_chunks() if chunks is None else chunks,
+                                               max_tokens=max_tokens, progress=progress)
             config.block_size, config.memory_segments, config.fam_length = saved
     finally:
         config.block_size, config.memory_segments, config.fam_length = saved

@@ -54,16 +54,14 @@ def load_adapter_base(source: str, adapter: dict, options: ModelOptions, device=
     """(the FAM base of the adapter at `source`, in train mode, the tokenizer (the adapter's, else the base's), the
     base's path or Hub id). Refuses a base in the zero-shot start: training switches it to the paper's update,
     and `hf-fam finetune` saved the base it trained on as OUT/fam_base."""
-    from ..runtime.loading import FAMOverrides, adapter_base, adapter_tokenizer, load_fam_model
+    from ..runtime.loading import adapter_base, adapter_tokenizer, load_fam_model
 
     base, revision, base_config = adapter_base(source, adapter)
     if getattr(base_config, "fam_update", "paper") == "sink":
         raise ValueError(f"the base of the adapter {source}, {base}, is in the zero-shot start (fam_update 'sink'), "
                          "which training switches to the paper's update: continue from an adapter whose base is the "
                          "checkpoint its run trained on (hf-fam finetune's OUT/fam_base)")
-    overrides = FAMOverrides(options.block_size, options.memory_segments, options.fam_length, options.fam_layers)
-    model, tokenizer = load_fam_model(base, overrides=overrides, dtype=options.dtype, revision=revision,
-                                      quantize=options.quantize, device=str(device) if options.quantize else "cpu")
+    model, tokenizer = load_fam_model(base, revision=revision, **options.loading(device))
     tokenizer = adapter_tokenizer(source, tokenizer)
     logger.info("continuing the adapter %s on its base %s%s", source, base, f" at {revision}" if revision else "")
     return model.train(), tokenizer, base

@@ -89,12 +89,10 @@ def load_fam_model(options: ModelOptions, device="cpu"):
     """
     from transformers import AutoConfig
 
-    from ..runtime.loading import FAMOverrides, hub_access
+    from ..runtime.loading import hub_access
     from ..runtime.loading import load_fam_model as load
 
-    overrides = FAMOverrides(options.block_size, options.memory_segments, options.fam_length, options.fam_layers)
-    model, tokenizer = load(options.path, overrides=overrides, dtype=options.dtype, quantize=options.quantize,
-                            device=str(device) if options.quantize else "cpu")
+    model, tokenizer = load(options.path, **options.loading(device))
     model.train()
     hub = {} if Path(options.path).expanduser().exists() else hub_access(options.path)
     converted = AutoConfig.from_pretrained(options.path, **hub).model_type != "fam"

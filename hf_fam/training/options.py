@@ -157,6 +157,15 @@ class ModelOptions:
         if self.quantize is not None and self.quantize not in QUANTIZATIONS:
             raise ValueError(f"quantize must be one of {', '.join(QUANTIZATIONS)} or None, got {self.quantize!r}")
 
+    def loading(self, device) -> dict:
+        """load_fam_model's keywords for these options: the settings a base checkpoint is converted with, the dtype,
+        and the quantization with the device it loads on (unquantized weights load on the CPU and move with the
+        training)."""
+        from ..runtime.loading import FAMOverrides
+
+        return dict(overrides=FAMOverrides(self.block_size, self.memory_segments, self.fam_length, self.fam_layers),
+                    dtype=self.dtype, quantize=self.quantize, device=str(device) if self.quantize else "cpu")
+
 
 @dataclass
 class LoraOptions:
