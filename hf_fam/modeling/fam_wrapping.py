@@ -70,3 +70,24 @@ def fam_lm_forward(head_forward, **kwargs):
     if sink.get("cache") is not None:
         set_output_cache(outputs, sink["cache"])  # `.cache` on every supported release
     return outputs
+
+
+# PEFT's classes for a module it wrapped: tuner layers (LoRA's and the others) and whole-module wrappers
+# (`modules_to_save` copies, trainable tokens; AuxiliaryTrainingWrapper from PEFT 0.15), known by name so that
+# this file imports nothing of PEFT's
+PEFT_WRAPPER_CLASSES = ("BaseTunerLayer", "AuxiliaryTrainingWrapper", "ModulesToSaveWrapper")
+
+
+def foreign_adapter_layers(model: nn.Module) -> list[str]:
+    """The modules of `model` wrapped by PEFT (tuner layers such as LoRA's, `modules_to_save` copies) when the
+    adapters are not the model's own (transformers' `add_adapter` / `load_adapter` on it, which its save writes
+    alone): a PeftModel's inner model, or a base given adapters before it was patched or wrapped. Saved as they
+    are, their weights go under names no model loads (`q_proj.base_layer.weight`, ...)."""
+    if getattr(model, "_hf_peft_config_loaded", False):
+        return []
+
+    def wrapped(module: nn.Module) -> bool:
+        return any(cls.__name__ in PEFT_WRAPPER_CLASSES and cls.__module__.startswith("peft.")
+                   for cls in type(module).__mro__)
+
+    return [name for name, module in model.named_modules() if wrapped(module)]

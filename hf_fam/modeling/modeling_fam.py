@@ -50,7 +50,7 @@ from .fam_plan import FAMPlan  # noqa: F401
 from .fam_settings import FAMSettings, adapter_bases_unlike_training
 from .fam_split_attention import split_attention  # noqa: F401
 from .fam_state import FAMLayerState  # noqa: F401
-from .fam_wrapping import child_name, decoder_slot, detached_copy, fam_lm_forward
+from .fam_wrapping import child_name, decoder_slot, detached_copy, fam_lm_forward, foreign_adapter_layers
 
 register_attention(fam_attention_forward)
 logger = logging.get_logger(__name__)
@@ -93,7 +93,17 @@ class FAMPreTrainedModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save as usual; config.json maps every FAM class (`AutoModel` and `AutoModelForCausalLM`), so the
-        checkpoint loads either way with `trust_remote_code=True`."""
+        checkpoint loads either way with `trust_remote_code=True`. Refuses a model holding PEFT adapters that
+        are not its own (`fam_wrapping.foreign_adapter_layers`): their weights would be saved under names no model
+        loads, and the checkpoint would load with those layers newly initialised."""
+        wrapped = foreign_adapter_layers(self)
+        if wrapped:
+            raise ValueError(
+                f"{len(wrapped)} modules of this model are wrapped by PEFT adapters (first: {wrapped[0]}), so a "
+                "checkpoint would store their weights under names no model loads: save the model before adding "
+                "the adapter, merge it in first (PEFT's merge_and_unload), or save the adapter alone (the "
+                "PeftModel's save_pretrained)"
+            )
         self.config.auto_map = dict(AUTO_MAP)
         return super().save_pretrained(save_directory, *args, **kwargs)
 
