@@ -112,6 +112,21 @@ def test_sft_trainer_optimises_the_fam_loss_and_trains_fam_init(fam_folder, tmp_
     assert (trained_fam_init.detach() - fam_init).abs().max().item() > 1e-4, "fam_init did not train"
 
 
+def test_sft_trainer_loads_a_fam_checkpoint_named_by_path(fam_folder, tmp_path):
+    """`SFTTrainer(model="DIR or repo id", args=SFTConfig(model_init_kwargs={"trust_remote_code": True}))`: TRL
+    loads the FAM checkpoint (and its tokenizer) itself, and trains FAM."""
+    config = _config(tmp_path / "out", max_steps=2,
+                     model_init_kwargs={"trust_remote_code": True, "dtype": torch.float32})
+    trainer = RecordingSFTTrainer(model=str(fam_folder), args=config, train_dataset=_dataset(), peft_config=_lora())
+    trainer.records = []
+    trainer.train()
+    assert type(unwrap_fam_model(trainer.model)).__name__ == "FAMForCausalLM"
+    for r in trainer.records:
+        assert abs(r["trained"] - r["direct"]) <= 1e-5, (r["trained"], r["direct"])
+    as_saved = AutoModelForCausalLM.from_pretrained(fam_folder).fam.fam_init
+    assert (unwrap_fam_model(trainer.model).fam.fam_init.detach() - as_saved).abs().max().item() > 1e-4
+
+
 @pytest.mark.skipif(not is_torch_bf16_available_on_device("cpu"), reason="this CPU/torch has no bf16 autocast")
 def test_sft_trainer_bf16_autocast_optimises_the_fam_loss(fam_folder, tmp_path):
     trainer, _ = _train(fam_folder, tmp_path, bf16=True, max_steps=2)
