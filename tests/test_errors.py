@@ -66,3 +66,17 @@ def test_decoder_layers_alone_fail_loudly(kind):
     model(random_ids(1, 5))
     with pytest.raises(RuntimeError, match="without FAM state"):
         decoder.layers[0](hidden, position_embeddings=pe)
+
+
+def test_a_peft_model_given_for_a_base_is_refused_with_the_order_to_follow():
+    """FAM wraps the base model; adapters go on the FAM model afterwards."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(tiny_model("llama"), LoraConfig(r=2, target_modules=["q_proj"]))
+    settings = dict(block_size=4, memory_segments=1, fam_length=2)
+    with pytest.raises(TypeError, match=r"got PeftModel: give FAM the base model, then add the adapters"):
+        hf_fam.FAMForCausalLM.from_base_model(peft_model, **settings)
+    with pytest.raises(TypeError, match=r"got PeftModel: patch the base model, then add the adapters"):
+        hf_fam.patch(peft_model, **settings)
+    with pytest.raises(TypeError, match=r"got Linear\.$"):
+        hf_fam.patch(torch.nn.Linear(2, 2), **settings)

@@ -181,6 +181,10 @@ def _refuse_adapter_unlike_training(owner) -> None:
     object.__setattr__(owner, "_fam_checked_adapters", adapters)
 
 
+# the fix for a PeftModel given where a base model is expected
+_ADAPTERS_LAST = ": give FAM the base model, then add the adapters to the FAM model (get_peft_model(fam_model, ...))"
+
+
 class FAMModel(FAMPreTrainedModel):
     """The FAM backbone: a base decoder stack (`LlamaModel`, `GemmaModel`, ...) running Feedback Attention
     Memory. Every client that reaches a FAM model's decoder (`model.model`, `model.base_model`,
@@ -352,6 +356,10 @@ class FAMForCausalLM(FAMPreTrainedModel, FAMGenerationMixin, GenerationMixin):
             fam_init: optional (F, D) initial FAM; defaults to the model's initialisation of it.
             fam_update: "paper" (default) or "sink" (see FAMConfig).
         """
+        if not isinstance(base_model, PreTrainedModel):
+            fix = _ADAPTERS_LAST if hasattr(base_model, "peft_config") else "."
+            raise TypeError(f"FAMForCausalLM.from_base_model expects a loaded transformers causal LM, got "
+                            f"{type(base_model).__name__}{fix}")
         config = FAMConfig(base_config=base_model.config, block_size=block_size,
                            memory_segments=memory_segments, fam_length=fam_length, fam_layers=fam_layers,
                            fam_update=fam_update)

@@ -124,7 +124,9 @@ def patch(
     ```
     """
     if not isinstance(model, PreTrainedModel) or not hasattr(model, "config"):
-        raise TypeError(f"hf_fam.patch expects a loaded transformers causal LM, got {type(model).__name__}.")
+        fix = (": patch the base model, then add the adapters (get_peft_model(model, ...))"
+               if hasattr(model, "peft_config") else ".")
+        raise TypeError(f"hf_fam.patch expects a loaded transformers causal LM, got {type(model).__name__}{fix}")
     model_type = getattr(model.config, "model_type", None)
     adapter = get_adapter(model_type)  # ValueError naming model_type and the supported families
     adapter.check_config(model.config)
