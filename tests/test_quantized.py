@@ -130,6 +130,33 @@ def test_a_wrapped_quantized_base_tells_the_clients_it_is_quantized(fam_folder, 
     assert getattr(unwrap_fam_model(model).model.layers[0], "gradient_checkpointing", False)
 
 
+@pytest.mark.parametrize("route", ["checkpoint", "wrapped"])
+def test_dequantize_gives_the_same_fam_model_in_plain_weights(fam_folder, tmp_path, route):
+    """transformers' `model.dequantize()`: plain Linear layers, the same logits, and it saves and loads as a plain
+    FAM checkpoint. A wrapped base's quantization config lives on its own config, which the FAM config reads
+    (`FAMConfig.__delattr__` deletes it there)."""
+    from hf_fam.runtime.quantize import keep_trainable
+
+    if route == "checkpoint":
+        model = _load(fam_folder, "4bit")
+    else:
+        model = FAMForCausalLM.from_base_model(_load(base_folder(fam_folder), "4bit"), **SETTINGS)
+    keep_trainable(model)
+    ids = _ids(seed=6)
+    with torch.no_grad():
+        expected = model(ids).logits
+    model = model.dequantize() or model
+    assert type(unwrap_fam_model(model).model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert not model.is_quantized and getattr(model.config, "quantization_config", None) is None
+    with torch.no_grad():
+        assert_close(model(ids).logits, expected, atol=1e-5)
+    model.save_pretrained(tmp_path / "plain")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "plain", dtype=torch.float32).eval()
+    assert type(again.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    with torch.no_grad():
+        assert_close(again(ids).logits, expected, atol=1e-5)
+
+
 def test_patching_a_quantized_model_is_the_quantized_fam_checkpoint(fam_folder):
     ids = _ids(seed=1)
     checkpoint = _load(fam_folder, "4bit")

@@ -123,6 +123,15 @@ class FAMConfig(PretrainedConfig):
             raise AttributeError(name)
         return getattr(self.__dict__["base_config"], name)
 
+    def __delattr__(self, name: str):
+        # what __getattr__ reads from the base config is deleted there: transformers' `dequantize` deletes
+        # `config.quantization_config`, which a FAM model wrapping a quantized base reads from its base's config
+        delegated = self.__dict__.get("_fam_delegate") and not name.startswith("_") and name not in self.__dict__
+        if delegated and hasattr(self.__dict__["base_config"], name):
+            delattr(self.__dict__["base_config"], name)
+        else:
+            super().__delattr__(name)
+
     def get_text_config(self, decoder=None, encoder=None):
         return self.base_config
 
