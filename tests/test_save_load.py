@@ -19,7 +19,7 @@ REMOTE_FILES = {
     "configuration_fam.py", "modeling_fam.py", "fam_core.py", "fam_state.py", "fam_adapters.py", "fam_compat.py",
     "fam_cache.py", "fam_settings.py", "fam_graphs.py", "fam_chain.py", "fam_chain_grad.py", "fam_generation.py",
     "fam_packing.py", "fam_forward.py", "fam_plan.py", "fam_wrapping.py", "fam_block_attention.py",
-    "fam_split_attention.py", "fam_loss.py", "fam_compile.py",
+    "fam_split_attention.py", "fam_loss.py", "fam_compile.py", "fam_pretrained.py",
 }
 
 
@@ -46,6 +46,7 @@ def test_save_then_auto_load_gives_identical_logits(family, kind, tmp_path):
         "AutoConfig": "configuration_fam.FAMConfig",
         "AutoModel": "modeling_fam.FAMModel",
         "AutoModelForCausalLM": "modeling_fam.FAMForCausalLM",
+        "AutoModelForSequenceClassification": "modeling_fam.FAMForSequenceClassification",
     }
     with safe_open(tmp_path / "model.safetensors", "pt") as f:
         keys = set(f.keys())

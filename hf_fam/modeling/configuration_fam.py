@@ -31,7 +31,16 @@ AUTO_MAP = {
     "AutoConfig": "configuration_fam.FAMConfig",
     "AutoModel": "modeling_fam.FAMModel",
     "AutoModelForCausalLM": "modeling_fam.FAMForCausalLM",
+    "AutoModelForSequenceClassification": "modeling_fam.FAMForSequenceClassification",
 }
+
+# A sequence classifier's labels: read from this config (the top level), where transformers and its clients
+# (pipelines, the loss) read and write them; taken from the base config when a loaded base model is wrapped
+LABEL_FIELDS = ("id2label", "label2id", "problem_type")
+
+# Token ids the base model's own code reads from its config (`get_text_config()`: the sequence classifier's
+# padding): set on this config, they are set there too
+TOKEN_ID_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id")
 
 
 class FAMConfig(PretrainedConfig):
@@ -105,9 +114,11 @@ class FAMConfig(PretrainedConfig):
         self.fam_update = fam_update
         # generation / embedding settings live on the base config; mirror the ones transformers reads
         # at the top level before any attribute lookup could reach the base config
-        for name in ("tie_word_embeddings", "pad_token_id", "bos_token_id", "eos_token_id"):
+        for name in ("tie_word_embeddings", *TOKEN_ID_FIELDS):
             if name not in kwargs and hasattr(base_config, name):
                 kwargs[name] = getattr(base_config, name)
+        if "id2label" not in kwargs and "num_labels" not in kwargs:  # a wrapped classifier keeps its labels
+            kwargs.update({name: getattr(base_config, name, None) for name in LABEL_FIELDS if name not in kwargs})
         base_impl = getattr(base_config, "_attn_implementation_internal", None)
         super().__init__(**kwargs)
         if base_impl is not None and kwargs.get("attn_implementation") is None:
@@ -122,6 +133,11 @@ class FAMConfig(PretrainedConfig):
         if name.startswith("_") or name == "base_config" or not self.__dict__.get("_fam_delegate"):
             raise AttributeError(name)
         return getattr(self.__dict__["base_config"], name)
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if name in TOKEN_ID_FIELDS and self.__dict__.get("_fam_delegate"):
+            setattr(self.__dict__["base_config"], name, value)
 
     def __delattr__(self, name: str):
         # what __getattr__ reads from the base config is deleted there: transformers' `dequantize` deletes

@@ -1,11 +1,13 @@
-"""FAMModel and FAMForCausalLM: Hugging Face models running TransformerFAM (Hwang et al., arXiv 2404.09173).
+"""FAMModel, FAMForCausalLM and FAMForSequenceClassification: Hugging Face models running TransformerFAM (Hwang et
+al., arXiv 2404.09173).
 
 A FAM model *is* its base model (Llama, Mistral, Gemma, ...) with one extra tensor, the learned initial
 memory `fam.fam_init` (F, D). FAM lives in the backbone: `FAMModel` wraps the base decoder stack and is
 what `model.model`, `model.base_model` and `model.get_decoder()` return, so every client that calls the
 decoder runs FAM. `FAMForCausalLM` runs the base model's own causal-LM forward (logits, loss,
-soft-capping) with a FAMModel in its decoder's place; `hf_fam.patch` puts a FAMModel in a loaded model's
-decoder place the same way. The modules keep their usual names, so a converted checkpoint's weight names
+soft-capping) with a FAMModel in its decoder's place (`FAMForSequenceClassification` likewise runs the base
+family's sequence-classification forward; both are `FAMHeadModel`s); `hf_fam.patch` puts a FAMModel in a loaded
+model's decoder place the same way. The modules keep their usual names, so a converted checkpoint's weight names
 equal the base checkpoint's and LoRA targets resolve. The base decoder's own forward runs every step;
 `fam_forward` (fam_forward.py) only prepares the FAM run and selects the FAM attention function (see `fam_core`).
 
@@ -15,14 +17,19 @@ This file ships with every converted checkpoint: it imports only torch, transfor
 from __future__ import annotations
 
 import copy
-import importlib
 
 import torch
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    GenerationMixin,
+    PreTrainedModel,
+)
 from transformers.utils import logging
 
-from .configuration_fam import AUTO_MAP, FAMConfig
+from .configuration_fam import LABEL_FIELDS, FAMConfig
 from .fam_adapters import get_adapter
 
 # Every remote-code file must be a direct relative import of this module (the `noqa` ones are imported for
@@ -33,12 +40,7 @@ from .fam_block_attention import BlockAttention  # noqa: F401
 from .fam_cache import FAMCache
 from .fam_chain import FAMChain  # noqa: F401
 from .fam_chain_grad import chain_with_recompute  # noqa: F401
-from .fam_compat import (
-    CACHE_KWARG,
-    copy_load_markers,
-    needs_eager_attention,
-    register_attention,
-)
+from .fam_compat import CACHE_KWARG, copy_load_markers, register_attention
 from .fam_compile import layer_call  # noqa: F401
 from .fam_core import SHARED_BASE_FLAG, fam_attention_forward
 from .fam_forward import fam_forward, select_fam_attention
@@ -47,142 +49,19 @@ from .fam_graphs import graphs_usable  # noqa: F401
 from .fam_loss import chunked_lm_loss  # noqa: F401
 from .fam_packing import refuse_packed_inputs  # noqa: F401
 from .fam_plan import FAMPlan  # noqa: F401
-from .fam_settings import FAMSettings, adapter_bases_unlike_training
+from .fam_pretrained import (
+    ADAPTERS_LAST,
+    FAMMemory,
+    FAMPreTrainedModel,
+    keep_attention_implementation,
+    refuse_adapter_unlike_training,
+)
 from .fam_split_attention import split_attention  # noqa: F401
 from .fam_state import FAMLayerState  # noqa: F401
-from .fam_wrapping import child_name, decoder_slot, detached_copy, fam_lm_forward, foreign_adapter_layers
+from .fam_wrapping import child_name, decoder_slot, detached_copy, fam_lm_forward
 
 register_attention(fam_attention_forward)
 logger = logging.get_logger(__name__)
-
-
-class FAMMemory(nn.Module):
-    """Holds the learned initial FAM, `fam_init` (F, D), at the token-embedding level.
-
-    Kept in its own small module so that PEFT's `modules_to_save=["fam"]` can train and save it.
-    """
-
-    def __init__(self, fam_length: int, hidden_size: int, dtype: torch.dtype | None = None):
-        super().__init__()
-        self.fam_init = nn.Parameter(torch.zeros(fam_length, hidden_size, dtype=dtype))
-
-    def forward(self, batch_size: int, embed_scale: torch.Tensor | float = 1.0) -> torch.Tensor:
-        """F_0^0 for a batch: (B, F, D), scaled as the architecture scales token embeddings."""
-        fam = self.fam_init * embed_scale
-        return fam[None].expand(batch_size, -1, -1)
-
-    def extra_repr(self) -> str:
-        return f"fam_length={self.fam_init.shape[0]}, hidden_size={self.fam_init.shape[1]}"
-
-
-class FAMPreTrainedModel(PreTrainedModel):
-    config_class = FAMConfig
-    config: FAMConfig
-    base_model_prefix = "model"
-    supports_gradient_checkpointing = True
-    _supports_sdpa = True
-    _supports_flash_attn = False
-    _supports_flex_attn = False
-    _supports_attention_backend = False
-    _can_compile_fullgraph = False
-
-    @property
-    def fam_settings(self) -> FAMSettings:
-        """C, M, F and fam_layers of this model (one FAMSettings value, from its config)."""
-        return FAMSettings.of(self.config)
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """Save as usual; config.json maps every FAM class (`AutoModel` and `AutoModelForCausalLM`), so the
-        checkpoint loads either way with `trust_remote_code=True`. Refuses a model holding PEFT adapters that
-        are not its own (`fam_wrapping.foreign_adapter_layers`): their weights would be saved under names no model
-        loads, and the checkpoint would load with those layers newly initialised."""
-        wrapped = foreign_adapter_layers(self)
-        if wrapped:
-            raise ValueError(
-                f"{len(wrapped)} modules of this model are wrapped by PEFT adapters (first: {wrapped[0]}), so a "
-                "checkpoint would store their weights under names no model loads: save the model before adding "
-                "the adapter, merge it in first (PEFT's merge_and_unload), or save the adapter alone (the "
-                "PeftModel's save_pretrained)"
-            )
-        self.config.auto_map = dict(AUTO_MAP)
-        return super().save_pretrained(save_directory, *args, **kwargs)
-
-    def push_to_hub(self, repo_id: str, **kwargs):
-        """transformers' `push_to_hub`; where hf_fam is installed, `hf_fam.checkpoint_io.publish.push_to_hub`: the
-        checkpoint is checked before anything is uploaded and goes with its FAM model card. As remote code (no
-        hf_fam), transformers' own, with its generic card."""
-        if type(self).__module__.startswith("hf_fam."):  # not as remote code, which must import no hf_fam
-            return importlib.import_module("hf_fam.checkpoint_io.publish").push_to_hub(self, repo_id, **kwargs)
-        return super().push_to_hub(repo_id, **kwargs)
-
-    def _fam_base(self) -> nn.Module:
-        """The base module this model wraps (its decoder, or its causal LM): the owner of every weight but
-        `fam_init`."""
-        raise NotImplementedError
-
-    def _init_weights(self, module):
-        """`fam_init` is drawn like any new weight; every other module is initialised by the base model's rule."""
-        if isinstance(module, FAMMemory):
-            nn.init.normal_(module.fam_init, mean=0.0, std=getattr(self.config.base_config, "initializer_range", 0.02))
-        elif module is not self:
-            self._fam_base()._init_weights(module)
-
-    def get_input_embeddings(self):
-        return self._fam_base().get_input_embeddings()
-
-    def __setattr__(self, name: str, value) -> None:
-        """A child module replaced on this model is replaced in the module it wraps too, whose own forward runs on
-        its own attributes: PEFT puts its wrappers in place so (`modules_to_save` of the final `norm`, `lm_head` or
-        `embed_tokens`, LoRA on `lm_head`), and unwrapped on this model alone they would never run."""
-        super().__setattr__(name, value)
-        if isinstance(value, nn.Module):
-            base = self.__dict__.get("_fam_decoder", self.__dict__.get("_fam_head"))
-            if base is not None and base._modules.get(name, value) is not value:
-                setattr(base, name, value)
-
-    def _adopt(self, base: nn.Module, skip: tuple[str, ...] = ()) -> None:
-        """Make `base`'s child modules ours under the same names (weight names stay the checkpoint's),
-        and take over what transformers reads from its class (tied weights, split rules, ...)."""
-        for name, child in base.named_children():
-            if name not in skip:
-                self.add_module(name, child)
-        for attr in ("_tied_weights_keys", "_no_split_modules", "_keep_in_fp32_modules", "_skip_keys_device_placement"):
-            value = getattr(type(base), attr, None)
-            if value is not None:
-                setattr(self, attr, value)
-
-
-def _keep_attention_implementation(config: FAMConfig, module: nn.Module | None, kept: str | None) -> None:
-    """PreTrainedModel.__init__ resets the nested config's attention implementation: keep the one a given
-    module already runs with, else pick eager where the family cannot run sdpa (e.g. Gemma 2)."""
-    if kept is not None:
-        config.base_config._attn_implementation = kept
-    elif module is not None and needs_eager_attention(module) and config.base_config._attn_implementation == "sdpa":
-        config.base_config._attn_implementation = "eager"
-
-
-def _refuse_adapter_unlike_training(owner) -> None:
-    """A PEFT adapter in training whose named base would not run what training runs, once loaded on it: a base
-    in the zero-shot start (no memory update) or a plain checkpoint (no FAM): a silent wrong result. Checked once
-    per set of adapters."""
-    adapters = tuple(sorted(getattr(owner, "peft_config", None) or {}))
-    if not adapters or getattr(owner, "_fam_checked_adapters", None) == adapters:
-        return
-    found = adapter_bases_unlike_training(owner)
-    if found:
-        name, base, kind = found[0]
-        why = ("whose config.json runs the zero-shot start (fam_update='sink'): training uses the paper's memory "
-               "update, which the adapter loaded on that base would run without" if kind == "zero-shot" else
-               "which is not a FAM checkpoint: the adapter loaded on that base would run without FAM")
-        raise ValueError(
-            f"training the adapter {name!r} of {base}, {why}. Save the base for training first, before wrapping it: "
-            "hf_fam.training.save_training_base(model, DIR) (or train with hf-fam finetune, which does)"
-        )
-    object.__setattr__(owner, "_fam_checked_adapters", adapters)
-
-
-# the fix for a PeftModel given where a base model is expected
-_ADAPTERS_LAST = ": give FAM the base model, then add the adapters to the FAM model (get_peft_model(fam_model, ...))"
 
 
 class FAMModel(FAMPreTrainedModel):
@@ -219,7 +98,7 @@ class FAMModel(FAMPreTrainedModel):
             for module in decoder.modules():
                 module._is_hf_initialized = True
         config.base_config = decoder.config  # one config object, shared with the decoder's modules
-        _keep_attention_implementation(config, decoder, kept)
+        keep_attention_implementation(config, decoder, kept)
         self.fam_adapter = get_adapter(decoder.config.model_type)
         self.fam_adapter.check_config(decoder.config)
         self._adopt(decoder)
@@ -264,7 +143,7 @@ class FAMModel(FAMPreTrainedModel):
         decoder = self._fam_decoder
         decoder.training = self.training  # the decoder object is not registered, so .train() does not reach it
         if self.training and torch.is_grad_enabled():
-            _refuse_adapter_unlike_training(self._fam_owner if self._fam_owner is not None else self)
+            refuse_adapter_unlike_training(self._fam_owner if self._fam_owner is not None else self)
         if self.training and torch.is_grad_enabled() and self.config.fam_update == "sink":
             # the zero-shot start never updates the memory, so training in it would never train the memory:
             # training means the paper's update (as `hf-fam finetune` sets), and the saved config says so
@@ -291,24 +170,14 @@ class FAMModel(FAMPreTrainedModel):
         )
 
 
-class FAMForCausalLM(FAMPreTrainedModel, FAMGenerationMixin, GenerationMixin):
-    """A causal LM with Feedback Attention Memory: a FAMModel backbone and the base model's head.
+class FAMHeadModel(FAMPreTrainedModel):
+    """A base model's task head run with a FAMModel in its decoder's place: the base class of FAMForCausalLM and
+    FAMForSequenceClassification. The head (the base causal LM, or the base sequence classifier) is built by
+    `base_auto_class` from `config.base_config`, or given loaded (`from_base_model`); its own forward runs."""
 
-    Build it from a FAMConfig (random weights, like any `from_config`), load a converted checkpoint with
-    `AutoModelForCausalLM.from_pretrained(path)` (or `trust_remote_code=True` without hf_fam installed),
-    or wrap a loaded base model with `FAMForCausalLM.from_base_model(model, block_size=..., ...)`.
-
-    Example:
-    ```python
-    >>> from transformers import LlamaConfig, LlamaForCausalLM
-    >>> from hf_fam import FAMForCausalLM
-    >>> base = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-    ...                                     num_attention_heads=4, num_key_value_heads=2, vocab_size=100))
-    >>> model = FAMForCausalLM.from_base_model(base, block_size=8, memory_segments=1, fam_length=4)
-    >>> model(torch.randint(0, 100, (1, 20))).logits.shape
-    torch.Size([1, 20, 100])
-    ```
-    """
+    base_auto_class = AutoModelForCausalLM  # builds the base model of this head from `config.base_config`
+    head_kind = "causal LM"  # for error messages
+    head_module = "lm_head"  # the child module a base model of this kind has (a loaded base is checked for it)
 
     def __init__(self, config: FAMConfig, base_model: PreTrainedModel | None = None,
                  fam_module: FAMMemory | None = None):
@@ -316,12 +185,16 @@ class FAMForCausalLM(FAMPreTrainedModel, FAMGenerationMixin, GenerationMixin):
         kept = base_model.config._attn_implementation if given else None
         super().__init__(config)
         if base_model is None:
-            base_model = AutoModelForCausalLM.from_config(config.base_config)
+            base_model = self.base_auto_class.from_config(config.base_config)
+        elif not isinstance(getattr(base_model, self.head_module, None), nn.Module):
+            raise TypeError(f"{type(self).__name__} wraps a {self.head_kind} (a model with `{self.head_module}`), got "
+                            f"{type(base_model).__name__}: use the FAM class for its head, or load the checkpoint "
+                            f"with {self.base_auto_class.__name__}")
         else:
             for module in base_model.modules():
                 module._is_hf_initialized = True
         config.base_config = base_model.config  # one config object, shared with the base model
-        _keep_attention_implementation(config, base_model, kept)
+        keep_attention_implementation(config, base_model, kept)
         self.fam_adapter = get_adapter(base_model.config.model_type)
         self.fam_adapter.check_config(base_model.config)
         # the head: the base causal LM with a FAMModel in its decoder's place. It is a copy with its own
@@ -343,7 +216,7 @@ class FAMForCausalLM(FAMPreTrainedModel, FAMGenerationMixin, GenerationMixin):
     def from_base_model(
         cls, base_model: PreTrainedModel, *, block_size: int, memory_segments: int, fam_length: int,
         fam_layers: str = "all", fam_init: torch.Tensor | None = None, fam_update: str = "paper",
-    ) -> FAMForCausalLM:
+    ) -> FAMHeadModel:
         """Wrap a loaded base causal LM. Its modules are shared, not copied; the base model stays usable:
         called itself, it runs its own attention exactly as before (its config then names the FAM attention,
         `fam_sdpa` or `fam_eager`, which passes its calls through). For the same reason its decoder layers,
@@ -357,8 +230,8 @@ class FAMForCausalLM(FAMPreTrainedModel, FAMGenerationMixin, GenerationMixin):
             fam_update: "paper" (default) or "sink" (see FAMConfig).
         """
         if not isinstance(base_model, PreTrainedModel):
-            fix = _ADAPTERS_LAST if hasattr(base_model, "peft_config") else "."
-            raise TypeError(f"FAMForCausalLM.from_base_model expects a loaded transformers causal LM, got "
+            fix = ADAPTERS_LAST if hasattr(base_model, "peft_config") else "."
+            raise TypeError(f"{cls.__name__}.from_base_model expects a loaded transformers {cls.head_kind}, got "
                             f"{type(base_model).__name__}{fix}")
         config = FAMConfig(base_config=base_model.config, block_size=block_size,
                            memory_segments=memory_segments, fam_length=fam_length, fam_layers=fam_layers,
@@ -378,12 +251,44 @@ class FAMForCausalLM(FAMPreTrainedModel, FAMGenerationMixin, GenerationMixin):
             model.generation_config = copy.deepcopy(base_model.generation_config)
         return model
 
-    # --- weights -------------------------------------------------------------------------------------
     def _fam_base(self) -> nn.Module:
         return self._fam_head
 
     def set_input_embeddings(self, value):
         self._fam_head.set_input_embeddings(value)
+
+    def get_decoder(self):
+        """The FAMModel backbone: calling it runs FAM."""
+        return self.model
+
+    def _head_forward(self, cache, **kwargs):
+        """The head's own forward, with FAM in its decoder (`fam_lm_forward`)."""
+        if cache is None:
+            cache = kwargs.pop("past_key_values", None)
+        head = self._fam_head
+        head.training = self.training  # the head object is not registered, so .train() does not reach it
+        original = getattr(type(head), "_fam_original_class", type(head))
+        return fam_lm_forward(original.forward.__get__(head), **{CACHE_KWARG: cache}, **kwargs)
+
+
+class FAMForCausalLM(FAMHeadModel, FAMGenerationMixin, GenerationMixin):
+    """A causal LM with Feedback Attention Memory: a FAMModel backbone and the base model's head.
+
+    Build it from a FAMConfig (random weights, like any `from_config`), load a converted checkpoint with
+    `AutoModelForCausalLM.from_pretrained(path)` (or `trust_remote_code=True` without hf_fam installed),
+    or wrap a loaded base model with `FAMForCausalLM.from_base_model(model, block_size=..., ...)`.
+
+    Example:
+    ```python
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> from hf_fam import FAMForCausalLM
+    >>> base = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    ...                                     num_attention_heads=4, num_key_value_heads=2, vocab_size=100))
+    >>> model = FAMForCausalLM.from_base_model(base, block_size=8, memory_segments=1, fam_length=4)
+    >>> model(torch.randint(0, 100, (1, 20))).logits.shape
+    torch.Size([1, 20, 100])
+    ```
+    """
 
     def get_output_embeddings(self):
         return self._fam_head.get_output_embeddings()
@@ -391,10 +296,6 @@ class FAMForCausalLM(FAMPreTrainedModel, FAMGenerationMixin, GenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self._fam_head.set_output_embeddings(new_embeddings)
         self.add_module(child_name(self._fam_head, new_embeddings), new_embeddings)
-
-    def get_decoder(self):
-        """The FAMModel backbone: calling it runs FAM."""
-        return self.model
 
     # --- forward -------------------------------------------------------------------------------------
     def forward(
@@ -412,13 +313,8 @@ class FAMForCausalLM(FAMPreTrainedModel, FAMGenerationMixin, GenerationMixin):
     ):
         """Same arguments and outputs as the base model's causal LM forward; `cache` is a FAMCache.
         `fam_cuda_graphs=False` runs the FAM chain eagerly on CUDA (see `fam_forward`)."""
-        if cache is None:
-            cache = kwargs.pop("past_key_values", None)
-        head = self._fam_head
-        head.training = self.training  # the head object is not registered, so .train() does not reach it
-        original = getattr(type(head), "_fam_original_class", type(head))
-        return fam_lm_forward(
-            original.forward.__get__(head),
+        return self._head_forward(
+            cache,
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -427,7 +323,66 @@ class FAMForCausalLM(FAMPreTrainedModel, FAMGenerationMixin, GenerationMixin):
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
             fam_cuda_graphs=fam_cuda_graphs,
-            **{CACHE_KWARG: cache},
+            **kwargs,
+        )
+
+
+class FAMForSequenceClassification(FAMHeadModel):
+    """A sequence classifier (or reward model) with Feedback Attention Memory: a FAMModel backbone and the base
+    family's sequence-classification head (`LlamaForSequenceClassification`, ...), which scores the last token
+    that is not padding, as the family does. Its weights are a FAM causal LM's (`model.*`, `fam.fam_init`) plus
+    `score`, so `AutoModelForSequenceClassification.from_pretrained(fam_checkpoint, num_labels=...)` starts one
+    from a converted checkpoint, as from a plain causal LM. Labels (`id2label`, `problem_type`) are this model's
+    config's; the padding token is read where the family reads it, and `config.pad_token_id = ...` sets it there.
+
+    Example:
+    ```python
+    >>> from transformers import AutoModelForSequenceClassification
+    >>> model = AutoModelForSequenceClassification.from_pretrained("llama-fam", num_labels=1, trust_remote_code=True)
+    >>> model(input_ids).logits.shape  # one reward per sequence
+    torch.Size([1, 1])
+    ```
+    """
+
+    base_auto_class = AutoModelForSequenceClassification
+    head_kind = "sequence classifier"
+    head_module = "score"
+
+    def __init__(self, config: FAMConfig, base_model: PreTrainedModel | None = None,
+                 fam_module: FAMMemory | None = None):
+        if base_model is None:  # the score layer is built for this config's labels
+            for name in LABEL_FIELDS:
+                setattr(config.base_config, name, copy.deepcopy(getattr(config, name)))
+        super().__init__(config, base_model=base_model, fam_module=fam_module)
+        self._fam_head.config = config  # the loss reads and sets the labels and problem type on this config
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: FAMCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        fam_cuda_graphs: bool = True,
+        **kwargs,
+    ):
+        """Same arguments and outputs as the base family's sequence-classification forward (one row of
+        logits per sequence, the loss its problem type gives), plus `fam_state`."""
+        if kwargs.get("fam_loss_chunk") is not None:
+            raise ValueError("fam_loss_chunk sums a causal LM's loss in chunks; a sequence classifier's loss is "
+                             "computed on one row per sequence: leave it out")
+        kwargs.pop("fam_loss_chunk", None)
+        return self._head_forward(
+            cache,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            fam_cuda_graphs=fam_cuda_graphs,
             **kwargs,
         )
 
@@ -435,5 +390,9 @@ class FAMForCausalLM(FAMPreTrainedModel, FAMGenerationMixin, GenerationMixin):
 FAMConfig.register_for_auto_class()
 FAMModel.register_for_auto_class("AutoModel")
 FAMForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+FAMForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
 
-__all__ = ["FAMForCausalLM", "FAMMemory", "FAMModel", "FAMPreTrainedModel", "fam_forward", "fam_lm_forward"]
+__all__ = [
+    "FAMForCausalLM", "FAMForSequenceClassification", "FAMHeadModel", "FAMMemory", "FAMModel", "FAMPreTrainedModel",
+    "fam_forward", "fam_lm_forward",
+]

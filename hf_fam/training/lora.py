@@ -30,6 +30,7 @@ from peft import LoraConfig
 from torch import nn
 
 from ..modeling.fam_adapters import get_adapter
+from ..modeling.modeling_fam import FAMForSequenceClassification
 from .options import DEFAULT_LORA_RANK
 
 # LoraOptions.init -> LoraConfig.init_lora_weights. "pissa_niter_4": PiSSA from a randomized SVD of 4 subspace
@@ -147,7 +148,7 @@ def fam_lora_config(
     normalization layers trained in full.
 
     Args:
-        model: a FAMForCausalLM or a patched model (wrappers allowed).
+        model: a FAMForCausalLM, a FAMForSequenceClassification or a patched model (wrappers allowed).
         r: LoRA rank (paper: 64).
         lora_alpha: LoRA alpha; defaults to `r` (scaling 1; the paper does not state it).
         lora_dropout: dropout on the LoRA branch.
@@ -164,7 +165,8 @@ def fam_lora_config(
         lora_kwargs: any other `LoraConfig` field (`bias`, `use_rslora`, ...).
 
     Returns:
-        A LoraConfig with `task_type="CAUSAL_LM"`, so that `AutoPeftModelForCausalLM` reloads the adapter.
+        A LoraConfig with `task_type="CAUSAL_LM"`, so that `AutoPeftModelForCausalLM` reloads the adapter
+        (`"SEQ_CLS"` for a FAMForSequenceClassification: PEFT then trains and saves its `score` layer too).
 
     Example:
     ```python
@@ -190,7 +192,8 @@ def fam_lora_config(
     if train_norms:
         modules_to_save += [name for name in norm_module_names(fam_model, in_layers=True)
                             if name not in modules_to_save]
-    lora_kwargs.setdefault("task_type", "CAUSAL_LM")
+    classifier = isinstance(fam_model, FAMForSequenceClassification)
+    lora_kwargs.setdefault("task_type", "SEQ_CLS" if classifier else "CAUSAL_LM")
     return LoraConfig(
         r=r,
         lora_alpha=r if lora_alpha is None else lora_alpha,
