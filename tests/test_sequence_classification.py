@@ -17,6 +17,7 @@ from transformers import AutoModelForSequenceClassification
 
 import hf_fam
 from hf_fam import FAMForSequenceClassification
+from hf_fam.checkpoint_io.inspection import inspect_checkpoint, verify_checkpoint
 
 SETTINGS = dict(block_size=4, memory_segments=1, fam_length=3, fam_update="paper")
 PAD = 0
@@ -101,6 +102,8 @@ def test_a_fam_causal_lm_checkpoint_starts_a_classifier_and_saves_as_one(tmp_pat
     saved = json.loads((tmp_path / "classifier" / "config.json").read_text())
     assert saved["auto_map"]["AutoModelForSequenceClassification"] == "modeling_fam.FAMForSequenceClassification"
     assert saved["id2label"] == {"0": "negative", "1": "neutral", "2": "positive"}
+    assert verify_checkpoint(tmp_path / "classifier") == []  # score and labels expected, no lm_head
+    assert inspect_checkpoint(tmp_path / "classifier").summary.head == "sequence classifier (3 labels)"
     loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "classifier", dtype=torch.float32).eval()
     with torch.no_grad():
         again = loaded(ids, attention_mask=mask).logits

@@ -160,8 +160,10 @@ class ExpectedTensors:
     embedding_key: str
 
 
-def expected_tensors(base_config, dtype: torch.dtype | None = None) -> ExpectedTensors:
-    """Names, shapes and dtypes of the tensors `save_pretrained` writes for a (base) causal LM config.
+def expected_tensors(base_config, dtype: torch.dtype | None = None,
+                     auto_class: str = "AutoModelForCausalLM") -> ExpectedTensors:
+    """Names, shapes and dtypes of the tensors `save_pretrained` writes for a (base) causal LM config, or for the
+    model `auto_class` (a transformers Auto class name, e.g. "AutoModelForSequenceClassification") builds from it.
 
     The model is built on the meta device: nothing is allocated. Tied weights appear once (under the
     input embedding's name) and non-persistent buffers (rotary frequencies, ...) not at all, as in a saved
@@ -180,11 +182,11 @@ def expected_tensors(base_config, dtype: torch.dtype | None = None) -> ExpectedT
     (32000, 4096)
     ```
     """
-    from transformers import AutoModelForCausalLM
+    import transformers
 
     dtype = dtype or _config_dtype(base_config) or torch.float32
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(base_config, dtype=dtype)
+        model = getattr(transformers, auto_class).from_config(base_config, dtype=dtype)
     persistent = set(model.state_dict().keys())
     tensors = {name: ExpectedTensor(tuple(p.shape), p.dtype) for name, p in model.named_parameters()}
     tensors.update(

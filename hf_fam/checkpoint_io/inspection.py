@@ -16,12 +16,14 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from ..modeling.configuration_fam import HEAD_AUTO_CLASSES, LABEL_FIELDS
 from ..modeling.fam_settings import FAMSettings
 from .checkpoint import (
     AUTO_MAP,
@@ -46,6 +48,7 @@ class FAMSummary:
 
     Attributes:
         model_type, architecture: the base family ("llama") and class ("LlamaForCausalLM").
+        head: "causal LM", or "sequence classifier (N labels)" for a FAMForSequenceClassification checkpoint.
         num_layers, hidden_size, num_heads, num_kv_heads, head_dim: the base shape.
         block_size, memory_segments, fam_length, fam_layers: C, M, F and which layers carry FAM.
         attention_window: C·(M+1), tokens a block token attends to directly (plus F FAM tokens).
@@ -56,6 +59,7 @@ class FAMSummary:
     """
 
     model_type: str
+    head: str
     architecture: str
     num_layers: int
     hidden_size: int
@@ -97,6 +101,7 @@ def fam_summary(config: dict) -> FAMSummary:
     kv_bytes = 2 * cache_tokens * kv_heads * head_dim * dtype_bytes + F * hidden * dtype_bytes
     return FAMSummary(
         model_type=base["model_type"],
+        head=_head(config),
         architecture=(base.get("architectures") or ["?"])[0],
         num_layers=base["num_hidden_layers"],
         hidden_size=hidden,
@@ -113,6 +118,13 @@ def fam_summary(config: dict) -> FAMSummary:
         cache_tokens=cache_tokens,
         kv_cache_bytes_per_layer=kv_bytes,
     )
+
+
+def _head(config: dict) -> str:
+    if "FAMForSequenceClassification" in (config.get("architectures") or []):
+        labels = len(config.get("id2label") or {0: 0, 1: 1})  # transformers' default: two labels
+        return f"sequence classifier ({labels} label{'' if labels == 1 else 's'})"
+    return "causal LM"
 
 
 @dataclass
@@ -183,6 +195,7 @@ def format_report(report: InspectReport) -> str:
     rows = [
         ("base architecture", f"{s.model_type} ({s.architecture}): {s.num_layers} layers, hidden {s.hidden_size}, "
                               f"{s.num_heads} heads / {s.num_kv_heads} KV heads of {s.head_dim}"),
+        ("head", s.head),
         ("FAM settings", f"block_size C={s.block_size}, memory_segments M={s.memory_segments}, "
                          f"fam_length F={s.fam_length}, fam_layers={s.fam_layers}"),
         ("attention window", f"{s.attention_window:,} tokens (C·(M+1)) + {s.fam_length} FAM tokens per layer"),
@@ -238,8 +251,10 @@ def verify_checkpoint(folder: str | Path) -> list[str]:
     problems = []
     if raw.get("auto_map") != AUTO_MAP:
         problems.append(f"config: auto_map is {raw.get('auto_map')!r}, expected {AUTO_MAP!r}")
-    if "FAMForCausalLM" not in (raw.get("architectures") or []):
-        problems.append(f"config: architectures is {raw.get('architectures')!r}, expected ['FAMForCausalLM']")
+    heads = [name for name in raw.get("architectures") or [] if name in HEAD_AUTO_CLASSES]
+    if not heads:
+        problems.append(f"config: architectures is {raw.get('architectures')!r}, expected one of "
+                        f"{sorted(HEAD_AUTO_CLASSES)}")
     for name, status in compare_remote_code(folder).items():
         if status != "identical":
             problems.append(f"code: {name} {status} (installed hf_fam {hf_fam.__version__})")
@@ -259,7 +274,11 @@ def verify_checkpoint(folder: str | Path) -> list[str]:
     except (FileNotFoundError, ValueError) as err:
         return problems + [f"weights: {err}"]
     dtype = _torch_dtype(getattr(config, "dtype", None)) or _torch_dtype(getattr(config.base_config, "dtype", None))
-    expected = expected_tensors(config.base_config, dtype=dtype).tensors
+    base_config = copy.deepcopy(config.base_config)
+    for name in LABEL_FIELDS:  # a classifier's score layer has the FAM config's labels
+        setattr(base_config, name, getattr(config, name))
+    auto_class = HEAD_AUTO_CLASSES[heads[0]] if heads else "AutoModelForCausalLM"
+    expected = expected_tensors(base_config, dtype=dtype, auto_class=auto_class).tensors
     expected[FAM_INIT_KEY] = ExpectedTensor((config.fam_length, config.base_config.hidden_size), dtype or torch.float32)
     problems += [f"weights: {p}" for p in compare_tensors(found, expected, check_dtype=True)]
     if weights.index_metadata.get("total_size") not in (None, sum(info.nbytes for info in found.values())):

@@ -34,6 +34,9 @@ AUTO_MAP = {
     "AutoModelForSequenceClassification": "modeling_fam.FAMForSequenceClassification",
 }
 
+# The FAM class of each task head (a checkpoint's `architectures`) -> the Auto class of its base model
+HEAD_AUTO_CLASSES = {ref.split(".")[-1]: auto for auto, ref in AUTO_MAP.items() if auto.startswith("AutoModelFor")}
+
 # A sequence classifier's labels: read from this config (the top level), where transformers and its clients
 # (pipelines, the loss) read and write them; taken from the base config when a loaded base model is wrapped
 LABEL_FIELDS = ("id2label", "label2id", "problem_type")
