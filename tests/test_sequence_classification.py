@@ -6,17 +6,20 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
+from client_helpers import fam_checkpoint
 from conftest import assert_close, padding_mask, random_ids, tiny_model
 from convert_helpers import run_without_hf_fam
 from fam_reference import reference_fam_logits
 from torch import nn
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import hf_fam
 from hf_fam import FAMForSequenceClassification
+from hf_fam.checkpoint_io.cards import CardInfo, render_model_card
 from hf_fam.checkpoint_io.inspection import inspect_checkpoint, verify_checkpoint
 
 SETTINGS = dict(block_size=4, memory_segments=1, fam_length=3, fam_update="paper")
@@ -74,18 +77,9 @@ def test_fam_scores_the_reference_at_each_rows_last_token(family, side):
     assert (out.logits[0] - plain[0]).abs().max() > 1e-3  # FAM runs: the window (8) is far shorter than the row
 
 
-def _fam_folder(tmp_path, family="llama"):
-    """A saved FAM causal LM (FAM weights far from zero) and the model itself."""
-    lm = hf_fam.FAMForCausalLM.from_base_model(tiny_model(family), **SETTINGS)
-    with torch.no_grad():
-        lm.fam.fam_init.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(0))
-    lm.config.pad_token_id = PAD
-    lm.save_pretrained(tmp_path / "fam-lm")
-    return tmp_path / "fam-lm", lm.eval()
-
-
 def test_a_fam_causal_lm_checkpoint_starts_a_classifier_and_saves_as_one(tmp_path):
-    folder, lm = _fam_folder(tmp_path)
+    folder = fam_checkpoint(tmp_path / "fam-lm")  # FAM weights far from zero, its tokenizer (padding id 0)
+    lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     labels = {0: "negative", 1: "neutral", 2: "positive"}
     model = AutoModelForSequenceClassification.from_pretrained(folder, id2label=labels, dtype=torch.float32).eval()
     assert isinstance(model, FAMForSequenceClassification) and model.config.num_labels == 3
@@ -110,19 +104,20 @@ def test_a_fam_causal_lm_checkpoint_starts_a_classifier_and_saves_as_one(tmp_pat
     assert_close(again, out.logits, msg="saved = loaded")
     assert loaded.config.problem_type == "single_label_classification" and loaded.config.id2label == labels
 
-    # where hf_fam is not installed: the checkpoint's own code
+    # where hf_fam is not installed: the checkpoint's own code, loaded by its model card's snippet
+    card = render_model_card(tmp_path / "classifier", CardInfo(repo_id=str(tmp_path / "classifier")))
+    assert "pipeline_tag: text-classification" in card
+    (snippet,) = re.findall(r"```python\n(.*?)```", card, flags=re.S)
+    assert "model = AutoModelForSequenceClassification.from_pretrained(model_id, trust_remote_code=True)" in snippet
     torch.save({"ids": ids, "mask": mask}, tmp_path / "inputs.pt")
-    script = f"""
-        import torch
-        from transformers import AutoModelForSequenceClassification
-        model = AutoModelForSequenceClassification.from_pretrained({str(tmp_path / "classifier")!r},
-                                                                  trust_remote_code=True, dtype=torch.float32).eval()
-        assert type(model).__name__ == "FAMForSequenceClassification", type(model)
-        inputs = torch.load({str(tmp_path / "inputs.pt")!r})
-        with torch.no_grad():
-            torch.save(model(inputs["ids"], attention_mask=inputs["mask"]).logits, {str(tmp_path / "remote.pt")!r})
-    """
-    result = run_without_hf_fam(script, tmp_path)
+    script = snippet + f"""
+assert type(model).__name__ == "FAMForSequenceClassification", type(model)
+inputs = torch.load({str(tmp_path / "inputs.pt")!r})
+with torch.no_grad():
+    torch.save(model.eval()(inputs["ids"], attention_mask=inputs["mask"]).logits, {str(tmp_path / "remote.pt")!r})
+"""
+    AutoTokenizer.from_pretrained(folder).save_pretrained(tmp_path / "classifier")
+    result = run_without_hf_fam("import torch\n" + script, tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert_close(torch.load(tmp_path / "remote.pt"), out.logits, msg="remote code")
 

@@ -71,6 +71,16 @@ class CardInfo:
     tags: list[str] = field(default_factory=list)
 
 
+# What a card says for each kind of checkpoint (the Auto class of its head): the Hub's pipeline tag and the
+# usage snippet's last lines, after `inputs = tokenizer(...)`
+HEAD_CARDS = {
+    "AutoModelForCausalLM": ("text-generation", "output = model.generate(**inputs, max_new_tokens=20)\n"
+                                                "print(tokenizer.decode(output[0], skip_special_tokens=True))"),
+    "AutoModelForSequenceClassification": ("text-classification", "print(model(**inputs).logits)  # one score per "
+                                                                  "label, read at the last token"),
+}
+
+
 def template_text(name: str = TEMPLATE_NAME) -> str:
     """A card template (default: a checkpoint's), from the installed package (`hf_fam/model_cards/`)."""
     return resources.files("hf_fam").joinpath("model_cards", name).read_text(encoding="utf-8")
@@ -100,8 +110,10 @@ def render_model_card(folder: str | Path, info: CardInfo) -> str:
     title = model_id.split("/")[-1]
     tags = list(BASE_TAGS) + [summary.model_type] + [t for t in info.tags if t not in BASE_TAGS]
     tags = list(dict.fromkeys(tags))
+    pipeline_tag, use_model = HEAD_CARDS[summary.auto_class]
     data = card_metadata(
         info,
+        pipeline_tag=pipeline_tag,
         base_model=info.base_model,
         library_name="transformers",
         tags=tags,
@@ -119,6 +131,9 @@ def render_model_card(folder: str | Path, info: CardInfo) -> str:
         base_model_text=base_text,
         fam_init_text=_fam_init_text(info),
         architecture=summary.architecture,
+        head=summary.head,
+        auto_class=summary.auto_class,
+        use_model=use_model,
         num_layers=summary.num_layers,
         hidden_size=summary.hidden_size,
         num_heads=summary.num_heads,
@@ -136,12 +151,12 @@ def render_model_card(folder: str | Path, info: CardInfo) -> str:
     return Template(template_text()).substitute(values)
 
 
-def card_metadata(info: CardInfo, **fields):
-    """The card's `ModelCardData`: the base model's license and languages from `info`, a text-generation
-    pipeline, and `fields`."""
+def card_metadata(info: CardInfo, pipeline_tag: str = "text-generation", **fields):
+    """The card's `ModelCardData`: the base model's license and languages from `info`, the pipeline (default
+    text generation), and `fields`."""
     from huggingface_hub import ModelCardData
 
-    return ModelCardData(pipeline_tag="text-generation", license=info.license, license_name=info.license_name,
+    return ModelCardData(pipeline_tag=pipeline_tag, license=info.license, license_name=info.license_name,
                          license_link=info.license_link, language=info.language, **fields)
 
 

@@ -48,7 +48,8 @@ class FAMSummary:
 
     Attributes:
         model_type, architecture: the base family ("llama") and class ("LlamaForCausalLM").
-        head: "causal LM", or "sequence classifier (N labels)" for a FAMForSequenceClassification checkpoint.
+        head: "causal LM", or "sequence classifier (N labels)" for a FAMForSequenceClassification checkpoint;
+            auto_class the transformers Auto class that loads it ("AutoModelForCausalLM", ...).
         num_layers, hidden_size, num_heads, num_kv_heads, head_dim: the base shape.
         block_size, memory_segments, fam_length, fam_layers: C, M, F and which layers carry FAM.
         attention_window: C·(M+1), tokens a block token attends to directly (plus F FAM tokens).
@@ -60,6 +61,7 @@ class FAMSummary:
 
     model_type: str
     head: str
+    auto_class: str
     architecture: str
     num_layers: int
     hidden_size: int
@@ -102,6 +104,7 @@ def fam_summary(config: dict) -> FAMSummary:
     return FAMSummary(
         model_type=base["model_type"],
         head=_head(config),
+        auto_class=_auto_class(config),
         architecture=(base.get("architectures") or ["?"])[0],
         num_layers=base["num_hidden_layers"],
         hidden_size=hidden,
@@ -120,8 +123,13 @@ def fam_summary(config: dict) -> FAMSummary:
     )
 
 
+def _auto_class(config: dict) -> str:
+    heads = [HEAD_AUTO_CLASSES[name] for name in config.get("architectures") or [] if name in HEAD_AUTO_CLASSES]
+    return heads[0] if heads else "AutoModelForCausalLM"
+
+
 def _head(config: dict) -> str:
-    if "FAMForSequenceClassification" in (config.get("architectures") or []):
+    if _auto_class(config) == "AutoModelForSequenceClassification":
         labels = len(config.get("id2label") or {0: 0, 1: 1})  # transformers' default: two labels
         return f"sequence classifier ({labels} label{'' if labels == 1 else 's'})"
     return "causal LM"
@@ -277,8 +285,7 @@ def verify_checkpoint(folder: str | Path) -> list[str]:
     base_config = copy.deepcopy(config.base_config)
     for name in LABEL_FIELDS:  # a classifier's score layer has the FAM config's labels
         setattr(base_config, name, getattr(config, name))
-    auto_class = HEAD_AUTO_CLASSES[heads[0]] if heads else "AutoModelForCausalLM"
-    expected = expected_tensors(base_config, dtype=dtype, auto_class=auto_class).tensors
+    expected = expected_tensors(base_config, dtype=dtype, auto_class=_auto_class(raw)).tensors
     expected[FAM_INIT_KEY] = ExpectedTensor((config.fam_length, config.base_config.hidden_size), dtype or torch.float32)
     problems += [f"weights: {p}" for p in compare_tensors(found, expected, check_dtype=True)]
     if weights.index_metadata.get("total_size") not in (None, sum(info.nbytes for info in found.values())):
