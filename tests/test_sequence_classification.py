@@ -188,5 +188,27 @@ def test_a_head_of_the_other_kind_is_refused():
         FAMForSequenceClassification.from_base_model(tiny_model("llama"), **SETTINGS)
     with pytest.raises(TypeError, match="wraps a causal LM .* got LlamaForSequenceClassification"):
         hf_fam.FAMForCausalLM.from_base_model(tiny_classifier("llama"), **SETTINGS)
-    with pytest.raises(TypeError, match="causal LM with a language-model head"):
-        hf_fam.patch(tiny_classifier("llama"), **SETTINGS)
+    with pytest.raises(TypeError, match=r"expects a causal LM \(with `lm_head`\) or a sequence classifier"):
+        hf_fam.patch(tiny_model("llama").model, **SETTINGS)  # a bare decoder stack
+
+
+def test_a_patched_classifier_is_the_wrapped_one_and_saves_as_one(tmp_path):
+    """`hf_fam.patch` on a loaded classifier (a reward model): the same scores as FAMForSequenceClassification
+    wrapping it, its labels kept; it saves a classifier checkpoint, and `unpatch` gives the plain one back."""
+    base = tiny_classifier("llama")
+    base.config.id2label, base.config.label2id = {0: "a", 1: "b", 2: "c"}, {"a": 0, "b": 1, "c": 2}
+    ids, mask = padded_ids([23, 12], 23, "left", seed=7)
+    with torch.no_grad():
+        plain = base(ids, attention_mask=mask).logits
+        patched = hf_fam.patch(base, **SETTINGS, fam_init="random")
+        got = patched(ids, attention_mask=mask)
+        wrapped = FAMForSequenceClassification.from_base_model(tiny_classifier("llama"), **SETTINGS,
+                                                              fam_init=patched.fam.fam_init).eval()
+        assert_close(got.logits, wrapped(ids, attention_mask=mask).logits, atol=0.0)
+    assert len(got.fam_state) == 2 and (got.logits - plain).abs().max() > 1e-3
+    patched.save_pretrained(tmp_path / "patched")
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "patched", dtype=torch.float32).eval()
+    assert isinstance(loaded, FAMForSequenceClassification) and loaded.config.id2label == {0: "a", 1: "b", 2: "c"}
+    with torch.no_grad():
+        assert_close(loaded(ids, attention_mask=mask).logits, got.logits, msg="saved = loaded")
+        assert_close(hf_fam.unpatch(patched)(ids, attention_mask=mask).logits, plain, atol=0.0)

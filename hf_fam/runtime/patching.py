@@ -1,10 +1,12 @@
-"""`patch(model, ...)`: turn an already-loaded causal LM (Llama, Mistral, Gemma, ...) into FAM mode, in place.
+"""`patch(model, ...)`: turn an already-loaded causal LM (Llama, Mistral, Gemma, ...) or sequence classifier into FAM
+mode, in place.
 
 The model's decoder stack is put inside a `FAMModel` backbone in its place (`model.model` runs FAM, as in a
 converted FAMForCausalLM: one forward path for both), the model's class gets a subclass swapped in that
 attaches the final FAM to its outputs and saves FAM checkpoints, every submodule keeps its name and object,
 and one small module is added: `model.fam`, holding the learned initial FAM. `save_pretrained` then writes a
-FAM checkpoint that `AutoModelForCausalLM.from_pretrained` (or `trust_remote_code=True`) loads.
+FAM checkpoint that `AutoModelForCausalLM.from_pretrained` (`AutoModelForSequenceClassification` for a classifier;
+or `trust_remote_code=True`) loads.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from ..modeling.fam_settings import (
     FAMSettings,
 )
 from ..modeling.fam_wrapping import decoder_slot, fam_lm_forward
-from ..modeling.modeling_fam import FAMForCausalLM, FAMMemory, FAMModel
+from ..modeling.modeling_fam import FAMHeadModel, FAMMemory, FAMModel
 
 _PATCHED_CLASSES: dict[type, type] = {}
 
@@ -58,10 +60,11 @@ class FAMPatchedMixin(FAMGenerationMixin):
             **kwargs,
         )
 
-    def to_fam_model(self) -> FAMForCausalLM:
-        """A FAMForCausalLM sharing this model's modules (nothing is copied)."""
+    def to_fam_model(self) -> FAMHeadModel:
+        """A FAMForCausalLM (a FAMForSequenceClassification for a classifier) sharing this model's modules (nothing
+        is copied)."""
         s = self.fam_settings
-        return FAMForCausalLM.from_base_model(
+        return _fam_head_class(self).from_base_model(
             self, block_size=s.block_size, memory_segments=s.memory_segments, fam_length=s.fam_length,
             fam_layers=s.fam_layers, fam_update=s.fam_update,
         )
@@ -76,6 +79,16 @@ class FAMPatchedMixin(FAMGenerationMixin):
         from ..checkpoint_io.publish import push_to_hub
 
         return push_to_hub(self, repo_id, **kwargs)
+
+
+def _fam_head_class(model: PreTrainedModel) -> type[FAMHeadModel]:
+    """The FAM class of `model`'s head (FAMForCausalLM for a causal LM, ...): the one whose head module it has."""
+    heads = FAMHeadModel.__subclasses__()
+    for cls in heads:
+        if isinstance(getattr(model, cls.head_module, None), torch.nn.Module):
+            return cls
+    kinds = " or ".join(f"a {cls.head_kind} (with `{cls.head_module}`)" for cls in heads)
+    raise TypeError(f"hf_fam.patch expects {kinds}, got {type(model).__name__}.")
 
 
 def _patched_class(cls: type) -> type:
@@ -96,11 +109,12 @@ def patch(
     fam_init: torch.Tensor | str | None = None,
     fam_update: str = ZERO_SHOT_FAM_UPDATE,
 ) -> PreTrainedModel:
-    """Put a loaded causal LM into FAM mode, in place, and return it.
+    """Put a loaded causal LM (or sequence classifier) into FAM mode, in place, and return it.
 
     Args:
         model: a `LlamaForCausalLM`, `MistralForCausalLM` or `GemmaForCausalLM` (see
-            `hf_fam.supported_model_types()`).
+            `hf_fam.supported_model_types()`), or the family's sequence classifier (`LlamaForSequenceClassification`,
+            ...: a reward model), which then scores each row's last token with FAM.
         block_size: C, tokens per block.
         memory_segments: M, previous blocks each block attends to.
         fam_length: F, FAM tokens per layer (0 = block sliding window attention).
@@ -131,8 +145,7 @@ def patch(
     adapter = get_adapter(model_type)  # ValueError naming model_type and the supported families
     adapter.check_config(model.config)
     settings = FAMSettings(block_size, memory_segments, fam_length, fam_layers, fam_update)
-    if not hasattr(model, "lm_head"):
-        raise TypeError(f"hf_fam.patch expects a causal LM with a language-model head, got {type(model).__name__}.")
+    _fam_head_class(model)  # a causal LM or a sequence classifier, else TypeError
     try:
         name, decoder = decoder_slot(model, adapter)
     except TypeError:
