@@ -41,11 +41,11 @@ COMPAT = ROOT / "hf_fam" / "modeling" / "fam_compat.py"
 PYPROJECT = ROOT / "pyproject.toml"
 TORCH = "torch==2.13.0"  # any other spec pulls a multi-GB CUDA build on this project's machines
 # What differs between releases: the schedules, generation and the cache, save/load and remote code (all
-# families), LoRA, gradient checkpointing, the range itself and `hf-fam verify`.
+# families), LoRA, gradient checkpointing, the range itself, `hf-fam verify`, and the families' classifier heads.
 COMPAT_TESTS = [
     "tests/test_equivalence.py", "tests/test_streaming.py", "tests/test_save_load.py", "tests/test_families.py",
     "tests/test_lora.py", "tests/test_gradient_checkpointing.py", "tests/test_compat.py", "tests/test_compat_verify.py",
-    "tests/test_backbone.py", "tests/test_settings.py",
+    "tests/test_backbone.py", "tests/test_settings.py", "tests/test_sequence_classification.py",
 ]
 
 
