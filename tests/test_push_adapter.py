@@ -325,3 +325,65 @@ def test_an_adapter_s_card_takes_evaluation_results_and_they_go_up_with_it(base,
     capsys.readouterr()
     assert main(["card", str(folder), "--fine-tuned"]) == 2
     assert "--fine-tuned is for a checkpoint's card" in capsys.readouterr().err
+
+
+def test_a_classifier_adapter_goes_up_with_its_own_card_and_loads_by_repo_id_without_hf_fam(base, hub, tmp_path):
+    """A LoRA adapter of a FAM reward model (PEFT's SEQ_CLS, `score` trained with it) on the FAM causal checkpoint:
+    its card loads it as a classifier, and so do PEFT, transformers and the text-classification pipeline
+    elsewhere, by repo id, with the adapter's scores."""
+    from transformers import AutoModelForSequenceClassification
+
+    from hf_fam.training.lora import fam_lora_config
+
+    classifier = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+    peft_model = get_peft_model(classifier, fam_lora_config(classifier, r=4, init_lora_weights=False)).eval()
+    with torch.no_grad():
+        peft_model.base_model.model.score.modules_to_save.default.weight.normal_(0.0, 1.0)
+    folder = tmp_path / "tiny-fam-reward"
+    peft_model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(base).save_pretrained(folder)
+    ids = _ids(3)
+    with torch.no_grad():
+        expected = peft_model(ids).logits
+
+    push_to_hub(base, "me/tiny-fam")
+    push_to_hub(folder, "me/tiny-fam-reward", base_model="me/tiny-fam")
+    card = (hub.repo("me/tiny-fam-reward") / "README.md").read_text()
+    assert "pipeline_tag: text-classification" in card and "AutoPeftModelForSequenceClassification" in card
+    assert "generate(" not in card
+    # its base has two labels (a causal LM's default), the adapter's score one: the card's calls say so
+    assert ('model = AutoPeftModelForSequenceClassification.from_pretrained(model_id, num_labels=1, '
+            'trust_remote_code=True)') in card
+    assert ('`AutoModelForSequenceClassification.from_pretrained("me/tiny-fam-reward", num_labels=1, '
+            'trust_remote_code=True)`') in card
+    assert ('`pipeline("text-classification", model="me/tiny-fam-reward", trust_remote_code=True, '
+            'model_kwargs={"num_labels": 1})`') in card
+
+    cache = hub_cache(hub, tmp_path / "cache")
+    torch.save({"ids": ids, "expected": expected}, tmp_path / "expected.pt")
+    script = f"""
+        import os
+        os.environ["HF_HUB_CACHE"], os.environ["HF_HUB_OFFLINE"] = {str(cache)!r}, "1"
+        import torch
+        from peft import AutoPeftModelForSequenceClassification
+        from transformers import AutoModelForSequenceClassification, pipeline
+        data = torch.load({str(tmp_path / "expected.pt")!r})
+        repo = "me/tiny-fam-reward"
+        loaded = {{
+            "PEFT": AutoPeftModelForSequenceClassification.from_pretrained(repo, num_labels=1,
+                                                                           trust_remote_code=True),
+            "AUTO": AutoModelForSequenceClassification.from_pretrained(repo, num_labels=1, trust_remote_code=True),
+            "PIPELINE": pipeline("text-classification", model=repo, trust_remote_code=True,
+                                 model_kwargs={{"num_labels": 1}}).model,
+        }}
+        with torch.no_grad():
+            for name, model in loaded.items():
+                diff = (model.eval()(data["ids"]).logits - data["expected"]).abs().max().item()
+                print(name, type(model).__name__, diff)
+    """
+    result = run_without_hf_fam(script, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("PEFT PeftModelForSequenceClassification", "AUTO FAMForSequenceClassification",
+                 "PIPELINE FAMForSequenceClassification"):
+        diff = float(result.stdout.split(name)[1].split()[0])
+        assert diff <= 1e-5, (name, diff)

@@ -21,13 +21,15 @@ import json
 from pathlib import Path
 from string import Template
 
-from .cards import BASE_TAGS, CardInfo, card_metadata, evaluation_table, fam_card_info, template_text
+from .cards import BASE_TAGS, HEAD_CARDS, CardInfo, card_metadata, evaluation_table, fam_card_info, template_text
 from .inspection import fam_summary
 
 ADAPTER_TEMPLATE_NAME = "fam_adapter_card.md"
 ADAPTER_TAGS = ("lora", "peft")
 # what `hf-fam finetune` writes beside an adapter (training/outputs.py, training/options.py)
 RUN_SUMMARY, RUN_CONFIG = "train_summary.json", "finetune_config.json"
+# an adapter's PEFT task type -> the transformers Auto class its base loads with (any other: a causal LM)
+ADAPTER_AUTO_CLASSES = {"SEQ_CLS": "AutoModelForSequenceClassification"}
 
 
 def render_adapter_card(folder: str | Path, *, repo_id: str | None, base_model: str, base_config: dict,
@@ -60,7 +62,11 @@ def render_adapter_card(folder: str | Path, *, repo_id: str | None, base_model: 
         tags.append(f"base_model:adapter:{base_model}")
     tags = list(dict.fromkeys(tags + [t for t in info.tags if not t.startswith("base_model:")]))
     title = model_id.split("/")[-1]
-    data = card_metadata(info, base_model=base_model if on_hub else None, library_name="peft", tags=tags,
+    auto_class = ADAPTER_AUTO_CLASSES.get(adapter.get("task_type"), "AutoModelForCausalLM")
+    pipeline_tag, use_model = HEAD_CARDS[auto_class]
+    labels = _score_labels(folder) if auto_class == "AutoModelForSequenceClassification" else None
+    data = card_metadata(info, pipeline_tag=pipeline_tag, base_model=base_model if on_hub else None,
+                         library_name="peft", tags=tags,
                          model_name=title if info.eval_results else None, eval_results=info.eval_results or None)
     rank, alpha = adapter.get("r"), adapter.get("lora_alpha")
     values = dict(
@@ -72,6 +78,12 @@ def render_adapter_card(folder: str | Path, *, repo_id: str | None, base_model: 
         transformers_pin=" (at the base's newest commit: transformers does not read the pin)"
         if on_hub and base_revision else "",
         architecture=summary.architecture,
+        peft_class="AutoPeft" + auto_class.removeprefix("Auto"),  # AutoPeftModelForCausalLM, ...
+        auto_class=auto_class,
+        pipeline_tag=pipeline_tag,
+        use_model=use_model,
+        label_kwargs=f", num_labels={labels}" if labels else "",
+        pipeline_kwargs=f', model_kwargs={{"num_labels": {labels}}}' if labels else "",
         block_size=f"{summary.block_size:,}",
         attention_window=f"{summary.attention_window:,}",
         fam_length=summary.fam_length,
@@ -86,6 +98,20 @@ def render_adapter_card(folder: str | Path, *, repo_id: str | None, base_model: 
         hf_fam_version=hf_fam.__version__,
     )
     return Template(template_text(ADAPTER_TEMPLATE_NAME)).substitute(values)
+
+
+def _score_labels(folder: Path) -> int | None:
+    """The number of labels of the classifier an adapter was trained on: the rows of the `score` layer it saved
+    (PEFT's SEQ_CLS adapters save it in full), which its base may not have (a causal LM checkpoint has two labels
+    by default, a reward model one), so loading must be told. None when the adapter holds no score."""
+    from safetensors import safe_open
+
+    path = folder / "adapter_model.safetensors"
+    if not path.is_file():
+        return None
+    with safe_open(str(path), "pt") as weights:
+        rows = [weights.get_slice(key).get_shape()[0] for key in weights.keys() if key.endswith("score.weight")]
+    return rows[0] if rows else None
 
 
 def _pin_text(base_model: str, revision: str) -> str:
