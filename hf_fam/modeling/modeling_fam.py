@@ -197,7 +197,7 @@ class FAMHeadModel(FAMPreTrainedModel):
         keep_attention_implementation(config, base_model, kept)
         self.fam_adapter = get_adapter(base_model.config.model_type)
         self.fam_adapter.check_config(base_model.config)
-        # the head: the base causal LM with a FAMModel in its decoder's place. It is a copy with its own
+        # the head: the base model with a FAMModel in its decoder's place. It is a copy with its own
         # child table, so a base model given by the caller keeps its own decoder and stays usable.
         name, decoder = decoder_slot(base_model, self.fam_adapter)
         head = detached_copy(base_model)
@@ -217,13 +217,15 @@ class FAMHeadModel(FAMPreTrainedModel):
         cls, base_model: PreTrainedModel, *, block_size: int, memory_segments: int, fam_length: int,
         fam_layers: str = "all", fam_init: torch.Tensor | None = None, fam_update: str = "paper",
     ) -> FAMHeadModel:
-        """Wrap a loaded base causal LM. Its modules are shared, not copied; the base model stays usable:
-        called itself, it runs its own attention exactly as before (its config then names the FAM attention,
-        `fam_sdpa` or `fam_eager`, which passes its calls through). For the same reason its decoder layers,
-        called on their own, run plain attention; those of a converted or patched model fail clearly.
+        """Wrap a loaded base model of this class's head (a causal LM; a sequence classifier for
+        FAMForSequenceClassification, whose labels are kept). Its modules are shared, not copied; the base model
+        stays usable: called itself, it runs its own attention exactly as before (its config then names the FAM
+        attention, `fam_sdpa` or `fam_eager`, which passes its calls through). For the same reason its decoder
+        layers, called on their own, run plain attention; those of a converted or patched model fail clearly.
 
         Args:
-            base_model: a loaded `LlamaForCausalLM`, `MistralForCausalLM`, `GemmaForCausalLM`, ...
+            base_model: a loaded `LlamaForCausalLM`, `MistralForCausalLM`, `GemmaForCausalLM`, ... (for
+                FAMForSequenceClassification: `LlamaForSequenceClassification`, ...)
             block_size, memory_segments, fam_length: C, M, F.
             fam_layers: "all" or "global" (see FAMConfig).
             fam_init: optional (F, D) initial FAM; defaults to the model's initialisation of it.
@@ -370,10 +372,6 @@ class FAMForSequenceClassification(FAMHeadModel):
     ):
         """Same arguments and outputs as the base family's sequence-classification forward (one row of
         logits per sequence, the loss its problem type gives), plus `fam_state`."""
-        if kwargs.get("fam_loss_chunk") is not None:
-            raise ValueError("fam_loss_chunk sums a causal LM's loss in chunks; a sequence classifier's loss is "
-                             "computed on one row per sequence: leave it out")
-        kwargs.pop("fam_loss_chunk", None)
         return self._head_forward(
             cache,
             input_ids=input_ids,
