@@ -1,7 +1,7 @@
 """Generation modes that need to roll the cache back (assisted / prompt-lookup decoding, contrastive search) and
 continuous batching (a paged KV cache) cannot run a FAM model's recurrent memory: each is refused with one line
 before a token is produced, for FAMForCausalLM, a patched model, and a checkpoint loaded as remote code where hf_fam is
-not installed.
+not installed (there, with the refusal of attention weights, tests/test_model_outputs.py).
 (transformers 5.24 alone refuses assisted decoding only after the prefill, sends contrastive search to the Hub, and
 returns no tokens from continuous batching after logging an error.)"""
 
@@ -88,7 +88,8 @@ def test_remote_code_refuses_the_same_modes(models, tmp_path):
         prompt = torch.arange(5, 26)[None]
         print("greedy", model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0).shape[1])
         for kwargs in ({{"prompt_lookup_num_tokens": 3}}, {{"penalty_alpha": 0.6, "top_k": 4}},
-                       {{"cache_implementation": "paged"}}):
+                       {{"cache_implementation": "paged"}},
+                       {{"output_attentions": True, "return_dict_in_generate": True}}):
             try:
                 model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0, **kwargs)
                 print("ran", kwargs)
@@ -103,4 +104,5 @@ def test_remote_code_refuses_the_same_modes(models, tmp_path):
                          "prompt_lookup_num_tokens, assistant_early_exit, use_mtp)",
                          "refused FAM models do not support contrastive search (penalty_alpha with top_k > 1)",
                          "refused FAM models do not support continuous batching (cache_implementation='paged', "
-                         "generate_batch)"], result.stdout
+                         "generate_batch)",
+                         "refused FAM models do not return attention weights (output_attentions=True)"], result.stdout

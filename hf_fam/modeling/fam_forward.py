@@ -34,6 +34,12 @@ from .fam_settings import FAMSettings
 
 _OUTPUT_CLASSES: dict[type, type] = {}
 
+NO_ATTENTION_WEIGHTS = (
+    "FAM models do not return attention weights (output_attentions=True): a FAM layer attends over its memory and "
+    "the last blocks, which no (tokens x tokens) matrix holds. Call without output_attentions (output_hidden_states "
+    "works)."
+)
+
 
 def with_fam_state(outputs, fam_state):
     """`outputs` as an instance of a subclass of its class that declares `fam_state` as a field.
@@ -101,6 +107,9 @@ def fam_forward(
     """
     sink = kwargs.pop("fam_output", None)
     refuse_packed_inputs(position_ids, attention_mask, **kwargs)  # several documents in one row
+    if kwargs.get("output_attentions", getattr(base_model.config, "output_attentions", False)):
+        # transformers would collect the weights FAM's attention never returns: an empty tuple, silently
+        raise ValueError(NO_ATTENTION_WEIGHTS)
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
     if input_ids is not None and input_ids.dim() != 2:
