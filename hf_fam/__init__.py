@@ -1,8 +1,8 @@
 """hf_fam: TransformerFAM (Feedback Attention Memory) for Hugging Face Transformers.
 
 `import hf_fam` registers `FAMConfig` (model_type "fam") with AutoConfig, `FAMModel` (the backbone) with
-AutoModel, `FAMForCausalLM` with AutoModelForCausalLM and `FAMForSequenceClassification` with
-AutoModelForSequenceClassification.
+AutoModel, `FAMForCausalLM` with AutoModelForCausalLM, `FAMForSequenceClassification` with
+AutoModelForSequenceClassification and `FAMForTokenClassification` with AutoModelForTokenClassification.
 
 The `hf-fam` command line is the one exception: importing torch and transformers takes seconds, so when
 this interpreter was started as `hf-fam` (or `python -m hf_fam.cli`) the package only parses arguments
@@ -26,31 +26,39 @@ _moved.install()  # the old names of moved modules (hf_fam.convert, ...), each w
 
 __version__ = "0.1.0"
 
-__all__ = ["FAMCache", "FAMConfig", "FAMForCausalLM", "FAMForSequenceClassification", "FAMModel", "FAMSettings",
-           "patch", "supported_model_types", "unpatch", "__version__"]
+__all__ = ["FAMCache", "FAMConfig", "FAMForCausalLM", "FAMForSequenceClassification", "FAMForTokenClassification",
+           "FAMModel", "FAMSettings", "patch", "supported_model_types", "unpatch", "__version__"]
 
 _loaded = False
 
 
 def load() -> None:
     """Import the modelling code and register the `fam` model type with the Auto classes (idempotent)."""
-    global _loaded, FAMCache, FAMConfig, FAMForCausalLM, FAMForSequenceClassification, FAMModel, FAMSettings
-    global patch, supported_model_types, unpatch
+    global _loaded, FAMCache, FAMConfig, FAMForCausalLM, FAMForSequenceClassification, FAMForTokenClassification
+    global FAMModel, FAMSettings, patch, supported_model_types, unpatch
     if _loaded:
         return
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+    import transformers
+    from transformers import AutoConfig
 
-    from .modeling.configuration_fam import FAMConfig
+    from .modeling import modeling_fam
+    from .modeling.configuration_fam import AUTO_MAP, FAMConfig
     from .modeling.fam_adapters import supported_model_types
     from .modeling.fam_cache import FAMCache
     from .modeling.fam_settings import FAMSettings
-    from .modeling.modeling_fam import FAMForCausalLM, FAMForSequenceClassification, FAMModel
+    from .modeling.modeling_fam import (
+        FAMForCausalLM,
+        FAMForSequenceClassification,
+        FAMForTokenClassification,
+        FAMModel,
+    )
     from .runtime.patching import patch, unpatch
 
     AutoConfig.register("fam", FAMConfig, exist_ok=True)
-    AutoModel.register(FAMConfig, FAMModel, exist_ok=True)
-    AutoModelForCausalLM.register(FAMConfig, FAMForCausalLM, exist_ok=True)
-    AutoModelForSequenceClassification.register(FAMConfig, FAMForSequenceClassification, exist_ok=True)
+    for auto_class, ref in AUTO_MAP.items():  # every model class a checkpoint's auto_map names
+        if auto_class != "AutoConfig":
+            getattr(transformers, auto_class).register(FAMConfig, getattr(modeling_fam, ref.split(".")[-1]),
+                                                       exist_ok=True)
     _loaded = True
 
 

@@ -1,7 +1,7 @@
 """Sequence classifiers from a FAM checkpoint, as the clients make them: TRL's `RewardTrainer` and transformers'
 text-classification pipeline load `AutoModelForSequenceClassification` from the path, and get a
 FAMForSequenceClassification whose rewards are FAM's (each row's own, alone, padding cut off), never a plain
-classifier's. A token-classification load is refused loudly: no FAM class serves it."""
+classifier's. (Token classifiers and their pipeline: tests/test_token_classification.py.)"""
 
 from __future__ import annotations
 
@@ -10,12 +10,7 @@ import torch
 from client_helpers import base_folder, fam_checkpoint
 from conftest import assert_close
 from datasets import Dataset
-from transformers import (
-    AutoModelForSequenceClassification,
-    AutoModelForTokenClassification,
-    AutoTokenizer,
-    pipeline,
-)
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
 from hf_fam import FAMForSequenceClassification
 
@@ -29,11 +24,6 @@ PAIRS = {"chosen": [LONG, "pack my box with five dozen liquor jugs, said the sph
 @pytest.fixture(scope="module")
 def fam_folder(tmp_path_factory):
     return fam_checkpoint(tmp_path_factory.mktemp("heads") / "fam")
-
-
-def test_a_token_classification_head_is_refused(fam_folder):
-    with pytest.raises(ValueError, match="Unrecognized configuration class"):
-        AutoModelForTokenClassification.from_pretrained(fam_folder, trust_remote_code=True, dtype=torch.float32)
 
 
 def _rewards_alone(model, tokenizer, texts):

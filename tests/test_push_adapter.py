@@ -327,19 +327,29 @@ def test_an_adapter_s_card_takes_evaluation_results_and_they_go_up_with_it(base,
     assert "--fine-tuned is for a checkpoint's card" in capsys.readouterr().err
 
 
-def test_a_classifier_adapter_goes_up_with_its_own_card_and_loads_by_repo_id_without_hf_fam(base, hub, tmp_path):
-    """A LoRA adapter of a FAM reward model (PEFT's SEQ_CLS, `score` trained with it) on the FAM causal checkpoint:
-    its card loads it as a classifier, and so do PEFT, transformers and the text-classification pipeline
-    elsewhere, by repo id, with the adapter's scores."""
-    from transformers import AutoModelForSequenceClassification
+CLASSIFIERS = {  # head -> the pipeline (its task, the card's tag) and a number of labels unlike the base's two
+    "Sequence": ("text-classification", 1),
+    "Token": ("token-classification", 3),
+}
+
+
+@pytest.mark.parametrize("head", sorted(CLASSIFIERS))
+def test_a_classifier_adapter_goes_up_with_its_own_card_and_loads_by_repo_id_without_hf_fam(base, hub, tmp_path,
+                                                                                         head):
+    """A LoRA adapter of a FAM classifier (a reward model: PEFT's SEQ_CLS; a tagger: TOKEN_CLS; `score` trained
+    with it) on the FAM causal checkpoint: its card loads it as that classifier, and so do PEFT, transformers and
+    the pipeline elsewhere, by repo id, with the adapter's scores."""
+    import transformers
 
     from hf_fam.training.lora import fam_lora_config
 
-    classifier = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+    task, labels = CLASSIFIERS[head]
+    auto = f"AutoModelFor{head}Classification"
+    classifier = getattr(transformers, auto).from_pretrained(base, num_labels=labels)
     peft_model = get_peft_model(classifier, fam_lora_config(classifier, r=4, init_lora_weights=False)).eval()
     with torch.no_grad():
         peft_model.base_model.model.score.modules_to_save.default.weight.normal_(0.0, 1.0)
-    folder = tmp_path / "tiny-fam-reward"
+    folder = tmp_path / "tiny-fam-classifier"
     peft_model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(base).save_pretrained(folder)
     ids = _ids(3)
@@ -347,17 +357,17 @@ def test_a_classifier_adapter_goes_up_with_its_own_card_and_loads_by_repo_id_wit
         expected = peft_model(ids).logits
 
     push_to_hub(base, "me/tiny-fam")
-    push_to_hub(folder, "me/tiny-fam-reward", base_model="me/tiny-fam")
-    card = (hub.repo("me/tiny-fam-reward") / "README.md").read_text()
-    assert "pipeline_tag: text-classification" in card and "AutoPeftModelForSequenceClassification" in card
+    push_to_hub(folder, "me/tiny-fam-classifier", base_model="me/tiny-fam")
+    card = (hub.repo("me/tiny-fam-classifier") / "README.md").read_text()
+    assert f"pipeline_tag: {task}" in card and f"AutoPeftModelFor{head}Classification" in card
     assert "generate(" not in card
-    # its base has two labels (a causal LM's default), the adapter's score one: the card's calls say so
-    assert ('model = AutoPeftModelForSequenceClassification.from_pretrained(model_id, num_labels=1, '
-            'trust_remote_code=True)') in card
-    assert ('`AutoModelForSequenceClassification.from_pretrained("me/tiny-fam-reward", num_labels=1, '
+    # its base has two labels (a causal LM's default), the adapter's score another number: the card's calls say so
+    assert (f"model = AutoPeftModelFor{head}Classification.from_pretrained(model_id, num_labels={labels}, "
+            "trust_remote_code=True)") in card
+    assert (f'`{auto}.from_pretrained("me/tiny-fam-classifier", num_labels={labels}, '
             'trust_remote_code=True)`') in card
-    assert ('`pipeline("text-classification", model="me/tiny-fam-reward", trust_remote_code=True, '
-            'model_kwargs={"num_labels": 1})`') in card
+    assert (f'`pipeline("{task}", model="me/tiny-fam-classifier", trust_remote_code=True, '
+            f'model_kwargs={{"num_labels": {labels}}})`') in card
 
     cache = hub_cache(hub, tmp_path / "cache")
     torch.save({"ids": ids, "expected": expected}, tmp_path / "expected.pt")
@@ -365,16 +375,16 @@ def test_a_classifier_adapter_goes_up_with_its_own_card_and_loads_by_repo_id_wit
         import os
         os.environ["HF_HUB_CACHE"], os.environ["HF_HUB_OFFLINE"] = {str(cache)!r}, "1"
         import torch
-        from peft import AutoPeftModelForSequenceClassification
-        from transformers import AutoModelForSequenceClassification, pipeline
+        from peft import AutoPeftModelFor{head}Classification
+        from transformers import {auto}, pipeline
         data = torch.load({str(tmp_path / "expected.pt")!r})
-        repo = "me/tiny-fam-reward"
+        repo = "me/tiny-fam-classifier"
         loaded = {{
-            "PEFT": AutoPeftModelForSequenceClassification.from_pretrained(repo, num_labels=1,
-                                                                           trust_remote_code=True),
-            "AUTO": AutoModelForSequenceClassification.from_pretrained(repo, num_labels=1, trust_remote_code=True),
-            "PIPELINE": pipeline("text-classification", model=repo, trust_remote_code=True,
-                                 model_kwargs={{"num_labels": 1}}).model,
+            "PEFT": AutoPeftModelFor{head}Classification.from_pretrained(repo, num_labels={labels},
+                                                                        trust_remote_code=True),
+            "AUTO": {auto}.from_pretrained(repo, num_labels={labels}, trust_remote_code=True),
+            "PIPELINE": pipeline("{task}", model=repo, trust_remote_code=True,
+                                 model_kwargs={{"num_labels": {labels}}}).model,
         }}
         with torch.no_grad():
             for name, model in loaded.items():
@@ -383,7 +393,7 @@ def test_a_classifier_adapter_goes_up_with_its_own_card_and_loads_by_repo_id_wit
     """
     result = run_without_hf_fam(script, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    for name in ("PEFT PeftModelForSequenceClassification", "AUTO FAMForSequenceClassification",
-                 "PIPELINE FAMForSequenceClassification"):
+    for name in (f"PEFT PeftModelFor{head}Classification", f"AUTO FAMFor{head}Classification",
+                 f"PIPELINE FAMFor{head}Classification"):
         diff = float(result.stdout.split(name)[1].split()[0])
         assert diff <= 1e-5, (name, diff)

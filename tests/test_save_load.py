@@ -47,6 +47,7 @@ def test_save_then_auto_load_gives_identical_logits(family, kind, tmp_path):
         "AutoModel": "modeling_fam.FAMModel",
         "AutoModelForCausalLM": "modeling_fam.FAMForCausalLM",
         "AutoModelForSequenceClassification": "modeling_fam.FAMForSequenceClassification",
+        "AutoModelForTokenClassification": "modeling_fam.FAMForTokenClassification",
     }
     with safe_open(tmp_path / "model.safetensors", "pt") as f:
         keys = set(f.keys())

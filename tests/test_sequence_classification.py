@@ -188,7 +188,7 @@ def test_a_head_of_the_other_kind_is_refused():
         FAMForSequenceClassification.from_base_model(tiny_model("llama"), **SETTINGS)
     with pytest.raises(TypeError, match="wraps a causal LM .* got LlamaForSequenceClassification"):
         hf_fam.FAMForCausalLM.from_base_model(tiny_classifier("llama"), **SETTINGS)
-    with pytest.raises(TypeError, match=r"expects a causal LM \(with `lm_head`\) or a sequence classifier"):
+    with pytest.raises(TypeError, match=r"hf_fam.patch expects a causal LM \(with `lm_head`\), a sequence classifier"):
         hf_fam.patch(tiny_model("llama").model, **SETTINGS)  # a bare decoder stack
 
 

@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 from string import Template
 
+from ..modeling.configuration_fam import HEADS
 from .cards import BASE_TAGS, HEAD_CARDS, CardInfo, card_metadata, evaluation_table, fam_card_info, template_text
 from .inspection import fam_summary
 
@@ -29,7 +30,7 @@ ADAPTER_TAGS = ("lora", "peft")
 # what `hf-fam finetune` writes beside an adapter (training/outputs.py, training/options.py)
 RUN_SUMMARY, RUN_CONFIG = "train_summary.json", "finetune_config.json"
 # an adapter's PEFT task type -> the transformers Auto class its base loads with (any other: a causal LM)
-ADAPTER_AUTO_CLASSES = {"SEQ_CLS": "AutoModelForSequenceClassification"}
+ADAPTER_AUTO_CLASSES = {task_type: auto_class for auto_class, (_, task_type) in HEADS.items()}
 
 
 def render_adapter_card(folder: str | Path, *, repo_id: str | None, base_model: str, base_config: dict,
@@ -64,7 +65,7 @@ def render_adapter_card(folder: str | Path, *, repo_id: str | None, base_model: 
     title = model_id.split("/")[-1]
     auto_class = ADAPTER_AUTO_CLASSES.get(adapter.get("task_type"), "AutoModelForCausalLM")
     pipeline_tag, use_model = HEAD_CARDS[auto_class]
-    labels = _score_labels(folder) if auto_class == "AutoModelForSequenceClassification" else None
+    labels = _score_labels(folder) if auto_class != "AutoModelForCausalLM" else None
     data = card_metadata(info, pipeline_tag=pipeline_tag, base_model=base_model if on_hub else None,
                          library_name="peft", tags=tags,
                          model_name=title if info.eval_results else None, eval_results=info.eval_results or None)
@@ -102,8 +103,8 @@ def render_adapter_card(folder: str | Path, *, repo_id: str | None, base_model: 
 
 def _score_labels(folder: Path) -> int | None:
     """The number of labels of the classifier an adapter was trained on: the rows of the `score` layer it saved
-    (PEFT's SEQ_CLS adapters save it in full), which its base may not have (a causal LM checkpoint has two labels
-    by default, a reward model one), so loading must be told. None when the adapter holds no score."""
+    (PEFT's SEQ_CLS and TOKEN_CLS adapters save it in full), which its base may not have (a causal LM checkpoint has
+    two labels by default, a reward model one), so loading must be told. None when the adapter holds no score."""
     from safetensors import safe_open
 
     path = folder / "adapter_model.safetensors"

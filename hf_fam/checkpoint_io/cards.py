@@ -78,6 +78,8 @@ HEAD_CARDS = {
                                                 "print(tokenizer.decode(output[0], skip_special_tokens=True))"),
     "AutoModelForSequenceClassification": ("text-classification", "print(model(**inputs).logits)  # one score per "
                                                                   "label, read at the last token"),
+    "AutoModelForTokenClassification": ("token-classification", "print(model(**inputs).logits.argmax(-1))  # one "
+                                                                "label per token"),
 }
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..modeling.configuration_fam import HEAD_AUTO_CLASSES, LABEL_FIELDS
+from ..modeling.configuration_fam import HEAD_AUTO_CLASSES, HEADS, LABEL_FIELDS
 from ..modeling.fam_settings import FAMSettings
 from .checkpoint import (
     AUTO_MAP,
@@ -48,7 +48,7 @@ class FAMSummary:
 
     Attributes:
         model_type, architecture: the base family ("llama") and class ("LlamaForCausalLM").
-        head: "causal LM", or "sequence classifier (N labels)" for a FAMForSequenceClassification checkpoint;
+        head: "causal LM", or "sequence classifier (N labels)" / "token classifier (N labels)" for a classifier;
             auto_class the transformers Auto class that loads it ("AutoModelForCausalLM", ...).
         num_layers, hidden_size, num_heads, num_kv_heads, head_dim: the base shape.
         block_size, memory_segments, fam_length, fam_layers: C, M, F and which layers carry FAM.
@@ -129,10 +129,12 @@ def _auto_class(config: dict) -> str:
 
 
 def _head(config: dict) -> str:
-    if _auto_class(config) == "AutoModelForSequenceClassification":
-        labels = len(config.get("id2label") or {0: 0, 1: 1})  # transformers' default: two labels
-        return f"sequence classifier ({labels} label{'' if labels == 1 else 's'})"
-    return "causal LM"
+    auto_class = _auto_class(config)
+    kind = HEADS[auto_class][0]
+    if auto_class == "AutoModelForCausalLM":
+        return kind
+    labels = len(config.get("id2label") or {0: 0, 1: 1})  # transformers' default: two labels
+    return f"{kind} ({labels} label{'' if labels == 1 else 's'})"
 
 
 @dataclass

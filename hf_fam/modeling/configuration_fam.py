@@ -32,10 +32,19 @@ AUTO_MAP = {
     "AutoModel": "modeling_fam.FAMModel",
     "AutoModelForCausalLM": "modeling_fam.FAMForCausalLM",
     "AutoModelForSequenceClassification": "modeling_fam.FAMForSequenceClassification",
+    "AutoModelForTokenClassification": "modeling_fam.FAMForTokenClassification",
 }
 
 # The FAM class of each task head (a checkpoint's `architectures`) -> the Auto class of its base model
 HEAD_AUTO_CLASSES = {ref.split(".")[-1]: auto for auto, ref in AUTO_MAP.items() if auto.startswith("AutoModelFor")}
+
+# Each task head (by its Auto class) -> what messages and cards call it, and PEFT's task type for its adapters
+# (the class PEFT reloads them with, and the head layer it trains and saves with them)
+HEADS = {
+    "AutoModelForCausalLM": ("causal LM", "CAUSAL_LM"),
+    "AutoModelForSequenceClassification": ("sequence classifier", "SEQ_CLS"),
+    "AutoModelForTokenClassification": ("token classifier", "TOKEN_CLS"),
+}
 
 # A sequence classifier's labels: read from this config (the top level), where transformers and its clients
 # (pipelines, the loss) read and write them; taken from the base config when a loaded base model is wrapped

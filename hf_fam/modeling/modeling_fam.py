@@ -24,12 +24,13 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
     GenerationMixin,
     PreTrainedModel,
 )
 from transformers.utils import logging
 
-from .configuration_fam import LABEL_FIELDS, FAMConfig
+from .configuration_fam import HEAD_AUTO_CLASSES, HEADS, LABEL_FIELDS, FAMConfig
 from .fam_adapters import get_adapter
 
 # Every remote-code file must be a direct relative import of this module (the `noqa` ones are imported for
@@ -176,8 +177,20 @@ class FAMHeadModel(FAMPreTrainedModel):
     `base_auto_class` from `config.base_config`, or given loaded (`from_base_model`); its own forward runs."""
 
     base_auto_class = AutoModelForCausalLM  # builds the base model of this head from `config.base_config`
-    head_kind = "causal LM"  # for error messages
     head_module = "lm_head"  # the child module a base model of this kind has (a loaded base is checked for it)
+    head_kind, peft_task_type = HEADS["AutoModelForCausalLM"]  # for messages; PEFT's task type (configuration_fam)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.head_kind, cls.peft_task_type = HEADS[cls.base_auto_class.__name__]
+
+    @classmethod
+    def wraps(cls, model: nn.Module) -> bool:
+        """Whether `model` (plain, patched or FAM) has a head of this kind: its `head_module`, and a class named as
+        transformers names the models its Auto class builds (`...ForCausalLM`, `...ForTokenClassification`)."""
+        suffix = cls.base_auto_class.__name__.removeprefix("AutoModel")
+        return isinstance(getattr(model, cls.head_module, None), nn.Module) and any(
+            c.__name__.endswith(suffix) for c in type(model).__mro__)
 
     def __init__(self, config: FAMConfig, base_model: PreTrainedModel | None = None,
                  fam_module: FAMMemory | None = None):
@@ -186,7 +199,7 @@ class FAMHeadModel(FAMPreTrainedModel):
         super().__init__(config)
         if base_model is None:
             base_model = self.base_auto_class.from_config(config.base_config)
-        elif not isinstance(getattr(base_model, self.head_module, None), nn.Module):
+        elif not self.wraps(base_model):
             raise TypeError(f"{type(self).__name__} wraps a {self.head_kind} (a model with `{self.head_module}`), got "
                             f"{type(base_model).__name__}: use the FAM class for its head, or load the checkpoint "
                             f"with {self.base_auto_class.__name__}")
@@ -329,25 +342,14 @@ class FAMForCausalLM(FAMHeadModel, FAMGenerationMixin, GenerationMixin):
         )
 
 
-class FAMForSequenceClassification(FAMHeadModel):
-    """A sequence classifier (or reward model) with Feedback Attention Memory: a FAMModel backbone and the base
-    family's sequence-classification head (`LlamaForSequenceClassification`, ...), which scores the last token
-    that is not padding, as the family does. Its weights are a FAM causal LM's (`model.*`, `fam.fam_init`) plus
-    `score`, so `AutoModelForSequenceClassification.from_pretrained(fam_checkpoint, num_labels=...)` starts one
-    from a converted checkpoint, as from a plain causal LM. Labels (`id2label`, `problem_type`) are this model's
-    config's; the padding token is read where the family reads it, and `config.pad_token_id = ...` sets it there.
+class FAMClassifierModel(FAMHeadModel):
+    """A base family's classification head (`score`) on a FAMModel backbone: the base class of
+    FAMForSequenceClassification and FAMForTokenClassification. Its weights are a FAM causal LM's (`model.*`,
+    `fam.fam_init`) plus `score`, so `AutoModelFor...Classification.from_pretrained(fam_checkpoint, num_labels=...)`
+    starts one from a converted checkpoint, as from a plain causal LM. Labels (`id2label`, `problem_type`) are this
+    model's config's; the padding token is read where the family reads it, and `config.pad_token_id = ...` sets it
+    there."""
 
-    Example:
-    ```python
-    >>> from transformers import AutoModelForSequenceClassification
-    >>> model = AutoModelForSequenceClassification.from_pretrained("llama-fam", num_labels=1, trust_remote_code=True)
-    >>> model(input_ids).logits.shape  # one reward per sequence
-    torch.Size([1, 1])
-    ```
-    """
-
-    base_auto_class = AutoModelForSequenceClassification
-    head_kind = "sequence classifier"
     head_module = "score"
 
     def __init__(self, config: FAMConfig, base_model: PreTrainedModel | None = None,
@@ -370,8 +372,8 @@ class FAMForSequenceClassification(FAMHeadModel):
         fam_cuda_graphs: bool = True,
         **kwargs,
     ):
-        """Same arguments and outputs as the base family's sequence-classification forward (one row of
-        logits per sequence, the loss its problem type gives), plus `fam_state`."""
+        """Same arguments and outputs as the base family's classification forward (logits and the loss its
+        problem type gives), plus `fam_state`."""
         return self._head_forward(
             cache,
             input_ids=input_ids,
@@ -385,12 +387,62 @@ class FAMForSequenceClassification(FAMHeadModel):
         )
 
 
+class FAMForSequenceClassification(FAMClassifierModel):
+    """A sequence classifier (or reward model) with Feedback Attention Memory: the family's
+    sequence-classification head (`LlamaForSequenceClassification`, ...), which scores the last token that is not
+    padding, on a FAMModel backbone (see FAMClassifierModel).
+
+    Example:
+    ```python
+    >>> from transformers import AutoModelForSequenceClassification
+    >>> model = AutoModelForSequenceClassification.from_pretrained("llama-fam", num_labels=1, trust_remote_code=True)
+    >>> model(input_ids).logits.shape  # one reward per sequence
+    torch.Size([1, 1])
+    ```
+    """
+
+    base_auto_class = AutoModelForSequenceClassification
+
+
+class FAMForTokenClassification(FAMClassifierModel):
+    """A token classifier (tagging, NER) with Feedback Attention Memory: the family's token-classification head
+    (`LlamaForTokenClassification`, ...), which scores every token, on a FAMModel backbone (see
+    FAMClassifierModel). Each token's scores read the memory of every block before its window.
+
+    Example:
+    ```python
+    >>> from transformers import AutoModelForTokenClassification
+    >>> model = AutoModelForTokenClassification.from_pretrained("llama-fam", num_labels=5, trust_remote_code=True)
+    >>> model(input_ids).logits.shape  # five scores per token
+    torch.Size([1, 20, 5])
+    ```
+    """
+
+    base_auto_class = AutoModelForTokenClassification
+
+
+# the FAM class of every head a checkpoint's auto_map names (configuration_fam.AUTO_MAP)
+HEAD_MODELS = tuple(globals()[name] for name in HEAD_AUTO_CLASSES)
+
+
+def fam_head_class(model: nn.Module, caller: str = "FAM") -> type[FAMHeadModel]:
+    """The FAM class of a model's head: FAMForCausalLM for a causal LM (plain, patched or FAM), ...; a TypeError
+    naming `caller` for a model without a head FAM has."""
+    for cls in HEAD_MODELS:
+        if cls.wraps(model):
+            return cls
+    kinds = ", ".join(f"a {cls.head_kind} (with `{cls.head_module}`)" for cls in HEAD_MODELS)
+    raise TypeError(f"{caller} expects {kinds}; got {type(model).__name__}.")
+
+
 FAMConfig.register_for_auto_class()
 FAMModel.register_for_auto_class("AutoModel")
 FAMForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 FAMForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+FAMForTokenClassification.register_for_auto_class("AutoModelForTokenClassification")
 
 __all__ = [
-    "FAMForCausalLM", "FAMForSequenceClassification", "FAMHeadModel", "FAMMemory", "FAMModel", "FAMPreTrainedModel",
-    "fam_forward", "fam_lm_forward",
+    "FAMClassifierModel", "FAMForCausalLM", "FAMForSequenceClassification", "FAMForTokenClassification",
+    "FAMHeadModel", "FAMMemory", "FAMModel", "FAMPreTrainedModel", "HEAD_MODELS", "fam_forward", "fam_head_class",
+    "fam_lm_forward",
 ]

@@ -1,11 +1,11 @@
-"""`patch(model, ...)`: turn an already-loaded causal LM (Llama, Mistral, Gemma, ...) or sequence classifier into FAM
-mode, in place.
+"""`patch(model, ...)`: turn an already-loaded causal LM (Llama, Mistral, Gemma, ...), sequence classifier or token
+classifier into FAM mode, in place.
 
 The model's decoder stack is put inside a `FAMModel` backbone in its place (`model.model` runs FAM, as in a
 converted FAMForCausalLM: one forward path for both), the model's class gets a subclass swapped in that
 attaches the final FAM to its outputs and saves FAM checkpoints, every submodule keeps its name and object,
 and one small module is added: `model.fam`, holding the learned initial FAM. `save_pretrained` then writes a
-FAM checkpoint that `AutoModelForCausalLM.from_pretrained` (`AutoModelForSequenceClassification` for a classifier;
+FAM checkpoint that `AutoModelForCausalLM.from_pretrained` (`AutoModelFor...Classification` for a classifier;
 or `trust_remote_code=True`) loads.
 """
 
@@ -28,7 +28,7 @@ from ..modeling.fam_settings import (
     FAMSettings,
 )
 from ..modeling.fam_wrapping import decoder_slot, fam_lm_forward
-from ..modeling.modeling_fam import FAMHeadModel, FAMMemory, FAMModel
+from ..modeling.modeling_fam import FAMHeadModel, FAMMemory, FAMModel, fam_head_class
 
 _PATCHED_CLASSES: dict[type, type] = {}
 
@@ -61,10 +61,10 @@ class FAMPatchedMixin(FAMGenerationMixin):
         )
 
     def to_fam_model(self) -> FAMHeadModel:
-        """A FAMForCausalLM (a FAMForSequenceClassification for a classifier) sharing this model's modules (nothing
-        is copied)."""
+        """A FAMForCausalLM (FAMForSequenceClassification, FAMForTokenClassification for a classifier) sharing this
+        model's modules (nothing is copied)."""
         s = self.fam_settings
-        return _fam_head_class(self).from_base_model(
+        return fam_head_class(self).from_base_model(
             self, block_size=s.block_size, memory_segments=s.memory_segments, fam_length=s.fam_length,
             fam_layers=s.fam_layers, fam_update=s.fam_update,
         )
@@ -79,16 +79,6 @@ class FAMPatchedMixin(FAMGenerationMixin):
         from ..checkpoint_io.publish import push_to_hub
 
         return push_to_hub(self, repo_id, **kwargs)
-
-
-def _fam_head_class(model: PreTrainedModel) -> type[FAMHeadModel]:
-    """The FAM class of `model`'s head (FAMForCausalLM for a causal LM, ...): the one whose head module it has."""
-    heads = FAMHeadModel.__subclasses__()
-    for cls in heads:
-        if isinstance(getattr(model, cls.head_module, None), torch.nn.Module):
-            return cls
-    kinds = " or ".join(f"a {cls.head_kind} (with `{cls.head_module}`)" for cls in heads)
-    raise TypeError(f"hf_fam.patch expects {kinds}, got {type(model).__name__}.")
 
 
 def _patched_class(cls: type) -> type:
@@ -114,7 +104,8 @@ def patch(
     Args:
         model: a `LlamaForCausalLM`, `MistralForCausalLM` or `GemmaForCausalLM` (see
             `hf_fam.supported_model_types()`), or the family's sequence classifier (`LlamaForSequenceClassification`,
-            ...: a reward model), which then scores each row's last token with FAM.
+            ...: a reward model), which then scores each row's last token with FAM, or its token classifier
+            (`LlamaForTokenClassification`, ...), which scores every token with FAM.
         block_size: C, tokens per block.
         memory_segments: M, previous blocks each block attends to.
         fam_length: F, FAM tokens per layer (0 = block sliding window attention).
@@ -145,7 +136,7 @@ def patch(
     adapter = get_adapter(model_type)  # ValueError naming model_type and the supported families
     adapter.check_config(model.config)
     settings = FAMSettings(block_size, memory_segments, fam_length, fam_layers, fam_update)
-    _fam_head_class(model)  # a causal LM or a sequence classifier, else TypeError
+    fam_head_class(model, "hf_fam.patch")  # a causal LM or a classifier, else TypeError
     try:
         name, decoder = decoder_slot(model, adapter)
     except TypeError:

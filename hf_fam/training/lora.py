@@ -30,7 +30,7 @@ from peft import LoraConfig
 from torch import nn
 
 from ..modeling.fam_adapters import get_adapter
-from ..modeling.modeling_fam import FAMForSequenceClassification
+from ..modeling.modeling_fam import fam_head_class
 from .options import DEFAULT_LORA_RANK
 
 # LoraOptions.init -> LoraConfig.init_lora_weights. "pissa_niter_4": PiSSA from a randomized SVD of 4 subspace
@@ -148,7 +148,8 @@ def fam_lora_config(
     normalization layers trained in full.
 
     Args:
-        model: a FAMForCausalLM, a FAMForSequenceClassification or a patched model (wrappers allowed).
+        model: a FAMForCausalLM, a FAM classifier (FAMForSequenceClassification, FAMForTokenClassification) or a
+            patched model (wrappers allowed).
         r: LoRA rank (paper: 64).
         lora_alpha: LoRA alpha; defaults to `r` (scaling 1; the paper does not state it).
         lora_dropout: dropout on the LoRA branch.
@@ -166,7 +167,8 @@ def fam_lora_config(
 
     Returns:
         A LoraConfig with `task_type="CAUSAL_LM"`, so that `AutoPeftModelForCausalLM` reloads the adapter
-        (`"SEQ_CLS"` for a FAMForSequenceClassification: PEFT then trains and saves its `score` layer too).
+        (`"SEQ_CLS"` for a sequence classifier, `"TOKEN_CLS"` for a token classifier, patched or not: PEFT then
+        trains and saves its `score` layer too).
 
     Example:
     ```python
@@ -192,8 +194,7 @@ def fam_lora_config(
     if train_norms:
         modules_to_save += [name for name in norm_module_names(fam_model, in_layers=True)
                             if name not in modules_to_save]
-    classifier = isinstance(fam_model, FAMForSequenceClassification)
-    lora_kwargs.setdefault("task_type", "SEQ_CLS" if classifier else "CAUSAL_LM")
+    lora_kwargs.setdefault("task_type", fam_head_class(fam_model, "fam_lora_config").peft_task_type)
     return LoraConfig(
         r=r,
         lora_alpha=r if lora_alpha is None else lora_alpha,
