@@ -86,6 +86,22 @@ def test_patch_keeps_every_module_in_place(family):
         assert isinstance(getattr(model.model.layers[0].self_attn, proj), torch.nn.Linear)
 
 
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_patching_and_wrapping_keep_the_models_mode(mode):
+    """A loaded model is in eval mode. Its FAM backbone once started in training mode, so a forward with gradients
+    (a loss, a score) switched a zero-shot model to the paper's memory update and built no cache."""
+    ids = random_ids(1, 13)
+    patched = hf_fam.patch(getattr(tiny_model("llama"), mode)(), block_size=4, memory_segments=1, fam_length=2)
+    wrapped = FAMForCausalLM.from_base_model(getattr(tiny_model("llama"), mode)(), block_size=4, memory_segments=1,
+                                             fam_length=2, fam_update="sink")
+    for model in (patched, wrapped):
+        assert {m.training for m in (model, model.model, model.fam)} == {mode == "train"}
+    if mode == "eval":
+        for model in (patched, wrapped):
+            out = model(ids)  # gradients on, as for a loss
+            assert model.fam_settings.fam_update == "sink" and out.cache is not None
+
+
 def test_patch_then_unpatch_restores_the_model(family):
     model = tiny_model(family)
     ids = random_ids(1, 20)

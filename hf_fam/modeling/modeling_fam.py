@@ -264,6 +264,9 @@ class FAMHeadModel(FAMPreTrainedModel):
                 model.fam.fam_init.copy_(fam_init)
         if getattr(base_model, "generation_config", None) is not None:  # the checkpoint's decoding defaults
             model.generation_config = copy.deepcopy(base_model.generation_config)
+        # the base's mode, as patching keeps it (a loaded model is in eval mode), on the modules made here only
+        for module in (model, model.get_decoder(), model.fam):
+            module.training = base_model.training
         return model
 
     def _fam_base(self) -> nn.Module:

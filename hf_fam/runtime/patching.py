@@ -163,7 +163,11 @@ def patch(
             fam.fam_init.copy_(fam_init)
     model.fam = fam
     config = FAMConfig(base_config=model.config, **settings.as_kwargs())
-    setattr(model, name, FAMModel(config, decoder=decoder, fam_owner=model, keep_weights=True))
+    backbone = FAMModel(config, decoder=decoder, fam_owner=model, keep_weights=True)
+    # the new modules take the model's mode (loaded models are in eval mode): a FAMModel left in training mode
+    # would run a zero-shot model's forward with gradients as training (the paper's update, no cache)
+    backbone.training = fam.training = decoder.training
+    setattr(model, name, backbone)
     original = getattr(type(model), "_fam_original_class", type(model))
     model.__class__ = _patched_class(original)
     model._fam_decoder_name = name
