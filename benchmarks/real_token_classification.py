@@ -1,10 +1,11 @@
 """A real checkpoint as a FAM token classifier: does the client path tag a long document exactly, in chunks?
 
 A FAM checkpoint loads as `AutoModelForTokenClassification` (FAMForTokenClassification, a new random `score`).
-On a passage of Python's own documentation (`pydoc_data.topics`, offline everywhere) several windows long, reported:
-the scores of reading it at once against feeding it in chunks through one FAMCache (and the cache's size after each
-chunk), with the paper's memory update (by default), and the token-classification pipeline's labels and scores of a padded batch against each text alone. This
-checks the client path on a real model (30 layers, fp32 sums over 2k tokens), not what a trained tagger learns.
+On a passage of Python's own documentation (`pydoc_data.topics`, offline everywhere) several windows long,
+reported: the scores of reading it at once against feeding it in chunks through one FAMCache (and the cache's size
+after each chunk), with the paper's memory update (by default), and the token-classification pipeline's labels and
+scores of a padded batch against each text alone. This checks the client path on a real model (30 layers, fp32 sums
+over 1.5k tokens), not what a trained tagger learns.
 
 Usage (SmolLM2-135M-Instruct converted, docs/gguf.md; CPU, under a minute):
     python benchmarks/real_token_classification.py --model /work/models/smollm2-fam \
@@ -42,9 +43,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    import hf_fam  # noqa: F401  (registers the FAM classes)
     from transformers import AutoModelForTokenClassification, AutoTokenizer, pipeline
 
+    import hf_fam  # noqa: F401  (registers the FAM classes)
     from hf_fam import FAMCache
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)

@@ -206,6 +206,9 @@ def test_a_patched_classifier_is_the_wrapped_one_and_saves_as_one(tmp_path):
                                                               fam_init=patched.fam.fam_init).eval()
         assert_close(got.logits, wrapped(ids, attention_mask=mask).logits, atol=0.0)
     assert len(got.fam_state) == 2 and (got.logits - plain).abs().max() > 1e-3
+    from hf_fam.training.lora import fam_lora_config
+
+    assert fam_lora_config(patched, r=2).task_type == "SEQ_CLS"  # PEFT then saves its score with the adapter
     patched.save_pretrained(tmp_path / "patched")
     loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "patched", dtype=torch.float32).eval()
     assert isinstance(loaded, FAMForSequenceClassification) and loaded.config.id2label == {0: "a", 1: "b", 2: "c"}
