@@ -1,7 +1,8 @@
 """What a FAM forward returns besides logits: `output_hidden_states=True` gives the tokens' hidden states of every
 layer (never the FAM's), exact against the unmodified model with FAM off and the same in every schedule with FAM
 on; `output_attentions=True` is refused in one line (a FAM layer attends over its memory and the last blocks, which
-no tokens x tokens matrix holds; transformers would otherwise return an empty tuple without a word)."""
+no tokens x tokens matrix holds; transformers would otherwise return an empty tuple without a word);
+`return_dict=False` gives the output's tuple (the family's fields, then the final FAM), as transformers does."""
 
 from __future__ import annotations
 
@@ -105,3 +106,53 @@ def test_generate_asking_for_attention_weights_is_refused():
     with pytest.raises(ValueError, match="do not return attention weights"):
         model.generate(random_ids(1, 9, seed=8), max_new_tokens=3, do_sample=False, pad_token_id=0,
                        output_attentions=True, return_dict_in_generate=True)
+
+
+def _tagger():
+    from transformers import AutoModelForTokenClassification
+
+    lm = tiny_model("llama")
+    config = copy.deepcopy(lm.config)
+    config.num_labels = 3
+    return hf_fam.FAMForTokenClassification.from_base_model(AutoModelForTokenClassification.from_config(config),
+                                                            block_size=C, memory_segments=M, fam_length=F).eval()
+
+
+def _backbone():
+    """A FAM backbone standing alone (`AutoModel`), random weights."""
+    from conftest import tiny_config
+
+    config = hf_fam.FAMConfig(base_config=tiny_config("llama"), block_size=C, memory_segments=M, fam_length=F)
+    return hf_fam.FAMModel(config).eval()
+
+
+TUPLE_MODELS = {**MODELS, "FAMForTokenClassification": _tagger, "FAMModel": _backbone}
+
+
+def _same(a, b):
+    if torch.is_tensor(a):
+        return torch.equal(a, b)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return type(a) is type(b)  # a FAMCache: a new one each call
+
+
+@pytest.mark.parametrize("kind", sorted(TUPLE_MODELS))
+def test_return_dict_false_gives_the_outputs_tuple(kind):
+    """transformers' tuple form: the output's fields that are set, in order; the final FAM after the family's own
+    (a FAM output used to fail to take the tuple: "'tuple' object does not support item assignment")."""
+    model = TUPLE_MODELS[kind]()
+    ids = random_ids(2, 11, seed=9).clamp(min=1)
+    calls = [dict(), dict(use_cache=True)]
+    if "Causal" in kind or kind == "patched":
+        calls.append(dict(labels=ids))
+    for kwargs in calls:
+        with torch.no_grad():
+            as_dict = model(ids, **kwargs)
+            as_tuple = model(ids, return_dict=False, **kwargs)
+        assert isinstance(as_tuple, tuple) and _same(as_tuple, as_dict.to_tuple()), (kind, kwargs)
+        assert list(as_dict.keys())[-1] == "fam_state" and _same(as_tuple[-1], as_dict.fam_state)
+    if kind != "patched":  # the family's own head fails so ("'tuple' object has no attribute 'last_hidden_state'")
+        model.config.return_dict = False  # the config's default, as transformers reads it
+        with torch.no_grad():
+            assert isinstance(model(ids), tuple)

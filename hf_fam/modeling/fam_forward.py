@@ -59,6 +59,22 @@ def with_fam_state(outputs, fam_state):
     return _OUTPUT_CLASSES[cls](**dict(outputs.items()), fam_state=fam_state)
 
 
+def attach_fam(outputs, fam_state, cache):
+    """`outputs` with the cache in its cache field (`.cache` on every supported release; outputs without one, a
+    token classifier's, get none) and then the final FAM, so that its tuple form is the family's fields followed by
+    `fam_state`. Either may be None (not attached)."""
+    if cache is not None and dataclasses.is_dataclass(outputs) and CACHE_KWARG not in {
+            f.name for f in dataclasses.fields(outputs)}:
+        cache = None  # the FAMCache given to the forward is updated in place all the same
+    if cache is not None:
+        set_output_cache(outputs, cache)
+    if fam_state is not None:
+        outputs = with_fam_state(outputs, fam_state)
+        if cache is not None:
+            set_output_cache(outputs, cache)  # a new object: `.cache` again where the field is past_key_values
+    return outputs
+
+
 def select_fam_attention(base_config) -> str:
     """Route the base config's attention through FAM; return the inner implementation FAM uses.
 
@@ -106,6 +122,7 @@ def fam_forward(
     The output gains `fam_state`: the final FAM of every layer, (B, F, D) each (F > 0 only).
     """
     sink = kwargs.pop("fam_output", None)
+    return_dict = kwargs.pop("return_dict", None)
     refuse_packed_inputs(position_ids, attention_mask, **kwargs)  # several documents in one row
     if kwargs.get("output_attentions", getattr(base_model.config, "output_attentions", False)):
         # transformers would collect the weights FAM's attention never returns: an empty tuple, silently
@@ -120,6 +137,8 @@ def fam_forward(
         raise ValueError(f"Empty input (shape {tuple(ref.shape)}): FAM needs at least one token per batch.")
 
     config = base_model.config
+    if return_dict is None:
+        return_dict = getattr(config, "return_dict", True)
     decoder = adapter.decoder(base_model)
     inner = select_fam_attention(config)
     if use_cache is None:
@@ -194,22 +213,20 @@ def fam_forward(
                 inputs_embeds=inputs_embeds,
                 use_cache=False,
                 fam_run=run,
+                return_dict=True,  # the FAM and the cache go on the output object; a tuple is made at the end
                 **{CACHE_KWARG: None},
                 **kwargs,
             )
     if sink is not None:
         sink["last_hidden_state"] = outputs.last_hidden_state  # fam_loss_chunk's loss reads it
-    if settings.fam_length > 0:
-        # the final FAM of every layer (Random State Passing starts the next sequence from it)
-        outputs = with_fam_state(outputs, run.final_fam)
-        if sink is not None:
-            sink["fam_state"] = run.final_fam
     if use_cache:
         cache.advance(run.states, chunk_mask, position_ids)
-        set_output_cache(outputs, cache)
-        if sink is not None:
-            sink["cache"] = cache
-    return outputs
+    # the final FAM of every layer (Random State Passing starts the next sequence from it)
+    final_fam = run.final_fam if settings.fam_length > 0 else None
+    outputs = attach_fam(outputs, final_fam, cache if use_cache else None)
+    if sink is not None:
+        sink.update(fam_state=final_fam, cache=cache if use_cache else None)
+    return outputs if return_dict else outputs.to_tuple()
 
 
 def _chunk_mask(attention_mask, batch: int, n: int, device, cache: FAMCache | None) -> torch.Tensor:

@@ -11,8 +11,7 @@ import copy
 from torch import nn
 
 from .fam_adapters import DecoderAdapter
-from .fam_compat import set_output_cache
-from .fam_forward import with_fam_state
+from .fam_forward import attach_fam
 from .fam_loss import check_head_loss, check_loss_chunk, chunked_lm_loss, no_logits_index
 
 
@@ -41,13 +40,18 @@ def detached_copy(model: nn.Module) -> nn.Module:
     return head
 
 
-def fam_lm_forward(head_forward, **kwargs):
+def fam_lm_forward(head_forward, return_dict: bool | None = None, **kwargs):
     """Run a causal LM's own forward (`head_forward`) whose decoder is a FAMModel, and attach the final FAM.
 
     The one forward path of converted (FAMForCausalLM) and patched models: the head's forward computes
     logits, loss and soft-capping exactly as the family does; FAM runs inside its decoder call.
     `fam_loss_chunk=K` with labels: no logits are kept and the loss is summed K tokens at a time (`fam_loss`).
+    `return_dict=False` (None: the head's config decides, as transformers does) gives the output's tuple, the
+    final FAM and the cache in it.
     """
+    if return_dict is None:
+        return_dict = getattr(head_forward.__self__.config, "return_dict", True)
+    kwargs["return_dict"] = True  # the FAM and the cache are attached to the output object, then it may become a tuple
     sink: dict = {}
     labels = kwargs.get("labels")
     with_labels = labels is not None or kwargs.get("shift_labels") is not None
@@ -65,11 +69,8 @@ def fam_lm_forward(head_forward, **kwargs):
         outputs = type(outputs)(loss=loss, **dict(outputs))  # loss first, as the family returns it
     else:
         outputs = head_forward(fam_output=sink, **kwargs)
-    if sink.get("fam_state") is not None:
-        outputs = with_fam_state(outputs, sink["fam_state"])
-    if sink.get("cache") is not None:
-        set_output_cache(outputs, sink["cache"])  # `.cache` on every supported release
-    return outputs
+    outputs = attach_fam(outputs, sink.get("fam_state"), sink.get("cache"))
+    return outputs if return_dict else outputs.to_tuple()
 
 
 # PEFT's classes for a module it wrapped: tuner layers (LoRA's and the others) and whole-module wrappers

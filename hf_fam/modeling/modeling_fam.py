@@ -154,6 +154,8 @@ class FAMModel(FAMPreTrainedModel):
             )
             self.config.fam_update = "paper"
         settings = self.fam_settings
+        if kwargs.get("return_dict") is None and self._fam_owner is None:  # standing alone: its config decides
+            kwargs["return_dict"] = getattr(self.config, "return_dict", True)
         return fam_forward(
             base_forward=type(decoder).forward.__get__(decoder),
             base_model=decoder,
@@ -286,6 +288,8 @@ class FAMHeadModel(FAMPreTrainedModel):
         head = self._fam_head
         head.training = self.training  # the head object is not registered, so .train() does not reach it
         original = getattr(type(head), "_fam_original_class", type(head))
+        if kwargs.get("return_dict") is None:  # this model's config decides (the head's may be the base's)
+            kwargs["return_dict"] = getattr(self.config, "return_dict", True)
         return fam_lm_forward(original.forward.__get__(head), **{CACHE_KWARG: cache}, **kwargs)
 
 
