@@ -150,3 +150,29 @@ def client_lora():
 
     return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"],
                       modules_to_save=["fam"], task_type="CAUSAL_LM")
+
+
+def card_snippet_logits(folder: Path, tokenizer_from: Path, inputs: dict,
+                        tmp_path: Path) -> tuple[str, str, torch.Tensor]:
+    """The model card of the FAM checkpoint in `folder`, and the class of the model its usage snippet loads and the
+    logits it gives for `inputs` (`input_ids`, `attention_mask`), the snippet run as written where hf_fam is not
+    installed (the checkpoint's own code). The tokenizer the snippet loads is copied in from `tokenizer_from`."""
+    import re
+
+    from convert_helpers import run_without_hf_fam
+
+    from hf_fam.checkpoint_io.cards import CardInfo, render_model_card
+
+    card = render_model_card(folder, CardInfo(repo_id=str(folder)))
+    (snippet,) = re.findall(r"```python\n(.*?)```", card, flags=re.S)
+    torch.save(inputs, tmp_path / "inputs.pt")
+    script = snippet + f"""
+inputs = torch.load({str(tmp_path / "inputs.pt")!r})
+with torch.no_grad():
+    torch.save(model.eval()(**inputs).logits, {str(tmp_path / "remote.pt")!r})
+print("class", type(model).__name__)
+"""
+    AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(folder)
+    result = run_without_hf_fam("import torch\n" + script, tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return card, result.stdout.split("class ")[-1].strip(), torch.load(tmp_path / "remote.pt")

@@ -6,20 +6,17 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 
 import pytest
 import torch
-from client_helpers import fam_checkpoint
+from client_helpers import card_snippet_logits, fam_checkpoint
 from conftest import assert_close, padding_mask, random_ids, tiny_model
-from convert_helpers import run_without_hf_fam
 from fam_reference import reference_fam_logits
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import hf_fam
 from hf_fam import FAMForSequenceClassification
-from hf_fam.checkpoint_io.cards import CardInfo, render_model_card
 from hf_fam.checkpoint_io.inspection import inspect_checkpoint, verify_checkpoint
 
 SETTINGS = dict(block_size=4, memory_segments=1, fam_length=3, fam_update="paper")
@@ -105,21 +102,12 @@ def test_a_fam_causal_lm_checkpoint_starts_a_classifier_and_saves_as_one(tmp_pat
     assert loaded.config.problem_type == "single_label_classification" and loaded.config.id2label == labels
 
     # where hf_fam is not installed: the checkpoint's own code, loaded by its model card's snippet
-    card = render_model_card(tmp_path / "classifier", CardInfo(repo_id=str(tmp_path / "classifier")))
+    card, remote_class, remote = card_snippet_logits(tmp_path / "classifier", folder,
+                                                     {"input_ids": ids, "attention_mask": mask}, tmp_path)
     assert "pipeline_tag: text-classification" in card
-    (snippet,) = re.findall(r"```python\n(.*?)```", card, flags=re.S)
-    assert "model = AutoModelForSequenceClassification.from_pretrained(model_id, trust_remote_code=True)" in snippet
-    torch.save({"ids": ids, "mask": mask}, tmp_path / "inputs.pt")
-    script = snippet + f"""
-assert type(model).__name__ == "FAMForSequenceClassification", type(model)
-inputs = torch.load({str(tmp_path / "inputs.pt")!r})
-with torch.no_grad():
-    torch.save(model.eval()(inputs["ids"], attention_mask=inputs["mask"]).logits, {str(tmp_path / "remote.pt")!r})
-"""
-    AutoTokenizer.from_pretrained(folder).save_pretrained(tmp_path / "classifier")
-    result = run_without_hf_fam("import torch\n" + script, tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert_close(torch.load(tmp_path / "remote.pt"), out.logits, msg="remote code")
+    assert "model = AutoModelForSequenceClassification.from_pretrained(model_id, trust_remote_code=True)" in card
+    assert remote_class == "FAMForSequenceClassification"
+    assert_close(remote, out.logits, msg="remote code")
 
 
 def test_a_wrapped_classifier_keeps_its_labels_and_reward_models_regress():

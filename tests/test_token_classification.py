@@ -7,20 +7,17 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 
 import pytest
 import torch
-from client_helpers import fam_checkpoint
+from client_helpers import card_snippet_logits, fam_checkpoint
 from conftest import assert_close, load_script, padding_mask, random_ids, tiny_model
-from convert_helpers import run_without_hf_fam
 from fam_reference import reference_fam_logits
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer, pipeline
+from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, pipeline
 
 import hf_fam
 from hf_fam import FAMCache, FAMForSequenceClassification, FAMForTokenClassification
-from hf_fam.checkpoint_io.cards import CardInfo, render_model_card
 from hf_fam.checkpoint_io.inspection import inspect_checkpoint, verify_checkpoint
 
 SETTINGS = dict(block_size=4, memory_segments=1, fam_length=3, fam_update="paper")
@@ -107,21 +104,12 @@ def test_a_fam_causal_lm_checkpoint_starts_a_token_classifier_and_saves_as_one(t
         assert_close(loaded(ids, attention_mask=mask).logits, out.logits, mask=mask, msg="saved = loaded")
 
     # where hf_fam is not installed: the checkpoint's own code, loaded by its model card's snippet
-    card = render_model_card(tmp_path / "tagger", CardInfo(repo_id=str(tmp_path / "tagger")))
+    card, remote_class, remote = card_snippet_logits(tmp_path / "tagger", folder,
+                                                     {"input_ids": ids, "attention_mask": mask}, tmp_path)
     assert "pipeline_tag: token-classification" in card
-    (snippet,) = re.findall(r"```python\n(.*?)```", card, flags=re.S)
-    assert "model = AutoModelForTokenClassification.from_pretrained(model_id, trust_remote_code=True)" in snippet
-    torch.save({"ids": ids, "mask": mask}, tmp_path / "inputs.pt")
-    script = snippet + f"""
-assert type(model).__name__ == "FAMForTokenClassification", type(model)
-inputs = torch.load({str(tmp_path / "inputs.pt")!r})
-with torch.no_grad():
-    torch.save(model.eval()(inputs["ids"], attention_mask=inputs["mask"]).logits, {str(tmp_path / "remote.pt")!r})
-"""
-    AutoTokenizer.from_pretrained(folder).save_pretrained(tmp_path / "tagger")
-    result = run_without_hf_fam("import torch\n" + script, tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert_close(torch.load(tmp_path / "remote.pt"), out.logits, mask=mask, msg="remote code")
+    assert "model = AutoModelForTokenClassification.from_pretrained(model_id, trust_remote_code=True)" in card
+    assert remote_class == "FAMForTokenClassification"
+    assert_close(remote, out.logits, mask=mask, msg="remote code")
 
     # the pipeline: each token's label and score from the FAM model's logits, in a padded batch
     tagger = pipeline("token-classification", model=str(tmp_path / "tagger"), trust_remote_code=True)
