@@ -19,6 +19,20 @@ def test_import_registers_auto_classes():
     assert isinstance(model, FAMForCausalLM)
 
 
+def test_every_head_is_registered_mapped_and_has_a_card():
+    """configuration_fam.HEADS is the one list of heads: each is registered with its Auto class, in the auto_map a
+    checkpoint ships, and has a model card's pipeline tag and snippet."""
+    import transformers
+
+    from hf_fam.checkpoint_io.cards import HEAD_CARDS
+    from hf_fam.modeling.configuration_fam import AUTO_MAP, HEADS
+
+    for auto_class, (fam_class, _, _) in HEADS.items():
+        assert getattr(transformers, auto_class)._model_mapping[FAMConfig].__name__ == fam_class
+        assert AUTO_MAP[auto_class] == f"modeling_fam.{fam_class}" and auto_class in HEAD_CARDS
+    assert set(HEAD_CARDS) == set(HEADS)
+
+
 def test_config_nests_base_and_reads_through():
     config = FAMConfig(base_config=tiny_config("gemma"), block_size=16, memory_segments=2, fam_length=4)
     assert config.model_type == "fam" and config.base_config.model_type == "gemma"

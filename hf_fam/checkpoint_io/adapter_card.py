@@ -30,7 +30,7 @@ ADAPTER_TAGS = ("lora", "peft")
 # what `hf-fam finetune` writes beside an adapter (training/outputs.py, training/options.py)
 RUN_SUMMARY, RUN_CONFIG = "train_summary.json", "finetune_config.json"
 # an adapter's PEFT task type -> the transformers Auto class its base loads with (any other: a causal LM)
-ADAPTER_AUTO_CLASSES = {task_type: auto_class for auto_class, (_, task_type) in HEADS.items()}
+ADAPTER_AUTO_CLASSES = {task_type: auto_class for auto_class, (_, _, task_type) in HEADS.items()}
 
 
 def render_adapter_card(folder: str | Path, *, repo_id: str | None, base_model: str, base_config: dict,

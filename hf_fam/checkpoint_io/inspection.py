@@ -130,7 +130,7 @@ def _auto_class(config: dict) -> str:
 
 def _head(config: dict) -> str:
     auto_class = _auto_class(config)
-    kind = HEADS[auto_class][0]
+    kind = HEADS[auto_class][1]
     if auto_class == "AutoModelForCausalLM":
         return kind
     labels = len(config.get("id2label") or {0: 0, 1: 1})  # transformers' default: two labels

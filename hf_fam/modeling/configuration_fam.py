@@ -26,25 +26,24 @@ from .fam_settings import (
 # clients that truncate to `max_position_embeddings` (lm-evaluation-harness, generate) must not.
 UNBOUNDED_LENGTH = 2**62
 
+# Each task head FAM serves, by the transformers Auto class that loads it -> its FAM class (in modeling_fam), what
+# messages and cards call it, and PEFT's task type for its adapters (the class PEFT reloads them with, and the head
+# layer it trains and saves with them)
+HEADS = {
+    "AutoModelForCausalLM": ("FAMForCausalLM", "causal LM", "CAUSAL_LM"),
+    "AutoModelForSequenceClassification": ("FAMForSequenceClassification", "sequence classifier", "SEQ_CLS"),
+    "AutoModelForTokenClassification": ("FAMForTokenClassification", "token classifier", "TOKEN_CLS"),
+}
+
 # The classes a converted checkpoint's config.json maps for `trust_remote_code=True`
 AUTO_MAP = {
     "AutoConfig": "configuration_fam.FAMConfig",
     "AutoModel": "modeling_fam.FAMModel",
-    "AutoModelForCausalLM": "modeling_fam.FAMForCausalLM",
-    "AutoModelForSequenceClassification": "modeling_fam.FAMForSequenceClassification",
-    "AutoModelForTokenClassification": "modeling_fam.FAMForTokenClassification",
+    **{auto_class: f"modeling_fam.{fam_class}" for auto_class, (fam_class, _, _) in HEADS.items()},
 }
 
 # The FAM class of each task head (a checkpoint's `architectures`) -> the Auto class of its base model
-HEAD_AUTO_CLASSES = {ref.split(".")[-1]: auto for auto, ref in AUTO_MAP.items() if auto.startswith("AutoModelFor")}
-
-# Each task head (by its Auto class) -> what messages and cards call it, and PEFT's task type for its adapters
-# (the class PEFT reloads them with, and the head layer it trains and saves with them)
-HEADS = {
-    "AutoModelForCausalLM": ("causal LM", "CAUSAL_LM"),
-    "AutoModelForSequenceClassification": ("sequence classifier", "SEQ_CLS"),
-    "AutoModelForTokenClassification": ("token classifier", "TOKEN_CLS"),
-}
+HEAD_AUTO_CLASSES = {fam_class: auto_class for auto_class, (fam_class, _, _) in HEADS.items()}
 
 # A sequence classifier's labels: read from this config (the top level), where transformers and its clients
 # (pipelines, the loss) read and write them; taken from the base config when a loaded base model is wrapped

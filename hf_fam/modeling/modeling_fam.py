@@ -180,11 +180,11 @@ class FAMHeadModel(FAMPreTrainedModel):
 
     base_auto_class = AutoModelForCausalLM  # builds the base model of this head from `config.base_config`
     head_module = "lm_head"  # the child module a base model of this kind has (a loaded base is checked for it)
-    head_kind, peft_task_type = HEADS["AutoModelForCausalLM"]  # for messages; PEFT's task type (configuration_fam)
+    head_kind, peft_task_type = HEADS["AutoModelForCausalLM"][1:]  # for messages; PEFT's task type (configuration_fam)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        cls.head_kind, cls.peft_task_type = HEADS[cls.base_auto_class.__name__]
+        cls.head_kind, cls.peft_task_type = HEADS[cls.base_auto_class.__name__][1:]
 
     @classmethod
     def wraps(cls, model: nn.Module) -> bool:
