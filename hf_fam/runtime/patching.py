@@ -119,7 +119,8 @@ def patch(
             and for a trained fam_init). See `FAMConfig`.
 
     Returns:
-        The same object, now running FAM. `hf_fam.unpatch(model)` undoes it.
+        The same object, now running FAM, in the mode it was in (a loaded model: eval). `hf_fam.unpatch(model)`
+        undoes it.
 
     Example:
     ```python
