@@ -46,7 +46,7 @@ COMPAT_TESTS = [
     "tests/test_equivalence.py", "tests/test_streaming.py", "tests/test_save_load.py", "tests/test_families.py",
     "tests/test_lora.py", "tests/test_gradient_checkpointing.py", "tests/test_compat.py", "tests/test_compat_verify.py",
     "tests/test_backbone.py", "tests/test_settings.py", "tests/test_sequence_classification.py",
-    "tests/test_token_classification.py", "tests/test_model_outputs.py",
+    "tests/test_token_classification.py", "tests/test_model_outputs.py", "tests/test_adapter_modules_to_save.py",
 ]
 
 

@@ -88,6 +88,32 @@ from torch import nn  # noqa: E402
 from transformers import AttentionInterface  # noqa: E402
 from transformers.modeling_outputs import CausalLMOutputWithPast  # noqa: E402
 
+# transformers before 5.18 load a PEFT adapter (`from_pretrained(ADAPTER)`, `model.load_adapter`) without the
+# weights of its `modules_to_save`, the whole modules an adapter trains (a FAM adapter's `fam_init` and norms, a
+# classifier's `score`), which then run as the base had them: plain models too (seen on 5.4, 5.12, 5.13, 5.15, 5.16
+# and 5.17 with PEFT 0.22; 5.18, 5.22 and 5.25 load them)
+ADAPTER_MODULES_TO_SAVE_LOADED = _minor(transformers.__version__) >= (5, 18)
+
+
+def refuse_unloaded_modules_to_save(model, loaded: list[str]) -> None:
+    """After transformers' `load_adapter` put the adapters `loaded` on `model`: where this transformers left out
+    their modules_to_save, take them off again and raise one line naming the fix (it would run silently wrong)."""
+    if ADAPTER_MODULES_TO_SAVE_LOADED:
+        return
+    configs = getattr(model, "peft_config", None) or {}
+    modules = sorted({m for name in loaded for m in (getattr(configs.get(name), "modules_to_save", None) or [])})
+    if not modules:
+        return
+    for name in loaded:
+        model.delete_adapter(name)
+    raise ValueError(
+        f"transformers {transformers.__version__} loads a PEFT adapter without the weights of its modules_to_save "
+        f"({', '.join(modules)}), so the model would run without what the adapter trained there: load it with PEFT "
+        "instead (AutoPeftModelForCausalLM.from_pretrained(ADAPTER, trust_remote_code=True), or the AutoPeftModel "
+        "class of its head; PeftModel.from_pretrained(model, ADAPTER)), or upgrade transformers to 5.18 or newer."
+    )
+
+
 # The name a model's cache goes by, as a forward argument and as an output field: `cache` in newer releases
 # (5.24), `past_key_values` before. Read from the outputs' declared fields.
 _OUTPUT_FIELDS = {field.name for field in dataclasses.fields(CausalLMOutputWithPast)}

@@ -17,7 +17,7 @@ from transformers import PreTrainedModel
 from ..checkpoint_io.fam_init import bos_fam_init
 from ..modeling.configuration_fam import FAMConfig
 from ..modeling.fam_adapters import get_adapter
-from ..modeling.fam_compat import CACHE_KWARG, FAM_ATTENTION_PREFIX
+from ..modeling.fam_compat import CACHE_KWARG, FAM_ATTENTION_PREFIX, refuse_unloaded_modules_to_save
 from ..modeling.fam_generation import FAMGenerationMixin
 from ..modeling.fam_settings import (
     DEFAULT_BLOCK_SIZE,
@@ -68,6 +68,14 @@ class FAMPatchedMixin(FAMGenerationMixin):
             self, block_size=s.block_size, memory_segments=s.memory_segments, fam_length=s.fam_length,
             fam_layers=s.fam_layers, fam_update=s.fam_update,
         )
+
+    def load_adapter(self, *args, **kwargs):
+        """transformers' `load_adapter`, refused in one line where it would leave out the adapter's modules_to_save
+        (`fam_compat.refuse_unloaded_modules_to_save`)."""
+        before = set(getattr(self, "peft_config", None) or {})
+        result = super().load_adapter(*args, **kwargs)
+        refuse_unloaded_modules_to_save(self, sorted(set(self.peft_config) - before))
+        return result
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Write a FAM checkpoint (FAMConfig, base weights under their names, `fam.fam_init`, remote code)."""
