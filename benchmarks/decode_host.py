@@ -17,6 +17,7 @@ import time
 import torch
 
 from hf_fam.apps.bench_real import shape_model
+from hf_fam.modeling.fam_compat import CACHE_KWARG, output_cache
 from hf_fam.modeling.modeling_fam import FAMForCausalLM
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
@@ -40,7 +41,7 @@ def ms_per_token(model, cache, steps: int, device: str) -> float:
             torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(steps):
-            cache = model(token, cache=cache, use_cache=True).cache
+            cache = output_cache(model(token, **{CACHE_KWARG: cache}, use_cache=True))
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         return (time.perf_counter() - start) / steps * 1e3
@@ -59,7 +60,7 @@ def main() -> None:
     made = models(args.device, args.context)
     ids = torch.randint(3, TINY["vocab_size"], (1, args.context), device=args.device)
     with torch.inference_mode():
-        caches = {v: m(ids, use_cache=True, logits_to_keep=1).cache for v, m in made.items()}
+        caches = {v: output_cache(m(ids, use_cache=True, logits_to_keep=1)) for v, m in made.items()}
     times: dict[str, list[float]] = {v: [] for v in made}
     for _ in range(args.rounds + 1):  # the first round warms up
         for variant, model in made.items():

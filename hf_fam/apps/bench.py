@@ -98,6 +98,8 @@ def read(model, n: int, config: BenchConfig, chunked: bool):
     """
     import torch
 
+    from ..modeling.fam_compat import CACHE_KWARG, output_cache
+
     gen = torch.Generator().manual_seed(n)
     ids = torch.randint(0, config.vocab, (1, n), generator=gen).to(config.device)
     fam_kwargs = {"fam_cuda_graphs": config.cuda_graphs} if hasattr(model, "fam_settings") else {}
@@ -107,8 +109,8 @@ def read(model, n: int, config: BenchConfig, chunked: bool):
             return None
         cache = None
         for s in range(0, n, config.chunk):
-            cache = model(ids[:, s : s + config.chunk], cache=cache, use_cache=True,
-                          logits_to_keep=1, **fam_kwargs).cache
+            cache = output_cache(model(ids[:, s : s + config.chunk], **{CACHE_KWARG: cache}, use_cache=True,
+                                       logits_to_keep=1, **fam_kwargs))
         return cache
 
 
@@ -140,13 +142,15 @@ def time_decode(models: dict, caches: dict, steps: int, rounds: int, device: str
     every run so that each starts from the same context), interleaved over `rounds`."""
     import torch
 
+    from ..modeling.fam_compat import CACHE_KWARG, output_cache
+
     token = torch.tensor([[7]], device=device)
 
     def decode(v, n):
         cache = copy.deepcopy(caches[(v, n)])
         with torch.inference_mode():
             for _ in range(steps):
-                cache = models[v](token, cache=cache, use_cache=True).cache
+                cache = output_cache(models[v](token, **{CACHE_KWARG: cache}, use_cache=True))
 
     return interleaved({key: (lambda key=key: decode(*key)) for key in caches}, rounds, device)
 

@@ -164,13 +164,15 @@ def read(model, ids, chunk: int):
     """Read ids (B, n) in one forward (chunk 0) or in chunks through the cache; only the last logits are made."""
     import torch
 
+    from ..modeling.fam_compat import CACHE_KWARG, output_cache
+
     with torch.inference_mode():
         if chunk <= 0:
             model(ids, use_cache=False, logits_to_keep=1)
             return None
         cache = None
         for s in range(0, ids.shape[1], chunk):
-            cache = model(ids[:, s : s + chunk], cache=cache, use_cache=True, logits_to_keep=1).cache
+            cache = output_cache(model(ids[:, s : s + chunk], **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1))
         return cache
 
 
@@ -273,6 +275,8 @@ def bench_train(config: RealBenchConfig, emit=print_row) -> None:
 def bench_decode(config: RealBenchConfig, models: dict, emit=print_row) -> None:
     import torch
 
+    from ..modeling.fam_compat import output_cache
+
     caches = {}
     for v in ("full", "bswa", "fam"):
         for n in config.decode_contexts:
@@ -281,7 +285,7 @@ def bench_decode(config: RealBenchConfig, models: dict, emit=print_row) -> None:
                 caches[(v, n)] = read(models[v], ids, config.chunk)
             elif n <= config.full_max_length:
                 with torch.inference_mode():
-                    caches[(v, n)] = models[v](ids, use_cache=True, logits_to_keep=1).cache
+                    caches[(v, n)] = output_cache(models[v](ids, use_cache=True, logits_to_keep=1))
     times = time_decode(models, caches, config.decode_steps, config.rounds, config.device)
     shortest = min(config.decode_contexts)
     for (v, n), t in times.items():

@@ -120,6 +120,12 @@ _OUTPUT_FIELDS = {field.name for field in dataclasses.fields(CausalLMOutputWithP
 CACHE_KWARG = "cache" if "cache" in _OUTPUT_FIELDS else "past_key_values"
 
 
+def output_cache(outputs):
+    """The cache on any model's output (FAM or plain), under the name this transformers gives it (`.cache` is a
+    plain model's from 5.24 only)."""
+    return getattr(outputs, CACHE_KWARG)
+
+
 def set_output_cache(outputs, cache) -> None:
     """Put `cache` on a model output under the name this transformers reads (`outputs[CACHE_KWARG]`).
 
