@@ -176,3 +176,36 @@ print("class", type(model).__name__)
     result = run_without_hf_fam("import torch\n" + script, tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     return card, result.stdout.split("class ")[-1].strip(), torch.load(tmp_path / "remote.pt")
+
+
+def check_classifier_lora(folder: Path, auto_class, task_type: str, inputs: dict, labels: torch.Tensor,
+                          tmp_path: Path, logits_mask: torch.Tensor | None = None):
+    """LoRA on the FAM classifier checkpoint in `folder` (loaded with `auto_class`): `fam_lora_config` gives PEFT's
+    `task_type`, training reaches `score` and `fam_init`, and the saved adapter reloaded by PEFT and the merged model
+    give the live adapter's logits (1e-5, at `logits_mask`). Returns the merged model."""
+    import peft
+    from conftest import assert_close
+
+    from hf_fam.training.lora import fam_lora_config
+
+    model = auto_class.from_pretrained(folder, dtype=torch.float32)
+    config = fam_lora_config(model, r=4, init_lora_weights=False)
+    assert config.task_type == task_type
+    peft_model = peft.get_peft_model(model, config)
+    peft_model.train()
+    peft_model(**inputs, labels=labels).loss.backward()
+    trained = {n for n, p in peft_model.named_parameters() if p.grad is not None}
+    assert any("score.modules_to_save" in n for n in trained) and any("fam.modules_to_save" in n for n in trained)
+    with torch.no_grad():
+        peft_model.base_model.model.score.modules_to_save.default.weight.add_(0.5)
+    peft_model.eval()
+    with torch.no_grad():
+        unmerged = peft_model(**inputs).logits
+    peft_model.save_pretrained(tmp_path / "adapter")
+    peft_class = getattr(peft, "AutoPeft" + auto_class.__name__.removeprefix("Auto"))
+    reloaded = peft_class.from_pretrained(tmp_path / "adapter", dtype=torch.float32)
+    merged = peft_model.merge_and_unload()
+    with torch.no_grad():
+        assert_close(reloaded.eval()(**inputs).logits, unmerged, mask=logits_mask, msg="saved adapter = live")
+        assert_close(merged(**inputs).logits, unmerged, mask=logits_mask, msg="merged = unmerged")
+    return merged

@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from client_helpers import card_snippet_logits, fam_checkpoint
+from client_helpers import card_snippet_logits, check_classifier_lora, fam_checkpoint
 from conftest import assert_close, padding_mask, random_ids, tiny_model
 from fam_reference import reference_fam_logits
 from torch import nn
@@ -143,30 +143,11 @@ def test_loss_chunking_is_refused():
 
 
 def test_lora_trains_the_score_merges_and_reloads(tmp_path):
-    peft = pytest.importorskip("peft")
-    from hf_fam.training.lora import fam_lora_config
-
+    pytest.importorskip("peft")
     FAMForSequenceClassification.from_base_model(tiny_classifier("llama"), **SETTINGS).save_pretrained(tmp_path / "c")
-    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "c", dtype=torch.float32)
-    config = fam_lora_config(model, r=4, init_lora_weights=False)
-    assert config.task_type == "SEQ_CLS"
-    peft_model = peft.get_peft_model(model, config)
     ids, mask = padded_ids([18, 7], 18, "left", seed=6)
-    peft_model.train()
-    peft_model(ids, attention_mask=mask, labels=torch.tensor([0, 2])).loss.backward()
-    trained = {n for n, p in peft_model.named_parameters() if p.grad is not None}
-    assert any("score.modules_to_save" in n for n in trained) and any("fam.modules_to_save" in n for n in trained)
-    with torch.no_grad():
-        peft_model.base_model.model.score.modules_to_save.default.weight.add_(0.5)
-    peft_model.eval()
-    with torch.no_grad():
-        unmerged = peft_model(ids, attention_mask=mask).logits
-    peft_model.save_pretrained(tmp_path / "adapter")
-    reloaded = peft.AutoPeftModelForSequenceClassification.from_pretrained(tmp_path / "adapter", dtype=torch.float32)
-    merged = peft_model.merge_and_unload()
-    with torch.no_grad():
-        assert_close(reloaded.eval()(ids, attention_mask=mask).logits, unmerged, msg="saved adapter = live")
-        assert_close(merged(ids, attention_mask=mask).logits, unmerged, msg="merged = unmerged")
+    merged = check_classifier_lora(tmp_path / "c", AutoModelForSequenceClassification, "SEQ_CLS",
+                                   {"input_ids": ids, "attention_mask": mask}, torch.tensor([0, 2]), tmp_path)
     assert isinstance(merged, FAMForSequenceClassification)
 
 

@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from client_helpers import card_snippet_logits, fam_checkpoint
+from client_helpers import card_snippet_logits, check_classifier_lora, fam_checkpoint
 from conftest import assert_close, load_script, padding_mask, random_ids, tiny_model
 from fam_reference import reference_fam_logits
 from torch import nn
@@ -128,31 +128,12 @@ def test_a_fam_causal_lm_checkpoint_starts_a_token_classifier_and_saves_as_one(t
 
 
 def test_lora_trains_the_score_merges_and_reloads(tmp_path):
-    peft = pytest.importorskip("peft")
-    from hf_fam.training.lora import fam_lora_config
-
+    pytest.importorskip("peft")
     FAMForTokenClassification.from_base_model(tiny_tagger(), **SETTINGS).save_pretrained(tmp_path / "t")
-    model = AutoModelForTokenClassification.from_pretrained(tmp_path / "t", dtype=torch.float32)
-    config = fam_lora_config(model, r=4, init_lora_weights=False)
-    assert config.task_type == "TOKEN_CLS"
-    peft_model = peft.get_peft_model(model, config)
     ids, mask = random_ids(2, 18, seed=6), padding_mask([18, 7], 18, "left")
-    peft_model.train()
     labels = torch.randint(0, 3, (2, 18), generator=torch.Generator().manual_seed(1))
-    peft_model(ids, attention_mask=mask, labels=labels).loss.backward()
-    trained = {n for n, p in peft_model.named_parameters() if p.grad is not None}
-    assert any("score.modules_to_save" in n for n in trained) and any("fam.modules_to_save" in n for n in trained)
-    with torch.no_grad():
-        peft_model.base_model.model.score.modules_to_save.default.weight.add_(0.5)
-    peft_model.eval()
-    with torch.no_grad():
-        unmerged = peft_model(ids, attention_mask=mask).logits
-    peft_model.save_pretrained(tmp_path / "adapter")
-    reloaded = peft.AutoPeftModelForTokenClassification.from_pretrained(tmp_path / "adapter", dtype=torch.float32)
-    merged = peft_model.merge_and_unload()
-    with torch.no_grad():
-        assert_close(reloaded.eval()(ids, attention_mask=mask).logits, unmerged, mask=mask, msg="saved = live")
-        assert_close(merged(ids, attention_mask=mask).logits, unmerged, mask=mask, msg="merged = unmerged")
+    merged = check_classifier_lora(tmp_path / "t", AutoModelForTokenClassification, "TOKEN_CLS",
+                                   {"input_ids": ids, "attention_mask": mask}, labels, tmp_path, logits_mask=mask)
     assert isinstance(merged, FAMForTokenClassification)
 
 
