@@ -95,15 +95,19 @@ from transformers.modeling_outputs import CausalLMOutputWithPast  # noqa: E402
 ADAPTER_MODULES_TO_SAVE_LOADED = _minor(transformers.__version__) >= (5, 18)
 
 
-def refuse_unloaded_modules_to_save(model, loaded: list[str]) -> None:
-    """After transformers' `load_adapter` put the adapters `loaded` on `model`: where this transformers left out
-    their modules_to_save, take them off again and raise one line naming the fix (it would run silently wrong)."""
+def load_adapter_checked(model, load_adapter, *args, **kwargs):
+    """`load_adapter(*args, **kwargs)` (transformers' `load_adapter` of `model`, which `from_pretrained(ADAPTER)`
+    calls too), then, where this transformers left out the new adapters' modules_to_save, take them off again and
+    raise one line naming the fix (the model would run silently wrong)."""
+    before = set(getattr(model, "peft_config", None) or {})
+    result = load_adapter(*args, **kwargs)
     if ADAPTER_MODULES_TO_SAVE_LOADED:
-        return
+        return result
     configs = getattr(model, "peft_config", None) or {}
+    loaded = sorted(set(configs) - before)
     modules = sorted({m for name in loaded for m in (getattr(configs.get(name), "modules_to_save", None) or [])})
     if not modules:
-        return
+        return result
     for name in loaded:
         model.delete_adapter(name)
     raise ValueError(

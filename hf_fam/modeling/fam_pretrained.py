@@ -14,7 +14,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .configuration_fam import AUTO_MAP, FAMConfig
-from .fam_compat import needs_eager_attention, refuse_unloaded_modules_to_save
+from .fam_compat import load_adapter_checked, needs_eager_attention
 from .fam_settings import FAMSettings, adapter_bases_unlike_training
 from .fam_wrapping import foreign_adapter_layers
 
@@ -73,10 +73,7 @@ class FAMPreTrainedModel(PreTrainedModel):
     def load_adapter(self, *args, **kwargs):
         """transformers' `load_adapter` (also what `from_pretrained(ADAPTER)` calls), refused in one line where
         the installed transformers would leave out the adapter's modules_to_save (`fam_compat`)."""
-        before = set(getattr(self, "peft_config", None) or {})
-        result = super().load_adapter(*args, **kwargs)
-        refuse_unloaded_modules_to_save(self, sorted(set(self.peft_config) - before))
-        return result
+        return load_adapter_checked(self, super().load_adapter, *args, **kwargs)
 
     def push_to_hub(self, repo_id: str, **kwargs):
         """transformers' `push_to_hub`; where hf_fam is installed, `hf_fam.checkpoint_io.publish.push_to_hub`: the

@@ -17,7 +17,7 @@ from transformers import PreTrainedModel
 from ..checkpoint_io.fam_init import bos_fam_init
 from ..modeling.configuration_fam import FAMConfig
 from ..modeling.fam_adapters import get_adapter
-from ..modeling.fam_compat import CACHE_KWARG, FAM_ATTENTION_PREFIX, refuse_unloaded_modules_to_save
+from ..modeling.fam_compat import CACHE_KWARG, FAM_ATTENTION_PREFIX, load_adapter_checked
 from ..modeling.fam_generation import FAMGenerationMixin
 from ..modeling.fam_settings import (
     DEFAULT_BLOCK_SIZE,
@@ -71,11 +71,8 @@ class FAMPatchedMixin(FAMGenerationMixin):
 
     def load_adapter(self, *args, **kwargs):
         """transformers' `load_adapter`, refused in one line where it would leave out the adapter's modules_to_save
-        (`fam_compat.refuse_unloaded_modules_to_save`)."""
-        before = set(getattr(self, "peft_config", None) or {})
-        result = super().load_adapter(*args, **kwargs)
-        refuse_unloaded_modules_to_save(self, sorted(set(self.peft_config) - before))
-        return result
+        (`fam_compat.load_adapter_checked`)."""
+        return load_adapter_checked(self, super().load_adapter, *args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Write a FAM checkpoint (FAMConfig, base weights under their names, `fam.fam_init`, remote code)."""
