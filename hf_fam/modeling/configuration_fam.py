@@ -52,6 +52,8 @@ LABEL_FIELDS = ("id2label", "label2id", "problem_type")
 # Token ids the base model's own code reads from its config (`get_text_config()`: the sequence classifier's
 # padding): set on this config, they are set there too
 TOKEN_ID_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id")
+# the per-module implementations transformers chooses at load time ("sdpa", "grouped_mm", ...), set on sub-configs
+IMPLEMENTATIONS = ("attn", "experts")
 
 
 class FAMConfig(PretrainedConfig):
@@ -130,11 +132,12 @@ class FAMConfig(PretrainedConfig):
                 kwargs[name] = getattr(base_config, name)
         if "id2label" not in kwargs and "num_labels" not in kwargs:  # a wrapped classifier keeps its labels
             kwargs.update({name: getattr(base_config, name, None) for name in LABEL_FIELDS if name not in kwargs})
-        base_impl = getattr(base_config, "_attn_implementation_internal", None)
+        base_impls = {kind: getattr(base_config, f"_{kind}_implementation_internal", None) for kind in IMPLEMENTATIONS}
         super().__init__(**kwargs)
-        if base_impl is not None and kwargs.get("attn_implementation") is None:
-            # PretrainedConfig.__init__ resets the implementation of sub-configs; keep the base model's
-            base_config._attn_implementation = base_impl
+        for kind, impl in base_impls.items():
+            if impl is not None and kwargs.get(f"{kind}_implementation") is None:
+                # PretrainedConfig.__init__ resets the implementations of sub-configs; keep the base model's
+                setattr(base_config, f"_{kind}_implementation", impl)
         # from here on, attributes missing here are read from the base config (not during __init__:
         # transformers probes attributes with hasattr there and would copy the base's to the top level)
         self.__dict__["_fam_delegate"] = True
