@@ -36,7 +36,7 @@ TESTS = Path(__file__).resolve().parent
 OTHER_PYTHON = os.environ.get("HF_FAM_OTHER_PYTHON")
 # one family per code path that differs between releases: sdpa (Llama), eager with soft-capping (Gemma 2, which
 # older releases would run with sdpa and without the capping), q/k/v biases and sliding-window layers (Qwen 2)
-CROSS_FAMILIES = ("llama-tied", "gemma2", "qwen2")
+CROSS_FAMILIES = ("llama-tied", "gemma2", "qwen2", "mixtral")
 BLOCK_HF_FAM = 'import sys\nsys.modules["hf_fam"] = None  # `import hf_fam` fails in this process\n'
 
 

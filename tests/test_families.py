@@ -1,4 +1,5 @@
-"""More families: Gemma 2/3, Qwen 2/3, Phi-3, Llama 3.x rope scaling, tied and untied embeddings.
+"""More families: Gemma 2/3, Qwen 2/3, Phi-3, Ministral, Mixtral, Qwen 3 MoE, OLMo 2/3, Granite, SmolLM3,
+EXAONE 4, StarCoder2, Llama 3.x rope scaling, tied and untied embeddings.
 
 Each runs the suite Llama runs: F = 0 with a large window is the unmodified model (for families with
 their own sliding-window layers: as long as the input fits that window, the right statement there), BSWA
@@ -38,10 +39,20 @@ SPECS = {
     "llama3-rope": ("llama", dict(rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                    "original_max_position_embeddings": 32}), "sdpa"),
+    "ministral": ("ministral", dict(sliding_window=24, layer_types=["sliding_attention", "full_attention"]), "sdpa"),
+    "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2), "sdpa"),
+    "qwen3_moe": ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32), "sdpa"),
+    "olmo2": ("olmo2", dict(), "sdpa"),
+    "olmo3": ("olmo3", dict(sliding_window=24, layer_types=["sliding_attention", "full_attention"]), "sdpa"),
+    "granite": ("granite", dict(embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.2,
+                                logits_scaling=4.0), "sdpa"),
+    "smollm3": ("smollm3", dict(no_rope_layers=[1, 0]), "sdpa"),
+    "exaone4": ("exaone4", dict(sliding_window=24, layer_types=["sliding_attention", "full_attention"]), "sdpa"),
+    "starcoder2": ("starcoder2", dict(), "sdpa"),
     "llama-tied": ("llama", dict(tie_word_embeddings=True), "sdpa"),
     "llama-untied": ("llama", dict(tie_word_embeddings=False), "sdpa"),
 }
-INTERLEAVED = ("gemma2", "gemma3", "qwen2")
+INTERLEAVED = ("gemma2", "gemma3", "qwen2", "ministral", "olmo3", "exaone4")
 
 
 def build(name: str, seed: int = 0):
@@ -149,6 +160,24 @@ def test_three_schedules_agree(spec):
     assert torch.equal(cached, uncached)
 
 
+@pytest.mark.parametrize("name", [name for name in SPECS if SPECS[name][0] in ("mixtral", "qwen3_moe")])
+def test_router_logits_and_auxiliary_loss_come_from_the_block_tokens(name):
+    """A mixture of experts' router logits (one per layer, one row per token of the input) and its auxiliary
+    loss: with no memory and a window holding the input, those of the unmodified model; with the memory, the
+    memory's own steps through the experts add no rows."""
+    base = build(name)
+    ids = random_ids(2, 15, seed=6)
+    with torch.no_grad():
+        expected = base(ids, labels=ids, output_router_logits=True)
+        same = fam(base, 8, 2, 0)(ids, labels=ids, output_router_logits=True)
+        with_memory = fam(base, 4, 1, 2)(ids, labels=ids, output_router_logits=True)
+    assert_close(same.aux_loss, expected.aux_loss, msg="aux_loss")
+    for got, want in zip(same.router_logits, expected.router_logits, strict=True):
+        assert_close(got, want, msg="router logits")
+    assert [t.shape for t in with_memory.router_logits] == [t.shape for t in expected.router_logits]
+    assert torch.isfinite(with_memory.aux_loss) and (with_memory.aux_loss - expected.aux_loss).abs() > 1e-4
+
+
 def test_tied_and_untied_embeddings_survive_save_and_load(tmp_path):
     for name in ("llama-tied", "llama-untied"):
         model = fam(build(name), 4, 1, 2)
@@ -192,21 +221,31 @@ def test_every_family_loads_with_remote_code_without_hf_fam(tmp_path):
 
 def test_every_family_converts_and_matches_patch(tmp_path):
     """`convert` on a saved base checkpoint of each family; the result, loaded where hf_fam cannot be
-    imported, gives the logits of `hf_fam.patch` on the base model with the same fam_init."""
+    imported, gives the logits of `hf_fam.patch` on the base model with the same fam_init. A mixture of
+    experts (its experts stored apart) is refused in one line, and the route it names loads the same way."""
     from convert_helpers import run_without_hf_fam
     from safetensors.torch import load_file
 
     from hf_fam.checkpoint_io.convert import ConvertOptions, convert
+    from hf_fam.modeling.fam_adapters import get_adapter
 
     expected = {}
     for name in SPECS:
         base = build(name)
         src, out = tmp_path / f"{name}-src", tmp_path / f"{name}-fam"
         base.save_pretrained(src)
-        convert(src, out, ConvertOptions(block_size=4, memory_segments=1, fam_length=2, progress=False))
-        fam_init = load_file(out / "model.safetensors")["fam.fam_init"]
-        patched = hf_fam.patch(transformers.AutoModelForCausalLM.from_pretrained(src).eval(),
-                               block_size=4, memory_segments=1, fam_length=2, fam_init=fam_init)
+        settings = dict(block_size=4, memory_segments=1, fam_length=2)
+        if get_adapter(SPECS[name][0]).experts:  # experts stored apart: refused, the patch route named
+            with pytest.raises(ValueError, match=r"stores each of .*'s experts apart.*hf_fam\.patch\("):
+                convert(src, out, ConvertOptions(**settings, progress=False))
+            assert not out.exists()
+            patched = hf_fam.patch(transformers.AutoModelForCausalLM.from_pretrained(src).eval(), **settings)
+            patched.save_pretrained(out)
+        else:
+            convert(src, out, ConvertOptions(**settings, progress=False))
+            fam_init = load_file(out / "model.safetensors")["fam.fam_init"]
+            patched = hf_fam.patch(transformers.AutoModelForCausalLM.from_pretrained(src).eval(), **settings,
+                                   fam_init=fam_init)
         ids = random_ids(1, 17, seed=7)
         with torch.no_grad():
             expected[name] = (ids, patched(ids).logits)

@@ -247,12 +247,16 @@ def test_non_fam_model_is_refused():
         fam_lora_config(tiny_model("llama"))
 
 
-# other families: fused projections (Phi-3), eager soft-capping (Gemma 2), memory on global layers only (Gemma 3)
+# other families: fused projections (Phi-3), eager soft-capping (Gemma 2), memory on global layers only (Gemma 3),
+# a mixture of experts (Mixtral), other MLP names (StarCoder2)
 OTHER_FAMILIES = {
     "phi3": ("phi3", {}, "sdpa", "all"),
     "gemma2": ("gemma2", dict(sliding_window=24, layer_types=["sliding_attention", "full_attention"]), "eager", "all"),
     "gemma3-global": ("gemma3_text", dict(sliding_window=24, layer_types=["sliding_attention", "full_attention"]),
                       "sdpa", "global"),
+    # experts that are not Linear modules (attention targets only); a plain MLP's own names
+    "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2), "sdpa", "all"),
+    "starcoder2": ("starcoder2", {}, "sdpa", "all"),
 }
 
 

@@ -89,6 +89,12 @@ def open_source(folder: Path, hub_id: str | None = None, allow_pickle: bool = Fa
 
     expected = expected_tensors(base_config)
     problems = [p for p in compare_tensors(shapes, expected.tensors) if not p.startswith("unexpected")]
+    if problems and adapter.experts:
+        raise ValueError(
+            f"{folder} stores each of {raw['model_type']}'s experts apart, and transformers fuses them while "
+            "loading; hf-fam convert copies tensors as stored and cannot: load it and save it in FAM mode "
+            "instead, hf_fam.patch(AutoModelForCausalLM.from_pretrained(SRC), ...).save_pretrained(OUT)"
+        )
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise ValueError(f"the weights in {folder} do not match its config.json: {problems[0]}{more}")

@@ -29,6 +29,9 @@ class DecoderAdapter:
 
     model_type: str
     lora_target_modules: tuple[str, ...] = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
+    # a mixture of experts: checkpoints store each expert's weights apart, and transformers fuses them into
+    # one tensor per layer while loading (so `hf-fam convert`, which copies tensors as stored, cannot)
+    experts: bool = False
 
     # --- where things are ---------------------------------------------------------------------------
     def decoder(self, model: nn.Module) -> nn.Module:
@@ -39,11 +42,12 @@ class DecoderAdapter:
         return decoder.layers
 
     def embed_scale(self, decoder: nn.Module) -> torch.Tensor | float:
-        """The factor token embeddings are multiplied by, as the embedding module applies it."""
+        """The factor token embeddings are multiplied by before the first layer: the embedding module's own
+        (Gemma), else the decoder's `embedding_multiplier` (Granite applies it in its forward), else 1."""
         embed = decoder.embed_tokens
         scale = getattr(embed, "embed_scale", None)
         if scale is None:
-            return 1.0
+            return getattr(decoder.config, "embedding_multiplier", 1.0)
         return scale.to(embed.weight.dtype) if isinstance(scale, torch.Tensor) else scale
 
     # --- positions ----------------------------------------------------------------------------------
@@ -63,8 +67,18 @@ class DecoderAdapter:
         """What the decoder passes layer `layer_idx` as `position_embeddings` for these positions."""
         return decoder.rotary_emb(hidden, position_ids)
 
+    def uses_rope(self, decoder: nn.Module, layer_idx: int) -> bool:
+        """Whether layer `layer_idx` rotates its queries and keys (False: a NoPE layer)."""
+        return True
+
     def inv_freq(self, decoder: nn.Module, layer_idx: int) -> torch.Tensor:
-        """Rotary inverse frequencies used by layer `layer_idx` (length rotary_dim / 2)."""
+        """Rotary inverse frequencies used by layer `layer_idx` (length rotary_dim / 2). Zeros for a NoPE
+        layer: moving its keys to another block's frame is then the identity, as it must be."""
+        freq = self.rotary_inv_freq(decoder, layer_idx)
+        return freq if self.uses_rope(decoder, layer_idx) else torch.zeros_like(freq)
+
+    def rotary_inv_freq(self, decoder: nn.Module, layer_idx: int) -> torch.Tensor:
+        """The inverse frequencies of the rotary embedding layer `layer_idx` is given."""
         return decoder.rotary_emb.inv_freq
 
     # --- what a checkpoint may not do under FAM -----------------------------------------------------
@@ -108,8 +122,24 @@ class PerLayerTypeRopeAdapter(DecoderAdapter):
     def position_embeddings(self, decoder, hidden, position_ids, layer_idx):
         return decoder.rotary_emb(hidden, position_ids, self.layer_type(decoder, layer_idx))
 
-    def inv_freq(self, decoder, layer_idx):
+    def rotary_inv_freq(self, decoder, layer_idx):
         return getattr(decoder.rotary_emb, f"{self.layer_type(decoder, layer_idx)}_inv_freq")
+
+
+@dataclass(frozen=True)
+class NoRopeLayersAdapter(DecoderAdapter):
+    """SmolLM3: the layers `config.no_rope_layers` marks 0 use no rotary embedding (NoPE)."""
+
+    def uses_rope(self, decoder, layer_idx):
+        return bool(decoder.config.no_rope_layers[layer_idx])
+
+
+@dataclass(frozen=True)
+class GlobalNoRopeAdapter(DecoderAdapter):
+    """EXAONE 4: with sliding-window layers, the full-attention layers use no rotary embedding (NoPE)."""
+
+    def uses_rope(self, decoder, layer_idx):
+        return getattr(decoder.config, "sliding_window", None) is None or not self.is_global_layer(decoder, layer_idx)
 
 
 ADAPTERS: dict[str, DecoderAdapter] = {
@@ -131,6 +161,25 @@ ADAPTERS: dict[str, DecoderAdapter] = {
     "qwen3": DecoderAdapter("qwen3"),
     # main diff with Llama: fused qkv_proj and gate_up_proj (LoRA targets), optional partial rotary
     "phi3": DecoderAdapter("phi3", lora_target_modules=("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
+    # main diff with Llama: optional sliding-window layers (see fam_layers)
+    "ministral": DecoderAdapter("ministral"),
+    # main diff with Llama: a mixture of experts as the MLP, whose experts are not Linear modules (LoRA
+    # targets the attention); router logits (and the auxiliary loss) come from the blocks' tokens
+    "mixtral": DecoderAdapter("mixtral", lora_target_modules=ATTENTION_PROJECTIONS, experts=True),
+    # main diff with Qwen 3: the mixture of experts of Mixtral
+    "qwen3_moe": DecoderAdapter("qwen3_moe", lora_target_modules=ATTENTION_PROJECTIONS, experts=True),
+    # main diff with Llama: norms after attention and MLP instead of before, q/k norms over all heads
+    "olmo2": DecoderAdapter("olmo2"),
+    # main diff with OLMo 2: interleaved sliding/full layers, one rotary embedding per layer type
+    "olmo3": PerLayerTypeRopeAdapter("olmo3"),
+    # main diff with Llama: embedding, residual and attention multipliers, logits divided by a scale
+    "granite": DecoderAdapter("granite"),
+    # main diff with Llama: NoPE layers (no rotary embedding)
+    "smollm3": NoRopeLayersAdapter("smollm3"),
+    # main diff with Qwen 3 (q/k norms): norms after attention and MLP, NoPE full layers beside sliding ones
+    "exaone4": GlobalNoRopeAdapter("exaone4"),
+    # main diff with Llama: LayerNorm with biases, biased projections, a plain (not gated) MLP
+    "starcoder2": DecoderAdapter("starcoder2", lora_target_modules=ATTENTION_PROJECTIONS + ("c_fc", "c_proj")),
 }
 
 

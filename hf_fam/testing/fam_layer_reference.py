@@ -15,6 +15,8 @@ to layer l+1. Deliberately slow and plain.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 
@@ -25,9 +27,8 @@ def _layer_type(model, layer_idx: int) -> str | None:
 
 def _position_embeddings(model, x: torch.Tensor, positions: torch.Tensor, layer_idx: int):
     rotary = model.model.rotary_emb
-    layer_type = _layer_type(model, layer_idx)
-    if model.config.model_type in ("gemma3_text", "gemma3"):
-        return rotary(x, positions[None], layer_type)
+    if "layer_type" in inspect.signature(rotary.forward).parameters:  # one rotary per layer type (Gemma 3, OLMo 3)
+        return rotary(x, positions[None], _layer_type(model, layer_idx))
     return rotary(x, positions[None])
 
 
@@ -70,15 +71,16 @@ def _logits(model, input_ids, attention_mask, C, M, F, fam_init, fam_layers):
     mask = torch.ones(B, N, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     f_per_layer = layer_fam_lengths(model, F, fam_layers)
     embed = model.model.embed_tokens
-    scale = getattr(embed, "embed_scale", None)
-    scale = 1.0 if scale is None else scale.to(embed.weight.dtype)
+    multiplier = getattr(model.config, "embedding_multiplier", 1.0)  # Granite scales embeddings in its forward
+    scale = getattr(embed, "embed_scale", None)  # Gemma scales them in its embedding module
+    scale = multiplier if scale is None else scale.to(embed.weight.dtype)
     logits = torch.zeros(B, N, model.config.vocab_size)
     for b in range(B):
         cols = mask[b].nonzero().flatten()
         n = len(cols)
         if n == 0:
             continue
-        h = embed(input_ids[b, cols][None])[0]  # (n, D)
+        h = embed(input_ids[b, cols][None])[0] * multiplier  # (n, D)
         fam = fam_init * scale if F > 0 else None  # F_0^0
         for l in range(model.config.num_hidden_layers):
             F_l = f_per_layer[l]
@@ -112,7 +114,7 @@ def _logits(model, input_ids, attention_mask, C, M, F, fam_init, fam_layers):
             h = out
             fam = fam_next_layer
         hidden = model.model.norm(h)
-        row = model.lm_head(hidden)
+        row = model.lm_head(hidden) / getattr(model.config, "logits_scaling", 1.0)  # Granite divides its logits
         cap = getattr(model.config, "final_logit_softcapping", None)
         if cap:
             row = torch.tanh(row / cap) * cap
