@@ -11,6 +11,7 @@ from datasets import Dataset
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
+from hf_fam.modeling.fam_compat import checkpointing_training_args
 from hf_fam.training import FAMDataCollator, fam_lora_config, save_training_base, unwrap_fam_model
 
 
@@ -44,8 +45,8 @@ def test_trainer_with_the_fam_collator_optimises_the_fam_loss(tmp_path):
     dataset = Dataset.from_dict({"input_ids": rows})
     args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2,
                              learning_rate=5e-2, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
-                             report_to=[], use_cpu=True, activation_checkpointing=True,
-                             activation_checkpointing_kwargs={"use_reentrant": False}, seed=0, disable_tqdm=True,
+                             report_to=[], use_cpu=True, **checkpointing_training_args(),
+                             seed=0, disable_tqdm=True,
                              remove_unused_columns=False)
     trainer = RecordingTrainer(model=peft_model, args=args, train_dataset=dataset,
                                data_collator=FAMDataCollator(pad_token_id=tokenizer.pad_token_id))

@@ -17,6 +17,7 @@ from test_families import build
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
 import hf_fam
+from hf_fam.modeling.fam_compat import checkpointing_training_args
 from hf_fam.training import FAMDataCollator, enable_loss_chunk, fam_lora_config, save_training_base, unwrap_fam_model
 
 K = 16
@@ -53,7 +54,7 @@ def test_trainer_trains_with_the_chunked_loss(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2,
                              learning_rate=5e-2, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
                              report_to=[], use_cpu=True, seed=0, disable_tqdm=True, remove_unused_columns=False,
-                             activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": False})
+                             **checkpointing_training_args())
     trainer = RecordingTrainer(model=peft_model, args=args, train_dataset=Dataset.from_dict({"input_ids": rows}),
                                data_collator=FAMDataCollator(pad_token_id=tokenizer.pad_token_id))
     trainer.records, trainer.handle = [], enable_loss_chunk(peft_model, K)

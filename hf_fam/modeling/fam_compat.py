@@ -306,6 +306,16 @@ def enable_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def checkpointing_training_args() -> dict:
+    """`TrainingArguments` keywords for non-reentrant checkpointing under the installed transformers' names
+    (`activation_checkpointing` from 5.23, `gradient_checkpointing` before)."""
+    import dataclasses
+
+    prefix = "activation" if "activation_checkpointing" in {
+        f.name for f in dataclasses.fields(transformers.TrainingArguments)} else "gradient"
+    return {f"{prefix}_checkpointing": True, f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}}
+
+
 def accepts_kwarg(fn: Callable, name: str) -> bool:
     try:
         params = inspect.signature(fn).parameters
