@@ -36,7 +36,8 @@ def tiny_config(family: str = "llama", **overrides):
     """A tiny config of `family` (a transformers model_type): `TINY_DEFAULTS`, then `overrides`.
 
     `head_dim` is hidden_size / num_attention_heads unless given (Gemma's own default, 256, would dwarf a tiny
-    model); Mistral gets no sliding window unless given.
+    model); Mistral gets no sliding window unless given; special token ids the family sets beyond the vocabulary
+    become the byte tokenizer's (`SPECIAL_TOKENS`) unless given.
     """
     from transformers import AutoConfig
 
@@ -44,7 +45,17 @@ def tiny_config(family: str = "llama", **overrides):
     kwargs.setdefault("head_dim", kwargs["hidden_size"] // kwargs["num_attention_heads"])
     if family == "mistral":
         kwargs.setdefault("sliding_window", None)
-    return AutoConfig.for_model(family, **kwargs)
+    config = AutoConfig.for_model(family, **kwargs)
+    # a family's default special ids beyond the tiny vocabulary (GLM-4's 151329) become the byte tokenizer's
+    for name, token in zip(("pad_token_id", "bos_token_id", "eos_token_id"), SPECIAL_TOKENS, strict=True):
+        ids = getattr(config, name, None)
+        if name not in overrides and any(i >= config.vocab_size for i in _as_ids(ids)):
+            setattr(config, name, SPECIAL_TOKENS.index(token))
+    return config
+
+
+def _as_ids(ids) -> list[int]:
+    return [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
 
 
 def tiny_model(family: str = "llama", seed: int = 0, *, attn: str | None = None, sharpen: float = 1.0, **overrides):
