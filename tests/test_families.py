@@ -49,6 +49,10 @@ SPECS = {
     "smollm3": ("smollm3", dict(no_rope_layers=[1, 0]), "sdpa"),
     "exaone4": ("exaone4", dict(sliding_window=24, layer_types=["sliding_attention", "full_attention"]), "sdpa"),
     "starcoder2": ("starcoder2", dict(), "sdpa"),
+    "helium": ("helium", dict(), "sdpa"),
+    "glm4": ("glm4", dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                           "partial_rotary_factor": 0.5}), "sdpa"),
+    "cohere": ("cohere", dict(logit_scale=0.5, use_qk_norm=True), "sdpa"),
     "llama-tied": ("llama", dict(tie_word_embeddings=True), "sdpa"),
     "llama-untied": ("llama", dict(tie_word_embeddings=False), "sdpa"),
 }

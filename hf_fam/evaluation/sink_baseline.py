@@ -55,7 +55,8 @@ class _SinkRun:
         inv_freq = self.adapter.inv_freq(self.decoder, layer_idx)
         if id(inv_freq) not in self._rot:
             deltas = [-s * self.C for s in range(1, self.M + 1)] + [-(self.M * self.C + self.K)]
-            self._rot[id(inv_freq)] = relative_rotation(inv_freq, deltas, device)
+            self._rot[id(inv_freq)] = relative_rotation(inv_freq, deltas, device,
+                                                        interleaved=self.adapter.interleaved_rotary)
         return self._rot[id(inv_freq)]
 
     def attend(self, module, query, key, value, scaling) -> torch.Tensor:
@@ -69,7 +70,8 @@ class _SinkRun:
         k = F_.pad(key, (0, 0, M * C, pad)).view(B, KVH, M + T, C, hd)
         v = F_.pad(value, (0, 0, M * C, pad)).view(B, KVH, M + T, C, value.shape[-1])
         cos, sin = self.rotations(module.layer_idx, query.device)
-        sink_k = apply_rotation(key[:, :, :K], cos[M], sin[M])  # (B, KVH, K, hd): just before the window
+        interleaved = self.adapter.interleaved_rotary
+        sink_k = apply_rotation(key[:, :, :K], cos[M], sin[M], interleaved)  # (B, KVH, K, hd): just before the window
         sink_v = value[:, :, :K]
         S = K + M * C + C
         device = query.device
@@ -85,7 +87,7 @@ class _SinkRun:
             allowed = [(t > M)[:, None, None].expand(G, C, K)]
             for s in range(M, 0, -1):
                 src = slice(M - s + t0, M - s + t1)
-                parts_k.append(apply_rotation(k[:, :, src], cos[s - 1], sin[s - 1]).transpose(1, 2))
+                parts_k.append(apply_rotation(k[:, :, src], cos[s - 1], sin[s - 1], interleaved).transpose(1, 2))
                 parts_v.append(v[:, :, src].transpose(1, 2))
                 allowed.append((t - s >= 0)[:, None, None].expand(G, C, C))
             parts_k.append(k[:, :, M + t0 : M + t1].transpose(1, 2))

@@ -32,6 +32,8 @@ class DecoderAdapter:
     # a mixture of experts: checkpoints store each expert's weights apart, and transformers fuses them into
     # one tensor per layer while loading (so `hf-fam convert`, which copies tensors as stored, cannot)
     experts: bool = False
+    # rotary embedding on interleaved channel pairs (0, 1), (2, 3), ... (Cohere, GLM-4, Helium) instead of halves
+    interleaved_rotary: bool = False
 
     # --- where things are ---------------------------------------------------------------------------
     def decoder(self, model: nn.Module) -> nn.Module:
@@ -86,32 +88,38 @@ class DecoderAdapter:
         """Raise if the base config uses something FAM cannot reproduce exactly."""
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
+def rotate_half(x: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """The rotation's partner channels: (-x2, x1) of the two halves, or of each interleaved pair."""
+    if interleaved:
+        return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
 
-def relative_rotation(inv_freq: torch.Tensor, deltas: list[int], device, dtype=torch.float32):
-    """cos/sin, shape (len(deltas), rotary_dim), of a pure rotation by `deltas` positions.
+def relative_rotation(inv_freq: torch.Tensor, deltas: list[int], device, dtype=torch.float32,
+                      interleaved: bool = False):
+    """cos/sin, shape (len(deltas), rotary_dim), of a pure rotation by `deltas` positions, laid out for
+    the family's channel pairing (`interleaved`: pairs (0, 1), (2, 3), ...; else the two halves).
 
     Angles are computed in float64: they move cached keys between block frames and must not add the
     rounding error that large absolute positions suffer in float32.
     """
     d = torch.tensor(deltas, dtype=torch.float64, device=device)
     angles = d[:, None] * inv_freq.to(device=device, dtype=torch.float64)[None, :]  # (len, rot/2)
-    emb = torch.cat((angles, angles), dim=-1)  # (len, rot)
+    emb = angles.repeat_interleave(2, dim=-1) if interleaved else torch.cat((angles, angles), dim=-1)  # (len, rot)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def apply_rotation(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the rotary part of `x` (the first cos.shape[-1] channels) by (cos, sin); keep the rest."""
+def apply_rotation(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """Rotate the rotary part of `x` (the first cos.shape[-1] channels) by (cos, sin) from `relative_rotation`
+    with the same `interleaved`; keep the rest."""
     rot = cos.shape[-1]
     x32 = x.float()
     if rot == x.shape[-1]:
-        out = x32 * cos + rotate_half(x32) * sin
+        out = x32 * cos + rotate_half(x32, interleaved) * sin
     else:
         x_rot, x_pass = x32[..., :rot], x32[..., rot:]
-        out = torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+        out = torch.cat((x_rot * cos + rotate_half(x_rot, interleaved) * sin, x_pass), dim=-1)
     return out.to(x.dtype)
 
 
@@ -178,6 +186,13 @@ ADAPTERS: dict[str, DecoderAdapter] = {
     "smollm3": NoRopeLayersAdapter("smollm3"),
     # main diff with Qwen 3 (q/k norms): norms after attention and MLP, NoPE full layers beside sliding ones
     "exaone4": GlobalNoRopeAdapter("exaone4"),
+    # main diff with Llama: rotary on interleaved channel pairs
+    "helium": DecoderAdapter("helium", interleaved_rotary=True),
+    # main diff with Llama: interleaved partial rotary, norms after attention and MLP, fused gate_up_proj
+    "glm4": DecoderAdapter("glm4", interleaved_rotary=True,
+                           lora_target_modules=ATTENTION_PROJECTIONS + ("gate_up_proj", "down_proj")),
+    # main diff with Llama: interleaved rotary, LayerNorm, attention and MLP in parallel, scaled logits
+    "cohere": DecoderAdapter("cohere", interleaved_rotary=True),
     # main diff with Llama: LayerNorm with biases, biased projections, a plain (not gated) MLP
     "starcoder2": DecoderAdapter("starcoder2", lora_target_modules=ATTENTION_PROJECTIONS + ("c_fc", "c_proj")),
 }

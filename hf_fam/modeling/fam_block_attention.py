@@ -66,7 +66,8 @@ class BlockAttention:
         key = id(inv_freq)
         if key not in self._rotations:
             C, M = self.plan.settings.block_size, self.plan.settings.memory_segments
-            self._rotations[key] = relative_rotation(inv_freq, [-s * C for s in range(1, M + 1)], device)
+            self._rotations[key] = relative_rotation(inv_freq, [-s * C for s in range(1, M + 1)], device,
+                                                     interleaved=self.adapter.interleaved_rotary)
         return self._rotations[key]
 
     def __call__(self, module: nn.Module, state: FAMLayerState, query, key, value, kwargs):
@@ -137,7 +138,8 @@ class BlockAttention:
             for s in range(m, 0, -1):
                 lo = (m - s) * C
                 src = slice(M - s + t0, M - s + t1)
-                keys[:, :, :, lo : lo + C] = apply_rotation(tl_k5[:, :, src], cos[s - 1], sin[s - 1]).transpose(1, 2)
+                moved = apply_rotation(tl_k5[:, :, src], cos[s - 1], sin[s - 1], self.adapter.interleaved_rotary)
+                keys[:, :, :, lo : lo + C] = moved.transpose(1, 2)
                 vals[:, :, :, lo : lo + C] = tl_v5[:, :, src].transpose(1, 2)
                 mem_ok.append(tl_ok3[:, src])  # (B, G, C)
             if f > 0:
@@ -286,7 +288,8 @@ class BlockAttention:
             mem_k = state.win_k[:, :, lay.mem]
             if M > 0:
                 cos, sin = self.rotations(layer_idx, device)
-                mem_k = rotate_memory(mem_k, cos, sin, C, to_view=False)
+                mem_k = rotate_memory(mem_k, cos, sin, C, to_view=False,
+                                      interleaved=self.adapter.interleaved_rotary)
             return (torch.cat([mem_k, _fit_length(key, T * C)], dim=2),
                     torch.cat([state.win_v[:, :, lay.mem], _fit_length(value, T * C)], dim=2))
 
@@ -294,7 +297,8 @@ class BlockAttention:
         if state.win_k is not None and M > 0:
             cos, sin = self.rotations(layer_idx, device)
             bases = [
-                (rotate_memory(state.win_k[:, :, lay.mem], cos, sin, C, to_view=False), state.win_k[:, :, lay.part]),
+                (rotate_memory(state.win_k[:, :, lay.mem], cos, sin, C, to_view=False,
+                                      interleaved=self.adapter.interleaved_rotary), state.win_k[:, :, lay.part]),
                 (state.win_v[:, :, lay.mem], state.win_v[:, :, lay.part]),
             ]
         elif state.win_k is not None:
@@ -336,7 +340,8 @@ class BlockAttention:
         mem_v, part_v = take(tl_v5)
         if M > 0:
             cos, sin = self.rotations(layer_idx, mem_k.device)
-            mem_k = rotate_memory(mem_k, cos, sin, C, to_view=True)
+            mem_k = rotate_memory(mem_k, cos, sin, C, to_view=True,
+                                  interleaved=self.adapter.interleaved_rotary)
         prev_blocks = old.mem_blocks if old.mem_blocks is not None else torch.zeros_like(done)
         layout = plan.layouts[layer_idx]
         pending = fam_k is None and layout.F > 0  # left to a later chunk (`FAMChain.defers_probe`)

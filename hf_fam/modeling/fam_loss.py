@@ -11,7 +11,8 @@ summed K tokens at a time from the decoder's final hidden states, each chunk's l
 The result is the loss the family computes (`ForCausalLMLoss`: labels shifted by one, -100 ignored, the mean
 over counted tokens, or their sum / `num_items_in_batch`; `shift_labels` taken as given), equal within float
 rounding, and its gradients likewise (tests/test_loss_chunk.py, every family). The head's logits are
-`lm_head(hidden)` then `final_logit_softcapping` where the config sets it, as in every supported family; a
+`lm_head(hidden)` then what the family's head does after it (`family_logits`: Granite's `logits_scaling`,
+Cohere's `logit_scale`, Gemma's `final_logit_softcapping`), as in every supported family; a
 model with its own loss function or loss type is refused rather than given a different loss.
 `outputs.logits` has zero positions: use a plain forward where the logits themselves are needed.
 """
@@ -70,13 +71,9 @@ def chunked_lm_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor 
     if shift_labels.shape != hidden.shape[:2]:
         raise ValueError(f"labels have shape {tuple(shift_labels.shape)}, expected {tuple(hidden.shape[:2])}.")
     lm_head = head.get_output_embeddings()
-    cap = getattr(head.config, "final_logit_softcapping", None)
 
     def chunk_loss(h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = lm_head(h)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        logits = logits.float()
+        logits = family_logits(head.config, lm_head(h)).float()
         return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                            ignore_index=ignore_index, reduction="sum")
 
@@ -92,9 +89,24 @@ def chunked_lm_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor 
     return total / (shift_labels != ignore_index).sum()
 
 
+def family_logits(config, logits: torch.Tensor) -> torch.Tensor:
+    """What the families' causal-LM heads do after `lm_head`: Granite divides by `logits_scaling`, Cohere
+    multiplies by `logit_scale`, Gemma 2/3 soft-cap at `final_logit_softcapping` (each sets one of them)."""
+    scaling = getattr(config, "logits_scaling", None)
+    if scaling is not None and scaling != 1:
+        logits = logits / scaling
+    scale = getattr(config, "logit_scale", None)
+    if scale is not None and scale != 1:
+        logits = logits * scale
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
 def no_logits_index(device) -> torch.Tensor:
     """`logits_to_keep` that keeps no position: the family's forward then makes (B, 0, V) logits."""
     return torch.empty(0, dtype=torch.long, device=device)
 
 
-__all__ = ["check_head_loss", "check_loss_chunk", "chunked_lm_loss", "no_logits_index"]
+__all__ = ["check_head_loss", "check_loss_chunk", "chunked_lm_loss", "family_logits", "no_logits_index"]

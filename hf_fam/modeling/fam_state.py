@@ -49,9 +49,10 @@ class WindowLayout:
 
 
 def rotate_memory(mem: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block_size: int,
-                  to_view: bool) -> torch.Tensor:
+                  to_view: bool, interleaved: bool = False) -> torch.Tensor:
     """Move M memory blocks (B, KVH, M*C, hd), oldest first, between their own frames and the current
-    block's frame (slot j is M - j blocks back: rotation by -(M-j)·C, or back with `to_view=False`)."""
+    block's frame (slot j is M - j blocks back: rotation by -(M-j)·C, or back with `to_view=False`);
+    `interleaved`: the family's rotary channel pairing (`relative_rotation`)."""
     batch, heads, length, dim = mem.shape
     M = length // block_size
     if M == 0:
@@ -60,7 +61,7 @@ def rotate_memory(mem: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block
     # cos/sin rows are for s = 1..M blocks back; slot j (oldest first) is s = M - j back
     c = cos.flip(0)[:, None, :]  # (M, 1, rot)
     s = sin.flip(0)[:, None, :] * (1 if to_view else -1)
-    return apply_rotation(blocks, c, s).view(batch, heads, length, dim)
+    return apply_rotation(blocks, c, s, interleaved).view(batch, heads, length, dim)
 
 
 def build_window(layout: WindowLayout, mem_view: torch.Tensor, fam_kv: torch.Tensor | None,

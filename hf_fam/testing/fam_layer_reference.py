@@ -114,7 +114,8 @@ def _logits(model, input_ids, attention_mask, C, M, F, fam_init, fam_layers):
             h = out
             fam = fam_next_layer
         hidden = model.model.norm(h)
-        row = model.lm_head(hidden) / getattr(model.config, "logits_scaling", 1.0)  # Granite divides its logits
+        row = model.lm_head(hidden) / getattr(model.config, "logits_scaling", 1.0)  # Granite divides its logits,
+        row = row * getattr(model.config, "logit_scale", 1.0)  # Cohere multiplies them
         cap = getattr(model.config, "final_logit_softcapping", None)
         if cap:
             row = torch.tanh(row / cap) * cap
