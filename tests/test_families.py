@@ -21,7 +21,7 @@ from fam_reference import reference_bswa_mask_logits
 
 import hf_fam
 from hf_fam.testing.fam_layer_reference import reference_layer_fam_logits
-from hf_fam.tiny import tiny_model
+from hf_fam.tiny import tiny_config, tiny_model
 
 # hf_fam.tiny's sizes, with the tests' vocabulary and special tokens
 BASE = dict(vocab_size=101, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -59,7 +59,25 @@ SPECS = {
 INTERLEAVED = ("gemma2", "gemma3", "qwen2", "ministral", "olmo3", "exaone4")
 
 
+def _config_error(name: str) -> str | None:
+    """Why the installed transformers cannot build this family's config, or None (transformers 5.4.0 types
+    OLMo 2/3's tie_word_embeddings as int and refuses every config of theirs: the family is unusable there,
+    with or without FAM; fixed in 5.5)."""
+    model_type, overrides, _ = SPECS[name]
+    try:
+        tiny_config(model_type, **{**BASE, **overrides})
+    except Exception as err:  # huggingface_hub's StrictDataclassFieldValidationError, among others
+        return f"transformers {transformers.__version__} cannot build a {model_type} config: {str(err).splitlines()[0]}"
+    return None
+
+
+# the families the installed transformers can build (the tests that loop over families use these)
+BUILDABLE = [name for name in SPECS if _config_error(name) is None]
+
+
 def build(name: str, seed: int = 0):
+    if name not in BUILDABLE:
+        pytest.skip(_config_error(name))
     model_type, overrides, attn = SPECS[name]
     # sharper attention, so that masks visibly matter
     return tiny_model(model_type, seed, attn=attn, sharpen=3.0, **{**BASE, **overrides}).eval()
@@ -196,7 +214,7 @@ def test_tied_and_untied_embeddings_survive_save_and_load(tmp_path):
 
 def test_every_family_loads_with_remote_code_without_hf_fam(tmp_path):
     expected = {}
-    for name in SPECS:
+    for name in BUILDABLE:
         model = fam(build(name), 4, 1, 2)
         ids = random_ids(1, 15, seed=6)
         with torch.no_grad():
@@ -220,7 +238,7 @@ def test_every_family_loads_with_remote_code_without_hf_fam(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert len(result.stdout.strip().splitlines()) == len(SPECS)
+    assert len(result.stdout.strip().splitlines()) == len(BUILDABLE)
 
 
 def test_every_family_converts_and_matches_patch(tmp_path):
@@ -234,7 +252,7 @@ def test_every_family_converts_and_matches_patch(tmp_path):
     from hf_fam.modeling.fam_adapters import get_adapter
 
     expected = {}
-    for name in SPECS:
+    for name in BUILDABLE:
         base = build(name)
         src, out = tmp_path / f"{name}-src", tmp_path / f"{name}-fam"
         base.save_pretrained(src)
@@ -266,4 +284,4 @@ def test_every_family_converts_and_matches_patch(tmp_path):
     result = run_without_hf_fam(script, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     diffs = {line.split()[1]: float(line.split()[2]) for line in result.stdout.splitlines() if line.startswith("DIFF")}
-    assert set(diffs) == set(SPECS) and max(diffs.values()) <= 1e-5, diffs
+    assert set(diffs) == set(BUILDABLE) and max(diffs.values()) <= 1e-5, diffs

@@ -125,13 +125,20 @@ def apply_rotation(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interl
 
 @dataclass(frozen=True)
 class PerLayerTypeRopeAdapter(DecoderAdapter):
-    """Gemma 3: one rotary embedding per layer type (local layers use another base frequency)."""
+    """Gemma 3, OLMo 3: one rotary embedding per layer type (local layers may use another base frequency).
+    Older transformers (5.4) give OLMo 3 one rotary embedding for all layers: then it is used as such."""
+
+    def _per_type_freq(self, decoder, layer_idx) -> torch.Tensor | None:
+        return getattr(decoder.rotary_emb, f"{self.layer_type(decoder, layer_idx)}_inv_freq", None)
 
     def position_embeddings(self, decoder, hidden, position_ids, layer_idx):
+        if self._per_type_freq(decoder, layer_idx) is None:
+            return super().position_embeddings(decoder, hidden, position_ids, layer_idx)
         return decoder.rotary_emb(hidden, position_ids, self.layer_type(decoder, layer_idx))
 
     def rotary_inv_freq(self, decoder, layer_idx):
-        return getattr(decoder.rotary_emb, f"{self.layer_type(decoder, layer_idx)}_inv_freq")
+        freq = self._per_type_freq(decoder, layer_idx)
+        return super().rotary_inv_freq(decoder, layer_idx) if freq is None else freq
 
 
 @dataclass(frozen=True)
