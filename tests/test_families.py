@@ -1,5 +1,5 @@
-"""More families: Gemma 2/3, Qwen 2/3, Phi-3, Ministral, Mixtral, Qwen 3 MoE, OLMo 2/3, Granite, SmolLM3,
-EXAONE 4, StarCoder2, Llama 3.x rope scaling, tied and untied embeddings.
+"""More families: Gemma 2/3, Qwen 2/3, Phi-3, Ministral, Mixtral, Qwen 3 MoE, GPT-OSS, OLMo 2/3, Granite,
+SmolLM3, EXAONE 4, StarCoder2, Helium, GLM-4, Cohere, Llama 3.x rope scaling, tied and untied embeddings.
 
 Each runs the suite Llama runs: F = 0 with a large window is the unmodified model (for families with
 their own sliding-window layers: as long as the input fits that window, the right statement there), BSWA
@@ -53,10 +53,12 @@ SPECS = {
     "glm4": ("glm4", dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                            "partial_rotary_factor": 0.5}), "sdpa"),
     "cohere": ("cohere", dict(logit_scale=0.5, use_qk_norm=True), "sdpa"),
+    "gpt_oss": ("gpt_oss", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=24,
+                                layer_types=["sliding_attention", "full_attention"]), "eager"),
     "llama-tied": ("llama", dict(tie_word_embeddings=True), "sdpa"),
     "llama-untied": ("llama", dict(tie_word_embeddings=False), "sdpa"),
 }
-INTERLEAVED = ("gemma2", "gemma3", "qwen2", "ministral", "olmo3", "exaone4")
+INTERLEAVED = ("gemma2", "gemma3", "qwen2", "ministral", "olmo3", "exaone4", "gpt_oss")
 
 
 def _config_error(name: str) -> str | None:
@@ -182,7 +184,7 @@ def test_three_schedules_agree(spec):
     assert torch.equal(cached, uncached)
 
 
-@pytest.mark.parametrize("name", [name for name in SPECS if SPECS[name][0] in ("mixtral", "qwen3_moe")])
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "gpt_oss"])
 def test_router_logits_and_auxiliary_loss_come_from_the_block_tokens(name):
     """A mixture of experts' router logits (one per layer, one row per token of the input) and its auxiliary
     loss: with no memory and a window holding the input, those of the unmodified model; with the memory, the

@@ -200,6 +200,9 @@ ADAPTERS: dict[str, DecoderAdapter] = {
                            lora_target_modules=ATTENTION_PROJECTIONS + ("gate_up_proj", "down_proj")),
     # main diff with Llama: interleaved rotary, LayerNorm, attention and MLP in parallel, scaled logits
     "cohere": DecoderAdapter("cohere", interleaved_rotary=True),
+    # main diff with Mixtral: attention sinks (a learned logit per head; eager attention), biases, interleaved
+    # sliding/full layers; its experts are stored fused, as the model holds them
+    "gpt_oss": DecoderAdapter("gpt_oss", lora_target_modules=ATTENTION_PROJECTIONS),
     # main diff with Llama: LayerNorm with biases, biased projections, a plain (not gated) MLP
     "starcoder2": DecoderAdapter("starcoder2", lora_target_modules=ATTENTION_PROJECTIONS + ("c_fc", "c_proj")),
 }
