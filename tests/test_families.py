@@ -55,10 +55,12 @@ SPECS = {
     "cohere": ("cohere", dict(logit_scale=0.5, use_qk_norm=True), "sdpa"),
     "gpt_oss": ("gpt_oss", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=24,
                                 layer_types=["sliding_attention", "full_attention"]), "eager"),
+    "cohere2": ("cohere2", dict(logit_scale=0.5, sliding_window=24,
+                                layer_types=["sliding_attention", "full_attention"]), "sdpa"),
     "llama-tied": ("llama", dict(tie_word_embeddings=True), "sdpa"),
     "llama-untied": ("llama", dict(tie_word_embeddings=False), "sdpa"),
 }
-INTERLEAVED = ("gemma2", "gemma3", "qwen2", "ministral", "olmo3", "exaone4", "gpt_oss")
+INTERLEAVED = ("gemma2", "gemma3", "qwen2", "ministral", "olmo3", "exaone4", "gpt_oss", "cohere2")
 
 
 def _config_error(name: str) -> str | None:

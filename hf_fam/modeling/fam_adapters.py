@@ -157,6 +157,15 @@ class GlobalNoRopeAdapter(DecoderAdapter):
         return getattr(decoder.config, "sliding_window", None) is None or not self.is_global_layer(decoder, layer_idx)
 
 
+@dataclass(frozen=True)
+class SlidingRopeOnlyAdapter(DecoderAdapter):
+    """Cohere 2: only the sliding-window layers use a rotary embedding; the full-attention ones are NoPE."""
+
+    def uses_rope(self, decoder, layer_idx):
+        windowed = getattr(decoder.config, "sliding_window", None) is not None
+        return windowed and not self.is_global_layer(decoder, layer_idx)
+
+
 ADAPTERS: dict[str, DecoderAdapter] = {
     "llama": DecoderAdapter("llama"),
     # main diff with Llama: its own sliding window is replaced by the FAM block window; the attention
@@ -203,6 +212,8 @@ ADAPTERS: dict[str, DecoderAdapter] = {
     # main diff with Mixtral: attention sinks (a learned logit per head; eager attention), biases, interleaved
     # sliding/full layers; its experts are stored fused, as the model holds them
     "gpt_oss": DecoderAdapter("gpt_oss", lora_target_modules=ATTENTION_PROJECTIONS),
+    # main diff with Cohere: interleaved sliding/full layers, the full ones NoPE
+    "cohere2": SlidingRopeOnlyAdapter("cohere2", interleaved_rotary=True),
     # main diff with Llama: LayerNorm with biases, biased projections, a plain (not gated) MLP
     "starcoder2": DecoderAdapter("starcoder2", lora_target_modules=ATTENTION_PROJECTIONS + ("c_fc", "c_proj")),
 }
