@@ -282,3 +282,33 @@ def test_hub_id_goes_through_snapshot_download(tmp_path, monkeypatch):
     config = json.loads((out / "config.json").read_text())
     assert config["base_config"]["_name_or_path"] == "someone/tiny-llama"
     assert "base_model: someone/tiny-llama" in (out / "README.md").read_text()
+
+
+def test_experts_stored_apart_convert_to_what_the_streamed_route_writes(tmp_path):
+    """A mixture of experts whose checkpoint stores each expert apart (transformers fuses them while loading)
+    is loaded whole, put in FAM mode and saved: the same files, config and tensors the streamed conversion
+    writes for a model whose tensors can be copied (checked on Llama, through the same function)."""
+    from pathlib import Path
+
+    from hf_fam.checkpoint_io import convert as convert_module
+    from hf_fam.checkpoint_io.fam_init import FamInitSpec
+    from hf_fam.checkpoint_io.source import ExpertsStoredApart, open_source
+    from hf_fam.tiny import make_tiny_checkpoint, tiny_model
+
+    src = make_tiny_checkpoint(tmp_path / "src", family="llama")
+    options = convert_module.ConvertOptions(block_size=4, memory_segments=1, fam_length=2, progress=False)
+    streamed = convert_module.convert(src, tmp_path / "streamed", options)
+    loaded = convert_module._convert_loaded(Path(src), None, tmp_path / "loaded", options,
+                                            FamInitSpec.parse(options.fam_init, seed=options.seed), None)
+    assert (loaded.weight_files, loaded.num_tensors, loaded.total_bytes, loaded.carried_files) == (
+        streamed.weight_files, streamed.num_tensors, streamed.total_bytes, streamed.carried_files)
+    assert sorted(p.name for p in loaded.out.iterdir()) == sorted(p.name for p in streamed.out.iterdir())
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((loaded.out / name).read_text()) == json.loads((streamed.out / name).read_text()), name
+    a, b = load_file(streamed.out / "model.safetensors"), load_file(loaded.out / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    mixtral = tiny_model("mixtral", num_local_experts=4, num_experts_per_tok=2)
+    mixtral.save_pretrained(tmp_path / "mixtral")
+    with pytest.raises(ExpertsStoredApart, match="stores each of mixtral's experts apart"):
+        open_source(tmp_path / "mixtral")

@@ -9,8 +9,10 @@ trust_remote_code=True)` loads it where hf_fam is not installed. The output is w
 How the conversion stays safe and small:
 - the model is never built: tensors are checked against the config from the safetensors headers (the
   model's shapes come from a meta-device model) and copied shard by shard as bytes, so peak memory stays
-  at one copy buffer, far below one shard (`hf_fam.checkpoint_io.safetensors_io`); a GGUF file is the exception: it is
-  dequantised by transformers into a temporary plain checkpoint first (`hf_fam.checkpoint_io.gguf_source`);
+  at one copy buffer, far below one shard (`hf_fam.checkpoint_io.safetensors_io`); two exceptions: a GGUF file
+  is dequantised by transformers into a temporary plain checkpoint first (`hf_fam.checkpoint_io.gguf_source`),
+  and a mixture of experts stored one expert per tensor (Mixtral, Qwen 3 MoE) is loaded whole by transformers,
+  which fuses the experts, then patched and saved (`_convert_loaded`; the same output);
 - everything is checked before anything is written: config, supported family, every shard present and
   readable, every tensor's shape;
 - the output is written into a hidden temporary folder next to OUT and moved into place at the end; a
@@ -55,8 +57,8 @@ from .checkpoint import (
 from .fam_init import FamInitSpec, build_fam_init, sink_token_id
 from .gguf_source import check_gguf, gguf_as_checkpoint, locate_gguf
 from .hub import HUB_IGNORE, HUB_PATTERNS, resolve_source  # noqa: F401  (HUB_*: re-exported)
-from .safetensors_io import TensorEntry, write_safetensors
-from .source import SourceCheckpoint, embedding_rows, load_pickle_weights, open_source
+from .safetensors_io import TensorEntry, read_header, write_safetensors
+from .source import ExpertsStoredApart, SourceCheckpoint, embedding_rows, load_pickle_weights, open_source
 from .staging import staging_folder
 
 # files carried over from SRC unchanged (top level only); README.md is regenerated as the model card
@@ -173,7 +175,10 @@ def convert(src: str | Path, out: str | Path, options: ConvertOptions | None = N
 
 def _convert_folder(folder: Path, hub_id: str | None, out: Path, options: ConvertOptions,
                     spec: FamInitSpec, label: str | None = None) -> ConvertResult:
-    source = open_source(folder, hub_id, options.allow_pickle)
+    try:
+        source = open_source(folder, hub_id, options.allow_pickle)
+    except ExpertsStoredApart:
+        return _convert_loaded(folder, hub_id, out, options, spec, label)
 
     base = source.base_config
     std = float(getattr(base, "initializer_range", 0.02))
@@ -188,9 +193,40 @@ def _convert_folder(folder: Path, hub_id: str | None, out: Path, options: Conver
         carried = _carry_files(folder, tmp)
         for path in remote_code_files():
             shutil.copyfile(path, tmp / path.name)
-        _write_card(source, options, spec, std, tmp, out.name)
+        _write_card(folder, hub_id, options, spec, std, tmp, out.name)
     return ConvertResult(out, label or hub_id or str(folder), weight_files, num_tensors, total_bytes, carried,
                          source.dropped)
+
+
+def _convert_loaded(folder: Path, hub_id: str | None, out: Path, options: ConvertOptions, spec: FamInitSpec,
+                    label: str | None) -> ConvertResult:
+    """A mixture of experts stored one expert per tensor: transformers loads it (fusing the experts into the
+    model's tensors), `hf_fam.patch` puts it in FAM mode and `save_pretrained` writes it. The same output as the
+    streamed conversion, but the whole model is held in memory once."""
+    from transformers import AutoModelForCausalLM
+
+    from ..runtime.patching import patch
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype="auto")
+    base = model.config
+    std = float(getattr(base, "initializer_range", 0.02))
+    embed = model.get_input_embeddings().weight.detach()
+    fam_init = build_fam_init(
+        spec, fam_length=options.fam_length, hidden_size=base.hidden_size, dtype=embed.dtype, std=std,
+        tokenizer_folder=folder, embedding_rows=lambda ids: embed[ids].clone(), bos_token_id=sink_token_id(base),
+    )
+    base._name_or_path = hub_id or folder.name  # no local path leaks into the published config
+    patch(model, block_size=options.block_size, memory_segments=options.memory_segments,
+          fam_length=options.fam_length, fam_layers=options.fam_layers, fam_init=fam_init,
+          fam_update=options.fam_update)
+    with staging_folder(out, options.force) as tmp:
+        model.save_pretrained(tmp)
+        carried = _carry_files(folder, tmp)
+        _write_card(folder, hub_id, options, spec, std, tmp, out.name)
+        weight_files = sorted(path.name for path in tmp.glob("*.safetensors"))
+        infos = [info for name in weight_files for info in read_header(tmp / name)[0].values()]
+    return ConvertResult(out, label or hub_id or str(folder), weight_files, len(infos),
+                         sum(info.nbytes for info in infos), carried, [])
 
 
 def _refuse_overlap(src: Path, out: Path) -> None:
@@ -280,16 +316,16 @@ def _carry_files(folder: Path, tmp: Path) -> list[str]:
     return carried
 
 
-def _write_card(source: SourceCheckpoint, options: ConvertOptions, spec: FamInitSpec, std: float, tmp: Path,
+def _write_card(folder: Path, hub_id: str | None, options: ConvertOptions, spec: FamInitSpec, std: float, tmp: Path,
                 name: str) -> None:
     from huggingface_hub import metadata_load
 
     from .cards import CardInfo, load_eval_results, write_model_card
 
-    readme = source.folder / "README.md"
+    readme = folder / "README.md"
     meta = (metadata_load(readme) or {}) if readme.is_file() else {}
     info = CardInfo(
-        base_model=options.base_model or source.hub_id,
+        base_model=options.base_model or hub_id,
         license=meta.get("license"),
         license_name=meta.get("license_name"),
         license_link=meta.get("license_link"),

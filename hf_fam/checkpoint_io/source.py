@@ -29,6 +29,11 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
 
+class ExpertsStoredApart(ValueError):
+    """A mixture of experts whose checkpoint holds each expert's weights apart (Mixtral, Qwen 3 MoE): the model's
+    tensors exist only once transformers has loaded it (`convert` then loads it whole)."""
+
+
 @dataclass
 class SourceCheckpoint:
     """A base checkpoint, checked: supported family, all weights present, shapes match the config."""
@@ -90,11 +95,8 @@ def open_source(folder: Path, hub_id: str | None = None, allow_pickle: bool = Fa
     expected = expected_tensors(base_config)
     problems = [p for p in compare_tensors(shapes, expected.tensors) if not p.startswith("unexpected")]
     if problems and adapter.experts:
-        raise ValueError(
-            f"{folder} stores each of {raw['model_type']}'s experts apart, and transformers fuses them while "
-            "loading; hf-fam convert copies tensors as stored and cannot: load it and save it in FAM mode "
-            "instead, hf_fam.patch(AutoModelForCausalLM.from_pretrained(SRC), ...).save_pretrained(OUT)"
-        )
+        raise ExpertsStoredApart(f"{folder} stores each of {raw['model_type']}'s experts apart; transformers "
+                                 "fuses them while loading, so the tensors cannot be copied as stored")
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise ValueError(f"the weights in {folder} do not match its config.json: {problems[0]}{more}")
