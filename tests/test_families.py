@@ -186,6 +186,23 @@ def test_three_schedules_agree(spec):
     assert torch.equal(cached, uncached)
 
 
+@pytest.mark.parametrize("name", ["smollm3", "exaone4", "cohere2"])
+def test_nope_layers_rotate_by_zero_frequencies_kept_across_calls(name):
+    """A NoPE layer's frequencies are zeros (keys move between frames unchanged), the same tensor on every call:
+    the block attention caches its rotations by the frequencies' identity, which a fresh tensor per call (freed,
+    its id reused) would make unreliable."""
+    from hf_fam.modeling.fam_adapters import get_adapter
+
+    base = build(name)
+    adapter, decoder = get_adapter(SPECS[name][0]), base.model
+    nope = [i for i in range(base.config.num_hidden_layers) if not adapter.uses_rope(decoder, i)]
+    rope = [i for i in range(base.config.num_hidden_layers) if adapter.uses_rope(decoder, i)]
+    assert nope == [1] and rope == [0]
+    freq = adapter.inv_freq(decoder, 1)
+    assert freq is adapter.inv_freq(decoder, 1) and not freq.any()
+    assert adapter.inv_freq(decoder, 0).any()
+
+
 @pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "gpt_oss"])
 def test_router_logits_and_auxiliary_loss_come_from_the_block_tokens(name):
     """A mixture of experts' router logits (one per layer, one row per token of the input) and its auxiliary

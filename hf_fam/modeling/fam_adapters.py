@@ -77,7 +77,13 @@ class DecoderAdapter:
         """Rotary inverse frequencies used by layer `layer_idx` (length rotary_dim / 2). Zeros for a NoPE
         layer: moving its keys to another block's frame is then the identity, as it must be."""
         freq = self.rotary_inv_freq(decoder, layer_idx)
-        return freq if self.uses_rope(decoder, layer_idx) else torch.zeros_like(freq)
+        if self.uses_rope(decoder, layer_idx):
+            return freq
+        # one zero tensor per decoder, kept: callers cache rotations by the frequencies' identity
+        zeros = decoder.__dict__.get("_fam_nope_inv_freq")
+        if zeros is None or zeros.shape != freq.shape:
+            zeros = decoder.__dict__["_fam_nope_inv_freq"] = torch.zeros_like(freq)
+        return zeros
 
     def rotary_inv_freq(self, decoder: nn.Module, layer_idx: int) -> torch.Tensor:
         """The inverse frequencies of the rotary embedding layer `layer_idx` is given."""
