@@ -207,7 +207,15 @@ def _convert_loaded(folder: Path, hub_id: str | None, out: Path, options: Conver
 
     from ..runtime.patching import patch
 
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype="auto")
+    try:
+        model, loading = AutoModelForCausalLM.from_pretrained(str(folder), dtype="auto", output_loading_info=True)
+    except Exception as err:  # e.g. an expert's tensor missing: transformers cannot fuse the experts
+        raise ValueError(f"transformers could not load {folder}: {' '.join(str(err).split())[:300]}") from None
+    problems = [f"missing tensor {name}" for name in loading.get("missing_keys", [])] + [
+        f"tensor {mismatch[0]} has another shape" for mismatch in loading.get("mismatched_keys", [])]
+    if problems:  # transformers only warns, and starts the missing weights at random
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ValueError(f"the weights in {folder} do not match its config.json: {problems[0]}{more}")
     base = model.config
     std = float(getattr(base, "initializer_range", 0.02))
     embed = model.get_input_embeddings().weight.detach()
