@@ -1,5 +1,6 @@
-"""More families: Gemma 2/3, Qwen 2/3, Phi-3, Ministral, Mixtral, Qwen 3 MoE, GPT-OSS, OLMo 2/3, Granite,
-SmolLM3, EXAONE 4, StarCoder2, Helium, GLM-4, Cohere, Llama 3.x rope scaling, tied and untied embeddings.
+"""More families: Gemma 2/3, Qwen 2/3, Phi-3, Ministral, Mixtral, Qwen 2/3 MoE, GPT-OSS, OLMo 2/3, OLMoE,
+Granite, SmolLM3, EXAONE 4, StarCoder2, Helium, GLM-4, Cohere 1/2, ERNIE 4.5, Seed-OSS, Arcee, Apertus,
+Hunyuan, Llama 3.x rope scaling, tied and untied embeddings.
 
 Each runs the suite Llama runs: F = 0 with a large window is the unmodified model (for families with
 their own sliding-window layers: as long as the input fits that window, the right statement there), BSWA
@@ -57,6 +58,14 @@ SPECS = {
                                 layer_types=["sliding_attention", "full_attention"]), "eager"),
     "cohere2": ("cohere2", dict(logit_scale=0.5, sliding_window=24,
                                 layer_types=["sliding_attention", "full_attention"]), "sdpa"),
+    "qwen2_moe": ("qwen2_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                    shared_expert_intermediate_size=32), "sdpa"),
+    "olmoe": ("olmoe", dict(num_experts=4, num_experts_per_tok=2), "sdpa"),
+    "ernie4_5": ("ernie4_5", dict(), "sdpa"),
+    "seed_oss": ("seed_oss", dict(attention_dropout=0.0, residual_dropout=0.0), "sdpa"),  # its default: 0.1
+    "arcee": ("arcee", dict(), "sdpa"),
+    "apertus": ("apertus", dict(), "sdpa"),
+    "hunyuan_v1_dense": ("hunyuan_v1_dense", dict(), "sdpa"),
     "llama-tied": ("llama", dict(tie_word_embeddings=True), "sdpa"),
     "llama-untied": ("llama", dict(tie_word_embeddings=False), "sdpa"),
 }
@@ -64,9 +73,9 @@ INTERLEAVED = ("gemma2", "gemma3", "qwen2", "ministral", "olmo3", "exaone4", "gp
 
 
 def _config_error(name: str) -> str | None:
-    """Why the installed transformers cannot build this family's config, or None (transformers 5.4.0 types
-    OLMo 2/3's tie_word_embeddings as int and refuses every config of theirs: the family is unusable there,
-    with or without FAM; fixed in 5.5)."""
+    """Why the installed transformers cannot build this family's config, or None (transformers 5.4.0 mistypes a
+    field of OLMo 2/3's, OLMoE's and ERNIE 4.5's configs and refuses every config of theirs: the family is
+    unusable there, with or without FAM)."""
     model_type, overrides, _ = SPECS[name]
     try:
         tiny_config(model_type, **{**BASE, **overrides})
@@ -203,7 +212,7 @@ def test_nope_layers_rotate_by_zero_frequencies_kept_across_calls(name):
     assert adapter.inv_freq(decoder, 0).any()
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "gpt_oss", "qwen2_moe", "olmoe"])
 def test_router_logits_and_auxiliary_loss_come_from_the_block_tokens(name):
     """A mixture of experts' router logits (one per layer, one row per token of the input) and its auxiliary
     loss: with no memory and a window holding the input, those of the unmodified model; with the memory, the

@@ -248,7 +248,7 @@ def test_non_fam_model_is_refused():
 
 
 # other families: fused projections (Phi-3), eager soft-capping (Gemma 2), memory on global layers only (Gemma 3),
-# a mixture of experts (Mixtral), other MLP names (StarCoder2, GLM-4)
+# a mixture of experts (Mixtral), other MLP names (StarCoder2, GLM-4, Arcee)
 OTHER_FAMILIES = {
     "phi3": ("phi3", {}, "sdpa", "all"),
     "gemma2": ("gemma2", dict(sliding_window=24, layer_types=["sliding_attention", "full_attention"]), "eager", "all"),
@@ -258,6 +258,7 @@ OTHER_FAMILIES = {
     "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2), "sdpa", "all"),
     "starcoder2": ("starcoder2", {}, "sdpa", "all"),
     "glm4": ("glm4", {}, "sdpa", "all"),
+    "arcee": ("arcee", {}, "sdpa", "all"),
 }
 
 

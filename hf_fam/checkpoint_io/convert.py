@@ -11,7 +11,7 @@ How the conversion stays safe and small:
   model's shapes come from a meta-device model) and copied shard by shard as bytes, so peak memory stays
   at one copy buffer, far below one shard (`hf_fam.checkpoint_io.safetensors_io`); two exceptions: a GGUF file
   is dequantised by transformers into a temporary plain checkpoint first (`hf_fam.checkpoint_io.gguf_source`),
-  and a mixture of experts stored one expert per tensor (Mixtral, Qwen 3 MoE) is loaded whole by transformers,
+  and a mixture of experts stored one expert per tensor (Mixtral, Qwen 2/3 MoE, OLMoE) is loaded whole by transformers,
   which fuses the experts, then patched and saved (`_convert_loaded`; the same output);
 - everything is checked before anything is written: config, supported family, every shard present and
   readable, every tensor's shape;

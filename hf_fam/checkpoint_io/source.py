@@ -30,8 +30,8 @@ if TYPE_CHECKING:
 
 
 class ExpertsStoredApart(ValueError):
-    """A mixture of experts whose checkpoint holds each expert's weights apart (Mixtral, Qwen 3 MoE): the model's
-    tensors exist only once transformers has loaded it (`convert` then loads it whole)."""
+    """A mixture of experts whose checkpoint holds each expert's weights apart (Mixtral, Qwen 2/3 MoE, OLMoE): the
+    model's tensors exist only once transformers has loaded it (`convert` then loads it whole)."""
 
 
 @dataclass

@@ -220,6 +220,20 @@ ADAPTERS: dict[str, DecoderAdapter] = {
     "gpt_oss": DecoderAdapter("gpt_oss", lora_target_modules=ATTENTION_PROJECTIONS),
     # main diff with Cohere: interleaved sliding/full layers, the full ones NoPE
     "cohere2": SlidingRopeOnlyAdapter("cohere2", interleaved_rotary=True),
+    # main diff with Qwen 2: a mixture of experts beside a shared expert, experts stored apart
+    "qwen2_moe": DecoderAdapter("qwen2_moe", lora_target_modules=ATTENTION_PROJECTIONS, experts=True),
+    # main diff with OLMo 2: a mixture of experts (experts stored apart), pre-norms
+    "olmoe": DecoderAdapter("olmoe", lora_target_modules=ATTENTION_PROJECTIONS, experts=True),
+    # main diff with Llama: rotary on interleaved channel pairs
+    "ernie4_5": DecoderAdapter("ernie4_5", interleaved_rotary=True),
+    # main diff with Llama: q/k/v biases
+    "seed_oss": DecoderAdapter("seed_oss"),
+    # main diff with Llama: a plain (not gated) ReLU² MLP
+    "arcee": DecoderAdapter("arcee", lora_target_modules=ATTENTION_PROJECTIONS + ("up_proj", "down_proj")),
+    # main diff with Llama: q/k norms, a plain (not gated) xIELU MLP
+    "apertus": DecoderAdapter("apertus", lora_target_modules=ATTENTION_PROJECTIONS + ("up_proj", "down_proj")),
+    # main diff with Llama: q/k norms
+    "hunyuan_v1_dense": DecoderAdapter("hunyuan_v1_dense"),
     # main diff with Llama: LayerNorm with biases, biased projections, a plain (not gated) MLP
     "starcoder2": DecoderAdapter("starcoder2", lora_target_modules=ATTENTION_PROJECTIONS + ("c_fc", "c_proj")),
 }
