@@ -86,17 +86,26 @@ def test_outside_the_range_one_line_names_version_range_and_fix(version, monkeyp
 
 
 def test_every_remote_file_is_a_direct_relative_import_of_an_auto_map_module():
-    """Loading from a local folder, transformers 5.4/5.5 copy only the auto_map modules' own relative imports
-    (found by transformers' regular expression) into the module cache; a file reached only indirectly is
-    missing there and the load fails."""
+    """Loading from a local folder, transformers 5.4 to 5.8 copy only an auto_map module's own relative imports
+    (found by transformers' regular expression) into that module's cache folder, and then import the module with
+    everything it reaches: each auto_map module must import directly every file it reaches through the others
+    (modeling_fam reached fam_settings only through its siblings: 5.8.1 failed to load every checkpoint with
+    "No such file ... fam_settings.py"). And every remote-code file is reached."""
     from transformers.dynamic_module_utils import get_relative_imports
 
     from hf_fam.checkpoint_io.checkpoint import AUTO_MAP, MODELING_DIR, remote_code_files
 
-    entry_files = {MODELING_DIR / (target.split(".")[0] + ".py") for target in AUTO_MAP.values()}
-    reached = {path.name for path in entry_files}
-    for path in entry_files:
-        reached |= {name + ".py" for name in get_relative_imports(str(path))}
+    reached = set()
+    for entry in {target.split(".")[0] for target in AUTO_MAP.values()}:
+        direct = set(get_relative_imports(str(MODELING_DIR / f"{entry}.py")))
+        closure, todo = set(), list(direct)
+        while todo:
+            name = todo.pop()
+            if name not in closure:
+                closure.add(name)
+                todo += get_relative_imports(str(MODELING_DIR / f"{name}.py"))
+        assert closure - {entry} <= direct, f"{entry}.py reaches {sorted(closure - direct - {entry})} only indirectly"
+        reached |= {entry + ".py"} | {name + ".py" for name in closure}
     assert {p.name for p in remote_code_files()} <= reached
 
 

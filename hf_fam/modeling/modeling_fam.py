@@ -34,9 +34,9 @@ from .configuration_fam import HEAD_AUTO_CLASSES, HEADS, LABEL_FIELDS, FAMConfig
 from .fam_adapters import get_adapter
 
 # Every remote-code file must be a direct relative import of this module (the `noqa` ones are imported for
-# that alone): loading from a local folder, older transformers (5.5, for one) copy only the auto_map module's
-# own relative imports into their module cache. (`from .x import y` form: transformers finds them with a
-# regular expression that skips `from . import x`)
+# that alone): loading from a local folder, older transformers (5.4 to 5.8) copy only the auto_map module's
+# own relative imports into its module cache (tests/test_compat.py checks it). (`from .x import y` form:
+# transformers finds them with a regular expression that skips `from . import x`)
 from .fam_block_attention import BlockAttention  # noqa: F401
 from .fam_cache import FAMCache
 from .fam_chain import FAMChain  # noqa: F401
@@ -57,6 +57,7 @@ from .fam_pretrained import (
     keep_attention_implementation,
     refuse_adapter_unlike_training,
 )
+from .fam_settings import FAMSettings  # noqa: F401
 from .fam_split_attention import split_attention  # noqa: F401
 from .fam_state import FAMLayerState  # noqa: F401
 from .fam_wrapping import child_name, decoder_slot, detached_copy, fam_lm_forward
