@@ -209,3 +209,10 @@ def check_classifier_lora(folder: Path, auto_class, task_type: str, inputs: dict
         assert_close(reloaded.eval()(**inputs).logits, unmerged, mask=logits_mask, msg="saved adapter = live")
         assert_close(merged(**inputs).logits, unmerged, mask=logits_mask, msg="merged = unmerged")
     return merged
+
+
+def normalised(num_items_in_batch) -> dict:
+    """The forward keywords that give a model's loss the normalisation a Trainer step used: the sum over counted
+    tokens divided by the `num_items_in_batch` it passed (transformers 5.8 counts the labels before
+    the shift, one token per row more than the loss counts), or the mean where it passed none."""
+    return {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}

@@ -6,7 +6,7 @@ padding) trains a FAM checkpoint loaded by path, with LoRA (`fam_lora_config`: `
 from __future__ import annotations
 
 import torch
-from client_helpers import TEXTS, base_folder, fam_checkpoint
+from client_helpers import TEXTS, base_folder, fam_checkpoint, normalised
 from datasets import Dataset
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
@@ -27,7 +27,7 @@ class RecordingTrainer(Trainer):
         batch = {k: v.clone() for k, v in inputs.items()}
         loss = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         with torch.no_grad():
-            direct = model(**batch, use_cache=False).loss
+            direct = model(**batch, use_cache=False, **normalised(num_items_in_batch)).loss
         self.records.append(dict(batch=batch, trained=(loss[0] if isinstance(loss, tuple) else loss).item(),
                                  direct=direct.item(),
                                  checkpointing=_checkpointing(unwrap_fam_model(model))))

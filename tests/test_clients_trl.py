@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from client_helpers import TEXTS, base_folder, fam_checkpoint
+from client_helpers import TEXTS, base_folder, fam_checkpoint, normalised
 from datasets import Dataset
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -65,7 +65,7 @@ class RecordingSFTTrainer(trl.SFTTrainer):
         trained = loss[0] if isinstance(loss, tuple) else loss
         with torch.no_grad():
             direct = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                           labels=batch["labels"], use_cache=False).loss
+                           labels=batch["labels"], use_cache=False, **normalised(num_items_in_batch)).loss
         self.records.append(dict(batch=batch, trained=trained.detach().float().item(), direct=direct.float().item(),
                                  checkpointing=_checkpointing(fam),
                                  dtypes=dtypes))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from client_helpers import TEXTS, fam_checkpoint
+from client_helpers import TEXTS, fam_checkpoint, normalised
 from conftest import random_ids
 from datasets import Dataset
 from peft import get_peft_model
@@ -38,7 +38,7 @@ class RecordingTrainer(Trainer):
         loss = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         self.handle.remove()
         with torch.no_grad():
-            direct = model(**batch, use_cache=False).loss
+            direct = model(**batch, use_cache=False, **normalised(num_items_in_batch)).loss
         self.handle = enable_loss_chunk(model, K)
         self.records.append((loss.item(), direct.item()))
         return loss

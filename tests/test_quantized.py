@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from client_helpers import SETTINGS, base_folder, fam_checkpoint
+from client_helpers import SETTINGS, base_folder, fam_checkpoint, normalised
 from conftest import assert_close, padding_mask
 from fam_reference import reference_fam_logits
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -262,7 +262,7 @@ def test_trl_sft_trainer_trains_a_4bit_fam_model(fam_folder, tmp_path):
                                         num_items_in_batch=num_items_in_batch)
             with torch.no_grad():
                 direct = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                               labels=inputs["labels"], use_cache=False).loss
+                               labels=inputs["labels"], use_cache=False, **normalised(num_items_in_batch)).loss
             losses.append(((loss[0] if isinstance(loss, tuple) else loss).item(), direct.item()))
             return loss
 
