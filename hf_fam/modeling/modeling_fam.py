@@ -1,17 +1,11 @@
-"""FAMModel, FAMForCausalLM and FAMForSequenceClassification: Hugging Face models running TransformerFAM (Hwang et
-al., arXiv 2404.09173).
+"""The models a FAM checkpoint's auto_map names: `FAMModel` (the backbone), `FAMForCausalLM` and the classifier
+heads (`HEADS`), running TransformerFAM (Hwang et al., arXiv 2404.09173) inside the base family's own modules.
 
-A FAM model *is* its base model (Llama, Mistral, Gemma, ...) with one extra tensor, the learned initial
-memory `fam.fam_init` (F, D). FAM lives in the backbone: `FAMModel` wraps the base decoder stack and is
-what `model.model`, `model.base_model` and `model.get_decoder()` return, so every client that calls the
-decoder runs FAM. `FAMForCausalLM` runs the base model's own causal-LM forward (logits, loss,
-soft-capping) with a FAMModel in its decoder's place (`FAMForSequenceClassification` likewise runs the base
-family's sequence-classification forward; both are `FAMHeadModel`s); `hf_fam.patch` puts a FAMModel in a loaded
-model's decoder place the same way. The modules keep their usual names, so a converted checkpoint's weight names
-equal the base checkpoint's and LoRA targets resolve. The base decoder's own forward runs every step;
-`fam_forward` (fam_forward.py) only prepares the FAM run and selects the FAM attention function (see `fam_core`).
-
-This file ships with every converted checkpoint: it imports only torch, transformers and its siblings.
+A FAM model *is* its base model with one extra tensor, the initial memory `fam.fam_init` (F, D). `FAMModel` wraps
+the base decoder stack and is what `model.model`, `model.base_model` and `model.get_decoder()` return, so every
+client that calls the decoder runs FAM; each head (`FAMHeadModel`) runs the family's own head forward with it in
+the decoder's place, as `hf_fam.patch` does on a loaded model. Weight names stay the base checkpoint's, so LoRA
+targets resolve. Ships with every converted checkpoint: it imports only torch, transformers and its siblings.
 """
 
 from __future__ import annotations
