@@ -58,7 +58,14 @@ from .fam_init import FamInitSpec, build_fam_init, sink_token_id
 from .gguf_source import check_gguf, gguf_as_checkpoint, locate_gguf
 from .hub import HUB_IGNORE, HUB_PATTERNS, resolve_source  # noqa: F401  (HUB_*: re-exported)
 from .safetensors_io import TensorEntry, read_header, write_safetensors
-from .source import ExpertsStoredApart, SourceCheckpoint, embedding_rows, load_pickle_weights, open_source
+from .source import (
+    ExpertsStoredApart,
+    SourceCheckpoint,
+    embedding_rows,
+    load_pickle_weights,
+    open_source,
+    weights_mismatch,
+)
 from .staging import staging_folder
 
 # files carried over from SRC unchanged (top level only); README.md is regenerated as the model card
@@ -214,8 +221,7 @@ def _convert_loaded(folder: Path, hub_id: str | None, out: Path, options: Conver
     problems = [f"missing tensor {name}" for name in loading.get("missing_keys", [])] + [
         f"tensor {mismatch[0]} has another shape" for mismatch in loading.get("mismatched_keys", [])]
     if problems:  # transformers only warns, and starts the missing weights at random
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise ValueError(f"the weights in {folder} do not match its config.json: {problems[0]}{more}")
+        raise weights_mismatch(folder, problems)
     base = model.config
     std = float(getattr(base, "initializer_range", 0.02))
     embed = model.get_input_embeddings().weight.detach()

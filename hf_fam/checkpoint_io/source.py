@@ -98,10 +98,15 @@ def open_source(folder: Path, hub_id: str | None = None, allow_pickle: bool = Fa
         raise ExpertsStoredApart(f"{folder} stores each of {raw['model_type']}'s experts apart; transformers "
                                  "fuses them while loading, so the tensors cannot be copied as stored")
     if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise ValueError(f"the weights in {folder} do not match its config.json: {problems[0]}{more}")
+        raise weights_mismatch(folder, problems)
     dropped = sorted(name for name in shapes if name not in expected.tensors)
     return SourceCheckpoint(folder, hub_id, base_config, weights, shapes, safetensors, expected, dropped)
+
+
+def weights_mismatch(folder: Path, problems: list[str]) -> ValueError:
+    """The one-line error for weights that do not match the config: the first problem and how many more."""
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return ValueError(f"the weights in {folder} do not match its config.json: {problems[0]}{more}")
 
 
 def load_pickle_weights(path: Path) -> dict[str, torch.Tensor]:
