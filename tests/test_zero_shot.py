@@ -144,15 +144,19 @@ def test_bos_spec():
 
 
 # --- the attention-sink baseline --------------------------------------------------------------------------
-@pytest.mark.parametrize("C,M,N", [(8, 1, 16), (5, 2, 12)])
-def test_sinks_within_the_window_is_the_base_model(family, C, M, N):
-    base = tiny_model(family)
+def _assert_sinks_within_the_window_are_the_base_model(base, C, M, N, msg=""):
     ids = random_ids(2, N, seed=12)
     with torch.no_grad():
         expected = base(ids).logits
         with sink_attention(base, block_size=C, memory_segments=M, sinks=2) as run:
             got = run(ids).logits
-    assert_close(got, expected)
+    assert_close(got, expected, msg=msg)
+
+
+@pytest.mark.parametrize("C,M,N", [(8, 1, 16), (5, 2, 12)])
+def test_sinks_within_the_window_is_the_base_model(family, C, M, N):
+    base = tiny_model(family)
+    _assert_sinks_within_the_window_are_the_base_model(base, C, M, N)
     assert base.config._attn_implementation == "sdpa"
 
 
@@ -184,10 +188,4 @@ def test_sinks_within_the_window_is_the_base_model_in_other_families(name, C, M,
     With the half-split rotation Helium's came out 0.044 off."""
     from test_families import build
 
-    base = build(name)
-    ids = random_ids(2, N, seed=12)
-    with torch.no_grad():
-        expected = base(ids).logits
-        with sink_attention(base, block_size=C, memory_segments=M, sinks=2) as run:
-            got = run(ids).logits
-    assert_close(got, expected, msg=name)
+    _assert_sinks_within_the_window_are_the_base_model(build(name), C, M, N, msg=name)
